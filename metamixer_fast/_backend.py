@@ -1,0 +1,106 @@
+"""Backend choice per op and device (DESIGN.md section 3).
+
+CPU -> the C++ kernel if ``metamixer_fast._C`` was built and implements the op, else the
+reference; CUDA -> the Triton kernel. ``METAMIXER_BACKEND=reference|cpp|triton`` forces one
+(read at every call, so it can be changed at run time); with ``TRITON_INTERPRET=1`` the Triton
+kernels run on CPU tensors.
+
+Kernels announce themselves with ``register_kernel(op, backend, fn)``; the reference is
+always registered, so an op works before (or without) any compiled kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from collections.abc import Callable
+
+import torch
+
+BACKENDS = ("reference", "cpp", "triton")
+ENV_VAR = "METAMIXER_BACKEND"
+
+_kernels: dict[tuple[str, str], Callable] = {}
+
+
+def register_kernel(op: str, backend: str, fn: Callable) -> None:
+    """Make ``fn`` the implementation of ``op`` on ``backend``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    _kernels[(op, backend)] = fn
+
+
+@functools.cache
+def cpp_module():
+    """The compiled extension, or None when the C++ build failed or was skipped."""
+    try:
+        return importlib.import_module("metamixer_fast._C")
+    except ImportError:
+        return None
+
+
+@functools.cache
+def triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def forced_backend() -> str | None:
+    forced = os.environ.get(ENV_VAR, "").strip().lower()
+    if not forced:
+        return None
+    if forced not in BACKENDS:
+        raise ValueError(f"{ENV_VAR}={forced!r} is not a backend; use one of {', '.join(BACKENDS)} "
+                         f"or unset it for the automatic choice")
+    return forced
+
+
+def _preferred(device: torch.device) -> tuple[str, ...]:
+    if device.type == "cuda":
+        return ("triton", "reference")
+    if device.type == "cpu":
+        return ("cpp", "reference")
+    return ("reference",)
+
+
+def _usable(backend: str, device: torch.device) -> str | None:
+    """None if ``backend`` can run on ``device`` here, else the reason it cannot."""
+    if backend == "cpp":
+        if cpp_module() is None:
+            return "the C++ extension metamixer_fast._C is not built (reinstall, see README)"
+        if device.type != "cpu":
+            return f"the C++ kernels run on CPU tensors only, got {device.type}"
+    if backend == "triton":
+        if triton_version() is None:
+            return "triton is not installed (pip install triton)"
+        if device.type == "cpu" and not triton_interpreted():
+            return "Triton on CPU tensors needs TRITON_INTERPRET=1 set before import"
+    return None
+
+
+def backend_for(op: str, device: torch.device) -> str:
+    """The backend that ``op`` will use for tensors on ``device``."""
+    forced = forced_backend()
+    if forced is not None:
+        why = _usable(forced, device)
+        if why is None and (op, forced) not in _kernels:
+            why = f"no {forced} kernel is registered for {op}"
+        if why is not None:
+            raise RuntimeError(f"{ENV_VAR}={forced} cannot run metamixer::{op}: {why}")
+        return forced
+    for backend in _preferred(device):
+        if (op, backend) in _kernels and _usable(backend, device) is None:
+            return backend
+    return "reference"
+
+
+def kernel(op: str, device: torch.device) -> Callable:
+    return _kernels[(op, backend_for(op, device))]

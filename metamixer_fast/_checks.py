@@ -1,0 +1,155 @@
+"""Argument checks shared by the ops, their fake implementations and the modules.
+
+Shape/dtype/device checks (``check_*_args``) need no data and also run while tracing under
+``torch.compile``. Value checks (``check_*_values``: label range, weights, boxes) read the
+data, so they run on CPU tensors only; on CUDA they are queued as asynchronous device
+asserts, never as a host sync.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .reference import MODES
+
+LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MIX_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _describe(t: Tensor) -> str:
+    return f"{t.dtype} tensor of shape {list(t.shape)} on {t.device}"
+
+
+def logits_shape(logits: Sequence[Tensor]) -> tuple[int, int, int]:
+    """(K, B, C) of logits given as [one [K, B, C] tensor] or K tensors [B, C]; checks them."""
+    op = "mixed_kd_loss"
+    if len(logits) == 0:
+        raise ValueError(f"{op}: 'logits' is empty; pass a [K, B, C] tensor or K >= 2 [B, C] tensors")
+    first = logits[0]
+    for i, z in enumerate(logits):
+        if not isinstance(z, Tensor):
+            raise TypeError(f"{op}: 'logits[{i}]' must be a tensor, got {type(z).__name__}")
+        if z.dtype not in LOGIT_DTYPES:
+            raise TypeError(f"{op}: 'logits' must be float16/bfloat16/float32/float64, "
+                            f"got {_describe(z)}")
+        if z.dtype != first.dtype or z.device != first.device or z.shape != first.shape:
+            raise ValueError(f"{op}: every peer's logits must share shape, dtype and device; "
+                             f"logits[0] is a {_describe(first)}, logits[{i}] is a {_describe(z)}")
+    if len(logits) == 1:
+        if first.dim() != 3:
+            raise ValueError(f"{op}: 'logits' must be [K, B, C] (or a list of K [B, C] tensors), "
+                             f"got a {_describe(first)}")
+        k, b, c = first.shape
+    else:
+        if first.dim() != 2:
+            raise ValueError(f"{op}: each of the K peer logits must be [B, C], got a {_describe(first)}")
+        k, (b, c) = len(logits), first.shape
+    if k < 2:
+        raise ValueError(f"{op}: distillation needs K >= 2 peers, got K={k}")
+    if b < 1 or c < 1:
+        raise ValueError(f"{op}: 'logits' needs B >= 1 rows and C >= 1 classes, got B={b}, C={c}")
+    return k, b, c
+
+
+def check_mixed_kd_loss_args(logits: Sequence[Tensor], labels: Tensor, weights: Tensor,
+                             temperature: float, label_smoothing: float, mode: str,
+                             peer_matrix: Tensor | None) -> tuple[int, int, int]:
+    op = "mixed_kd_loss"
+    k, b, c = logits_shape(logits)
+    device = logits[0].device
+    if labels.dtype != torch.int64 or labels.dim() != 2 or labels.shape[0] != b or labels.shape[1] < 1:
+        raise ValueError(f"{op}: 'labels' must be an int64 tensor [B, M] with B={b}, M >= 1; "
+                         f"got a {_describe(labels)} (plain class indices [B] go through "
+                         f"metamixer_fast.mixed_kd_loss or MixedKDLoss)")
+    if not weights.is_floating_point() or weights.shape != labels.shape:
+        raise ValueError(f"{op}: 'weights' must be a floating tensor shaped like labels "
+                         f"{list(labels.shape)}; got a {_describe(weights)}")
+    for name, t in (("labels", labels), ("weights", weights)):
+        if t.device != device:
+            raise ValueError(f"{op}: '{name}' is on {t.device} but the logits are on {device}; "
+                             f"move it with .to({str(device)!r})")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"{op}: 'temperature' must be a finite number > 0, got {temperature!r}")
+    if not (0.0 <= label_smoothing <= 1.0):
+        raise ValueError(f"{op}: 'label_smoothing' must be in [0, 1], got {label_smoothing!r}")
+    if mode not in MODES:
+        raise ValueError(f"{op}: 'mode' must be one of {MODES}, got {mode!r}")
+    if peer_matrix is not None:
+        if mode != "ensemble":
+            raise ValueError(f"{op}: 'peer_matrix' is used only with mode='ensemble'; "
+                             f"got one with mode={mode!r}")
+        if not peer_matrix.is_floating_point() or peer_matrix.shape != (k, k):
+            raise ValueError(f"{op}: 'peer_matrix' must be a floating [K, K] = [{k}, {k}] tensor, "
+                             f"got a {_describe(peer_matrix)}")
+        if peer_matrix.device != device:
+            raise ValueError(f"{op}: 'peer_matrix' is on {peer_matrix.device} but the logits are "
+                             f"on {device}; move it with .to({str(device)!r})")
+    return k, b, c
+
+
+def _value_check(ok: Tensor, message: str) -> None:
+    if ok.device.type == "cpu":
+        if not bool(ok):
+            raise ValueError(message)
+    else:
+        torch._assert_async(ok, message)
+
+
+def check_mixed_kd_loss_values(labels: Tensor, weights: Tensor, num_classes: int,
+                               peer_matrix: Tensor | None) -> None:
+    op = "mixed_kd_loss"
+    if labels.device.type == "cpu" and not bool(((labels >= 0) & (labels < num_classes)).all()):
+        raise ValueError(f"{op}: 'labels' must hold class indices in [0, {num_classes}); "
+                         f"found values from {int(labels.min())} to {int(labels.max())}")
+    _value_check(((weights >= 0) & weights.isfinite()).all(),
+                 f"{op}: 'weights' must be finite and >= 0 (a mixture of labels per row)")
+    _value_check(((weights.sum(1, dtype=torch.float32) - 1).abs() <= 1e-3).all(),
+                 f"{op}: each row of 'weights' must sum to 1; normalise it with "
+                 f"weights / weights.sum(1, keepdim=True)")
+    if peer_matrix is not None:
+        _value_check(peer_matrix.isfinite().all(), f"{op}: 'peer_matrix' has NaN or inf entries")
+
+
+def check_mix_args(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None) -> None:
+    op = "mix"
+    if x.dtype not in MIX_DTYPES:
+        raise TypeError(f"{op}: 'x' must be uint8/float16/bfloat16/float32/float64, got a {_describe(x)}")
+    if x.dim() not in (2, 4) or x.shape[0] < 1:
+        raise ValueError(f"{op}: 'x' must be [N, C, H, W] images or [N, D] features with N >= 1, "
+                         f"got a {_describe(x)}")
+    n = x.shape[0]
+    if src.dtype != torch.int64 or src.shape != (n,):
+        raise ValueError(f"{op}: 'src' must be an int64 tensor [N] = [{n}] of partner indices, "
+                         f"got a {_describe(src)}")
+    if not w.is_floating_point() or w.shape != (n,):
+        raise ValueError(f"{op}: 'w' must be a floating tensor [N] = [{n}] of blend weights, "
+                         f"got a {_describe(w)}")
+    if box is not None:
+        if x.dim() == 2:
+            raise ValueError(f"{op}: 'box' must be None for [N, D] features (the box is the whole "
+                             f"sample); got a {_describe(box)}")
+        if box.dtype not in (torch.int32, torch.int64) or box.shape != (n, 4):
+            raise ValueError(f"{op}: 'box' must be an int32/int64 tensor [N, 4] = [{n}, 4] of "
+                             f"(y0, y1, x0, x1), got a {_describe(box)}")
+    for name, t in (("src", src), ("w", w), ("box", box)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{op}: '{name}' is on {t.device} but 'x' is on {x.device}; "
+                             f"move it with .to({str(x.device)!r})")
+
+
+def check_mix_values(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None) -> None:
+    op = "mix"
+    n = x.shape[0]
+    _value_check(((src >= 0) & (src < n)).all(),
+                 f"{op}: 'src' must hold sample indices in [0, N={n})")
+    _value_check(((w >= 0) & (w <= 1)).all(), f"{op}: 'w' must lie in [0, 1] (and not be NaN)")
+    if box is not None:
+        h, wd = x.shape[-2:]
+        y0, y1, x0, x1 = box.unbind(1)
+        ok = (0 <= y0) & (y0 <= y1) & (y1 <= h) & (0 <= x0) & (x0 <= x1) & (x1 <= wd)
+        _value_check(ok.all(), f"{op}: each 'box' row (y0, y1, x0, x1) must satisfy "
+                               f"0 <= y0 <= y1 <= H={h} and 0 <= x0 <= x1 <= W={wd}")

@@ -1,0 +1,217 @@
+"""The ``metamixer::`` ops: schema, fake (meta) implementation, autograd, backend dispatch.
+
+``metamixer::mixed_kd_loss`` and ``metamixer::mix`` are ``torch.library`` custom ops, so
+``torch.compile(fullgraph=True)`` traces them without a graph break (through their fake
+implementations) and autograd differentiates them through their backward ops
+``metamixer::mixed_kd_loss_backward`` and ``metamixer::mix_backward``. Each op body picks a
+kernel per device with ``metamixer_fast._backend`` (C++ on CPU, Triton on CUDA, the
+reference otherwise or when forced).
+
+Logits travel as ``Tensor[]``: either one [K, B, C] tensor or K tensors [B, C], so neither
+form is ever copied into the other, and the backward returns gradients in the same form.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from . import _backend, reference
+from ._checks import (
+    check_mix_args,
+    check_mix_values,
+    check_mixed_kd_loss_args,
+    check_mixed_kd_loss_values,
+)
+
+__all__ = ["mix", "mixed_kd_loss"]
+
+
+# ----------------------------------------------------------------------------- mixed_kd_loss
+
+@torch.library.custom_op("metamixer::mixed_kd_loss", mutates_args=())
+def _mixed_kd_loss(logits: list[Tensor], labels: Tensor, weights: Tensor, temperature: float,
+                   label_smoothing: float, mode: str, peer_matrix: Tensor | None,
+                   detach_targets: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (ce[K], kd[K], row_stats[K, B, 3]); row_stats is what the backward reuses."""
+    _, _, c = check_mixed_kd_loss_args(logits, labels, weights, temperature, label_smoothing,
+                                       mode, peer_matrix)
+    check_mixed_kd_loss_values(labels, weights, c, peer_matrix)
+    run = _backend.kernel("mixed_kd_loss", logits[0].device)
+    return run(logits, labels, weights, temperature, label_smoothing, mode, peer_matrix,
+               detach_targets)
+
+
+@_mixed_kd_loss.register_fake
+def _(logits, labels, weights, temperature, label_smoothing, mode, peer_matrix, detach_targets):
+    k, b, _ = check_mixed_kd_loss_args(logits, labels, weights, temperature, label_smoothing,
+                                       mode, peer_matrix)
+    dtype = reference.output_dtype(logits[0].dtype)
+    z = logits[0]
+    return z.new_empty(k, dtype=dtype), z.new_empty(k, dtype=dtype), z.new_empty(k, b, 3, dtype=dtype)
+
+
+@torch.library.custom_op("metamixer::mixed_kd_loss_backward", mutates_args=())
+def _mixed_kd_loss_backward(grad_ce: Tensor, grad_kd: Tensor, logits: list[Tensor],
+                            labels: Tensor, weights: Tensor, row_stats: Tensor,
+                            temperature: float, label_smoothing: float, mode: str,
+                            peer_matrix: Tensor | None, detach_targets: bool) -> list[Tensor]:
+    """Gradient of sum_k grad_ce[k] ce[k] + grad_kd[k] kd[k] w.r.t. each logits tensor."""
+    run = _backend.kernel("mixed_kd_loss_backward", logits[0].device)
+    return run(grad_ce, grad_kd, logits, labels, weights, row_stats, temperature,
+               label_smoothing, mode, peer_matrix, detach_targets)
+
+
+@_mixed_kd_loss_backward.register_fake
+def _(grad_ce, grad_kd, logits, labels, weights, row_stats, temperature, label_smoothing, mode,
+      peer_matrix, detach_targets):
+    return [torch.empty_like(z) for z in logits]
+
+
+def _mixed_kd_loss_setup_context(ctx, inputs, output) -> None:
+    logits, labels, weights, temperature, label_smoothing, mode, peer_matrix, detach = inputs
+    ctx.n_logits = len(logits)
+    ctx.has_peer_matrix = peer_matrix is not None
+    ctx.args = (temperature, label_smoothing, mode, detach)
+    extra = [peer_matrix] if peer_matrix is not None else []
+    ctx.save_for_backward(*logits, labels, weights, output[2], *extra)
+
+
+def _mixed_kd_loss_backward_rule(ctx, grad_ce, grad_kd, _grad_stats):
+    saved = ctx.saved_tensors
+    n = ctx.n_logits
+    logits = list(saved[:n])
+    labels, weights, row_stats = saved[n:n + 3]
+    peer_matrix = saved[n + 3] if ctx.has_peer_matrix else None
+    temperature, label_smoothing, mode, detach = ctx.args
+    grads = torch.ops.metamixer.mixed_kd_loss_backward(
+        grad_ce, grad_kd, logits, labels, weights, row_stats, temperature, label_smoothing,
+        mode, peer_matrix, detach)
+    return grads, None, None, None, None, None, None, None
+
+
+_mixed_kd_loss.register_autograd(_mixed_kd_loss_backward_rule,
+                                 setup_context=_mixed_kd_loss_setup_context)
+
+
+def _reference_forward(logits, labels, weights, temperature, label_smoothing, mode, peer_matrix,
+                       detach_targets):
+    ce, kd = reference.mixed_kd_loss(logits, labels, weights, temperature, label_smoothing, mode,
+                                     peer_matrix, detach_targets)
+    return ce, kd, reference.row_stats(logits, temperature, mode, peer_matrix)
+
+
+def _reference_backward(grad_ce, grad_kd, logits, labels, weights, row_stats, temperature,
+                        label_smoothing, mode, peer_matrix, detach_targets):
+    dz = reference.mixed_kd_loss_backward(grad_ce, grad_kd, logits, labels, weights, temperature,
+                                          label_smoothing, mode, peer_matrix, detach_targets)
+    parts = [dz] if len(logits) == 1 else dz.unbind(0)
+    return [torch.empty_like(z).copy_(d) for z, d in zip(logits, parts)]
+
+
+_backend.register_kernel("mixed_kd_loss", "reference", _reference_forward)
+_backend.register_kernel("mixed_kd_loss_backward", "reference", _reference_backward)
+
+
+def _as_label_plan(labels: Tensor, weights: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Plain class indices [B] become the one-label plan (labels[B, 1], weights = 1)."""
+    if labels.dim() == 1:
+        if weights is not None:
+            raise ValueError("mixed_kd_loss: 'weights' goes with labels [B, M]; for class "
+                             "indices [B] leave it out")
+        labels = labels.unsqueeze(1)
+        return labels, torch.ones(labels.shape, dtype=torch.float32, device=labels.device)
+    if weights is None:
+        if labels.dim() == 2 and labels.shape[1] == 1:
+            return labels, torch.ones(labels.shape, dtype=torch.float32, device=labels.device)
+        raise ValueError(f"mixed_kd_loss: labels of shape {list(labels.shape)} need 'weights' of "
+                         f"the same shape (rows summing to 1)")
+    return labels, weights
+
+
+def mixed_kd_loss(logits: Tensor | Sequence[Tensor], labels: Tensor, weights: Tensor | None = None,
+                  *, temperature: float = 1.0, label_smoothing: float = 0.0,
+                  mode: str = "pairwise", peer_matrix: Tensor | None = None,
+                  detach_targets: bool = True) -> tuple[Tensor, Tensor]:
+    """Fused per-peer cross-entropy and distillation losses; returns (ce[K], kd[K]).
+
+    ``logits``: a [K, B, C] tensor or K tensors [B, C] (no stacking copy is made).
+    ``labels``: class indices [B], or a label mixture [B, M] with ``weights`` [B, M].
+    See ``metamixer_fast.reference.mixed_kd_loss`` for the exact formulas.
+    """
+    z = [logits] if isinstance(logits, Tensor) else list(logits)
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"mixed_kd_loss: 'labels' must be a tensor, got {type(labels).__name__}")
+    labels, weights = _as_label_plan(labels, weights)
+    ce, kd, _ = torch.ops.metamixer.mixed_kd_loss(z, labels, weights, float(temperature),
+                                                  float(label_smoothing), mode, peer_matrix,
+                                                  bool(detach_targets))
+    return ce, kd
+
+
+# ----------------------------------------------------------------------------------------- mix
+
+@torch.library.custom_op("metamixer::mix", mutates_args=())
+def _mix(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None) -> Tensor:
+    check_mix_args(x, src, w, box)
+    check_mix_values(x, src, w, box)
+    return _backend.kernel("mix", x.device)(x, src, w, box)
+
+
+@_mix.register_fake
+def _(x, src, w, box):
+    check_mix_args(x, src, w, box)
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("metamixer::mix_backward", mutates_args=())
+def _mix_backward(grad: Tensor, x: Tensor, src: Tensor, w: Tensor,
+                  box: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(dx, dw): dx scatter-adds into the partners (src need not be a permutation)."""
+    return _backend.kernel("mix_backward", x.device)(grad, x, src, w, box)
+
+
+@_mix_backward.register_fake
+def _(grad, x, src, w, box):
+    return torch.empty_like(x), torch.empty_like(w)
+
+
+def _mix_setup_context(ctx, inputs, output) -> None:
+    x, src, w, box = inputs
+    ctx.has_box = box is not None
+    ctx.save_for_backward(x, src, w, *([box] if box is not None else []))
+
+
+def _mix_backward_rule(ctx, grad):
+    x, src, w, *rest = ctx.saved_tensors
+    box = rest[0] if ctx.has_box else None
+    dx, dw = torch.ops.metamixer.mix_backward(grad, x, src, w, box)
+    return dx, None, dw, None
+
+
+_mix.register_autograd(_mix_backward_rule, setup_context=_mix_setup_context)
+
+
+def _reference_mix(x, src, w, box):
+    return torch.empty_like(x).copy_(reference.mix(x, src, w, box))
+
+
+def _reference_mix_backward(grad, x, src, w, box):
+    dx, dw = reference.mix_backward(grad, x, src, w, box)
+    return torch.empty_like(x).copy_(dx), torch.empty_like(w).copy_(dw)
+
+
+_backend.register_kernel("mix", "reference", _reference_mix)
+_backend.register_kernel("mix_backward", "reference", _reference_mix_backward)
+
+
+def mix(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None = None) -> Tensor:
+    """out[i] = x[i] outside box_i and w_i x[i] + (1 - w_i) x[src_i] inside it; x is not mutated.
+
+    ``x``: [N, C, H, W] (any memory format) or [N, D]; ``src``: [N] int64; ``w``: [N] floats in
+    [0, 1]; ``box``: [N, 4] ints (y0, y1, x0, x1), half-open, or None for the whole sample.
+    CutMix is a box with w = 0; Mixup is no box with w = lam.
+    """
+    return torch.ops.metamixer.mix(x, src, w, box)
