@@ -1,0 +1,18 @@
+"""metamixer_fast: fused kernels and a lean training core for online knowledge distillation
+with MetaMixer regularization."""
+
+from . import reference
+from .loss import MixedKDLoss, MixedKDLossOutput, MixedTarget
+from .ops import mix, mixed_kd_loss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MixedKDLoss",
+    "MixedKDLossOutput",
+    "MixedTarget",
+    "__version__",
+    "mix",
+    "mixed_kd_loss",
+    "reference",
+]

@@ -1,0 +1,55 @@
+"""``python -m metamixer_fast.info``: versions, what was built, and the backend per device."""
+
+from __future__ import annotations
+
+import platform
+import sys
+
+import torch
+
+from . import __version__, _backend
+from . import ops as _ops  # noqa: F401  (registers the ops and their reference kernels)
+
+OPS = ("mixed_kd_loss", "mixed_kd_loss_backward", "mix", "mix_backward")
+
+
+def _devices() -> list[torch.device]:
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        devices.append(torch.device("cuda"))
+    return devices
+
+
+def report() -> str:
+    lines = [
+        f"metamixer_fast {__version__}",
+        f"python         {platform.python_version()} ({sys.executable})",
+        f"torch          {torch.__version__} (CUDA {torch.version.cuda or 'none'}, "
+        f"{torch.get_num_threads()} CPU threads)",
+        f"triton         {_backend.triton_version() or 'not installed'}"
+        + (" (TRITON_INTERPRET=1)" if _backend.triton_interpreted() else ""),
+    ]
+    cpp = _backend.cpp_module()
+    if cpp is None:
+        lines.append("C++ extension  NOT BUILT: CPU ops use the PyTorch reference "
+                     "(reinstall with METAMIXER_REQUIRE_CPP=1 to see why)")
+    else:
+        lines.append(f"C++ extension  built: {torch.ops.metamixer_cpp.build_info()}")
+    forced = _backend.forced_backend()
+    lines.append(f"{_backend.ENV_VAR}  {forced or '(unset: automatic choice)'}")
+    for device in _devices():
+        for op in OPS:
+            try:
+                choice = _backend.backend_for(op, device)
+            except RuntimeError as exc:
+                choice = f"ERROR: {exc}"
+            lines.append(f"  {device.type:4s} {op:24s} -> {choice}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    print(report())
+
+
+if __name__ == "__main__":
+    main()
