@@ -1,0 +1,70 @@
+"""The package as installed: the C++ module, `info`, and `metamixer_fast.kernels` from both an
+editable and a regular (wheel) install."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+import zipfile
+
+import pytest
+import torch
+
+from metamixer_fast import _backend
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+REQUIRE_CPP = os.environ.get("METAMIXER_REQUIRE_CPP") == "1"
+
+
+def _python(code: str, cwd: pathlib.Path, **env: str) -> str:
+    proc = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, **env}, check=False)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_cpp_module_builds_and_registers_its_ops():
+    if _backend.cpp_module() is None:
+        assert not REQUIRE_CPP, "METAMIXER_REQUIRE_CPP=1 but metamixer_fast._C did not import"
+        pytest.skip("C++ extension not built in this install (allowed without METAMIXER_REQUIRE_CPP=1)")
+    info = torch.ops.metamixer_cpp.build_info()
+    assert "compiler=" in info and f"torch={torch.__version__.split('+')[0]}" in info
+    x = torch.randn(37, 1271) * 30
+    x[3, :100] = float("-inf")
+    got = torch.ops.metamixer_cpp.row_logsumexp(x, 0.5)
+    torch.testing.assert_close(got, torch.logsumexp(x * 0.5, dim=1))
+
+
+def test_info_reports_build_and_backends(tmp_path):
+    out = _python("import metamixer_fast.info as i; i.main()", tmp_path)
+    assert "torch" in out and "mixed_kd_loss" in out and "cpu" in out
+    if REQUIRE_CPP:
+        assert "C++ extension  built" in out
+
+
+def test_kernels_package_from_editable_install(tmp_path):
+    """Outside the source tree, metamixer_fast.kernels resolves to the repo's kernels/ dir."""
+    out = _python("import metamixer_fast.kernels as k; print(k.__file__)", tmp_path)
+    assert pathlib.Path(out.strip()).parent == ROOT / "kernels"
+
+
+def test_regular_install_ships_kernels_and_extension(tmp_path):
+    """Build a wheel (as `pip install .` does) and import from its unpacked contents only."""
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps",
+                    "-q", "-w", str(tmp_path / "dist"), str(ROOT)], check=True,
+                   env={**os.environ, "METAMIXER_REQUIRE_CPP": "1" if REQUIRE_CPP else "0"})
+    (wheel,) = (tmp_path / "dist").glob("metamixer_fast-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "metamixer_fast/kernels/__init__.py" in names
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    code = ("import metamixer_fast, metamixer_fast.kernels as k; "
+            "from metamixer_fast import _backend; "
+            "print(k.__file__); print(_backend.cpp_module() is not None)")
+    out = _python(code, tmp_path, PYTHONPATH=str(site), PYTHONNOUSERSITE="1")
+    kernels_file, has_cpp = out.split()
+    assert pathlib.Path(kernels_file).is_relative_to(site)
+    if REQUIRE_CPP:
+        assert has_cpp == "True"

@@ -1,0 +1,140 @@
+"""The registered ops: autograd, opcheck, torch.compile, layouts, on every CPU backend."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import metamixer_fast as mf
+from metamixer_fast import reference
+
+
+def _inputs(k, batch, classes, m, g, dtype=torch.float64):
+    z = torch.randn(k, batch, classes, generator=g, dtype=dtype) * 2
+    labels = torch.randint(0, classes, (batch, m), generator=g)
+    weights = torch.rand(batch, m, generator=g, dtype=torch.float64) + 0.1
+    return z, labels, weights / weights.sum(1, keepdim=True)
+
+
+@pytest.mark.parametrize("mode", ["pairwise", "ensemble"])
+@pytest.mark.parametrize("as_list", [False, True])
+def test_mixed_kd_loss_gradcheck(loss_backend, mode, as_list, rng):
+    # Finite differences see the targets move, so only detach_targets=False is the true
+    # derivative; the detached gradient is checked against autograd below.
+    z, labels, weights = _inputs(3, 4, 5, 2, rng)
+    if as_list:
+        peers = [p.clone().requires_grad_(True) for p in z.unbind(0)]
+    else:
+        peers = [z.clone().requires_grad_(True)]
+
+    def f(*logits):
+        return mf.mixed_kd_loss(list(logits), labels, weights, temperature=2.0,
+                                label_smoothing=0.1, mode=mode, detach_targets=False)
+
+    assert torch.autograd.gradcheck(f, peers)
+
+
+@pytest.mark.parametrize("mode", ["pairwise", "ensemble"])
+@pytest.mark.parametrize("detach", [True, False])
+def test_mixed_kd_loss_grad_equals_autograd_of_reference(loss_backend, mode, detach, rng):
+    z, labels, weights = _inputs(4, 6, 9, 3, rng)
+    grad_ce, grad_kd = torch.randn(2, 4, generator=rng, dtype=torch.float64)
+    z1 = z.clone().requires_grad_(True)
+    ce, kd = mf.mixed_kd_loss(z1, labels, weights, temperature=3.0, mode=mode, detach_targets=detach)
+    torch.autograd.backward((ce, kd), (grad_ce, grad_kd))
+    z2 = z.clone().requires_grad_(True)
+    want_ce, want_kd = reference.mixed_kd_loss(z2, labels, weights, 3.0, 0.0, mode, None, detach)
+    torch.autograd.backward((want_ce, want_kd), (grad_ce, grad_kd))
+    torch.testing.assert_close(ce, want_ce)
+    torch.testing.assert_close(kd, want_kd)
+    torch.testing.assert_close(z1.grad, z2.grad)
+
+
+@pytest.mark.parametrize("mode", ["pairwise", "ensemble"])
+def test_mixed_kd_loss_opcheck(loss_backend, mode, rng):
+    z, labels, weights = _inputs(3, 4, 6, 2, rng, torch.float32)
+    peer_matrix = torch.rand(3, 3, generator=rng) if mode == "ensemble" else None
+    for logits in ([z.requires_grad_(True)], [p.detach().requires_grad_(True) for p in z.unbind(0)]):
+        args = (logits, labels, weights.float(), 2.0, 0.1, mode, peer_matrix, True)
+        torch.library.opcheck(torch.ops.metamixer.mixed_kd_loss.default, args)
+
+
+def test_mixed_kd_loss_compile_equals_eager(loss_backend, rng):
+    z, labels, weights = _inputs(3, 8, 10, 2, rng, torch.float32)
+
+    def step(logits):
+        ce, kd = mf.mixed_kd_loss(logits, labels, weights, temperature=2.0)
+        return ce.sum() + 0.5 * kd.sum()
+
+    compiled = torch.compile(step, fullgraph=True)
+    outs = []
+    for fn in (step, compiled):
+        zz = z.clone().requires_grad_(True)
+        loss = fn(zz)
+        loss.backward()
+        outs.append((loss.detach(), zz.grad))
+    torch.testing.assert_close(outs[0][0], outs[1][0])
+    torch.testing.assert_close(outs[0][1], outs[1][1])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mixed_kd_loss_low_precision_returns_fp32(loss_backend, dtype, rng):
+    z, labels, weights = _inputs(2, 4, 7, 1, rng, torch.float32)
+    zz = z.to(dtype).requires_grad_(True)
+    ce, kd = mf.mixed_kd_loss(zz, labels, weights, temperature=2.0)
+    assert ce.dtype == kd.dtype == torch.float32
+    (ce.sum() + kd.sum()).backward()
+    assert zz.grad.dtype == dtype
+
+
+def _mix_inputs(g, shape=(5, 3, 6, 7), dtype=torch.float64):
+    n = shape[0]
+    x = torch.randn(shape, generator=g, dtype=dtype)
+    src = torch.tensor([1, 1, 0, 4, 2])[:n]  # repeats: scatter-add in backward
+    w = torch.rand(n, generator=g, dtype=dtype)
+    box = torch.tensor([[0, 6, 0, 7], [1, 4, 2, 5], [2, 2, 0, 7], [0, 3, 3, 7], [5, 6, 6, 7]])[:n]
+    return x, src, w, box
+
+
+@pytest.mark.parametrize("features", [False, True])
+def test_mix_gradcheck(mix_backend, features, rng):
+    x, src, w, box = _mix_inputs(rng, (5, 8) if features else (5, 3, 6, 7))
+    box = None if features else box
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda xx, ww: mf.mix(xx, src, ww, box), (x, w))
+
+
+def test_mix_opcheck(mix_backend, rng):
+    x, src, w, box = _mix_inputs(rng, dtype=torch.float32)
+    for args in ((x.requires_grad_(True), src, w.requires_grad_(True), box),
+                 (x.detach().to(torch.uint8), src, w.detach(), box),
+                 (x.detach()[:, :, 0, :].reshape(5, -1), src, w.detach(), None)):
+        torch.library.opcheck(torch.ops.metamixer.mix.default, args)
+
+
+def test_mix_channels_last_and_no_mutation(mix_backend, rng):
+    x, src, w, box = _mix_inputs(rng, dtype=torch.float32)
+    xc = x.contiguous(memory_format=torch.channels_last)
+    before = xc.clone()
+    out = mf.mix(xc, src, w, box)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(xc, before)
+    torch.testing.assert_close(out, reference.mix(x, src, w, box))
+
+
+def test_mix_compile_equals_eager(mix_backend, rng):
+    x, src, w, box = _mix_inputs(rng, dtype=torch.float32)
+
+    def step(xx, ww):
+        return (mf.mix(xx, src, ww, box) ** 2).sum()
+
+    compiled = torch.compile(step, fullgraph=True)
+    results = []
+    for fn in (step, compiled):
+        xx, ww = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        loss = fn(xx, ww)
+        loss.backward()
+        results.append((loss.detach(), xx.grad, ww.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
