@@ -1,0 +1,41 @@
+# Two entry points for a fresh machine (Python 3.11; nothing else installed by hand):
+#   make demo   installs everything into .venv and runs the main job
+#   make test   installs everything into .venv and runs lint, the Python tests and the C++ tests
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.metamixer-installed
+CMAKE_BUILD := build/cmake
+
+.PHONY: install demo test test-python test-cpp lint bench clean
+
+$(STAMP): pyproject.toml setup.py requirements-dev.txt $(wildcard csrc/*.cpp csrc/*/*.h)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-build-isolation -e .
+	touch $@
+
+install: $(STAMP)
+
+demo: install
+	$(PY) examples/quickstart.py
+
+lint: install
+	$(PY) -m ruff check .
+
+test-python: install
+	$(PY) -m pytest -q
+
+test-cpp:
+	cmake -S . -B $(CMAKE_BUILD) -DCMAKE_BUILD_TYPE=Release > /dev/null
+	cmake --build $(CMAKE_BUILD) -j 2
+	ctest --test-dir $(CMAKE_BUILD) --output-on-failure
+
+test: lint test-python test-cpp
+
+bench: install
+	$(PY) -m pytest -q bench
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info metamixer_fast/_C*.so
