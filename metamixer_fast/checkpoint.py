@@ -1,0 +1,69 @@
+"""Crash-safe checkpoints: written atomically, read back with validation.
+
+``save`` writes to a temporary file in the same directory, fsyncs it, renames it over the old
+checkpoint and fsyncs the directory, so at every instant ``checkpoint.pt`` is either the previous
+complete checkpoint or the new complete one. ``load`` uses ``torch.load(weights_only=True)``
+(tensors and plain containers only, no arbitrary code) and checks the format before anything
+is restored; it never writes.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT = "metamixer_fast.checkpoint/1"
+NAME = "checkpoint.pt"
+REQUIRED = ("format", "config", "epoch", "step", "peers", "optimizer", "scheduler", "rng")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, corrupt, or does not belong to this run."""
+
+
+def save(state: dict[str, Any], run_dir: str | Path) -> Path:
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    final = run_dir / NAME
+    tmp = run_dir / f".{NAME}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save({"format": FORMAT, **state}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    dir_fd = os.open(run_dir, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return final
+
+
+def load(run_dir: str | Path) -> dict[str, Any]:
+    path = Path(run_dir) / NAME
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}; --resume needs the run directory of an "
+                              f"earlier run that finished at least one epoch")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile,
+            ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated and was left untouched "
+                              f"({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{path} is not a metamixer_fast checkpoint (format {found!r}, "
+                              f"expected {FORMAT!r}); it was left untouched")
+    missing = [key for key in REQUIRED if key not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}; it was left untouched")
+    return state

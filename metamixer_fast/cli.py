@@ -1,0 +1,37 @@
+"""The ``metamixer-fast`` command: ``train``, ``plot``, ``info``."""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = """usage: metamixer-fast COMMAND [options]
+
+commands:
+  train   train K peers with online distillation and MetaMixer (see `metamixer-fast train --help`)
+  plot    write PNG curves of a run: metamixer-fast plot RUN_DIR
+  info    versions, what was built, and the kernel backend per device
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "train":
+        from .train import main as train_main
+        return train_main(rest)
+    if command == "plot":
+        from .plot import main as plot_main
+        return plot_main(rest)
+    if command == "info":
+        from .info import main as info_main
+        info_main()
+        return 0
+    print(f"metamixer-fast: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

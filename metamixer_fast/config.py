@@ -1,0 +1,200 @@
+"""Training configuration: one dataclass, read from TOML and overridden from the command line.
+
+Every field carries its help text, so ``metamixer-fast train --help`` documents every option and
+the config file accepts exactly the same names (with ``-`` or ``_``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+METHODS = ("independent", "dml", "kdcl", "cutmix", "mixup", "metamixer")
+DATASETS = ("fashion-mnist", "cifar10", "cifar100", "synthetic")
+AMP_MODES = ("none", "bf16", "fp16")
+SCHEDULES = ("cosine", "multistep")
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **extra})
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class TrainConfig:
+    # what to train
+    method: str = _opt("metamixer", f"training method: {', '.join(METHODS)} (cutmix/mixup/metamixer "
+                                     "use DML between the peers; kdcl distills to the peer ensemble)")
+    arch: list[str] = _opt(["resnet20"], "peer architectures, comma separated; one name is repeated "
+                                        "for every peer; a name or package.module:factory")
+    peers: int = _opt(2, "number of peer networks K (>= 2; ignored when arch lists several)")
+    dataset: str = _opt("fashion-mnist", f"dataset: {', '.join(DATASETS)}")
+    data_dir: str = _opt("", "directory with the dataset files (default: the dataset's usual place)")
+    synthetic_size: int = _opt(2048, "number of training images of the synthetic dataset")
+    # optimisation
+    epochs: int = _opt(10, "number of training epochs")
+    batch_size: int = _opt(128, "images per step (per process under torchrun)")
+    lr: float = _opt(0.1, "peak learning rate of SGD")
+    momentum: float = _opt(0.9, "SGD momentum")
+    nesterov: bool = _opt(True, "use Nesterov momentum")
+    weight_decay: float = _opt(5e-4, "L2 weight decay")
+    schedule: str = _opt("cosine", "learning-rate schedule after warm-up: cosine or multistep")
+    warmup_epochs: float = _opt(0.0, "linear learning-rate warm-up length in epochs")
+    milestones: list[float] = _opt([0.5, 0.75], "multistep: fractions of training where lr *= gamma")
+    gamma: float = _opt(0.1, "multistep: learning-rate decay factor")
+    # distillation
+    temperature: float = _opt(3.0, "distillation temperature T")
+    kd_weight: float = _opt(1.0, "weight of the distillation term (0 for independent)")
+    kd_ramp_epochs: float = _opt(0.0, "ramp the distillation weight linearly from 0 over this many epochs")
+    label_smoothing: float = _opt(0.0, "label smoothing eps of the cross-entropy term")
+    # mixing
+    mix_prob: float = _opt(1.0, "probability that a step is mixed (cutmix, mixup, metamixer)")
+    local_alpha: float = _opt(1.0, "metamixer: Beta(a, a) of the local (CutMix-like) mixing")
+    global_alpha: float = _opt(1.0, "metamixer: Beta(a, a) of the global (Mixup-like) blend")
+    stages: list[str] = _opt(["input", "stage1", "stage2", "stage3"],
+                             "metamixer: where the global blend may happen, one drawn per step")
+    local_pairing: str = _opt("same_class", "metamixer: local partner rule, same_class or random")
+    global_pairing: str = _opt("other_class", "metamixer: global partner rule, other_class or random")
+    cutmix_alpha: float = _opt(1.0, "cutmix: Beta(a, a) of the box area")
+    mixup_alpha: float = _opt(0.2, "mixup: Beta(a, a) of the blend weight")
+    # hardware
+    device: str = _opt("auto", "auto, cpu or cuda")
+    amp: str = _opt("none", "automatic mixed precision: none, bf16 or fp16 (fp16 uses a GradScaler)")
+    channels_last: bool = _opt(True, "store images and activations channels_last")
+    compile: bool = _opt(False, "torch.compile the peers' forward (helps on GPU; measure on CPU)")
+    threads: int = _opt(0, "CPU threads for torch (0: leave torch's default)")
+    # bookkeeping
+    seed: int = _opt(0, "random seed (model init, data order, mixing)")
+    deterministic: bool = _opt(False, "use deterministic algorithms only")
+    out: str = _opt("runs/latest", "run directory: config, metrics.jsonl, checkpoint.pt, plots")
+    eval_batch_size: int = _opt(512, "images per evaluation step")
+    limit_train_batches: int = _opt(0, "stop each epoch after this many steps (0: the whole epoch)")
+    limit_eval_batches: int = _opt(0, "evaluate on this many batches only (0: the whole test set)")
+    progress: bool = _opt(True, "show a progress bar")
+    stop_after_epochs: int = _opt(0, "end this invocation after this many epochs, checkpoint "
+                                     "written (continue with --resume; 0: run to the end)")
+
+    def validate(self) -> TrainConfig:
+        _check(self.method in METHODS, "method", f"one of {', '.join(METHODS)}", self.method)
+        _check(self.dataset in DATASETS, "dataset", f"one of {', '.join(DATASETS)}", self.dataset)
+        _check(self.amp in AMP_MODES, "amp", f"one of {', '.join(AMP_MODES)}", self.amp)
+        _check(self.schedule in SCHEDULES, "schedule", f"one of {', '.join(SCHEDULES)}", self.schedule)
+        _check(self.device in ("auto", "cpu", "cuda"), "device", "auto, cpu or cuda", self.device)
+        _check(len(self.arch) >= 1 and all(self.arch), "arch", "at least one architecture name", self.arch)
+        _check(len(self.arch) > 1 or self.peers >= 2, "peers", "an integer >= 2", self.peers)
+        for name in ("epochs", "batch_size", "eval_batch_size", "synthetic_size"):
+            _check(getattr(self, name) >= 1, name, "an integer >= 1", getattr(self, name))
+        for name in ("lr", "temperature"):
+            _check(getattr(self, name) > 0, name, "a number > 0", getattr(self, name))
+        for name in ("momentum", "mix_prob", "label_smoothing"):
+            _check(0 <= getattr(self, name) <= 1, name, "a number in [0, 1]", getattr(self, name))
+        for name in ("weight_decay", "kd_weight", "warmup_epochs", "kd_ramp_epochs",
+                     "limit_train_batches", "limit_eval_batches", "threads", "stop_after_epochs"):
+            _check(getattr(self, name) >= 0, name, "a number >= 0", getattr(self, name))
+        for name in ("local_alpha", "global_alpha", "cutmix_alpha", "mixup_alpha"):
+            _check(getattr(self, name) > 0, name, "a number > 0", getattr(self, name))
+        _check(all(0 < m < 1 for m in self.milestones), "milestones",
+               "fractions of training in (0, 1)", self.milestones)
+        _check(len(self.stages) >= 1, "stages", "at least one stage name", self.stages)
+        return self
+
+    @property
+    def peer_archs(self) -> list[str]:
+        return list(self.arch) if len(self.arch) > 1 else list(self.arch) * self.peers
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class ConfigError(ValueError):
+    """A bad configuration value, config file or command-line override."""
+
+
+def _check(ok: bool, name: str, expected: str, got: Any) -> None:
+    if not ok:
+        raise ConfigError(f"config '{name}' must be {expected}; got {got!r}")
+
+
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def _coerce(name: str, value: Any, kind: Any) -> Any:
+    """Turn a TOML or command-line value into the field's type, with a clear error."""
+    try:
+        if typing.get_origin(kind) is list:
+            item = typing.get_args(kind)[0]
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return [item(v.strip()) if isinstance(v, str) else item(v) for v in items if v != ""]
+        if kind is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            if not isinstance(value, bool):
+                raise ValueError(value)
+            return value
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError(value)
+        return kind(value)
+    except (TypeError, ValueError):
+        expected = getattr(kind, "__name__", kind)
+        raise ConfigError(f"config '{name}' expects {expected}; got {value!r}") from None
+
+
+def from_mapping(values: dict[str, Any], base: TrainConfig | None = None) -> TrainConfig:
+    """A config from ``base`` (defaults if None) with ``values`` applied; unknown keys are errors."""
+    types = _field_types()
+    cfg = dataclasses.replace(base) if base is not None else TrainConfig()
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name not in types:
+            raise ConfigError(f"unknown config option '{key}'; known options: {', '.join(types)}")
+        setattr(cfg, name, _coerce(name, value, types[name]))
+    return cfg
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    data = dict(data.get("train", data))  # a [train] table or top-level keys
+    return data
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One ``--option`` per config field, each defaulting to 'not given' so that the config file
+    stays in charge of everything the command line does not override."""
+    parser.add_argument("--config", help="TOML file with any of the options below "
+                                         "(top level or under [train]); flags override it")
+    parser.add_argument("--resume", metavar="RUN_DIR",
+                        help="continue the run in RUN_DIR from its last checkpoint")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        shown = ",".join(map(str, default)) if isinstance(default, list) else default
+        help_text = f"{f.metadata['help']} (default: {shown})"
+        if _field_types()[f.name] is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=help_text)
+
+
+def from_args(args: argparse.Namespace) -> TrainConfig:
+    values = load_toml(args.config) if args.config else {}
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                 if getattr(args, f.name, None) is not None}
+    return from_mapping({**values, **overrides}).validate()

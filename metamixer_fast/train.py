@@ -1,0 +1,433 @@
+"""The training loop: K peers trained together with the fused loss and MetaMixer.
+
+``python -m metamixer_fast.train [options]`` or ``metamixer-fast train [options]``; under
+``torchrun --nproc_per_node=N -m metamixer_fast.train ...`` it runs data-parallel (DDP, gloo on
+CPU, nccl on CUDA). One optimizer steps all peers; the loss of a step is
+``ce_weight * sum_k CE_k + kd_weight(t) * sum_k KD_k`` on the (mixed) batch.
+
+Each epoch appends a line to ``RUN_DIR/metrics.jsonl`` and then writes ``RUN_DIR/checkpoint.pt``
+atomically with the complete state, so ``--resume RUN_DIR`` continues bit for bit (on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from . import checkpoint
+from .config import ConfigError, TrainConfig, add_arguments, from_args, from_mapping
+from .loss import MixedKDLoss
+
+# Options that may differ between a checkpoint and the --resume invocation: they do not change
+# what is computed. Everything else must match, or the resumed run would not be the same run.
+RESUME_MUTABLE = ("progress", "stop_after_epochs", "eval_batch_size", "out")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf: training stops instead of corrupting the weights."""
+
+
+# ------------------------------------------------------------------------------------ set-up
+
+def resolve_device(cfg: TrainConfig, local_rank: int) -> torch.device:
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("config 'device' is cuda but no CUDA device is available; use --device cpu")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """(rank, world_size); starts the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+class PeerGroup(nn.Module):
+    """The K peers as one module (one DDP wrapper, one optimizer); forward returns K logits."""
+
+    def __init__(self, peers: list[nn.Module]) -> None:
+        super().__init__()
+        self.peers = nn.ModuleList(peers)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        return [peer(x) for peer in self.peers]
+
+
+def build_criterion(cfg: TrainConfig) -> MixedKDLoss:
+    mode = "ensemble" if cfg.method == "kdcl" else "pairwise"
+    kd_weight = 0.0 if cfg.method == "independent" else cfg.kd_weight
+    return MixedKDLoss(temperature=cfg.temperature, kd_weight=kd_weight, mode=mode,
+                       label_smoothing=cfg.label_smoothing)
+
+
+def build_mixer(cfg: TrainConfig, generator: torch.Generator) -> Any | None:
+    """The batch sampler of the method, or None for unmixed methods."""
+    from . import metamixer
+
+    if cfg.method == "metamixer":
+        return metamixer.MetaMixer(local_alpha=cfg.local_alpha, global_alpha=cfg.global_alpha,
+                                   prob=cfg.mix_prob, stages=tuple(cfg.stages),
+                                   local_pairing=cfg.local_pairing,
+                                   global_pairing=cfg.global_pairing, generator=generator)
+    if cfg.method == "cutmix":
+        return metamixer.CutMix(cfg.cutmix_alpha, prob=cfg.mix_prob, generator=generator)
+    if cfg.method == "mixup":
+        return metamixer.Mixup(cfg.mixup_alpha, prob=cfg.mix_prob, generator=generator)
+    return None
+
+
+def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """Linear warm-up, then cosine to 0 or multistep decay; a function of the global step."""
+    total = cfg.epochs * steps_per_epoch
+    warmup = cfg.warmup_epochs * steps_per_epoch
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1.0, total - warmup)
+    if cfg.schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.gamma ** sum(progress >= m for m in cfg.milestones)
+
+
+def kd_ramp(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    if cfg.kd_ramp_epochs <= 0:
+        return 1.0
+    return min(1.0, (step + 1) / (cfg.kd_ramp_epochs * steps_per_epoch))
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def evaluate(group: PeerGroup, batches: Iterator[tuple[Tensor, Tensor]],
+             autocast: contextlib.AbstractContextManager) -> dict[str, Any]:
+    """Top-1 of each peer and of the ensemble (mean of the peers' softmax)."""
+    group.eval()
+    correct: Tensor | None = None
+    total = 0
+    for x, y in batches:
+        with autocast:
+            logits = torch.stack([z.float() for z in group(x)])  # [K, B, C]
+        hits = torch.cat([logits.argmax(-1) == y, (logits.softmax(-1).mean(0).argmax(-1) == y)[None]])
+        batch_correct = hits.sum(1)
+        correct = batch_correct if correct is None else correct + batch_correct
+        total += y.numel()
+    group.train()
+    assert correct is not None, "the evaluation set is empty"
+    acc = (correct.double() / total * 100).tolist()
+    return {"top1": [round(a, 3) for a in acc[:-1]], "ensemble_top1": round(acc[-1], 3)}
+
+
+# ------------------------------------------------------------------------------ the loop
+
+class Run:
+    """Everything one training run holds; ``state_dict`` is the checkpoint."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        from . import data, models
+
+        self.cfg = cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True)
+        self.device = resolve_device(cfg, int(os.environ.get("LOCAL_RANK", "0")))
+        self.rank, self.world = init_distributed(self.device)
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+
+        train_set, test_set = data.load_dataset(cfg.dataset, cfg.data_dir or None,
+                                                synthetic_size=cfg.synthetic_size, seed=cfg.seed)
+        self.train_batches = data.BatchLoader(
+            train_set, cfg.batch_size, train=True, seed=cfg.seed, device=self.device,
+            channels_last=cfg.channels_last, rank=self.rank, world_size=self.world, drop_last=True)
+        self.test_batches = data.BatchLoader(
+            test_set, cfg.eval_batch_size, train=False, seed=cfg.seed, device=self.device,
+            channels_last=cfg.channels_last)
+        in_channels = train_set.images.shape[1]
+        peers = [models.build_model(a, train_set.num_classes, in_channels) for a in cfg.peer_archs]
+        memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.group = PeerGroup(peers).to(self.device, memory_format=memory_format)
+        self.model: nn.Module = self.group
+        if self.world > 1:
+            self.model = nn.parallel.DistributedDataParallel(
+                self.group, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.forward = torch.compile(self.model) if cfg.compile else self.model
+
+        self.optimizer = torch.optim.SGD(self.group.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                         nesterov=cfg.nesterov and cfg.momentum > 0,
+                                         weight_decay=cfg.weight_decay, foreach=True)
+        self.steps_per_epoch = self.epoch_steps()
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(cfg, step, self.steps_per_epoch))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
+        self.criterion = build_criterion(cfg)
+        self.base_kd_weight = self.criterion.kd_weight
+        self.mixer = build_mixer(cfg, torch.Generator().manual_seed(cfg.seed * 7919 + self.rank + 1))
+        self.epoch = 0
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+
+    def epoch_steps(self) -> int:
+        steps = len(self.train_batches)
+        if self.cfg.limit_train_batches:
+            steps = min(steps, self.cfg.limit_train_batches)
+        if steps < 1:
+            raise ConfigError(f"config 'batch_size' {self.cfg.batch_size} leaves no full batch in "
+                              f"the training set; lower it")
+        return steps
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.cfg.amp == "none":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.cfg.amp == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    # -- checkpointing ---------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"config": self.cfg.to_dict(), "epoch": self.epoch, "step": self.step,
+                "peers": [p.state_dict() for p in self.group.peers],
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "rng": rng_state(),
+                "mixer": self.mixer.state_dict() if self.mixer is not None else None,
+                "train_batches": self.train_batches.state_dict(), "history": self.history}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        try:
+            for peer, sd in zip(self.group.peers, state["peers"], strict=True):
+                peer.load_state_dict(sd)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+            if self.mixer is not None:
+                self.mixer.load_state_dict(state["mixer"])
+            self.train_batches.load_state_dict(state["train_batches"])
+        except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+            raise checkpoint.CheckpointError(f"the checkpoint does not fit this run's models or "
+                                             f"optimizer: {exc}") from None
+        set_rng_state(state["rng"])
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.history = list(state["history"])
+
+    # -- training --------------------------------------------------------------------------
+    def train_epoch(self) -> dict[str, Any]:
+        from tqdm import tqdm
+
+        cfg, k = self.cfg, len(self.group.peers)
+        sums = torch.zeros(2 * k + 2, device=self.device, dtype=torch.float64)
+        first_bad = torch.full((2,), -1, dtype=torch.int64, device=self.device)  # step, peer
+        bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
+                   disable=not (cfg.progress and self.rank == 0), file=sys.stderr, leave=False)
+        log_every = max(1, min(50, self.steps_per_epoch // 10))
+        start, images = time.perf_counter(), 0
+        for i, (x, y) in enumerate(self.train_batches):
+            if i >= self.steps_per_epoch:
+                break
+            out, correct = self.train_step(x, y)
+            bad_peer = (~torch.isfinite(out.ce) | ~torch.isfinite(out.kd)).to(torch.int64).argmax()
+            is_bad = ~torch.isfinite(out.loss) & (first_bad[0] < 0)
+            first_bad = torch.where(is_bad, torch.stack([torch.tensor(self.step, device=self.device),
+                                                         bad_peer]), first_bad)
+            sums += torch.cat([out.loss.detach()[None], out.ce.detach(), out.kd.detach(),
+                               correct[None]]).double()
+            self.step += 1
+            images += y.numel()
+            if (i + 1) % log_every == 0 or i + 1 == self.steps_per_epoch:
+                self.check_finite(first_bad, out)
+                bar.update(i + 1 - bar.n)
+                rate = images * self.world / (time.perf_counter() - start)
+                bar.set_postfix(loss=f"{sums[0].item() / (i + 1):.3f}",
+                                acc=f"{100 * sums[-1].item() / images / k:.1f}", img_s=f"{rate:.0f}")
+        bar.close()
+        seconds = time.perf_counter() - start
+        n = self.steps_per_epoch
+        return {"train_loss": round(sums[0].item() / n, 5),
+                "train_ce": [round(v / n, 5) for v in sums[1:k + 1].tolist()],
+                "train_kd": [round(v / n, 5) for v in sums[k + 1:2 * k + 1].tolist()],
+                "train_top1_primary": round(100 * sums[-1].item() / images / k, 3),
+                "images_per_s": round(images * self.world / seconds, 1), "epoch_seconds": round(seconds, 2)}
+
+    def train_step(self, x: Tensor, y: Tensor) -> tuple[Any, Tensor]:
+        cfg = self.cfg
+        self.criterion.kd_weight = self.base_kd_weight * kd_ramp(cfg, self.step, self.steps_per_epoch)
+        target: Any = y
+        mixing: contextlib.AbstractContextManager = contextlib.nullcontext()
+        if self.mixer is not None:
+            plan = self.mixer.sample(y)
+            x = plan.apply_local(x)
+            target = plan.target
+            mixing = plan.global_mixing(list(self.group.peers))
+        with mixing, self.autocast():
+            logits = self.forward(x)
+        out = self.criterion(logits, target)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(out.loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        primary = target.labels[:, 0] if hasattr(target, "labels") else target
+        correct = sum((z.detach().argmax(-1) == primary).sum() for z in logits)
+        return out, correct
+
+    def check_finite(self, first_bad: Tensor, out: Any) -> None:
+        step, peer = first_bad.tolist()
+        if step >= 0:
+            raise NonFiniteLossError(
+                f"non-finite loss at step {step} (epoch {self.epoch + 1}), first in peer {peer} "
+                f"(ce {out.ce.tolist()}, kd {out.kd.tolist()} at step {self.step - 1}); lower the "
+                f"learning rate, use --amp bf16 or none, or check the data; the last checkpoint "
+                f"in {self.cfg.out} is intact")
+
+    def evaluate(self) -> dict[str, Any]:
+        limit = self.cfg.limit_eval_batches or None
+        batches = (b for i, b in enumerate(self.test_batches) if limit is None or i < limit)
+        return evaluate(self.group, batches, self.autocast())
+
+    def sync_report(self) -> dict[str, Any]:
+        """Under DDP: whether every rank holds the same parameters (they must)."""
+        if self.world == 1:
+            return {}
+        flat = torch.cat([p.detach().double().flatten() for p in self.group.parameters()])
+        checksum = torch.stack([flat.sum(), (flat * flat).sum()]).to(self.device)
+        gathered = [torch.zeros_like(checksum) for _ in range(self.world)]
+        dist.all_gather(gathered, checksum)
+        sums = [g.tolist() for g in gathered]
+        return {"world_size": self.world, "param_checksums": sums,
+                "ranks_in_sync": all(s == sums[0] for s in sums)}
+
+
+# ------------------------------------------------------------------------------ driver
+
+def _prepare_run_dir(run_dir: Path, cfg: TrainConfig) -> None:
+    if (run_dir / checkpoint.NAME).exists():
+        raise ConfigError(f"run directory {run_dir} already holds a checkpoint; continue it with "
+                          f"--resume {run_dir} or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    (run_dir / "metrics.jsonl").write_text("")
+
+
+def _rewrite_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
+    """On resume, metrics.jsonl becomes exactly the checkpoint's history (a line written after
+    the last checkpoint belongs to an epoch that will run again)."""
+    tmp = run_dir / ".metrics.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
+    os.replace(tmp, run_dir / "metrics.jsonl")
+
+
+def fit(cfg: TrainConfig, resume: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train (or continue) a run; returns the last epoch's metrics."""
+    run = Run(cfg)
+    run_dir = Path(cfg.out)
+    if resume is not None:
+        run.load_state_dict(resume)
+        if run.rank == 0:
+            _rewrite_metrics(run_dir, run.history)
+    elif run.rank == 0:
+        _prepare_run_dir(run_dir, cfg)
+    if run.epoch >= cfg.epochs:
+        print(f"run {run_dir} already finished {run.epoch} epochs", file=sys.stderr)
+        return run.history[-1] if run.history else {}
+    done_here = 0
+    while run.epoch < cfg.epochs:
+        record = {"epoch": run.epoch + 1, "step": run.step + run.steps_per_epoch,
+                  "lr": run.optimizer.param_groups[0]["lr"], **run.train_epoch()}
+        run.epoch += 1
+        record.update(run.evaluate())
+        record.update(run.sync_report())
+        run.history.append(record)
+        if run.rank == 0:
+            with open(run_dir / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            checkpoint.save(run.state_dict(), run_dir)
+            print(f"epoch {record['epoch']}/{cfg.epochs}  loss {record['train_loss']:.4f}  "
+                  f"top-1 per peer {record['top1']}  ensemble {record['ensemble_top1']}  "
+                  f"{record['images_per_s']:.0f} img/s", flush=True)
+        done_here += 1
+        if cfg.stop_after_epochs and done_here >= cfg.stop_after_epochs and run.epoch < cfg.epochs:
+            print(f"stopped after {done_here} epoch(s) as asked; continue with --resume {run_dir}",
+                  file=sys.stderr)
+            break
+    if run.world > 1:
+        dist.barrier()
+    return run.history[-1]
+
+
+def resume_config(state: dict[str, Any], overrides: dict[str, Any]) -> TrainConfig:
+    """The checkpoint's config; an override may only change what does not alter the results."""
+    saved = from_mapping(state["config"])
+    for name, value in overrides.items():
+        if name in RESUME_MUTABLE:
+            continue
+        if getattr(from_mapping({name: value}), name) != getattr(saved, name):
+            raise checkpoint.CheckpointError(
+                f"--resume: option '{name}' is {getattr(saved, name)!r} in the checkpoint but "
+                f"{value!r} was given; a resumed run must keep its configuration (only "
+                f"{', '.join(RESUME_MUTABLE)} may change)")
+    return from_mapping({k: v for k, v in overrides.items() if k in RESUME_MUTABLE}, saved).validate()
+
+
+def build_parser(prog: str = "metamixer-fast train") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Train K peer networks together with online knowledge distillation "
+                               "and MetaMixer (or a baseline method).")
+    add_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None, prog: str = "metamixer-fast train") -> int:
+    args = build_parser(prog).parse_args(argv)
+    try:
+        if args.resume:
+            state = checkpoint.load(args.resume)
+            overrides = {k: v for k, v in vars(args).items()
+                         if v is not None and k not in ("config", "resume")}
+            if args.config:
+                from .config import load_toml
+                overrides = {**load_toml(args.config), **overrides}
+            overrides.setdefault("out", args.resume)
+            cfg = resume_config(state, overrides)
+            final = fit(cfg, resume=state)
+        else:
+            final = fit(from_args(args))
+    except (ConfigError, checkpoint.CheckpointError, NonFiniteLossError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if final:
+        print(f"final: top-1 per peer {final['top1']}  ensemble {final['ensemble_top1']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(prog="python -m metamixer_fast.train"))
