@@ -236,7 +236,9 @@ class CutMixOrMixup(_Sampler):
         g, n = self.generator, y.numel()
         m = 1 if self.mode == "batch" else n
         cut = torch.rand(m, dtype=torch.float64, generator=g) < self.switch_prob
-        lam = torch.where(cut, _beta(self.cutmix_alpha, m, g), _beta(self.mixup_alpha, m, g))
+        # Mixup rows blend with a float32 weight: round lam to it so the target is exact.
+        mixup_lam = _beta(self.mixup_alpha, m, g).float().double()
+        lam = torch.where(cut, _beta(self.cutmix_alpha, m, g), mixup_lam)
         center = torch.rand(m, 2, dtype=torch.float64, generator=g)
         sigma = random_cycle(n, g)
         self._stats["local_samples"] += n

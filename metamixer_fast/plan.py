@@ -62,7 +62,8 @@ class MixPlan:
         local_src: [N] int64 local partner sigma.
         local_w: [N] float32 weight of the sample itself inside its region (0 for CutMix rows,
             lam for Mixup rows).
-        lam_draw: [N] float64 lam as drawn (CutMix rows are corrected once the box is fixed).
+        lam_draw: [N] float64 lam as drawn (CutMix rows are corrected once the box is fixed;
+            Mixup rows hold float32-representable values, so local_w and the target agree).
         cut: [N] bool, True for CutMix rows (a box), or None when no row has a box.
         center: [N, 2] float64 box centres as fractions of (H, W), or None.
         global_src: [N] int64 global partner pi, or None (no global mixing).
@@ -130,12 +131,12 @@ class MixPlan:
                                  f"{self._size}, got images of size {(h, w)}; sample a new plan")
             return self
         if self.cut is None:
-            self._lam = self.lam_draw.float()
+            self._lam = self.lam_draw
         else:
             box, lam_cut = cutmix_boxes(self.lam_draw, self.center, h, w)
             full = torch.tensor([0, h, 0, w], device=box.device)
             self._box = torch.where(self.cut[:, None], box, full)
-            self._lam = torch.where(self.cut, lam_cut, self.lam_draw).float()
+            self._lam = torch.where(self.cut, lam_cut, self.lam_draw)
         self._size = (h, w)
         return self
 
@@ -149,13 +150,14 @@ class MixPlan:
 
     @property
     def lam(self) -> Tensor:
-        """[N] float32 share of each locally mixed sample u_i that comes from x_i."""
+        """[N] float64 share of each locally mixed sample u_i that comes from x_i (exact: a
+        pixel count for CutMix rows, the float32 blend weight itself for Mixup rows)."""
         if self._lam is None:
             if self.cut is not None:
                 raise RuntimeError("MixPlan: lam is corrected to the pasted area, which depends on "
                                    "the image size; call plan.apply_local(x) or "
                                    "plan.resolve((H, W)) first")
-            self._lam = self.lam_draw.float()
+            self._lam = self.lam_draw
         return self._lam
 
     def _check_batch(self, t: Tensor, what: str) -> None:
@@ -251,12 +253,12 @@ class MixPlan:
             p = torch.arange(self.num_samples, device=self.device)
             mu = torch.ones_like(lam)
         else:
-            p, mu = self.global_src, self.mu
+            p, mu = self.global_src, self.mu.double()
         ys = y[s]
         labels = torch.stack([y, ys, y[p], ys[p]], dim=1)
         lp = lam[p]
         weights = torch.stack([mu * lam, mu * (1 - lam), (1 - mu) * lp, (1 - mu) * (1 - lp)], dim=1)
-        return MixedTarget(labels, weights)
+        return MixedTarget(labels, weights.float())
 
 
 def _stage_targets(peers: list[nn.Module], stages: tuple[str, ...],
