@@ -1,0 +1,328 @@
+"""``MixPlan``: one step's mixing decisions, and the hooks that carry them out inside the peers.
+
+A plan holds, for a batch of N samples (DESIGN.md section 1, "Our formulation"):
+
+- local mixing: partner sigma[N], and per sample either a CutMix box (pasted region of the
+  partner; the box is fixed once the image size is known, and lam is the exact fraction of the
+  image left to the sample) or a Mixup blend (w = lam over the whole image);
+- global mixing (MetaMixer only): partner pi[N], mu[N] and a stage, where every peer replaces
+  its activation h by h_i <- mu_i h_i + (1 - mu_i) h_pi(i);
+- the target: labels[N, 4] of the images (i, sigma(i), pi(i), sigma(pi(i))) with weights
+  (mu lam_i, mu (1 - lam_i), (1 - mu) lam_pi(i), (1 - mu) (1 - lam_pi(i))).
+
+Plans are made by the samplers in ``metamixer_fast.metamixer``; every mixing is one call of
+``metamixer_fast.mix``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor, nn
+
+from .loss import MixedTarget
+from .ops import mix
+
+__all__ = ["INPUT_STAGE", "MixPlan", "cutmix_boxes"]
+
+INPUT_STAGE = "input"
+
+
+def cutmix_boxes(lam: Tensor, center: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
+    """CutMix box rule: (box[N, 4] int64 (y0, y1, x0, x1) half-open, lam[N] corrected).
+
+    The cut is floor(H sqrt(1 - lam)) x floor(W sqrt(1 - lam)), centred on a uniform random
+    pixel (``center`` holds its position as fractions in [0, 1)), and clipped to the image; lam is
+    then corrected to 1 - (pasted area) / (H W). Unlike timm (which spans cy +- cut // 2, one
+    pixel short for odd cuts) the unclipped box is exactly the cut size.
+    """
+    ratio = (1.0 - lam.double()).clamp(0.0, 1.0).sqrt()
+    cut_h = (height * ratio).floor().long()
+    cut_w = (width * ratio).floor().long()
+    cy = (center[:, 0].double() * height).floor().long().clamp(0, height - 1)
+    cx = (center[:, 1].double() * width).floor().long().clamp(0, width - 1)
+    y0 = cy - cut_h // 2
+    x0 = cx - cut_w // 2
+    box = torch.stack([y0.clamp(0, height), (y0 + cut_h).clamp(0, height),
+                       x0.clamp(0, width), (x0 + cut_w).clamp(0, width)], dim=1)
+    area = (box[:, 1] - box[:, 0]) * (box[:, 3] - box[:, 2])
+    return box, 1.0 - area.double() / (height * width)
+
+
+@dataclass
+class MixPlan:
+    """One step's mixing plan; see the module docstring. Tensors live on one device.
+
+    Attributes:
+        labels: [N] int64 class labels of the batch.
+        mixed: False for an identity plan (the step is not mixed).
+        local_src: [N] int64 local partner sigma.
+        local_w: [N] float32 weight of the sample itself inside its region (0 for CutMix rows,
+            lam for Mixup rows).
+        lam_draw: [N] float64 lam as drawn (CutMix rows are corrected once the box is fixed;
+            Mixup rows hold float32-representable values, so local_w and the target agree).
+        cut: [N] bool, True for CutMix rows (a box), or None when no row has a box.
+        center: [N, 2] float64 box centres as fractions of (H, W), or None.
+        global_src: [N] int64 global partner pi, or None (no global mixing).
+        mu: [N] float32 global blend weight of the sample itself, or None.
+        stage: where the global blend happens ("input" or a stage name), or None.
+        stages: every stage this plan's sampler may pick (checked against the peers).
+    """
+
+    labels: Tensor
+    mixed: bool
+    local_src: Tensor
+    local_w: Tensor
+    lam_draw: Tensor
+    cut: Tensor | None = None
+    center: Tensor | None = None
+    global_src: Tensor | None = None
+    mu: Tensor | None = None
+    stage: str | None = None
+    stages: tuple[str, ...] = ()
+    _size: tuple[int, int] | None = field(default=None, repr=False)
+    _box: Tensor | None = field(default=None, repr=False)
+    _lam: Tensor | None = field(default=None, repr=False)
+    _input_cache: tuple[Tensor, int, Tensor] | None = field(default=None, repr=False)
+
+    # ------------------------------------------------------------------ construction and moves
+    @classmethod
+    def identity(cls, labels: Tensor, stages: tuple[str, ...] = ()) -> MixPlan:
+        """The plan of an unmixed step: u = x, no global blend, target weights (1, 0, 0, 0)."""
+        n, dev = labels.numel(), labels.device
+        return cls(labels=labels, mixed=False, local_src=torch.arange(n, device=dev),
+                   local_w=torch.ones(n, device=dev), lam_draw=torch.ones(n, dtype=torch.float64,
+                                                                           device=dev),
+                   stages=stages)
+
+    @property
+    def num_samples(self) -> int:
+        return self.labels.numel()
+
+    @property
+    def device(self) -> torch.device:
+        return self.labels.device
+
+    def to(self, device: torch.device | str, labels: Tensor | None = None) -> MixPlan:
+        """The plan with every tensor on ``device`` (``labels``: an already-moved copy to reuse)."""
+        def move(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device, non_blocking=True)
+
+        return replace(self, labels=labels if labels is not None else move(self.labels),
+                       local_src=move(self.local_src), local_w=move(self.local_w),
+                       lam_draw=move(self.lam_draw), cut=move(self.cut), center=move(self.center),
+                       global_src=move(self.global_src), mu=move(self.mu), _box=move(self._box),
+                       _lam=move(self._lam), _input_cache=None)
+
+    # --------------------------------------------------------------------------- local mixing
+    def resolve(self, size: Sequence[int]) -> MixPlan:
+        """Fix the CutMix boxes for images of ``size`` = (H, W) and correct lam; returns self.
+
+        Called by ``apply_local``; call it yourself to read ``target`` before mixing."""
+        h, w = (int(s) for s in size)
+        if h < 1 or w < 1:
+            raise ValueError(f"MixPlan.resolve: image size must be positive, got {(h, w)}")
+        if self._size is not None:
+            if self._size != (h, w):
+                raise ValueError(f"MixPlan: this plan's boxes were fixed for images of size "
+                                 f"{self._size}, got images of size {(h, w)}; sample a new plan")
+            return self
+        if self.cut is None:
+            self._lam = self.lam_draw
+        else:
+            box, lam_cut = cutmix_boxes(self.lam_draw, self.center, h, w)
+            full = torch.tensor([0, h, 0, w], device=box.device)
+            self._box = torch.where(self.cut[:, None], box, full)
+            self._lam = torch.where(self.cut, lam_cut, self.lam_draw)
+        self._size = (h, w)
+        return self
+
+    @property
+    def box(self) -> Tensor | None:
+        """[N, 4] int64 (y0, y1, x0, x1) regions (whole image for Mixup rows), or None."""
+        if self.cut is not None and self._box is None:
+            raise RuntimeError("MixPlan: the boxes are fixed by the image size; call "
+                               "plan.apply_local(x) or plan.resolve((H, W)) first")
+        return self._box
+
+    @property
+    def lam(self) -> Tensor:
+        """[N] float64 share of each locally mixed sample u_i that comes from x_i (exact: a
+        pixel count for CutMix rows, the float32 blend weight itself for Mixup rows)."""
+        if self._lam is None:
+            if self.cut is not None:
+                raise RuntimeError("MixPlan: lam is corrected to the pasted area, which depends on "
+                                   "the image size; call plan.apply_local(x) or "
+                                   "plan.resolve((H, W)) first")
+            self._lam = self.lam_draw
+        return self._lam
+
+    def _check_batch(self, t: Tensor, what: str) -> None:
+        if not isinstance(t, Tensor):
+            raise TypeError(f"MixPlan: {what} must be a tensor, got {type(t).__name__}")
+        if t.dim() < 1 or t.shape[0] != self.num_samples:
+            raise ValueError(f"MixPlan: {what} has shape {list(t.shape)} but the plan was sampled "
+                             f"for a batch of N={self.num_samples}")
+        if t.device != self.device:
+            raise ValueError(f"MixPlan: {what} is on {t.device} but the plan is on {self.device}; "
+                             f"sample with device={str(t.device)!r} or use plan.to(device)")
+
+    def apply_local(self, x: Tensor) -> Tensor:
+        """u = the locally mixed batch (one ``mix`` call). Returns ``x`` itself, uncopied, for an
+        identity plan. ``x``: [N, C, H, W] images ([N, D] also works for a Mixup-only plan)."""
+        if not self.mixed:
+            return x
+        self._check_batch(x, "the images 'x'")
+        if self.cut is not None:
+            if x.dim() != 4:
+                raise ValueError(f"MixPlan.apply_local: CutMix boxes need [N, C, H, W] images, got "
+                                 f"shape {list(x.shape)}")
+            self.resolve(x.shape[-2:])
+        return mix(x, self.local_src, self.local_w, self.box)
+
+    # -------------------------------------------------------------------------- global mixing
+    def blend(self, h: Tensor) -> Tensor:
+        """The global blend h_i <- mu_i h_i + (1 - mu_i) h_pi(i) of any [N, ...] activation
+        (one ``mix`` call; shapes other than [N, D] and [N, C, H, W] are blended as [N, D])."""
+        if not self.mixed or self.global_src is None:
+            return h
+        self._check_batch(h, "the activation")
+        mu = self.mu if h.dtype != torch.float64 else self.mu.double()
+        if h.dim() in (2, 4):
+            return mix(h, self.global_src, mu, None)
+        return mix(h.reshape(h.shape[0], -1), self.global_src, mu, None).view(h.shape)
+
+    def _blend_input(self, x: Tensor) -> Tensor:
+        """``blend`` for the peers' shared input: blended once, reused while x is unchanged."""
+        cache = self._input_cache
+        if cache is not None and cache[0] is x and cache[1] == x._version:
+            return cache[2]
+        out = self.blend(x)
+        self._input_cache = (x, x._version, out)
+        return out
+
+    @contextmanager
+    def global_mixing(self, peers: nn.Module | Sequence[nn.Module],
+                      stage_modules: Sequence[Mapping[str, str]] | None = None) -> Iterator[MixPlan]:
+        """Apply the global blend at the plan's stage inside every peer while the block runs.
+
+        ``peers``: one module or a sequence of K modules. Stage "input" blends each peer's first
+        positional input (forward pre-hook); any other stage is a submodule whose OUTPUT is
+        blended (forward hook). ``stage_modules``: None (the stage name is the submodule name in
+        every peer) or one dict per peer mapping stage name -> that peer's submodule name.
+        Every stage the sampler may pick is checked against every peer on entry. The hooks are
+        removed on exit, also when the block raises. An identity plan installs nothing.
+        """
+        peer_list = [peers] if isinstance(peers, nn.Module) else list(peers)
+        targets = _stage_targets(peer_list, self.stages, stage_modules)
+        if not self.mixed or self.stage is None:
+            yield self
+            return
+        handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._input_cache = None
+        try:
+            for k, peer in enumerate(peer_list):
+                if self.stage == INPUT_STAGE:
+                    handles.append(peer.register_forward_pre_hook(self._input_hook, with_kwargs=True))
+                else:
+                    name = targets[k][self.stage]
+                    handles.extend(_install_stage_hooks(self, peer, name, k))
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+            self._input_cache = None
+
+    def _input_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if not args:
+            raise RuntimeError(f"MixPlan: the global blend at 'input' mixes the first positional "
+                               f"argument of {type(module).__name__}.forward, but it was called "
+                               f"with keyword arguments only ({sorted(kwargs)})")
+        return (self._blend_input(args[0]), *args[1:]), kwargs
+
+    # --------------------------------------------------------------------------------- target
+    @property
+    def target(self) -> MixedTarget:
+        """labels[N, 4] of the images (i, sigma(i), pi(i), sigma(pi(i))) and their weights[N, 4]
+        (float32, rows sum to 1); zero-weight columns where a plan has no global mixing."""
+        y, s, lam = self.labels, self.local_src, self.lam
+        if self.global_src is None or not self.mixed:
+            p = torch.arange(self.num_samples, device=self.device)
+            mu = torch.ones_like(lam)
+        else:
+            p, mu = self.global_src, self.mu.double()
+        ys = y[s]
+        labels = torch.stack([y, ys, y[p], ys[p]], dim=1)
+        lp = lam[p]
+        weights = torch.stack([mu * lam, mu * (1 - lam), (1 - mu) * lp, (1 - mu) * (1 - lp)], dim=1)
+        return MixedTarget(labels, weights.float())
+
+
+def _stage_targets(peers: list[nn.Module], stages: tuple[str, ...],
+                   stage_modules: Sequence[Mapping[str, str]] | None) -> list[dict[str, str]]:
+    """Per peer, stage name -> submodule name, after checking that every submodule exists."""
+    if not peers:
+        raise ValueError("MixPlan.global_mixing: 'peers' is empty; pass the K peer modules")
+    for k, peer in enumerate(peers):
+        if not isinstance(peer, nn.Module):
+            raise TypeError(f"MixPlan.global_mixing: peers[{k}] must be an nn.Module, got "
+                            f"{type(peer).__name__}")
+    if len({id(p) for p in peers}) != len(peers):
+        raise ValueError("MixPlan.global_mixing: the same module appears twice in 'peers'; its "
+                         "activations would be blended twice")
+    if stage_modules is not None and (isinstance(stage_modules, Mapping)
+                                      or len(stage_modules) != len(peers)):
+        raise ValueError(f"MixPlan.global_mixing: 'stage_modules' must be a sequence of one dict "
+                         f"per peer ({len(peers)} peers), got {stage_modules!r}")
+    inner = [s for s in stages if s != INPUT_STAGE]
+    result = []
+    for k, peer in enumerate(peers):
+        mapping = {s: s for s in inner} if stage_modules is None else dict(stage_modules[k])
+        names = dict(peer.named_modules())
+        for stage in inner:
+            if stage not in mapping:
+                raise ValueError(f"MixPlan.global_mixing: stage_modules[{k}] has no entry for stage "
+                                 f"{stage!r} (it maps {sorted(mapping)})")
+            if mapping[stage] not in names:
+                listed = ", ".join(repr(n) for n in names if n)
+                raise ValueError(f"MixPlan.global_mixing: peer {k} ({type(peer).__name__}) has no "
+                                 f"submodule {mapping[stage]!r} for stage {stage!r}; its submodules "
+                                 f"are: {listed}")
+        result.append(mapping)
+    return result
+
+
+def _install_stage_hooks(plan: MixPlan, peer: nn.Module, name: str,
+                         k: int) -> list[torch.utils.hooks.RemovableHandle]:
+    """Blend the output of ``peer.<name>`` once per forward of ``peer``.
+
+    A forward pre-hook on the peer arms the stage; the stage's forward hook blends and counts;
+    a forward hook on the peer checks that the stage ran exactly once (a stage module that is
+    skipped, or called twice in one forward, would make the target wrong, so both raise).
+    """
+    module = peer.get_submodule(name)
+    calls = [0]
+
+    def arm(_module: nn.Module, _args: tuple) -> None:
+        calls[0] = 0
+
+    def blend_output(_module: nn.Module, _args: tuple, output: Tensor) -> Tensor:
+        calls[0] += 1
+        if calls[0] > 1:
+            raise RuntimeError(f"MixPlan: stage module {name!r} of peer {k} ran twice in one "
+                               f"forward; pick a stage module that runs once per forward")
+        if not isinstance(output, Tensor):
+            raise TypeError(f"MixPlan: stage module {name!r} of peer {k} returned a "
+                            f"{type(output).__name__}; the global blend needs a tensor output")
+        return plan.blend(output)
+
+    def check(_module: nn.Module, _args: tuple, _output: object) -> None:
+        if calls[0] != 1:
+            raise RuntimeError(f"MixPlan: stage module {name!r} of peer {k} did not run during "
+                               f"the forward, so no global mixing happened")
+
+    return [peer.register_forward_pre_hook(arm), module.register_forward_hook(blend_output),
+            peer.register_forward_hook(check)]

@@ -1,0 +1,562 @@
+"""MetaMixer / MixPlan / hooks / baselines: the plan applied by ``mix`` + hooks equals a direct
+float64 construction of the four-image mixture, and the sampler obeys its rules."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+from metamixer_fast import (
+    CutMix,
+    CutMixOrMixup,
+    MetaMixer,
+    MixedKDLoss,
+    MixedTarget,
+    MixPlan,
+    Mixup,
+)
+from metamixer_fast.plan import cutmix_boxes
+
+
+def seeded(rng: torch.Generator) -> torch.Generator:
+    """A fresh generator for a sampler, seeded from the test's random generator."""
+    return torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=rng)))
+
+
+def labels_with_groups(rng: torch.Generator, n: int, classes: int) -> torch.Tensor:
+    """Labels in which every class present has at least two samples, shuffled."""
+    base = torch.arange(n) % classes
+    base[-1] = base[-2] if n % classes == 1 else base[-1]
+    return base[torch.randperm(n, generator=rng)]
+
+
+def local_mixture(x: torch.Tensor, plan: MixPlan) -> torch.Tensor:
+    """u built sample by sample from the plan's boxes and weights (no ``mix``)."""
+    u = x.clone()
+    for i in range(x.shape[0]):
+        s, w = int(plan.local_src[i]), float(plan.local_w[i])
+        if plan.box is None:
+            u[i] = w * x[i] + (1 - w) * x[s]
+        else:
+            y0, y1, x0, x1 = (int(v) for v in plan.box[i])
+            u[i, :, y0:y1, x0:x1] = w * x[i, :, y0:y1, x0:x1] + (1 - w) * x[s, :, y0:y1, x0:x1]
+    return u
+
+
+def global_mixture(h: torch.Tensor, plan: MixPlan) -> torch.Tensor:
+    out = h.clone()
+    for i in range(h.shape[0]):
+        mu, p = float(plan.mu[i]), int(plan.global_src[i])
+        out[i] = mu * h[i] + (1 - mu) * h[p]
+    return out
+
+
+def image_weights(plan: MixPlan, weights: torch.Tensor) -> torch.Tensor:
+    """[N, N] float64: how much of image j sample i is made of, given the plan's [N, 4] weights
+    over the images (i, sigma(i), pi(i), sigma(pi(i)))."""
+    n = plan.num_samples
+    s, p = plan.local_src, plan.global_src
+    images = torch.stack([torch.arange(n), s, p, s[p]], 1)
+    return torch.zeros(n, n, dtype=torch.float64).scatter_add_(1, images, weights.double())
+
+
+def weights64(plan: MixPlan) -> torch.Tensor:
+    """The four-image weights of DESIGN.md section 1 in float64, from the plan's lam and mu."""
+    lam, mu, p = plan.lam.double(), plan.mu.double(), plan.global_src
+    return torch.stack([mu * lam, mu * (1 - lam), (1 - mu) * lam[p], (1 - mu) * (1 - lam[p])], 1)
+
+
+def seq(*names: str, sizes: tuple[int, ...] = (5, 6, 6, 4)) -> nn.Sequential:
+    """A small chain of named linear layers on [N, D] features."""
+    layers = [nn.Linear(sizes[k], sizes[k + 1]).double() for k in range(len(names))]
+    return nn.Sequential(OrderedDict(zip(names, layers)))
+
+
+def no_hooks_left(*models: nn.Module) -> bool:
+    return all(not m._forward_hooks and not m._forward_pre_hooks
+               for model in models for m in model.modules())
+
+
+# ----------------------------------------------------------- the mixture equals its construction
+
+@pytest.mark.parametrize("stage", ["input", "0", "1"])
+def test_output_is_weighted_sum_of_image_outputs(stage, rng, mix_backend):
+    """One-hot images (image j is channel j) through a linear net: sample i's output is exactly
+    f(sum_j c_ij e_j) where c_ij is the plan's target weight on image j."""
+    n, hw = 12, (7, 9)
+    y = labels_with_groups(rng, n, 3)
+    x = torch.eye(n, dtype=torch.float64)[:, :, None, None].expand(n, n, *hw).contiguous()
+    net = nn.Sequential(nn.Conv2d(n, n, 1, bias=False), nn.Conv2d(n, 5, 1, bias=False),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten()).double()
+    plan = MetaMixer(1.0, 1.0, stages=(stage,), generator=seeded(rng)).sample(y)
+    with torch.no_grad(), plan.global_mixing([net]):
+        out = net(plan.apply_local(x))
+    w1 = net[0].weight[:, :, 0, 0]
+    w2 = net[1].weight[:, :, 0, 0]
+    f = (w2 @ w1).T.detach()
+    torch.testing.assert_close(out, image_weights(plan, weights64(plan)) @ f, rtol=1e-10, atol=1e-12)
+    # plan.target (float32) describes the same mixture to float32 rounding.
+    from_target = image_weights(plan, plan.target.weights) @ f
+    torch.testing.assert_close(out, from_target, rtol=1e-5, atol=1e-6 * float(out.abs().max()))
+
+
+@pytest.mark.parametrize("stage", ["input", "mid", "head"])
+def test_plan_equals_direct_float64_construction(stage, rng, mix_backend):
+    n, h, w = 10, 6, 5
+    y = labels_with_groups(rng, n, 4)
+    x = torch.randn(n, 3, h, w, dtype=torch.float64, generator=rng)
+    net = nn.Sequential(OrderedDict(stem=nn.Conv2d(3, 4, 3, padding=1), mid=nn.Conv2d(4, 4, 1),
+                                    flat=nn.Flatten(), head=nn.Linear(4 * h * w, 6))).double()
+    plan = MetaMixer(0.7, 2.0, stages=(stage,), generator=seeded(rng)).sample(y)
+    with torch.no_grad():
+        with plan.global_mixing(net):
+            out = net(plan.apply_local(x))
+        u = local_mixture(x, plan)
+        if stage == "input":
+            expected = net(global_mixture(u, plan))
+        else:
+            act = u
+            for name, module in net.named_children():
+                act = module(act)
+                if name == stage:
+                    act = global_mixture(act, plan)
+            expected = act
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_target_rows(rng):
+    n = 32
+    y = torch.randint(0, 5, (n,), generator=rng)
+    plan = MetaMixer(0.5, 0.5, generator=seeded(rng)).sample(y, size=(16, 16))
+    t = plan.target
+    assert isinstance(t, MixedTarget) and t.labels.shape == (n, 4) and t.weights.shape == (n, 4)
+    assert t.labels.dtype == torch.int64 and t.weights.dtype == torch.float32
+    s, p = plan.local_src, plan.global_src
+    torch.testing.assert_close(t.labels, torch.stack([y, y[s], y[p], y[s][p]], 1))
+    assert bool((t.weights >= 0).all())
+    torch.testing.assert_close(t.weights.sum(1), torch.ones(n), rtol=0, atol=1e-6)
+    torch.testing.assert_close(t.weights.double(), weights64(plan), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("size", [(32, 32), (7, 13), (1, 1), (2, 50)])
+def test_lam_is_the_exact_unpasted_area(size, rng):
+    h, w = size
+    n = 256
+    plan = MetaMixer(1.0, 1.0, generator=seeded(rng)).sample(torch.randint(0, 8, (n,), generator=rng))
+    x = torch.rand(n, 2, h, w, generator=rng)
+    u = plan.apply_local(x)
+    box = plan.box
+    assert bool((box[:, 0] >= 0).all() and (box[:, 0] <= box[:, 1]).all() and (box[:, 1] <= h).all())
+    assert bool((box[:, 2] >= 0).all() and (box[:, 2] <= box[:, 3]).all() and (box[:, 3] <= w).all())
+    area = (box[:, 1] - box[:, 0]) * (box[:, 3] - box[:, 2])
+    torch.testing.assert_close(plan.lam.double(), 1 - area.double() / (h * w), rtol=0, atol=1e-7)
+    # The pasted pixels are exactly the box (where the partner's pixels differ from one's own).
+    changed = (u != x).any(1).sum((1, 2))
+    differs = plan.local_src != torch.arange(n)
+    assert bool((changed[differs] == area[differs]).all())
+
+
+def test_box_rule(rng):
+    """Cut of floor(H sqrt(1 - lam)) by floor(W sqrt(1 - lam)) around the centre, clipped."""
+    n, h, w = 4000, 24, 40
+    lam = torch.rand(n, dtype=torch.float64, generator=rng)
+    center = torch.rand(n, 2, dtype=torch.float64, generator=rng)
+    box, lam_c = cutmix_boxes(lam, center, h, w)
+    cut_h = (h * (1 - lam).sqrt()).floor().long()
+    cut_w = (w * (1 - lam).sqrt()).floor().long()
+    cy, cx = (center[:, 0] * h).long(), (center[:, 1] * w).long()
+    torch.testing.assert_close(box[:, 0], (cy - cut_h // 2).clamp(0, h))
+    torch.testing.assert_close(box[:, 1], (cy - cut_h // 2 + cut_h).clamp(0, h))
+    torch.testing.assert_close(box[:, 2], (cx - cut_w // 2).clamp(0, w))
+    torch.testing.assert_close(box[:, 3], (cx - cut_w // 2 + cut_w).clamp(0, w))
+    inside = (box[:, 1] - box[:, 0] == cut_h) & (box[:, 3] - box[:, 2] == cut_w)
+    assert 0.05 < inside.double().mean() < 1.0  # some boxes are clipped, many are not
+    assert bool((lam_c >= lam - 1e-12).all())  # clipping only ever shrinks the pasted area
+
+
+# ------------------------------------------------------------------------------------- pairing
+
+@pytest.mark.parametrize("n, classes", [(2, 1), (8, 4), (64, 10), (33, 16), (50, 2)])
+def test_pairing_rules_hold_when_the_batch_allows(n, classes, rng):
+    y = labels_with_groups(rng, n, classes) if classes > 1 else torch.zeros(n, dtype=torch.int64)
+    mixer = MetaMixer(generator=seeded(rng))
+    for _ in range(5):
+        plan = mixer.sample(y)
+        sigma, pi = plan.local_src, plan.global_src
+        ar = torch.arange(n)
+        assert bool((y[sigma] == y).all() and (sigma != ar).all())
+        assert torch.equal(sigma.sort().values, ar)  # a permutation inside every class
+        if classes > 1:
+            assert bool((y[pi] != y).all())
+            assert torch.equal(pi.sort().values, ar)  # largest class <= N/2: a permutation
+    stats = mixer.stats
+    assert stats["local_fallback"] == 0 and stats["local_found_rate"] == 1.0
+    assert stats["global_fallback"] == (0 if classes > 1 else 5 * n)
+    assert stats["local_samples"] == stats["global_samples"] == 5 * n
+
+
+def test_other_class_with_a_majority_class(rng):
+    n = 20
+    y = torch.zeros(n, dtype=torch.int64)
+    y[torch.randperm(n, generator=rng)[:3]] = torch.tensor([1, 2, 2])
+    mixer = MetaMixer(generator=seeded(rng))
+    plan = mixer.sample(y)
+    assert bool((y[plan.global_src] != y).all())
+    assert mixer.stats["global_fallback"] == 0
+    assert mixer.stats["local_fallback"] == 1  # the lone sample of class 1
+
+
+def test_fallbacks_are_random_and_counted(rng):
+    y = torch.tensor([0, 0, 1, 2, 2, 3, 4, 4])  # classes 1 and 3 are alone
+    y = y[torch.randperm(8, generator=rng)]
+    mixer = MetaMixer(generator=seeded(rng))
+    plan = mixer.sample(y)
+    alone = (y == 1) | (y == 3)
+    assert bool((plan.local_src[alone] != torch.arange(8)[alone]).all())
+    assert bool((y[plan.local_src][~alone] == y[~alone]).all())
+    assert mixer.stats["local_fallback"] == 2
+    assert mixer.stats["local_found_rate"] == pytest.approx(1 - 2 / 8)
+    one = mixer.sample(torch.tensor([3]))  # a batch of one: mixed with itself
+    assert int(one.local_src) == 0 and int(one.global_src) == 0
+    assert mixer.stats["local_fallback"] == 3 and mixer.stats["global_fallback"] == 1
+
+
+def test_random_pairing_is_a_derangement(rng):
+    n = 17
+    y = torch.zeros(n, dtype=torch.int64)
+    mixer = MetaMixer(local_pairing="random", global_pairing="random", generator=seeded(rng))
+    plan = mixer.sample(y)
+    for src in (plan.local_src, plan.global_src):
+        assert torch.equal(src.sort().values, torch.arange(n)) and bool((src != torch.arange(n)).all())
+    assert mixer.stats["local_fallback"] == mixer.stats["global_fallback"] == 0
+
+
+# --------------------------------------------------------------------------------------- hooks
+
+class Recorder:
+    """Records the input of every named child (forward pre-hooks run before the module)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        self.inputs: dict[str, list[torch.Tensor]] = {}
+        self.handles = [m.register_forward_pre_hook(self._hook(name))
+                        for name, m in net.named_children()]
+
+    def _hook(self, name: str):
+        def hook(_m, args):
+            self.inputs.setdefault(name, []).append(args[0].detach().clone())
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def test_hook_mixes_only_at_the_named_module_once_per_forward(rng):
+    n = 9
+    net = seq("a", "b", "c")
+    x = torch.randn(n, 5, dtype=torch.float64, generator=rng)
+    plan = MetaMixer(stages=("b",), generator=seeded(rng)).sample(torch.randint(0, 3, (n,), generator=rng))
+    rec = Recorder(net)
+    with torch.no_grad(), plan.global_mixing([net]):
+        out1 = net(x)
+        out2 = net(x)  # a second forward in the block is mixed once too
+    rec.remove()
+    with torch.no_grad():
+        a = net.a(x)
+        b = net.b(a)
+        expected = net.c(global_mixture(b, plan))
+    for k in range(2):
+        torch.testing.assert_close(rec.inputs["a"][k], x, rtol=0, atol=0)
+        torch.testing.assert_close(rec.inputs["b"][k], a, rtol=0, atol=0)  # unmixed before
+        torch.testing.assert_close(rec.inputs["c"][k], global_mixture(b, plan), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out1, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out2, expected, rtol=1e-12, atol=1e-12)
+    assert no_hooks_left(net)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), net.c(b))  # unmixed after the block
+
+
+def test_input_stage_blends_each_peer_input_and_is_removed_after_an_exception(rng):
+    n = 6
+    peers = [seq("a", "b"), seq("a", "b")]
+    x = torch.randn(n, 5, dtype=torch.float64, generator=rng)
+    y = torch.randint(0, 2, (n,), generator=rng)
+    plan = MetaMixer(stages=("input",), generator=seeded(rng)).sample(y)
+    recs = [Recorder(p) for p in peers]
+    with pytest.raises(KeyError, match="boom"), torch.no_grad(), plan.global_mixing(peers):
+        outs = [p(x) for p in peers]
+        raise KeyError("boom")
+    for r in recs:
+        r.remove()
+        torch.testing.assert_close(r.inputs["a"][0], global_mixture(x, plan), rtol=1e-12, atol=1e-12)
+    assert no_hooks_left(*peers)
+    with torch.no_grad():
+        for p, o in zip(peers, outs):
+            torch.testing.assert_close(o, p(global_mixture(x, plan)), rtol=1e-12, atol=1e-12)
+
+
+class Twice(nn.Module):
+    """Runs ``a`` twice per forward and never runs ``unused``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(5, 5)
+        self.unused = nn.Linear(5, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(self.a(x))
+
+
+@pytest.mark.parametrize("stage, match", [("a", "ran twice"), ("unused", "did not run")])
+def test_stage_module_run_twice_or_not_at_all_raises(stage, match, rng):
+    plan = MetaMixer(stages=(stage,), generator=seeded(rng)).sample(torch.tensor([0, 0, 1, 1]))
+    net = Twice()
+    with pytest.raises(RuntimeError, match=match), plan.global_mixing(net):
+        net(torch.randn(4, 5, generator=rng))
+    assert no_hooks_left(net)
+
+
+def test_heterogeneous_peers(rng):
+    n = 8
+    resnet_like = seq("stem", "layer2", "fc")
+    other = nn.Sequential(OrderedDict(conv=nn.Linear(5, 7), stage2=nn.Linear(7, 6),
+                                      head=nn.Linear(6, 4))).double()
+    peers = [resnet_like, other]
+    names = [{"mid": "layer2", "late": "fc"}, {"mid": "stage2", "late": "head"}]
+    x = torch.randn(n, 5, dtype=torch.float64, generator=rng)
+    y = torch.randint(0, 3, (n,), generator=rng)
+    mixer = MetaMixer(stages=("mid", "late", "input"), generator=seeded(rng))
+    seen = set()
+    for _ in range(12):
+        plan = mixer.sample(y)
+        seen.add(plan.stage)
+        with torch.no_grad(), plan.global_mixing(peers, stage_modules=names):
+            outs = [p(x) for p in peers]
+        with torch.no_grad():
+            for peer, mapping, out in zip(peers, names, outs):
+                act = global_mixture(x, plan) if plan.stage == "input" else x
+                for name, module in peer.named_children():
+                    act = module(act)
+                    if plan.stage != "input" and name == mapping[plan.stage]:
+                        act = global_mixture(act, plan)
+                torch.testing.assert_close(out, act, rtol=1e-12, atol=1e-12)
+        assert no_hooks_left(*peers)
+    assert seen == {"mid", "late", "input"}
+
+
+def test_blend_of_token_activations(rng):
+    n = 5
+    plan = MetaMixer(generator=seeded(rng)).sample(torch.randint(0, 2, (n,), generator=rng))
+    h = torch.randn(n, 3, 4, dtype=torch.float64, generator=rng)
+    torch.testing.assert_close(plan.blend(h), global_mixture(h, plan), rtol=1e-12, atol=1e-12)
+
+
+def test_gradients_flow_through_the_hooks_into_the_loss(rng):
+    n = 8
+    peers = [nn.Sequential(nn.Conv2d(3, 4, 1), nn.Flatten(), nn.Linear(64, 3)) for _ in range(2)]
+    x = torch.randn(n, 3, 4, 4, generator=rng, requires_grad=True)
+    y = torch.randint(0, 3, (n,), generator=rng)
+    plan = MetaMixer(stages=("0",), generator=seeded(rng)).sample(y)
+    with plan.global_mixing(peers):
+        logits = [p(plan.apply_local(x)) for p in peers]
+    out = MixedKDLoss()(logits, plan.target)
+    out.loss.backward()
+    assert x.grad is not None and bool(x.grad.isfinite().all()) and float(x.grad.abs().sum()) > 0
+    assert all(p[0].weight.grad is not None for p in peers)
+
+
+# ----------------------------------------------------------------- identity, seeds, resume
+
+def test_prob_zero_is_the_identity_plan(rng):
+    n = 7
+    y = torch.randint(0, 3, (n,), generator=rng)
+    x = torch.randn(n, 3, 4, 4, generator=rng)
+    net = nn.Sequential(OrderedDict(a=nn.Conv2d(3, 2, 1), f=nn.Flatten()))
+    mixer = MetaMixer(prob=0.0, stages=("input", "a"), generator=seeded(rng))
+    plan = mixer.sample(y)
+    assert not plan.mixed and plan.apply_local(x) is x
+    with plan.global_mixing(net):
+        assert no_hooks_left(net)
+        out = net(x)
+    torch.testing.assert_close(out, net(x), rtol=0, atol=0)
+    torch.testing.assert_close(plan.target.labels, y[:, None].expand(n, 4))
+    torch.testing.assert_close(plan.target.weights, torch.tensor([[1.0, 0, 0, 0]]).expand(n, 4))
+    assert mixer.stats["steps"] == 1 and mixer.stats["mixed_steps"] == 0
+
+
+def test_prob_is_the_mixed_fraction(rng):
+    mixer = CutMix(prob=0.3, generator=seeded(rng))
+    y = torch.zeros(2, dtype=torch.int64)
+    mixed = sum(mixer.sample(y).mixed for _ in range(2000))
+    assert abs(mixed / 2000 - 0.3) < 0.05
+    assert mixer.stats["mixed_steps"] == mixed and mixer.stats["steps"] == 2000
+
+
+def plan_tensors(plan: MixPlan) -> list[torch.Tensor]:
+    return [plan.local_src, plan.lam, plan.box, plan.global_src, plan.mu, *plan.target]
+
+
+def test_same_seed_same_plans_and_state_dict_resumes(rng):
+    seed = int(torch.randint(0, 2**62, (1,), generator=rng))
+    y = torch.randint(0, 6, (24,), generator=rng)
+    kwargs = dict(local_alpha=0.4, global_alpha=0.6, prob=0.7, stages=("input", "a", "b"))
+    m1 = MetaMixer(**kwargs, generator=torch.Generator().manual_seed(seed))
+    m2 = MetaMixer(**kwargs, generator=torch.Generator().manual_seed(seed))
+    for _ in range(6):
+        p1, p2 = m1.sample(y, size=(8, 8)), m2.sample(y, size=(8, 8))
+        assert p1.mixed == p2.mixed and p1.stage == p2.stage
+        if p1.mixed:
+            for a, b in zip(plan_tensors(p1), plan_tensors(p2)):
+                assert torch.equal(a, b)
+    state, stats_then = m1.state_dict(), m1.stats
+    ahead = [m1.sample(y, size=(8, 8)) for _ in range(6)]
+    m3 = MetaMixer(**kwargs, generator=torch.Generator().manual_seed(seed + 1))
+    m3.load_state_dict(state)
+    assert m3.stats == stats_then
+    for p1 in ahead:
+        p3 = m3.sample(y, size=(8, 8))
+        assert p1.mixed == p3.mixed and p1.stage == p3.stage
+        if p1.mixed:
+            for a, b in zip(plan_tensors(p1), plan_tensors(p3)):
+                assert torch.equal(a, b)
+    assert m3.stats == m1.stats
+
+
+def test_plan_moves_to_the_requested_device_and_target_needs_the_size(rng):
+    y = torch.randint(0, 3, (6,), generator=rng)
+    plan = MetaMixer(generator=seeded(rng)).sample(y, device="cpu")
+    with pytest.raises(RuntimeError, match="resolve"):
+        plan.target  # noqa: B018
+    plan.resolve((8, 8))
+    assert plan.target.weights.shape == (6, 4)
+    with pytest.raises(ValueError, match="size"):
+        plan.apply_local(torch.randn(6, 3, 9, 9))
+
+
+# ------------------------------------------------------------------------------------ baselines
+
+@pytest.mark.parametrize("cls, alpha", [(CutMix, 1.0), (CutMix, 0.3), (Mixup, 0.8), (Mixup, 2.0)])
+def test_baseline_lam_follows_beta(cls, alpha, rng):
+    n = 20000
+    plan = cls(alpha, mode="elem", generator=seeded(rng)).sample(torch.zeros(n, dtype=torch.int64))
+    lam = plan.lam_draw
+    assert abs(float(lam.mean()) - 0.5) < 0.02
+    assert abs(float(lam.var()) - 1 / (4 * (2 * alpha + 1))) < 0.02
+    assert float(lam.min()) >= 0 and float(lam.max()) <= 1
+
+
+@pytest.mark.parametrize("mode", ["batch", "elem"])
+def test_cutmix_pastes_the_partner_box(mode, rng, mix_backend):
+    n, h, w = 16, 11, 14
+    y = torch.randint(0, 4, (n,), generator=rng)
+    x = torch.randn(n, 3, h, w, dtype=torch.float64, generator=rng)
+    plan = CutMix(1.0, mode=mode, generator=seeded(rng)).sample(y)
+    u = plan.apply_local(x)
+    torch.testing.assert_close(u, local_mixture(x, plan), rtol=0, atol=0)
+    assert bool((plan.local_w == 0).all())
+    box = plan.box
+    if mode == "batch":
+        assert bool((box == box[0]).all()) and bool((plan.lam_draw == plan.lam_draw[0]).all())
+    area = (box[:, 1] - box[:, 0]) * (box[:, 3] - box[:, 2])
+    lam = 1 - area.double() / (h * w)
+    sig = plan.local_src
+    assert torch.equal(sig.sort().values, torch.arange(n)) and bool((sig != torch.arange(n)).all())
+    t = plan.target
+    torch.testing.assert_close(t.labels, torch.stack([y, y[sig], y, y[sig]], 1))
+    expected = torch.stack([lam, 1 - lam, torch.zeros(n, dtype=torch.float64),
+                            torch.zeros(n, dtype=torch.float64)], 1).float()
+    torch.testing.assert_close(t.weights, expected)
+
+
+@pytest.mark.parametrize("features", [False, True])
+def test_mixup_blends_whole_samples(features, rng, mix_backend):
+    n = 12
+    y = torch.randint(0, 4, (n,), generator=rng)
+    shape = (n, 7) if features else (n, 3, 5, 6)
+    x = torch.randn(*shape, dtype=torch.float64, generator=rng)
+    plan = Mixup(0.8, generator=seeded(rng)).sample(y)
+    assert plan.box is None and plan.cut is None
+    lam = plan.lam
+    sig = plan.local_src
+    expected = lam.view(-1, *[1] * (x.dim() - 1)) * x + (1 - lam.view(-1, *[1] * (x.dim() - 1))) * x[sig]
+    torch.testing.assert_close(plan.apply_local(x), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(plan.target.weights[:, 0].double(), lam, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(plan.target.weights.sum(1), torch.ones(n), rtol=0, atol=1e-6)
+
+
+def test_cutmix_or_mixup_switches(rng):
+    n, h, w = 4000, 8, 8
+    y = torch.randint(0, 10, (n,), generator=rng)
+    plan = CutMixOrMixup(1.0, 0.8, switch_prob=0.3, mode="elem", generator=seeded(rng)).sample(y)
+    x = torch.rand(n, 1, h, w, dtype=torch.float64, generator=rng)
+    u = plan.apply_local(x)
+    cut = plan.cut
+    assert abs(float(cut.double().mean()) - 0.3) < 0.04
+    box = plan.box
+    full = torch.tensor([0, h, 0, w])
+    assert bool((box[~cut] == full).all()) and bool((plan.local_w[cut] == 0).all())
+    torch.testing.assert_close(plan.local_w[~cut].double(), plan.lam[~cut], rtol=0, atol=0)
+    area = (box[:, 1] - box[:, 0]) * (box[:, 3] - box[:, 2])
+    torch.testing.assert_close(plan.lam[cut], 1 - area[cut].double() / (h * w))
+    torch.testing.assert_close(u, local_mixture(x, plan), rtol=1e-12, atol=1e-12)
+    batch = CutMixOrMixup(switch_prob=0.5, generator=seeded(rng))
+    kinds = set()
+    for _ in range(40):
+        p = batch.sample(y[:8])
+        kinds.add(p.cut is not None)
+        assert p.cut is None or bool(p.cut.all())
+    assert kinds == {True, False}
+
+
+# ----------------------------------------------------------------------------------- bad input
+
+Y = torch.tensor([0, 1, 1, 0])
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: MetaMixer(local_alpha=0.0), "local_alpha"),
+    (lambda: MetaMixer(global_alpha=-1.0), "global_alpha"),
+    (lambda: MetaMixer(local_alpha=float("nan")), "local_alpha"),
+    (lambda: MetaMixer(prob=1.5), "prob"),
+    (lambda: MetaMixer(prob=-0.1), "prob"),
+    (lambda: MetaMixer(stages=()), "stages"),
+    (lambda: MetaMixer(stages=("input", "input")), "stages"),
+    (lambda: MetaMixer(local_pairing="other_class"), "local_pairing"),
+    (lambda: MetaMixer(global_pairing="same_class"), "global_pairing"),
+    (lambda: MetaMixer(generator=123), "generator"),
+    (lambda: CutMix(0.0), "alpha"),
+    (lambda: Mixup(-2.0), "alpha"),
+    (lambda: CutMixOrMixup(switch_prob=2.0), "switch_prob"),
+    (lambda: CutMixOrMixup(mode="pair"), "mode"),
+    (lambda: MetaMixer().sample(Y.float()), "int64"),
+    (lambda: MetaMixer().sample(Y[None]), "1-D"),
+    (lambda: MetaMixer().sample(Y[:0]), "N >= 1"),
+    (lambda: MetaMixer().sample(Y).apply_local(torch.randn(3, 3, 4, 4)), "N=4"),
+    (lambda: MetaMixer().sample(Y).apply_local(torch.randn(4, 6)), r"\[N, C, H, W\]"),
+])
+def test_bad_arguments_raise_clear_errors(make, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        make()
+
+
+def test_bad_stage_modules_raise_clear_errors():
+    net = nn.Sequential(OrderedDict(stem=nn.Linear(5, 5), layer2=nn.Linear(5, 5)))
+    plan = MetaMixer(stages=("input", "layer3")).sample(Y)
+    with pytest.raises(ValueError, match=r"no submodule 'layer3'.*'stem', 'layer2'"), \
+            plan.global_mixing(net):
+        pass
+    plan = MetaMixer(stages=("mid",)).sample(Y)
+    with pytest.raises(ValueError, match="no entry for stage 'mid'"), \
+            plan.global_mixing([net], stage_modules=[{"late": "layer2"}]):
+        pass
+    with pytest.raises(ValueError, match="one dict per peer"), \
+            plan.global_mixing([net], stage_modules=[{"mid": "stem"}, {"mid": "stem"}]):
+        pass
+    with pytest.raises(ValueError, match="twice"), plan.global_mixing([net, net]):
+        pass
+    with pytest.raises(ValueError, match="empty"), plan.global_mixing([]):
+        pass
+    assert no_hooks_left(net)
