@@ -167,13 +167,14 @@ class Run:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
 
-        train_set, test_set = data.load_dataset(cfg.dataset, cfg.data_dir or None,
-                                                synthetic_size=cfg.synthetic_size, seed=cfg.seed)
+        synthetic = ({"num_train": cfg.synthetic_size, "num_test": max(64, cfg.synthetic_size // 4),
+                      "seed": cfg.seed} if cfg.dataset == "synthetic" else {})
+        train_set, test_set = data.load_dataset(cfg.dataset, cfg.data_dir or None, **synthetic)
         self.train_batches = data.BatchLoader(
-            train_set, cfg.batch_size, train=True, seed=cfg.seed, device=self.device,
-            channels_last=cfg.channels_last, rank=self.rank, world_size=self.world, drop_last=True)
+            train_set, cfg.batch_size, shuffle=True, augment=True, drop_last=True, seed=cfg.seed,
+            device=self.device, channels_last=cfg.channels_last, rank=self.rank, world_size=self.world)
         self.test_batches = data.BatchLoader(
-            test_set, cfg.eval_batch_size, train=False, seed=cfg.seed, device=self.device,
+            test_set, cfg.eval_batch_size, shuffle=False, augment=False, device=self.device,
             channels_last=cfg.channels_last)
         in_channels = train_set.images.shape[1]
         peers = [models.build_model(a, train_set.num_classes, in_channels) for a in cfg.peer_archs]
@@ -386,7 +387,7 @@ def fit(cfg: TrainConfig, resume: dict[str, Any] | None = None) -> dict[str, Any
 
 def resume_config(state: dict[str, Any], overrides: dict[str, Any]) -> TrainConfig:
     """The checkpoint's config; an override may only change what does not alter the results."""
-    saved = from_mapping(state["config"])
+    saved = from_mapping({**state["config"], "stop_after_epochs": 0})  # a new invocation
     for name, value in overrides.items():
         if name in RESUME_MUTABLE:
             continue
