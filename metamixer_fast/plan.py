@@ -209,14 +209,21 @@ class MixPlan:
                       stage_modules: Sequence[Mapping[str, str]] | None = None) -> Iterator[MixPlan]:
         """Apply the global blend at the plan's stage inside every peer while the block runs.
 
-        ``peers``: one module or a sequence of K modules. Stage "input" blends each peer's first
-        positional input (forward pre-hook); any other stage is a submodule whose OUTPUT is
-        blended (forward hook). ``stage_modules``: None (the stage name is the submodule name in
-        every peer) or one dict per peer mapping stage name -> that peer's submodule name.
-        Every stage the sampler may pick is checked against every peer on entry. The hooks are
-        removed on exit, also when the block raises. An identity plan installs nothing.
+        ``peers``: one module, or a sequence (or ``nn.ModuleList``) of K modules. Stage
+        "input" blends each peer's first positional input (forward pre-hook); any other stage
+        is a submodule whose OUTPUT is blended (forward hook). ``stage_modules``: None (the
+        stage name is the submodule name in every peer) or one dict per peer mapping stage
+        name -> that peer's submodule name. Every stage the sampler may pick is checked
+        against every peer on entry. The hooks are removed on exit, also when the block
+        raises. An identity plan installs nothing.
+
+        A stage module must run exactly once per forward of its peer; otherwise the forward
+        raises (the target would not describe the mixture). With ``torch.compile``d peers only
+        the "input" stage is reliable: a graph compiled before the hooks existed does not see
+        hooks added later on inner modules (the check above then raises).
         """
-        peer_list = [peers] if isinstance(peers, nn.Module) else list(peers)
+        single = isinstance(peers, nn.Module) and not isinstance(peers, nn.ModuleList)
+        peer_list = [peers] if single else list(peers)
         targets = _stage_targets(peer_list, self.stages, stage_modules)
         if not self.mixed or self.stage is None:
             yield self
@@ -261,6 +268,13 @@ class MixPlan:
         return MixedTarget(labels, weights.float())
 
 
+def _unwrap(peer: nn.Module) -> nn.Module:
+    """The module whose submodule names the stages use: ``torch.compile`` wraps a peer in an
+    ``OptimizedModule`` that prefixes every name with ``_orig_mod.``."""
+    inner = getattr(peer, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else peer
+
+
 def _stage_targets(peers: list[nn.Module], stages: tuple[str, ...],
                    stage_modules: Sequence[Mapping[str, str]] | None) -> list[dict[str, str]]:
     """Per peer, stage name -> submodule name, after checking that every submodule exists."""
@@ -281,7 +295,7 @@ def _stage_targets(peers: list[nn.Module], stages: tuple[str, ...],
     result = []
     for k, peer in enumerate(peers):
         mapping = {s: s for s in inner} if stage_modules is None else dict(stage_modules[k])
-        names = dict(peer.named_modules())
+        names = dict(_unwrap(peer).named_modules())
         for stage in inner:
             if stage not in mapping:
                 raise ValueError(f"MixPlan.global_mixing: stage_modules[{k}] has no entry for stage "
@@ -303,7 +317,7 @@ def _install_stage_hooks(plan: MixPlan, peer: nn.Module, name: str,
     a forward hook on the peer checks that the stage ran exactly once (a stage module that is
     skipped, or called twice in one forward, would make the target wrong, so both raise).
     """
-    module = peer.get_submodule(name)
+    module = _unwrap(peer).get_submodule(name)
     calls = [0]
 
     def arm(_module: nn.Module, _args: tuple) -> None:
