@@ -52,7 +52,7 @@ def cutmix_boxes(lam: Tensor, center: Tensor, height: int, width: int) -> tuple[
     return box, 1.0 - area.double() / (height * width)
 
 
-@dataclass
+@dataclass(eq=False)
 class MixPlan:
     """One step's mixing plan; see the module docstring. Tensors live on one device.
 

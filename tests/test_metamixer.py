@@ -298,6 +298,30 @@ def test_input_stage_blends_each_peer_input_and_is_removed_after_an_exception(rn
             torch.testing.assert_close(o, p(global_mixture(x, plan)), rtol=1e-12, atol=1e-12)
 
 
+def test_input_blend_is_shared_by_peers_until_the_input_changes(rng):
+    n = 6
+    peers = nn.ModuleList([seq("a", "b"), seq("a", "b"), seq("a", "b")])
+    x = torch.randn(n, 5, dtype=torch.float64, generator=rng)
+    y = torch.randint(0, 2, (n,), generator=rng)
+    plan = MetaMixer(stages=("input",), generator=seeded(rng)).sample(y)
+    blends = []
+    blend = plan.blend
+    plan.blend = lambda h: blends.append(h) or blend(h)
+    recs = [Recorder(p) for p in peers]
+    with torch.no_grad(), plan.global_mixing(peers):
+        peers[0](x)
+        peers[1](x)
+        x.mul_(2.0)  # an in-place change must not reuse the blend of the old values
+        peers[2](x)
+    for r in recs:
+        r.remove()
+    assert len(blends) == 2  # peers 0 and 1 share one blend; peer 2 sees the changed input
+    torch.testing.assert_close(recs[1].inputs["a"][0], recs[0].inputs["a"][0], rtol=0, atol=0)
+    torch.testing.assert_close(recs[0].inputs["a"][0], global_mixture(x / 2, plan), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(recs[2].inputs["a"][0], global_mixture(x, plan), rtol=1e-12, atol=1e-12)
+    assert no_hooks_left(*peers)
+
+
 class Twice(nn.Module):
     """Runs ``a`` twice per forward and never runs ``unused``."""
 
