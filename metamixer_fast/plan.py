@@ -39,16 +39,14 @@ def cutmix_boxes(lam: Tensor, center: Tensor, height: int, width: int) -> tuple[
     then corrected to 1 - (pasted area) / (H W). Unlike timm (which spans cy +- cut // 2, one
     pixel short for odd cuts) the unclipped box is exactly the cut size.
     """
+    size = torch.tensor([height, width], dtype=torch.float64, device=lam.device)
     ratio = (1.0 - lam.double()).clamp(0.0, 1.0).sqrt()
-    cut_h = (height * ratio).floor().long()
-    cut_w = (width * ratio).floor().long()
-    cy = (center[:, 0].double() * height).floor().long().clamp(0, height - 1)
-    cx = (center[:, 1].double() * width).floor().long().clamp(0, width - 1)
-    y0 = cy - cut_h // 2
-    x0 = cx - cut_w // 2
-    box = torch.stack([y0.clamp(0, height), (y0 + cut_h).clamp(0, height),
-                       x0.clamp(0, width), (x0 + cut_w).clamp(0, width)], dim=1)
-    area = (box[:, 1] - box[:, 0]) * (box[:, 3] - box[:, 2])
+    cut = (size * ratio[:, None]).floor().long()  # [N, 2] (cut_h, cut_w)
+    limit = size.long()
+    lo = torch.minimum((center.double() * size).floor().long(), limit - 1) - cut // 2
+    y0x0, y1x1 = lo.clamp(min=0), torch.minimum(lo + cut, limit)
+    box = torch.stack([y0x0, y1x1], dim=2).view(-1, 4)  # (y0, y1, x0, x1)
+    area = (y1x1 - y0x0).clamp(min=0).prod(dim=1)
     return box, 1.0 - area.double() / (height * width)
 
 
