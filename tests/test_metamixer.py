@@ -584,3 +584,18 @@ def test_bad_stage_modules_raise_clear_errors():
     with pytest.raises(ValueError, match="empty"), plan.global_mixing([]):
         pass
     assert no_hooks_left(net)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_plan_on_cuda_equals_the_cpu_plan(rng):
+    seed = int(torch.randint(0, 2**62, (1,), generator=rng))
+    y = torch.randint(0, 4, (16,), generator=rng)
+    x = torch.randn(16, 3, 8, 8, generator=rng)
+    cpu = MetaMixer(generator=torch.Generator().manual_seed(seed)).sample(y)
+    for labels, device in ((y, "cuda"), (y.cuda(), None)):
+        gpu = MetaMixer(generator=torch.Generator().manual_seed(seed)).sample(labels, device=device)
+        assert gpu.local_src.is_cuda and gpu.mu.is_cuda and gpu.labels.is_cuda
+        torch.testing.assert_close(gpu.apply_local(x.cuda()).cpu(), cpu.apply_local(x))
+        torch.testing.assert_close(gpu.blend(x.cuda()).cpu(), cpu.blend(x))
+        for a, b in zip(gpu.target, cpu.target):
+            torch.testing.assert_close(a.cpu(), b)
