@@ -20,6 +20,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -31,6 +32,15 @@ __all__ = ["INPUT_STAGE", "MixPlan", "cutmix_boxes"]
 INPUT_STAGE = "input"
 
 
+def _sqrt(t: Tensor) -> Tensor:
+    """sqrt of a small tensor. On the CPU through numpy: torch may run even a few hundred
+    square roots on its intra-op thread pool, and on a busy machine waking it costs
+    milliseconds, far more than the work."""
+    if t.device.type == "cpu":
+        return torch.from_numpy(np.sqrt(t.numpy()))
+    return t.sqrt()
+
+
 def cutmix_boxes(lam: Tensor, center: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
     """CutMix box rule: (box[N, 4] int64 (y0, y1, x0, x1) half-open, lam[N] corrected).
 
@@ -40,7 +50,7 @@ def cutmix_boxes(lam: Tensor, center: Tensor, height: int, width: int) -> tuple[
     pixel short for odd cuts) the unclipped box is exactly the cut size.
     """
     size = torch.tensor([height, width], dtype=torch.float64, device=lam.device)
-    ratio = (1.0 - lam.double()).clamp(0.0, 1.0).sqrt()
+    ratio = _sqrt(1.0 - lam.double().clamp(0.0, 1.0))
     cut = (size * ratio[:, None]).floor().long()  # [N, 2] (cut_h, cut_w)
     limit = size.long()
     lo = torch.minimum((center.double() * size).floor().long(), limit - 1) - cut // 2
