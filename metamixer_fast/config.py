@@ -102,6 +102,10 @@ class TrainConfig:
         _check(all(0 < m < 1 for m in self.milestones), "milestones",
                "fractions of training in (0, 1)", self.milestones)
         _check(len(self.stages) >= 1, "stages", "at least one stage name", self.stages)
+        # A compiled graph does not see the forward hooks that mix inside a peer.
+        _check(not (self.compile and self.method == "metamixer" and set(self.stages) != {"input"}),
+               "stages", "['input'] when 'compile' is on (hooks inside compiled peers do not run)",
+               self.stages)
         return self
 
     @property

@@ -90,7 +90,8 @@ class _Sampler:
 
         ``device``: where the plan's tensors go (default ``y.device``); ``size``: (H, W) of the
         images, to fix the CutMix boxes (and so ``plan.target``) now rather than at
-        ``apply_local``.
+        ``apply_local``. Sampling runs on the CPU: labels on a GPU cost one device-to-host copy
+        (a sync), so pass the loader's CPU labels with ``device=`` where you can.
         """
         y_cpu = self._labels(y)
         dev = y.device if device is None else torch.device(device)

@@ -20,6 +20,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -31,6 +32,15 @@ __all__ = ["INPUT_STAGE", "MixPlan", "cutmix_boxes"]
 INPUT_STAGE = "input"
 
 
+def _sqrt(t: Tensor) -> Tensor:
+    """sqrt of a small tensor. On the CPU through numpy: torch may run even a few hundred
+    square roots on its intra-op thread pool, and on a busy machine waking it costs
+    milliseconds, far more than the work."""
+    if t.device.type == "cpu":
+        return torch.from_numpy(np.sqrt(t.numpy()))
+    return t.sqrt()
+
+
 def cutmix_boxes(lam: Tensor, center: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
     """CutMix box rule: (box[N, 4] int64 (y0, y1, x0, x1) half-open, lam[N] corrected).
 
@@ -39,20 +49,18 @@ def cutmix_boxes(lam: Tensor, center: Tensor, height: int, width: int) -> tuple[
     then corrected to 1 - (pasted area) / (H W). Unlike timm (which spans cy +- cut // 2, one
     pixel short for odd cuts) the unclipped box is exactly the cut size.
     """
-    ratio = (1.0 - lam.double()).clamp(0.0, 1.0).sqrt()
-    cut_h = (height * ratio).floor().long()
-    cut_w = (width * ratio).floor().long()
-    cy = (center[:, 0].double() * height).floor().long().clamp(0, height - 1)
-    cx = (center[:, 1].double() * width).floor().long().clamp(0, width - 1)
-    y0 = cy - cut_h // 2
-    x0 = cx - cut_w // 2
-    box = torch.stack([y0.clamp(0, height), (y0 + cut_h).clamp(0, height),
-                       x0.clamp(0, width), (x0 + cut_w).clamp(0, width)], dim=1)
-    area = (box[:, 1] - box[:, 0]) * (box[:, 3] - box[:, 2])
+    size = torch.tensor([height, width], dtype=torch.float64, device=lam.device)
+    ratio = _sqrt(1.0 - lam.double().clamp(0.0, 1.0))
+    cut = (size * ratio[:, None]).floor().long()  # [N, 2] (cut_h, cut_w)
+    limit = size.long()
+    lo = torch.minimum((center.double() * size).floor().long(), limit - 1) - cut // 2
+    y0x0, y1x1 = lo.clamp(min=0), torch.minimum(lo + cut, limit)
+    box = torch.stack([y0x0, y1x1], dim=2).view(-1, 4)  # (y0, y1, x0, x1)
+    area = (y1x1 - y0x0).clamp(min=0).prod(dim=1)
     return box, 1.0 - area.double() / (height * width)
 
 
-@dataclass
+@dataclass(eq=False)
 class MixPlan:
     """One step's mixing plan; see the module docstring. Tensors live on one device.
 
@@ -209,14 +217,21 @@ class MixPlan:
                       stage_modules: Sequence[Mapping[str, str]] | None = None) -> Iterator[MixPlan]:
         """Apply the global blend at the plan's stage inside every peer while the block runs.
 
-        ``peers``: one module or a sequence of K modules. Stage "input" blends each peer's first
-        positional input (forward pre-hook); any other stage is a submodule whose OUTPUT is
-        blended (forward hook). ``stage_modules``: None (the stage name is the submodule name in
-        every peer) or one dict per peer mapping stage name -> that peer's submodule name.
-        Every stage the sampler may pick is checked against every peer on entry. The hooks are
-        removed on exit, also when the block raises. An identity plan installs nothing.
+        ``peers``: one module, or a sequence (or ``nn.ModuleList``) of K modules. Stage
+        "input" blends each peer's first positional input (forward pre-hook); any other stage
+        is a submodule whose OUTPUT is blended (forward hook). ``stage_modules``: None (the
+        stage name is the submodule name in every peer) or one dict per peer mapping stage
+        name -> that peer's submodule name. Every stage the sampler may pick is checked
+        against every peer on entry. The hooks are removed on exit, also when the block
+        raises. An identity plan installs nothing.
+
+        A stage module must run exactly once per forward of its peer; otherwise the forward
+        raises (the target would not describe the mixture). With ``torch.compile``d peers only
+        the "input" stage is reliable: a graph compiled before the hooks existed does not see
+        hooks added later on inner modules (the check above then raises).
         """
-        peer_list = [peers] if isinstance(peers, nn.Module) else list(peers)
+        single = isinstance(peers, nn.Module) and not isinstance(peers, nn.ModuleList)
+        peer_list = [peers] if single else list(peers)
         targets = _stage_targets(peer_list, self.stages, stage_modules)
         if not self.mixed or self.stage is None:
             yield self
@@ -261,6 +276,13 @@ class MixPlan:
         return MixedTarget(labels, weights.float())
 
 
+def _unwrap(peer: nn.Module) -> nn.Module:
+    """The module whose submodule names the stages use: ``torch.compile`` wraps a peer in an
+    ``OptimizedModule`` that prefixes every name with ``_orig_mod.``."""
+    inner = getattr(peer, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else peer
+
+
 def _stage_targets(peers: list[nn.Module], stages: tuple[str, ...],
                    stage_modules: Sequence[Mapping[str, str]] | None) -> list[dict[str, str]]:
     """Per peer, stage name -> submodule name, after checking that every submodule exists."""
@@ -281,7 +303,7 @@ def _stage_targets(peers: list[nn.Module], stages: tuple[str, ...],
     result = []
     for k, peer in enumerate(peers):
         mapping = {s: s for s in inner} if stage_modules is None else dict(stage_modules[k])
-        names = dict(peer.named_modules())
+        names = dict(_unwrap(peer).named_modules())
         for stage in inner:
             if stage not in mapping:
                 raise ValueError(f"MixPlan.global_mixing: stage_modules[{k}] has no entry for stage "
@@ -303,7 +325,7 @@ def _install_stage_hooks(plan: MixPlan, peer: nn.Module, name: str,
     a forward hook on the peer checks that the stage ran exactly once (a stage module that is
     skipped, or called twice in one forward, would make the target wrong, so both raise).
     """
-    module = peer.get_submodule(name)
+    module = _unwrap(peer).get_submodule(name)
     calls = [0]
 
     def arm(_module: nn.Module, _args: tuple) -> None:

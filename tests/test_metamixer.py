@@ -298,6 +298,30 @@ def test_input_stage_blends_each_peer_input_and_is_removed_after_an_exception(rn
             torch.testing.assert_close(o, p(global_mixture(x, plan)), rtol=1e-12, atol=1e-12)
 
 
+def test_input_blend_is_shared_by_peers_until_the_input_changes(rng):
+    n = 6
+    peers = nn.ModuleList([seq("a", "b"), seq("a", "b"), seq("a", "b")])
+    x = torch.randn(n, 5, dtype=torch.float64, generator=rng)
+    y = torch.randint(0, 2, (n,), generator=rng)
+    plan = MetaMixer(stages=("input",), generator=seeded(rng)).sample(y)
+    blends = []
+    blend = plan.blend
+    plan.blend = lambda h: blends.append(h) or blend(h)
+    recs = [Recorder(p) for p in peers]
+    with torch.no_grad(), plan.global_mixing(peers):
+        peers[0](x)
+        peers[1](x)
+        x.mul_(2.0)  # an in-place change must not reuse the blend of the old values
+        peers[2](x)
+    for r in recs:
+        r.remove()
+    assert len(blends) == 2  # peers 0 and 1 share one blend; peer 2 sees the changed input
+    torch.testing.assert_close(recs[1].inputs["a"][0], recs[0].inputs["a"][0], rtol=0, atol=0)
+    torch.testing.assert_close(recs[0].inputs["a"][0], global_mixture(x / 2, plan), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(recs[2].inputs["a"][0], global_mixture(x, plan), rtol=1e-12, atol=1e-12)
+    assert no_hooks_left(*peers)
+
+
 class Twice(nn.Module):
     """Runs ``a`` twice per forward and never runs ``unused``."""
 
@@ -560,3 +584,18 @@ def test_bad_stage_modules_raise_clear_errors():
     with pytest.raises(ValueError, match="empty"), plan.global_mixing([]):
         pass
     assert no_hooks_left(net)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_plan_on_cuda_equals_the_cpu_plan(rng):
+    seed = int(torch.randint(0, 2**62, (1,), generator=rng))
+    y = torch.randint(0, 4, (16,), generator=rng)
+    x = torch.randn(16, 3, 8, 8, generator=rng)
+    cpu = MetaMixer(generator=torch.Generator().manual_seed(seed)).sample(y)
+    for labels, device in ((y, "cuda"), (y.cuda(), None)):
+        gpu = MetaMixer(generator=torch.Generator().manual_seed(seed)).sample(labels, device=device)
+        assert gpu.local_src.is_cuda and gpu.mu.is_cuda and gpu.labels.is_cuda
+        torch.testing.assert_close(gpu.apply_local(x.cuda()).cpu(), cpu.apply_local(x))
+        torch.testing.assert_close(gpu.blend(x.cuda()).cpu(), cpu.blend(x))
+        for a, b in zip(gpu.target, cpu.target):
+            torch.testing.assert_close(a.cpu(), b)
