@@ -34,26 +34,26 @@ if TYPE_CHECKING:
 def augment_batch(images: Tensor, offsets: Tensor | None, flips: Tensor | None, padding: int) -> Tensor:
     """Random crop with zero padding, then horizontal flip, as one gather.
 
-    images uint8 (any dtype) [B, C, H, W]; offsets int64 [B, 2] = (dy, dx) in [0, 2 * padding]
-    (the top-left corner of the crop in the padded image; None = centre, no crop); flips bool [B]
-    (None = no flip). Output [B, C, H, W] with channels_last strides:
+    images (uint8 or any dtype) [B, C, H, W]; offsets int64 [B, 2] = (dy, dx) in [0, 2 * padding]
+    (the top-left corner of the crop in the padded image; None = centre, no shift); flips bool
+    [B] (None = no flip). Returns a contiguous [B, C, H, W]:
     ``out[b, c, i, j] = padded[b, c, dy_b + i, dx_b + (W - 1 - j if flip_b else j)]``.
-    Moves B*C*(H+2p)*(W+2p) bytes to pad and B*C*H*W to gather.
+    One spatial index [B, H*W] serves every channel (expanded, not copied), so the gather
+    reads B*C*H*W elements and the index B*H*W int64s; padding writes B*C*(H+2p)*(W+2p).
     """
-    b, _, h, w = images.shape
+    b, c, h, w = images.shape
     dev = images.device
     if offsets is None:
         offsets = torch.full((b, 2), padding, dtype=torch.long, device=dev)
-    padded = F.pad(images, (padding,) * 4) if padding > 0 else images
-    rows = offsets[:, :1] + torch.arange(h, device=dev)               # [B, H]
+    padded = F.pad(images, (padding,) * 4) if padding > 0 else images.contiguous()
+    hp, wp = h + 2 * padding, w + 2 * padding
+    rows = offsets[:, :1] + torch.arange(h, device=dev)                 # [B, H]
     cols = torch.arange(w, device=dev).expand(b, w)
     if flips is not None:
         cols = torch.where(flips[:, None], (w - 1) - cols, cols)
-    cols = offsets[:, 1:] + cols                                        # [B, W]
-    batch = torch.arange(b, device=dev)[:, None, None]
-    # Advanced indices on dims 0, 2, 3 around a slice: the result is [B, H, W, C].
-    out = padded[batch, :, rows[:, :, None], cols[:, None, :]]
-    return out.permute(0, 3, 1, 2)
+    cols = offsets[:, 1:] + cols                                          # [B, W]
+    index = (rows[:, :, None] * wp + cols[:, None, :]).view(b, 1, h * w).expand(b, c, h * w)
+    return padded.view(b, c, hp * wp).gather(2, index).view(b, c, h, w)
 
 
 def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float], *,
@@ -64,14 +64,17 @@ def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float], *,
     scale = (1.0 / (255.0 * std_t)).view(1, c, 1, 1).to(images.device, dtype)
     shift = (-torch.tensor(mean, dtype=torch.float32) / std_t).view(1, c, 1, 1).to(images.device, dtype)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    out = images.to(dtype).contiguous(memory_format=fmt)
-    return out.mul_(scale).add_(shift)
+    # Normalise in the input's layout, then change layout: an affine map whose [C] constants
+    # broadcast along the innermost dim (C=1 or 3 in NHWC) runs far slower than along W.
+    out = images.to(dtype=dtype, copy=True).mul_(scale).add_(shift)  # copy: never aliases the input
+    return out.contiguous(memory_format=fmt)
 
 
 class BatchLoader:
     """Iterate over (images float [B, C, H, W], labels int64 [B]) batches of ``dataset``.
 
-    ``for x, y in loader`` runs the rest of the current epoch, then moves to the next.
+    ``for x, y in loader`` runs the rest of the current epoch, then moves to the next (after a
+    ``break`` the next ``for`` goes on where it stopped, unless ``end_epoch()`` is called).
     ``augment`` turns on the dataset's recommended crop padding and flip (override with
     ``crop_padding`` / ``hflip``); ``device`` is where the whole uint8 dataset is kept and the
     batches are made; ``dtype`` and ``channels_last`` set the output's type and memory format.
@@ -137,6 +140,13 @@ class BatchLoader:
     def _next_epoch(self) -> None:
         self._draw_plan()  # advances the generator past this epoch's draws, if not done yet
         self._epoch, self._position, self._plan = self._epoch + 1, 0, None
+
+    def end_epoch(self) -> None:
+        """Skip the rest of the current epoch: the next ``for`` starts the next epoch.
+
+        A loop that stops early (``break``) otherwise continues the same epoch where it left off."""
+        if self._position > 0:
+            self._next_epoch()
 
     def _batch(self, i: int) -> tuple[Tensor, Tensor]:
         order, offsets, flips = self._draw_plan()

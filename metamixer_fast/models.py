@@ -26,6 +26,7 @@ if it is to be used with feature-level mixing).
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -241,6 +242,13 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, **kwargs: Any
         if factory is None:
             raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}, "
                              f"or 'package.module:factory' for a model of your own")
+    try:
+        inspect.signature(factory).bind(num_classes=num_classes, in_channels=in_channels, **kwargs)
+    except TypeError as e:
+        raise ValueError(f"model {name!r}: its factory cannot be called with num_classes, in_channels"
+                         f"{', ' + ', '.join(kwargs) if kwargs else ''} ({e})") from None
+    except ValueError:  # no signature to inspect (some builtins): let the call itself decide
+        pass
     model = factory(num_classes=num_classes, in_channels=in_channels, **kwargs)
     if not isinstance(model, nn.Module):
         raise TypeError(f"arch {name!r}: the factory returned a {type(model).__name__}, "

@@ -364,6 +364,19 @@ def test_loader_resume_sees_the_same_batches(stop: int) -> None:
         assert torch.equal(y1, y2) and torch.equal(x1, x2)
 
 
+def test_end_epoch_after_a_break_starts_the_next_epoch() -> None:
+    ds = indexed_dataset(64)
+    full = [y for _, y in run(BatchLoader(ds, 16, seed=2), 8)]
+    loader = BatchLoader(ds, 16, seed=2)
+    first = next(iter(loader))[1]
+    loader.end_epoch()
+    assert loader.epoch == 1 and loader.position == 0
+    loader.end_epoch()  # nothing handed out yet in this epoch: no-op
+    second = [y for _, y in loader]
+    assert torch.equal(first, full[0])
+    assert all(torch.equal(a, b) for a, b in zip(second, full[4:], strict=True))
+
+
 def test_loader_refuses_a_mismatched_state() -> None:
     state = BatchLoader(indexed_dataset(70), 16).state_dict()
     with pytest.raises(ValueError, match=r"'batch_size' was 16 .* has 8"):

@@ -11,6 +11,17 @@ from torch import nn
 
 from metamixer_fast.models import MODELS, BasicBlock, build_model, count_parameters
 
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Batches of 2-4 small images: one thread is fastest, and it cannot be slowed by other
+    processes competing for the cores (a busy 2-core CI box made 2-thread forwards 20x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # Published sizes: He et al. 2016 Table 6 (0.27M, 0.46M, 0.85M, 1.7M); Zagoruyko & Komodakis
 # 2016 (WRN-16-2 0.69M, WRN-40-2 2.2M); all with 10 classes and 3 input channels.
 PUBLISHED = {"resnet20": 0.27e6, "resnet32": 0.46e6, "resnet56": 0.85e6, "resnet110": 1.7e6,
@@ -42,8 +53,8 @@ def test_forward_shapes_and_stage_hooks(name: str, shape: tuple[int, int, int]) 
     for stage in model.stage_names:
         getattr(model, stage).register_forward_hook(
             lambda _m, _i, out, stage=stage: seen.__setitem__(stage, out.shape))
-    x = torch.randn(2, c, h, w)
-    assert model(x).shape == (2, 7)
+    with torch.no_grad():
+        assert model(torch.randn(2, c, h, w)).shape == (2, 7)
     k = 2 if name.startswith("wrn") else 1
     width = {"tiny": 8}.get(name, 16) * k
     assert seen["stage1"] == (2, width, h, w)
@@ -84,18 +95,37 @@ def test_channels_last_matches_contiguous(name: str) -> None:
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
 
-def test_torch_compile_matches_eager() -> None:
+def _compile_check(backend: str) -> None:
     torch.manual_seed(0)
-    model = build_model("tiny", 10, 3).train()
+    model = build_model("tiny", 10, 3).train().to(memory_format=torch.channels_last)
     x = torch.randn(4, 3, 16, 16).to(memory_format=torch.channels_last)
-    compiled = torch.compile(model, fullgraph=True)
-    torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+    eager = model(x)
+    eager.square().sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    compiled = torch.compile(model, backend=backend, fullgraph=True)  # fullgraph: no graph breaks
+    out = compiled(x)
+    out.square().sum().backward()
+    torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-5)
+    for p, g in zip(model.parameters(), grads, strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-4)
+
+
+def test_torch_compile_traces_without_graph_breaks() -> None:
+    _compile_check("aot_eager")
+
+
+@pytest.mark.slow
+def test_torch_compile_inductor_matches_eager() -> None:
+    _compile_check("inductor")
 
 
 def test_wrn_dropout_is_passed_through() -> None:
     model = build_model("wrn16_2", 10, 3, dropout=0.3)
     assert any(isinstance(m, nn.Dropout) and m.p == 0.3 for m in model.modules())
     assert not any(isinstance(m, nn.Dropout) for m in build_model("wrn16_2", 10, 3).modules())
+    with pytest.raises(ValueError, match=r"model 'resnet20'.*dropout.*unexpected keyword"):
+        build_model("resnet20", 10, 3, dropout=0.3)
 
 
 def test_arch_import_path(tmp_path, monkeypatch) -> None:
