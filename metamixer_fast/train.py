@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -252,9 +253,7 @@ class Run:
                    disable=not (cfg.progress and self.rank == 0), file=sys.stderr, leave=False)
         log_every = max(1, min(50, self.steps_per_epoch // 10))
         start, images = time.perf_counter(), 0
-        for i, (x, y) in enumerate(self.train_batches):
-            if i >= self.steps_per_epoch:
-                break
+        for i, (x, y) in enumerate(itertools.islice(self.train_batches, self.steps_per_epoch)):
             out, correct = self.train_step(x, y)
             bad_peer = (~torch.isfinite(out.ce) | ~torch.isfinite(out.kd)).to(torch.int64).argmax()
             is_bad = ~torch.isfinite(out.loss) & (first_bad[0] < 0)
@@ -271,6 +270,8 @@ class Run:
                 bar.set_postfix(loss=f"{sums[0].item() / (i + 1):.3f}",
                                 acc=f"{100 * sums[-1].item() / images / k:.1f}", img_s=f"{rate:.0f}")
         bar.close()
+        if self.train_batches.position:  # a limited epoch: the next one starts a fresh order
+            self.train_batches.end_epoch()
         seconds = time.perf_counter() - start
         n = self.steps_per_epoch
         return {"train_loss": round(sums[0].item() / n, 5),
