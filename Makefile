@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.metamixer-installed
 CMAKE_BUILD := build/cmake
 
-.PHONY: install demo test test-python test-cpp lint bench clean
+.PHONY: install demo quickstart test test-python test-cpp lint bench clean
 
 $(STAMP): pyproject.toml setup.py requirements-dev.txt $(wildcard csrc/*.cpp csrc/*/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,7 +18,26 @@ $(STAMP): pyproject.toml setup.py requirements-dev.txt $(wildcard csrc/*.cpp csr
 
 install: $(STAMP)
 
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+# The main job: MetaMixer with 2 peers on Fashion-MNIST (Debian's dataset-fashion-mnist package,
+# installed here when missing and apt-get is available).
 demo: install
+	@if [ ! -f $(FASHION_MNIST)/train-images-idx3-ubyte.gz ]; then \
+	  if command -v apt-get >/dev/null; then \
+	    $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; \
+	  else \
+	    echo "Fashion-MNIST is not in $(FASHION_MNIST): install Debian's dataset-fashion-mnist, or"; \
+	    echo "download the four IDX .gz files and run: $(PY) -m metamixer_fast.train --config configs/demo-fashion-mnist.toml --data-dir DIR"; \
+	    exit 1; \
+	  fi; \
+	fi
+	rm -rf runs/demo-fashion-mnist
+	$(PY) -m metamixer_fast.train --config configs/demo-fashion-mnist.toml
+	$(PY) -m metamixer_fast.plot runs/demo-fashion-mnist
+
+quickstart: install
 	$(PY) examples/quickstart.py
 
 lint: install

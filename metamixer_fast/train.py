@@ -255,7 +255,10 @@ class Run:
         start, images = time.perf_counter(), 0
         for i, (x, y) in enumerate(itertools.islice(self.train_batches, self.steps_per_epoch)):
             out, correct = self.train_step(x, y)
-            bad_peer = (~torch.isfinite(out.ce) | ~torch.isfinite(out.kd)).to(torch.int64).argmax()
+            # A peer whose own CE is non-finite is the culprit; a non-finite KD alone may come
+            # from another peer's logits (its targets).
+            bad_peer = (2 * (~torch.isfinite(out.ce)).to(torch.int64)
+                        + (~torch.isfinite(out.kd)).to(torch.int64)).argmax()
             is_bad = ~torch.isfinite(out.loss) & (first_bad[0] < 0)
             first_bad = torch.where(is_bad, torch.stack([torch.tensor(self.step, device=self.device),
                                                          bad_peer]), first_bad)

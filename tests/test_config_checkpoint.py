@@ -99,3 +99,14 @@ def test_resume_refuses_a_changed_config():
     assert resume_config(state, {"progress": False}).epochs == 4
     with pytest.raises(checkpoint.CheckpointError, match="'lr'"):
         resume_config(state, {"lr": "0.5"})
+
+
+def test_shipped_configs_are_valid():
+    from pathlib import Path
+
+    from metamixer_fast.config import load_toml
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))
+    assert configs
+    for path in configs:
+        from_mapping(load_toml(path)).validate()
