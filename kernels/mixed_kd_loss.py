@@ -309,7 +309,7 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def launch_config(k: int, c: int, ensemble: bool, backward: bool) -> tuple[int, int, int, int]:
     """(K_PAD, BLOCK_C, ROWS, num_warps) for K peers and C classes.
 
@@ -429,3 +429,106 @@ def mixed_kd_loss_backward(grad_ce: Tensor, grad_kd: Tensor, logits: list[Tensor
         K=k, K_PAD=k_pad, BLOCK_C=block_c, ROWS=rows, ENSEMBLE=mode == "ensemble",
         DETACH=bool(detach_targets), ACC=_acc(base.dtype), num_warps=warps)
     return grads
+
+
+# ------------------------------------------------------------------- ahead-of-time compilation
+
+_TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
+                  torch.float64: "fp64"}
+
+
+def aot_compile(backward: bool, k: int, c: int, mode: str, arch: int,
+                dtype: torch.dtype = torch.float32, detach: bool = True):
+    """Compile one kernel for ``GPUTarget("cuda", arch, 32)`` without a GPU, with the block
+    sizes and num_warps ``launch_config`` picks and contiguous logits (stride_c = 1, as the
+    JIT specializes it), M = 1 labels. Returns triton's CompiledKernel."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    ensemble = mode == "ensemble"
+    k_pad, block_c, rows, warps = launch_config(k, c, ensemble, backward)
+    fn = _mixed_kd_loss_bwd_kernel if backward else _mixed_kd_loss_fwd_kernel
+    out = "fp64" if dtype == torch.float64 else "fp32"
+    pointers = {"z_ptr": _TRITON_DTYPES[dtype], "dz_ptr": _TRITON_DTYPES[dtype], "lab_ptr": "i64",
+                "w_ptr": "fp32", "a_ptr": out, "stats_ptr": out, "ce_ptr": out, "kd_ptr": out,
+                "gce_ptr": out, "gkd_ptr": out}
+    constexprs = {"K": k, "K_PAD": k_pad, "BLOCK_C": block_c, "ROWS": rows, "ENSEMBLE": ensemble,
+                  "ACC": _acc(dtype), "stride_c": 1, "dstride_c": 1, "M": 1}
+    constexprs.update({"DETACH": detach} if backward else {"HAS_EPS": True})
+    constexprs = {name: value for name, value in constexprs.items() if name in fn.arg_names}
+    signature = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = "*" + pointers[name]
+        elif name in ("t_hi", "t_lo", "eps_hi", "eps_lo"):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+
+
+def resource_usage(compiled) -> dict[str, int]:
+    """Registers and local memory of a compiled kernel, read from its cubin with the cuobjdump
+    that ships with triton (no GPU or driver needed). ``spills`` counts 4-byte words of local
+    memory, as CompiledKernel.n_spills does once loaded on a GPU."""
+    import re
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    cuobjdump = Path(get_ptxas(compiled.metadata.target.arch).path).with_name("cuobjdump")
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "kernel.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        text = subprocess.run([str(cuobjdump), "-res-usage", str(cubin)], check=True,
+                              capture_output=True, text=True).stdout
+    fields = dict(re.findall(r"\b(REG|STACK|LOCAL|SHARED):(\d+)", text))
+    local = int(fields["LOCAL"])
+    return {"regs": int(fields["REG"]), "spills": local // 4, "local_bytes": local,
+            "stack_bytes": int(fields["STACK"]), "shared_bytes": int(fields["SHARED"])}
+
+
+AOT_CLASSES = (100, 1000, 32768)
+AOT_ARCHS = (80, 90)
+
+
+def aot_cases(ks: Sequence[int] = (4,)):
+    """(kernel, K, C, mode, detach) for every configuration the AOT test compiles."""
+    for k in ks:
+        for c in AOT_CLASSES:
+            for mode in ("pairwise", "ensemble"):
+                yield "fwd", k, c, mode, True
+                for detach in (True, False):
+                    yield "bwd", k, c, mode, detach
+
+
+def aot_report(ks: Sequence[int] = (4, 8)) -> str:
+    """Markdown table of registers/spills for sm_80 and sm_90 over ``aot_cases``."""
+    lines = ["| kernel | K | C | mode | detach | BLOCK_C | ROWS | warps | "
+             + " | ".join(f"sm_{a} regs / spills" for a in AOT_ARCHS) + " |",
+             "|---" * (8 + len(AOT_ARCHS)) + "|"]
+    for kind, k, c, mode, detach in aot_cases(ks):
+        _, block_c, rows, warps = launch_config(k, c, mode == "ensemble", kind == "bwd")
+        cells = []
+        for arch in AOT_ARCHS:
+            use = resource_usage(aot_compile(kind == "bwd", k, c, mode, arch, detach=detach))
+            cells.append(f"{use['regs']} / {use['spills']}")
+        det = str(detach) if kind == "bwd" else "-"
+        lines.append(f"| {kind} | {k} | {c} | {mode} | {det} | {block_c} | {rows} | {warps} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--aot-report", action="store_true",
+                        help="compile for sm_80/sm_90 (no GPU needed) and print registers/spills")
+    if parser.parse_args().aot_report:
+        print(aot_report())
