@@ -180,9 +180,11 @@ def _mixed_kd_loss_fwd_kernel(
                 lab = tl.load(lab_ptr + row * lab_sb + i * lab_sm)
                 w = tl.load(w_ptr + row * w_sb + i * w_sm).to(ACC)
                 zl = tl.load(base + lab * stride_c, mask=kmask, other=0.0).to(ACC)
-                term = lse1 - zl
+                # (max - z) + log(sum) keeps large common offsets of the logits out of the
+                # rounding of lse1 - z.
+                term = (ms - zl) + tl.log(s1)
                 if HAS_EPS:
-                    term = (1 - eps) * term + eps * (lse1 - zsum / C)
+                    term = (1 - eps) * term + eps * ((ms - zsum / C) + tl.log(s1))
                 ce += w * term
             if ENSEMBLE:
                 mes = _safe_max(me)
@@ -339,14 +341,16 @@ def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _peers(logits: Sequence[Tensor]) -> tuple[Tensor, list[int], int, int]:
-    """(base tensor, per-peer element offsets from it, stride_b, stride_c) without stacking.
+def _peers(logits: Sequence[Tensor]) -> tuple[list[Tensor], list[int], int, int]:
+    """(tensors to keep alive, per-peer element offsets from the first one's pointer, stride_b,
+    stride_c): K peers addressed from one base pointer, without stacking them.
 
-    Separate peers with different strides are made contiguous (a copy only in that case).
+    Separate peers with different strides are made contiguous (a copy only in that case); the
+    first returned tensor is the base pointer the kernels get.
     """
     if len(logits) == 1:
         z = logits[0]
-        return z, [k * z.stride(0) for k in range(z.shape[0])], z.stride(1), z.stride(2)
+        return [z], [k * z.stride(0) for k in range(z.shape[0])], z.stride(1), z.stride(2)
     if len(logits) > MAX_PEERS:
         raise ValueError(f"mixed_kd_loss: the Triton kernel takes at most {MAX_PEERS} peers, got "
                          f"K={len(logits)}; set METAMIXER_BACKEND=reference for more")
@@ -357,8 +361,8 @@ def _peers(logits: Sequence[Tensor]) -> tuple[Tensor, list[int], int, int]:
     deltas = [p.data_ptr() - peers[0].data_ptr() for p in peers]
     if any(d % size for d in deltas):  # allocations are element-aligned; guard anyway
         z = torch.stack(peers)
-        return z, [k * z.stride(0) for k in range(len(peers))], z.stride(1), z.stride(2)
-    return peers[0], [d // size for d in deltas], peers[0].stride(0), peers[0].stride(1)
+        return [z], [k * z.stride(0) for k in range(len(peers))], z.stride(1), z.stride(2)
+    return peers, [d // size for d in deltas], peers[0].stride(0), peers[0].stride(1)
 
 
 def _pad8(offsets: list[int]) -> list[int]:
@@ -384,7 +388,8 @@ def mixed_kd_loss_forward(logits: list[Tensor], labels: Tensor, weights: Tensor,
                           ) -> tuple[Tensor, Tensor, Tensor]:
     """(ce[K], kd[K], row_stats[K, B, 3]) for the ``triton`` backend of metamixer::mixed_kd_loss."""
     del detach_targets  # the forward value does not depend on it
-    base, offsets, sb, sc = _peers(logits)
+    keep, offsets, sb, sc = _peers(logits)
+    base = keep[0]
     k, (b, c) = len(offsets), logits[-1].shape[-2:]
     out_dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
     stats = torch.empty(k, b, 3, device=base.device, dtype=out_dtype)
@@ -408,13 +413,14 @@ def mixed_kd_loss_backward(grad_ce: Tensor, grad_kd: Tensor, logits: list[Tensor
                            temperature: float, label_smoothing: float, mode: str,
                            peer_matrix: Tensor | None, detach_targets: bool) -> list[Tensor]:
     """dZ in the form of ``logits`` (one [K, B, C] tensor or K [B, C] tensors), logits' dtype."""
-    base, offsets, sb, sc = _peers(logits)
+    keep, offsets, sb, sc = _peers(logits)
+    base = keep[0]
     k, (b, c) = len(offsets), logits[-1].shape[-2:]
     grads = [torch.empty_like(z) for z in logits]
-    gbase, goffsets, gsb, gsc = _peers(grads)
-    if gbase is not grads[0]:  # the grads needed a copy to share strides: allocate them plainly
+    if any(g.stride() != grads[0].stride() for g in grads):  # peers of mixed layouts
         grads = [torch.empty(z.shape, dtype=z.dtype, device=z.device) for z in logits]
-        gbase, goffsets, gsb, gsc = _peers(grads)
+    gkeep, goffsets, gsb, gsc = _peers(grads)
+    gbase = gkeep[0]
     out_dtype = row_stats.dtype
     stats = row_stats.contiguous()
     a = _peer_matrix(mode, peer_matrix, k, stats, out_dtype)
@@ -428,6 +434,9 @@ def mixed_kd_loss_backward(grad_ce: Tensor, grad_kd: Tensor, logits: list[Tensor
         a, stats, b, c, *_split(temperature), *_split(label_smoothing),
         K=k, K_PAD=k_pad, BLOCK_C=block_c, ROWS=rows, ENSEMBLE=mode == "ensemble",
         DETACH=bool(detach_targets), ACC=_acc(base.dtype), num_warps=warps)
+    if len(grads) > 1 and gbase is not grads[0]:  # _peers had to stack them (never in practice)
+        for grad, part in zip(grads, gbase.unbind(0)):
+            grad.copy_(part)
     return grads
 
 
