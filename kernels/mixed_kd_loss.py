@@ -457,6 +457,10 @@ def aot_compile(backward: bool, k: int, c: int, mode: str, arch: int,
     ensemble = mode == "ensemble"
     k_pad, block_c, rows, warps = launch_config(k, c, ensemble, backward)
     fn = _mixed_kd_loss_bwd_kernel if backward else _mixed_kd_loss_fwd_kernel
+    if not isinstance(fn, triton.runtime.JITFunction):
+        raise RuntimeError("ahead-of-time compilation needs the kernels compiled, not interpreted: "
+                           "run it in a process without TRITON_INTERPRET=1, e.g. python -m "
+                           "metamixer_fast.kernels.mixed_kd_loss --aot-json")
     out = "fp64" if dtype == torch.float64 else "fp32"
     pointers = {"z_ptr": _TRITON_DTYPES[dtype], "dz_ptr": _TRITON_DTYPES[dtype], "lab_ptr": "i64",
                 "w_ptr": "fp32", "a_ptr": out, "stats_ptr": out, "ce_ptr": out, "kd_ptr": out,
@@ -480,9 +484,10 @@ def aot_compile(backward: bool, k: int, c: int, mode: str, arch: int,
 
 
 def resource_usage(compiled) -> dict[str, int]:
-    """Registers and local memory of a compiled kernel, read from its cubin with the cuobjdump
-    that ships with triton (no GPU or driver needed). ``spills`` counts 4-byte words of local
-    memory, as CompiledKernel.n_spills does once loaded on a GPU."""
+    """Registers and per-thread local memory of a compiled kernel, read from its cubin with the
+    cuobjdump that ships with triton (no GPU or driver needed). Spilled registers live in the
+    stack frame (STACK), which is part of the local memory the driver reports, so ``spills`` is
+    (STACK + LOCAL) / 4: the number CompiledKernel.n_spills gives once loaded on a GPU."""
     import re
     import subprocess
     import tempfile
@@ -497,9 +502,9 @@ def resource_usage(compiled) -> dict[str, int]:
         text = subprocess.run([str(cuobjdump), "-res-usage", str(cubin)], check=True,
                               capture_output=True, text=True).stdout
     fields = dict(re.findall(r"\b(REG|STACK|LOCAL|SHARED):(\d+)", text))
-    local = int(fields["LOCAL"])
-    return {"regs": int(fields["REG"]), "spills": local // 4, "local_bytes": local,
-            "stack_bytes": int(fields["STACK"]), "shared_bytes": int(fields["SHARED"])}
+    local, stack = int(fields["LOCAL"]), int(fields["STACK"])
+    return {"regs": int(fields["REG"]), "spills": (local + stack) // 4, "local_bytes": local,
+            "stack_bytes": stack, "shared_bytes": int(fields["SHARED"])}
 
 
 AOT_CLASSES = (100, 1000, 32768)
@@ -516,28 +521,44 @@ def aot_cases(ks: Sequence[int] = (4,)):
                     yield "bwd", k, c, mode, detach
 
 
-def aot_report(ks: Sequence[int] = (4, 8)) -> str:
-    """Markdown table of registers/spills for sm_80 and sm_90 over ``aot_cases``."""
+def aot_results(ks: Sequence[int] = (4, 8)) -> list[dict]:
+    """Compile every ``aot_cases`` configuration for every ``AOT_ARCHS`` target; one dict each
+    with the launch parameters and ``resource_usage``."""
+    results = []
+    for kind, k, c, mode, detach in aot_cases(ks):
+        _, block_c, rows, warps = launch_config(k, c, mode == "ensemble", kind == "bwd")
+        for arch in AOT_ARCHS:
+            compiled = aot_compile(kind == "bwd", k, c, mode, arch, detach=detach)
+            results.append({"kernel": kind, "K": k, "C": c, "mode": mode, "detach": detach,
+                            "arch": arch, "BLOCK_C": block_c, "ROWS": rows, "num_warps": warps,
+                            "compiled_num_warps": compiled.metadata.num_warps,
+                            **resource_usage(compiled)})
+    return results
+
+
+def aot_report(results: list[dict]) -> str:
+    """Markdown table of registers / spills per kernel configuration and target."""
     lines = ["| kernel | K | C | mode | detach | BLOCK_C | ROWS | warps | "
              + " | ".join(f"sm_{a} regs / spills" for a in AOT_ARCHS) + " |",
              "|---" * (8 + len(AOT_ARCHS)) + "|"]
-    for kind, k, c, mode, detach in aot_cases(ks):
-        _, block_c, rows, warps = launch_config(k, c, mode == "ensemble", kind == "bwd")
-        cells = []
-        for arch in AOT_ARCHS:
-            use = resource_usage(aot_compile(kind == "bwd", k, c, mode, arch, detach=detach))
-            cells.append(f"{use['regs']} / {use['spills']}")
-        det = str(detach) if kind == "bwd" else "-"
-        lines.append(f"| {kind} | {k} | {c} | {mode} | {det} | {block_c} | {rows} | {warps} | "
-                     + " | ".join(cells) + " |")
+    for i in range(0, len(results), len(AOT_ARCHS)):
+        r = results[i]
+        cells = [f"{x['regs']} / {x['spills']}" for x in results[i:i + len(AOT_ARCHS)]]
+        det = str(r["detach"]) if r["kernel"] == "bwd" else "-"
+        lines.append(f"| {r['kernel']} | {r['K']} | {r['C']} | {r['mode']} | {det} | "
+                     f"{r['BLOCK_C']} | {r['ROWS']} | {r['num_warps']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
     import argparse
+    import json
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--aot-report", action="store_true",
-                        help="compile for sm_80/sm_90 (no GPU needed) and print registers/spills")
-    if parser.parse_args().aot_report:
-        print(aot_report())
+                        help="compile for sm_80/sm_90 (no GPU needed), print registers/spills")
+    parser.add_argument("--aot-json", action="store_true", help="the same as JSON")
+    args = parser.parse_args()
+    if args.aot_report or args.aot_json:
+        table = aot_results()
+        print(json.dumps(table) if args.aot_json else aot_report(table))
