@@ -29,9 +29,10 @@ Backward: dZ[k,b,c] for upstream g_ce[k], g_kd[k], rebuilt from row_stats:
       D_k,c = sum_i g_kd[i] (log p_k,c - log p_i,c)
   + ensemble: T g_kd[k] / B (p_k,c - q_k,c)
       not detached, + T/B sum_i A[i,k] g_kd[i] q_i,c (log q_i,c - log p_i,c - KL_i)
-Detached: one pass over Z (reads K*B*C, writes K*B*C elements). Not detached, the per-row
-scalars sum_c p D (pairwise) / KL_i (ensemble) need the whole row first, so the row is read
-twice (the second read is from cache when the row fits one chunk).
+Detached: one pass over Z: reads K*B*C elements of Z and 3*K*B row stats, writes K*B*C
+elements of dZ. Not detached, the per-row scalars sum_c p D (pairwise) / KL_i (ensemble) need
+the whole row first, so Z is read twice (for a row that fits one chunk, the second read is of
+data the same program has just read).
 
 Accumulation: float32 for fp16/bf16/fp32 logits, float64 for fp64 logits (so gradcheck is
 exact); the gradient is stored in the logits' dtype. T and eps travel as two float32 halves
@@ -439,126 +440,3 @@ def mixed_kd_loss_backward(grad_ce: Tensor, grad_kd: Tensor, logits: list[Tensor
             grad.copy_(part)
     return grads
 
-
-# ------------------------------------------------------------------- ahead-of-time compilation
-
-_TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
-                  torch.float64: "fp64"}
-
-
-def aot_compile(backward: bool, k: int, c: int, mode: str, arch: int,
-                dtype: torch.dtype = torch.float32, detach: bool = True):
-    """Compile one kernel for ``GPUTarget("cuda", arch, 32)`` without a GPU, with the block
-    sizes and num_warps ``launch_config`` picks and contiguous logits (stride_c = 1, as the
-    JIT specializes it), M = 1 labels. Returns triton's CompiledKernel."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    ensemble = mode == "ensemble"
-    k_pad, block_c, rows, warps = launch_config(k, c, ensemble, backward)
-    fn = _mixed_kd_loss_bwd_kernel if backward else _mixed_kd_loss_fwd_kernel
-    if not isinstance(fn, triton.runtime.JITFunction):
-        raise RuntimeError("ahead-of-time compilation needs the kernels compiled, not interpreted: "
-                           "run it in a process without TRITON_INTERPRET=1, e.g. python -m "
-                           "metamixer_fast.kernels.mixed_kd_loss --aot-json")
-    out = "fp64" if dtype == torch.float64 else "fp32"
-    pointers = {"z_ptr": _TRITON_DTYPES[dtype], "dz_ptr": _TRITON_DTYPES[dtype], "lab_ptr": "i64",
-                "w_ptr": "fp32", "a_ptr": out, "stats_ptr": out, "ce_ptr": out, "kd_ptr": out,
-                "gce_ptr": out, "gkd_ptr": out}
-    constexprs = {"K": k, "K_PAD": k_pad, "BLOCK_C": block_c, "ROWS": rows, "ENSEMBLE": ensemble,
-                  "ACC": _acc(dtype), "stride_c": 1, "dstride_c": 1, "M": 1}
-    constexprs.update({"DETACH": detach} if backward else {"HAS_EPS": True})
-    constexprs = {name: value for name, value in constexprs.items() if name in fn.arg_names}
-    signature = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in pointers:
-            signature[name] = "*" + pointers[name]
-        elif name in ("t_hi", "t_lo", "eps_hi", "eps_lo"):
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
-
-
-def resource_usage(compiled) -> dict[str, int]:
-    """Registers and per-thread local memory of a compiled kernel, read from its cubin with the
-    cuobjdump that ships with triton (no GPU or driver needed). Spilled registers live in the
-    stack frame (STACK), which is part of the local memory the driver reports, so ``spills`` is
-    (STACK + LOCAL) / 4: the number CompiledKernel.n_spills gives once loaded on a GPU."""
-    import re
-    import subprocess
-    import tempfile
-    from pathlib import Path
-
-    from triton.backends.nvidia.compiler import get_ptxas
-
-    cuobjdump = Path(get_ptxas(compiled.metadata.target.arch).path).with_name("cuobjdump")
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = Path(tmp) / "kernel.cubin"
-        cubin.write_bytes(compiled.asm["cubin"])
-        text = subprocess.run([str(cuobjdump), "-res-usage", str(cubin)], check=True,
-                              capture_output=True, text=True).stdout
-    fields = dict(re.findall(r"\b(REG|STACK|LOCAL|SHARED):(\d+)", text))
-    local, stack = int(fields["LOCAL"]), int(fields["STACK"])
-    return {"regs": int(fields["REG"]), "spills": (local + stack) // 4, "local_bytes": local,
-            "stack_bytes": stack, "shared_bytes": int(fields["SHARED"])}
-
-
-AOT_CLASSES = (100, 1000, 32768)
-AOT_ARCHS = (80, 90)
-
-
-def aot_cases(ks: Sequence[int] = (4,)):
-    """(kernel, K, C, mode, detach) for every configuration the AOT test compiles."""
-    for k in ks:
-        for c in AOT_CLASSES:
-            for mode in ("pairwise", "ensemble"):
-                yield "fwd", k, c, mode, True
-                for detach in (True, False):
-                    yield "bwd", k, c, mode, detach
-
-
-def aot_results(ks: Sequence[int] = (4, 8)) -> list[dict]:
-    """Compile every ``aot_cases`` configuration for every ``AOT_ARCHS`` target; one dict each
-    with the launch parameters and ``resource_usage``."""
-    results = []
-    for kind, k, c, mode, detach in aot_cases(ks):
-        _, block_c, rows, warps = launch_config(k, c, mode == "ensemble", kind == "bwd")
-        for arch in AOT_ARCHS:
-            compiled = aot_compile(kind == "bwd", k, c, mode, arch, detach=detach)
-            results.append({"kernel": kind, "K": k, "C": c, "mode": mode, "detach": detach,
-                            "arch": arch, "BLOCK_C": block_c, "ROWS": rows, "num_warps": warps,
-                            "compiled_num_warps": compiled.metadata.num_warps,
-                            **resource_usage(compiled)})
-    return results
-
-
-def aot_report(results: list[dict]) -> str:
-    """Markdown table of registers / spills per kernel configuration and target."""
-    lines = ["| kernel | K | C | mode | detach | BLOCK_C | ROWS | warps | "
-             + " | ".join(f"sm_{a} regs / spills" for a in AOT_ARCHS) + " |",
-             "|---" * (8 + len(AOT_ARCHS)) + "|"]
-    for i in range(0, len(results), len(AOT_ARCHS)):
-        r = results[i]
-        cells = [f"{x['regs']} / {x['spills']}" for x in results[i:i + len(AOT_ARCHS)]]
-        det = str(r["detach"]) if r["kernel"] == "bwd" else "-"
-        lines.append(f"| {r['kernel']} | {r['K']} | {r['C']} | {r['mode']} | {det} | "
-                     f"{r['BLOCK_C']} | {r['ROWS']} | {r['num_warps']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    import argparse
-    import json
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--aot-report", action="store_true",
-                        help="compile for sm_80/sm_90 (no GPU needed), print registers/spills")
-    parser.add_argument("--aot-json", action="store_true", help="the same as JSON")
-    args = parser.parse_args()
-    if args.aot_report or args.aot_json:
-        table = aot_results()
-        print(json.dumps(table) if args.aot_json else aot_report(table))

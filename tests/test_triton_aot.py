@@ -6,7 +6,7 @@ filled in when the binary is loaded on a device, so the registers and the local 
 (stack frame, where spills go) are read from the cubin itself with ``cuobjdump -res-usage`` (also shipped with
 triton). The kernels are compiled in a child process: this test session runs Triton in
 interpreter mode (TRITON_INTERPRET=1), in which kernels cannot be compiled. The table is what
-``python -m metamixer_fast.kernels.mixed_kd_loss --aot-report`` prints.
+``python -m metamixer_fast.kernels.aot --report`` prints.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ import textwrap
 import pytest
 
 pytest.importorskip("triton")
+from metamixer_fast.kernels import aot
 from metamixer_fast.kernels import mixed_kd_loss as tk
 
-CASES = list(tk.aot_cases(ks=(4, 8)))
+CASES = list(aot.aot_cases(ks=(4, 8)))
 
 
 def _compiled_env() -> dict[str, str]:
@@ -41,12 +42,12 @@ def _python(*args: str) -> str:
 
 @pytest.fixture(scope="module")
 def results() -> dict[tuple, dict]:
-    rows = json.loads(_python("-m", "metamixer_fast.kernels.mixed_kd_loss", "--aot-json"))
-    print(tk.aot_report(rows))
+    rows = json.loads(_python("-m", "metamixer_fast.kernels.aot", "--json"))
+    print(aot.aot_report(rows))
     return {(r["kernel"], r["K"], r["C"], r["mode"], r["detach"], r["arch"]): r for r in rows}
 
 
-@pytest.mark.parametrize("arch", tk.AOT_ARCHS)
+@pytest.mark.parametrize("arch", aot.AOT_ARCHS)
 @pytest.mark.parametrize("kind,k,c,mode,detach", CASES)
 def test_compiles_without_spills(results, kind, k, c, mode, detach, arch):
     r = results[(kind, k, c, mode, detach, arch)]
@@ -58,12 +59,13 @@ def test_compiles_without_spills(results, kind, k, c, mode, detach, arch):
 
 
 def test_spill_check_can_fail():
-    """Squeezing the K = 8 ensemble forward into one warp at 64 registers does show up as spills, so
-    the zero above is a measurement, not a constant."""
+    """Squeezing the K = 8 ensemble forward into one warp of 64 registers shows up as spills,
+    so the zero above is a measurement, not a constant."""
     script = textwrap.dedent("""
         import triton
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
+        from metamixer_fast.kernels import aot
         from metamixer_fast.kernels import mixed_kd_loss as tk
         fn = tk._mixed_kd_loss_fwd_kernel
         const = {"K": 8, "K_PAD": 8, "BLOCK_C": 128, "ROWS": 1, "ENSEMBLE": True,
@@ -73,6 +75,6 @@ def test_spill_check_can_fail():
         sig["lab_ptr"] = "*i64"
         compiled = triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", 80, 32),
                                   options={"num_warps": 1, "maxnreg": 64})
-        print(tk.resource_usage(compiled)["spills"])
+        print(aot.resource_usage(compiled)["spills"])
     """)
     assert int(_python("-c", script).strip()) > 0
