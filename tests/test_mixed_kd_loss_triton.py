@@ -127,7 +127,7 @@ def test_large_c(mode, detach, rng):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("detach", [True, False])
 def test_float64_accumulates_in_float64(mode, detach, rng):
-    z, labels, weights = _inputs(3, 4, 300, 2, rng)
+    z, labels, weights = _inputs(3, 3, 1300, 2, rng)  # chunked: the online rescaling in fp64
     gce, gkd = _grad_outputs(3, rng)
     kw = dict(temperature=0.7, label_smoothing=0.1, mode=mode, detach_targets=detach)
     got = _ours(list(z.unbind(0)), labels, weights, gce, gkd, **kw)
@@ -175,6 +175,24 @@ def test_noncontiguous_and_separate_peers(mode, rng):
         assert [g.shape for g in got[2]] == shapes
         ref_peers = [p.double() for p in peers] if isinstance(peers, list) else peers.double()
         assert_fp32_close(got, _ref(ref_peers, labels, weights, gce, gkd, **kw))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_separate_peers_are_not_stacked(mode, rng, monkeypatch):
+    k, b, c = 4, 3, 40
+    z, labels, weights = _inputs(k, b, c, 1, rng, torch.float32)
+    peers = [p.clone().requires_grad_(True) for p in z.unbind(0)]
+
+    def no_copies(*args, **kwargs):
+        raise AssertionError("the Triton path copied the peers into one tensor")
+
+    monkeypatch.setattr(torch, "stack", no_copies)
+    monkeypatch.setattr(torch, "cat", no_copies)
+    ce, kd = mf.mixed_kd_loss(peers, labels, weights.float(), temperature=2.0, mode=mode,
+                              detach_targets=False)
+    (ce.sum() + kd.sum()).backward()
+    monkeypatch.undo()
+    assert all(p.grad is not None and p.grad.shape == (b, c) for p in peers)
 
 
 @pytest.mark.parametrize("mode", MODES)
