@@ -35,7 +35,7 @@ the whole row first, so Z is read twice (for a row that fits one chunk, the seco
 data the same program has just read).
 
 Accumulation: float32 for fp16/bf16/fp32 logits, float64 for fp64 logits (so gradcheck is
-exact); the gradient is stored in the logits' dtype. T and eps travel as two float32 halves
+accurate); the gradient is stored in the logits' dtype. T and eps travel as two float32 halves
 (hi + lo) so the fp64 path sees them to double precision.
 K separate [B, C] tensors are addressed through per-peer element offsets from the first
 peer's pointer (K <= 8 scalar arguments): no stacking copy, no host sync.
