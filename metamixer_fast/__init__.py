@@ -1,11 +1,18 @@
 """metamixer_fast: fused kernels and a lean training core for online knowledge distillation
 with MetaMixer regularization."""
 
-from . import reference
+from . import _backend, reference
 from .loss import MixedKDLoss, MixedKDLossOutput, MixedTarget
 from .metamixer import CutMix, CutMixOrMixup, MetaMixer, Mixup
 from .ops import mix, mixed_kd_loss
 from .plan import MixPlan
+
+if _backend.triton_version() is not None:  # Triton kernels: CUDA tensors, or CPU when interpreted
+    from .kernels import mixed_kd_loss as _triton_mixed_kd_loss
+
+    _backend.register_kernel("mixed_kd_loss", "triton", _triton_mixed_kd_loss.mixed_kd_loss_forward)
+    _backend.register_kernel("mixed_kd_loss_backward", "triton",
+                             _triton_mixed_kd_loss.mixed_kd_loss_backward)
 
 __version__ = "0.1.0"
 

@@ -1,0 +1,283 @@
+"""The Triton kernels of metamixer::mixed_kd_loss, run on CPU by the Triton interpreter, against
+the float64 reference (fresh random inputs each run; shapes small so the interpreter is quick)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import metamixer_fast as mf
+from metamixer_fast import _backend, reference
+
+pytest.importorskip("triton")
+from metamixer_fast.kernels import mixed_kd_loss as tk
+
+MODES = ["pairwise", "ensemble"]
+
+
+@pytest.fixture(autouse=True)
+def triton_backend(monkeypatch) -> None:
+    monkeypatch.setenv(_backend.ENV_VAR, "triton")
+    assert _backend.backend_for("mixed_kd_loss", torch.device("cpu")) == "triton"
+
+
+def _inputs(k, b, c, m, g, dtype=torch.float64):
+    z = torch.randn(k, b, c, generator=g, dtype=torch.float64) * 2
+    labels = torch.randint(0, c, (b, m), generator=g)
+    weights = torch.rand(b, m, generator=g, dtype=torch.float64) + 0.1
+    return z.to(dtype), labels, weights / weights.sum(1, keepdim=True)
+
+
+def _peer_matrix(k, g, with_zeros=True):
+    a = torch.rand(k, k, generator=g, dtype=torch.float64)
+    if with_zeros:
+        a[0, k - 1] = 0.0
+    return a
+
+
+def _run(fn, peers, labels, weights, gce, gkd, **kw):
+    """(ce, kd, [grad of each peer tensor]) of fn (the op or the reference) under autograd."""
+    leaves = [p.detach().clone().requires_grad_(True) for p in peers] if isinstance(peers, list) \
+        else [peers.detach().clone().requires_grad_(True)]
+    logits = leaves if isinstance(peers, list) else leaves[0]
+    ce, kd = fn(logits, labels, weights, **kw)
+    torch.autograd.backward((ce, kd), (gce.to(ce.dtype), gkd.to(kd.dtype)))
+    return ce, kd, [leaf.grad for leaf in leaves]
+
+
+def _ours(peers, labels, weights, gce, gkd, *, temperature=1.0, label_smoothing=0.0,
+          mode="pairwise", peer_matrix=None, detach_targets=True):
+    return _run(mf.mixed_kd_loss, peers, labels, weights, gce, gkd, temperature=temperature,
+                label_smoothing=label_smoothing, mode=mode, peer_matrix=peer_matrix,
+                detach_targets=detach_targets)
+
+
+def _ref(peers, labels, weights, gce, gkd, *, temperature=1.0, label_smoothing=0.0,
+         mode="pairwise", peer_matrix=None, detach_targets=True, dtype=torch.float64):
+    """The reference with its arithmetic in ``dtype`` (float64: the oracle)."""
+    cast = [p.to(dtype) for p in peers] if isinstance(peers, list) else peers.to(dtype)
+    pm = None if peer_matrix is None else peer_matrix.to(dtype)
+    return _run(lambda z, lab, w, **kw: reference.mixed_kd_loss(z, lab, w, **kw), cast, labels,
+                weights.to(dtype), gce, gkd, temperature=temperature,
+                label_smoothing=label_smoothing, mode=mode, peer_matrix=pm,
+                detach_targets=detach_targets)
+
+
+def _flat(result):
+    ce, kd, grads = result
+    return [ce, kd, *grads]
+
+
+def assert_fp32_close(got, want):
+    """fp32 within 1e-5 relative, with an absolute floor of 1e-6 of the tensor's largest
+    magnitude: a gradient element is a difference of O(max) terms (p - q, log q - log p), so
+    one near zero carries fp32 rounding of that scale, not of its own."""
+    for a, b in zip(_flat(got), _flat(want)):
+        b = b.detach()
+        floor = 1e-6 * float(b.abs().nan_to_num(posinf=0, neginf=0).max().clamp_min(1e-30))
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-5, atol=floor, equal_nan=True)
+
+
+def _grad_outputs(k, g):
+    gce, gkd = torch.randn(2, k, generator=g, dtype=torch.float64)
+    return gce, gkd
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("detach", [True, False])
+@pytest.mark.parametrize("k,b,c,m,eps,t", [
+    (2, 1, 1, 1, 0.0, 1.0),       # C = 1, B = 1
+    (3, 5, 7, 2, 0.1, 2.0),       # packed rows
+    (5, 3, 33, 4, 0.2, 0.7),      # K not a power of two
+    (4, 3, 1271, 3, 0.05, 3.0),   # chunked online softmax, tail chunk
+    (8, 2, 100, 2, 0.1, 4.0),     # K = 8
+])
+def test_fp32_matches_float64_reference(mode, detach, k, b, c, m, eps, t, rng):
+    z, labels, weights = _inputs(k, b, c, m, rng, torch.float32)
+    gce, gkd = _grad_outputs(k, rng)
+    pm = _peer_matrix(k, rng) if mode == "ensemble" and k % 2 else None
+    kw = dict(temperature=t, label_smoothing=eps, mode=mode, detach_targets=detach)
+    got = _ours(z, labels, weights.float(), gce.float(), gkd.float(),
+                peer_matrix=None if pm is None else pm.float(), **kw)
+    assert got[0].dtype == got[1].dtype == torch.float32 and got[2][0].dtype == torch.float32
+    assert_fp32_close(got, _ref(z, labels, weights, gce, gkd, peer_matrix=pm, **kw))
+
+
+def test_packed_and_chunked_paths_are_both_covered():
+    """The shapes above and below run both launch shapes: several rows per program with the whole
+    row in one tile, and one row per program walking chunks of classes (incl. C = 32768)."""
+    for backward in (False, True):
+        for ensemble in (False, True):
+            _, block_c, rows, _ = tk.launch_config(3, 7, ensemble, backward)
+            assert block_c >= 7 and rows > 1
+            for k, c in ((4, 1271), (2, 32768)):
+                _, block_c, rows, _ = tk.launch_config(k, c, ensemble, backward)
+                assert block_c < c and rows == 1
+
+
+@pytest.mark.parametrize("mode,detach", [("pairwise", True), ("ensemble", False)])
+def test_large_c(mode, detach, rng):
+    z, labels, weights = _inputs(2, 1, 32768, 2, rng, torch.float32)
+    gce, gkd = _grad_outputs(2, rng)
+    kw = dict(temperature=2.0, label_smoothing=0.1, mode=mode, detach_targets=detach)
+    got = _ours(list(z.unbind(0)), labels, weights.float(), gce.float(), gkd.float(), **kw)
+    assert_fp32_close(got, _ref(list(z.unbind(0)), labels, weights, gce, gkd, **kw))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("detach", [True, False])
+def test_float64_accumulates_in_float64(mode, detach, rng):
+    z, labels, weights = _inputs(3, 3, 1300, 2, rng)  # chunked: the online rescaling in fp64
+    gce, gkd = _grad_outputs(3, rng)
+    kw = dict(temperature=0.7, label_smoothing=0.1, mode=mode, detach_targets=detach)
+    got = _ours(list(z.unbind(0)), labels, weights, gce, gkd, **kw)
+    want = _ref(list(z.unbind(0)), labels, weights, gce, gkd, **kw)
+    for a, b in zip(_flat(got), _flat(want)):
+        assert a.dtype == torch.float64
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", MODES)
+def test_low_precision_within_twice_the_reference_error(dtype, mode, rng):
+    z, labels, weights = _inputs(3, 4, 300, 2, rng, dtype)
+    gce, gkd = _grad_outputs(3, rng)
+    kw = dict(temperature=2.0, label_smoothing=0.1, mode=mode, detach_targets=False)
+    got = _ours(z, labels, weights.float(), gce.float(), gkd.float(), **kw)
+    assert got[2][0].dtype == dtype
+    oracle = _ref(z, labels, weights, gce, gkd, **kw)
+    same_dtype = _ref(z, labels, weights, gce, gkd, dtype=dtype, **kw)
+    for ours, want, ref_low in zip(_flat(got), _flat(oracle), _flat(same_dtype)):
+        err = (ours.double() - want).abs().max()
+        allowed = 2 * (ref_low.double() - want).abs().max() + 1e-6 * want.abs().max()
+        assert err <= allowed, (err, allowed)
+
+
+def _layouts(k, b, c, g):
+    """Logits in every form the op accepts, none of them a plain contiguous [K, B, C] tensor."""
+    yield torch.randn(b, k, c, generator=g).transpose(0, 1)           # [K, B, C], B-major
+    yield torch.randn(k, b, 2 * c, generator=g)[:, :, ::2]             # stride_c = 2
+    yield [torch.randn(c, b, generator=g).t() for _ in range(k)]       # K [B, C], column-major
+    yield [torch.randn(b, c, generator=g) for _ in range(k)]           # K separate allocations
+    yield [torch.randn(b, c, generator=g)] + [torch.randn(c, b, generator=g).t()
+                                              for _ in range(k - 1)]   # mixed strides
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_noncontiguous_and_separate_peers(mode, rng):
+    k, b, c = 3, 4, 9
+    _, labels, weights = _inputs(k, b, c, 2, rng)
+    gce, gkd = _grad_outputs(k, rng)
+    kw = dict(temperature=2.0, label_smoothing=0.1, mode=mode, detach_targets=False)
+    for peers in _layouts(k, b, c, rng):
+        got = _ours(peers, labels, weights.float(), gce.float(), gkd.float(), **kw)
+        shapes = [p.shape for p in peers] if isinstance(peers, list) else [peers.shape]
+        assert [g.shape for g in got[2]] == shapes
+        ref_peers = [p.double() for p in peers] if isinstance(peers, list) else peers.double()
+        assert_fp32_close(got, _ref(ref_peers, labels, weights, gce, gkd, **kw))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_separate_peers_are_not_stacked(mode, rng, monkeypatch):
+    k, b, c = 4, 3, 40
+    z, labels, weights = _inputs(k, b, c, 1, rng, torch.float32)
+    peers = [p.clone().requires_grad_(True) for p in z.unbind(0)]
+
+    def no_copies(*args, **kwargs):
+        raise AssertionError("the Triton path copied the peers into one tensor")
+
+    monkeypatch.setattr(torch, "stack", no_copies)
+    monkeypatch.setattr(torch, "cat", no_copies)
+    ce, kd = mf.mixed_kd_loss(peers, labels, weights.float(), temperature=2.0, mode=mode,
+                              detach_targets=False)
+    (ce.sum() + kd.sum()).backward()
+    monkeypatch.undo()
+    assert all(p.grad is not None and p.grad.shape == (b, c) for p in peers)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("detach", [True, False])
+def test_identical_peers_give_zero_kd_and_zero_kd_gradient(mode, detach, rng):
+    k, b, c = 4, 3, 50
+    z, labels, weights = _inputs(1, b, c, 1, rng, torch.float32)
+    peers = [z[0].clone() for _ in range(k)]
+    gkd = torch.randn(k, generator=rng)
+    _, kd, grads = _ours(peers, labels, weights.float(), torch.zeros(k), gkd, temperature=3.0,
+                          mode=mode, detach_targets=detach)
+    torch.testing.assert_close(kd, torch.zeros(k), rtol=0, atol=1e-6)
+    for grad in grads:
+        torch.testing.assert_close(grad, torch.zeros_like(grad), rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("which", ["ce", "kd"])
+@pytest.mark.parametrize("mode", MODES)
+def test_gradient_of_ce_alone_and_kd_alone(which, mode, rng):
+    z, labels, weights = _inputs(3, 4, 20, 2, rng, torch.float32)
+    g = torch.randn(3, generator=rng, dtype=torch.float64) * 3
+    gce, gkd = (g, torch.zeros(3, dtype=torch.float64)) if which == "ce" else \
+        (torch.zeros(3, dtype=torch.float64), g)
+    kw = dict(temperature=2.0, label_smoothing=0.1, mode=mode, detach_targets=False)
+    got = _ours(z, labels, weights.float(), gce.float(), gkd.float(), **kw)
+    assert_fp32_close(got, _ref(z, labels, weights, gce, gkd, **kw))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("detach", [True, False])
+@pytest.mark.parametrize("c", [12, 1300])
+def test_neg_inf_logits_masked_in_every_peer(mode, detach, c, rng):
+    z, labels, weights = _inputs(3, 3, c, 2, rng, torch.float32)
+    masked = torch.tensor([1, 5, c - 1])
+    z[:, :, masked] = float("-inf")
+    labels[labels == 1] = 0
+    labels[labels == 5] = 0
+    labels[labels == c - 1] = 0
+    gce, gkd = _grad_outputs(3, rng)
+    kw = dict(temperature=2.0, mode=mode, detach_targets=detach)
+    got = _ours(z, labels, weights.float(), gce.float(), gkd.float(), **kw)
+    assert all(torch.isfinite(t).all() for t in _flat(got))
+    assert_fp32_close(got, _ref(z, labels, weights, gce, gkd, **kw))
+    # Label smoothing spreads mass onto the masked classes too: ce is +inf, as in the reference.
+    ce, _, _ = _ours(z, labels, weights.float(), gce.float(), gkd.float(), label_smoothing=0.1,
+                     **kw)
+    assert torch.isinf(ce).all()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_neg_inf_in_one_peer(mode, rng):
+    """A class masked in peer 0 only: peer 0 as the student of a target that keeps the class has
+    kd = +inf; as a target (p_0 = 0 there) it adds nothing. In ensemble mode the peer matrix
+    leaves peer 0 out of every target, so its -inf is never multiplied: no NaN anywhere."""
+    z, labels, weights = _inputs(3, 2, 10, 1, rng, torch.float32)
+    z[0, :, 4] = float("-inf")
+    labels[labels == 4] = 0
+    gce, gkd = _grad_outputs(3, rng)
+    pm = torch.tensor([[0.0, 0.5, 0.5], [0.0, 0.0, 1.0], [0.0, 1.0, 0.0]], dtype=torch.float64)
+    kw = dict(temperature=2.0, mode=mode, detach_targets=True,
+              peer_matrix=pm if mode == "ensemble" else None)
+    got = _ours(z, labels, weights.float(), gce.float(), gkd.float(),
+                **{**kw, "peer_matrix": None if kw["peer_matrix"] is None else pm.float()})
+    want = _ref(z, labels, weights, gce, gkd, **kw)
+    assert torch.isinf(got[1][0]) and torch.isfinite(got[1][1:]).all()
+    assert torch.isfinite(got[0]).all() and all(torch.isfinite(g).all() for g in got[2])
+    assert_fp32_close(got, want)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("c", [9, 1300])
+def test_nan_in_nan_out(mode, c, rng):
+    z, labels, weights = _inputs(3, 3, c, 2, rng, torch.float32)
+    z[1, 0, c // 2] = float("nan")
+    gce, gkd = _grad_outputs(3, rng)
+    kw = dict(temperature=2.0, mode=mode, detach_targets=False)
+    got = _ours(z, labels, weights.float(), gce.float(), gkd.float(), **kw)
+    want = _ref(z, labels, weights, gce, gkd, **kw)
+    assert torch.isnan(got[0][1]) and torch.isnan(got[1]).any()
+    for a, b in zip(_flat(got), _flat(want)):
+        assert torch.equal(torch.isnan(a), torch.isnan(b))
+    assert_fp32_close(got, want)
+
+
+def test_more_than_eight_peers_is_a_clear_error(rng):
+    z, labels, weights = _inputs(9, 2, 5, 1, rng, torch.float32)
+    with pytest.raises(ValueError, match=r"at most 8 peers.*METAMIXER_BACKEND=reference"):
+        mf.mixed_kd_loss(list(z.unbind(0)), labels, weights.float())
