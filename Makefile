@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.metamixer-installed
 CMAKE_BUILD := build/cmake
 
-.PHONY: install demo quickstart test test-python test-cpp lint bench clean
+.PHONY: install demo quickstart test test-python test-cpp test-sanitize lint bench clean
 
 $(STAMP): pyproject.toml setup.py requirements-dev.txt $(wildcard csrc/*.cpp csrc/*/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -51,7 +51,13 @@ test-cpp:
 	cmake --build $(CMAKE_BUILD) -j 2
 	ctest --test-dir $(CMAKE_BUILD) --output-on-failure
 
-test: lint test-python test-cpp
+# The torch-free cores and their C++ tests again, under AddressSanitizer + UBSan.
+test-sanitize:
+	cmake -S . -B build/sanitize -DMETAMIXER_SANITIZE=ON -DCMAKE_BUILD_TYPE=Debug > /dev/null
+	cmake --build build/sanitize -j 2
+	ctest --test-dir build/sanitize --output-on-failure
+
+test: lint test-python test-cpp test-sanitize
 
 bench: install
 	$(PY) -m pytest -q bench
