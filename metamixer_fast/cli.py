@@ -9,6 +9,7 @@ USAGE = """usage: metamixer-fast COMMAND [options]
 commands:
   train   train K peers with online distillation and MetaMixer (see `metamixer-fast train --help`)
   plot    write PNG curves of a run: metamixer-fast plot RUN_DIR
+  study   run a resumable grid of methods x seeds and summarise it: metamixer-fast study STUDY.toml
   info    versions, what was built, and the kernel backend per device
 """
 
@@ -25,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     if command == "plot":
         from .plot import main as plot_main
         return plot_main(rest)
+    if command == "study":
+        from .study import main as study_main
+        return study_main(rest)
     if command == "info":
         from .info import main as info_main
         info_main()
