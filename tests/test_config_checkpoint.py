@@ -105,7 +105,6 @@ def test_shipped_configs_are_valid():
     from pathlib import Path
 
     from metamixer_fast.config import load_toml
-
     from metamixer_fast.study import load_study
 
     configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))
