@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from . import checkpoint
 from .config import ConfigError, TrainConfig, add_arguments, from_args, from_mapping
+from .data import DatasetError
 from .loss import MixedKDLoss
 
 # Options that may differ between a checkpoint and the --resume invocation: they do not change
@@ -178,7 +179,10 @@ class Run:
             test_set, cfg.eval_batch_size, shuffle=False, augment=False, device=self.device,
             channels_last=cfg.channels_last)
         in_channels = train_set.images.shape[1]
-        peers = [models.build_model(a, train_set.num_classes, in_channels) for a in cfg.peer_archs]
+        try:
+            peers = [models.build_model(a, train_set.num_classes, in_channels) for a in cfg.peer_archs]
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"config 'arch': {exc}") from None
         memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.group = PeerGroup(peers).to(self.device, memory_format=memory_format)
         self.model: nn.Module = self.group
@@ -426,7 +430,7 @@ def main(argv: list[str] | None = None, prog: str = "metamixer-fast train") -> i
             final = fit(cfg, resume=state)
         else:
             final = fit(from_args(args))
-    except (ConfigError, checkpoint.CheckpointError, NonFiniteLossError, FileNotFoundError) as exc:
+    except (ConfigError, checkpoint.CheckpointError, NonFiniteLossError, DatasetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if final:

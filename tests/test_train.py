@@ -79,6 +79,15 @@ def test_cli_errors(tmp_path, capsys):
     assert main(["--resume", out]) == 2
     assert "corrupt" in capsys.readouterr().err and ckpt.read_bytes() == damaged
     assert main(["--method", "nope"]) == 2
+    assert main([*base[:-1], str(tmp_path / "other"), "--arch", "resnet21"]) == 2
+    assert "unknown model 'resnet21'" in capsys.readouterr().err
+    bad_data = tmp_path / "fmnist"
+    bad_data.mkdir()
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+                 "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        (bad_data / name).write_bytes(b"not gzip")
+    assert main(["--dataset", "fashion-mnist", "--data-dir", str(bad_data), "--out", out + "2"]) == 2
+    assert "not a valid gzip file" in capsys.readouterr().err
 
 
 def test_help_lists_every_option():
