@@ -100,3 +100,10 @@ def test_triton_on_cpu_without_interpreter_is_refused():
     proc = _run(CALL_LOSS, METAMIXER_BACKEND="triton", TRITON_INTERPRET="0")
     assert proc.returncode != 0
     assert "METAMIXER_BACKEND=triton cannot run" in proc.stderr
+
+
+def test_cpp_backend_without_the_extension_is_refused():
+    blocked = "import sys; sys.modules['metamixer_fast._C'] = None; " + CALL_LOSS
+    proc = _run(blocked, METAMIXER_BACKEND="cpp")
+    assert proc.returncode != 0
+    assert "METAMIXER_BACKEND=cpp cannot run" in proc.stderr and "not built" in proc.stderr
