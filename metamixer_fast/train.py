@@ -20,6 +20,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -304,7 +305,11 @@ class Run:
         self.scaler.scale(out.loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.scheduler.step()
+        with warnings.catch_warnings():
+            # fp16: a step the GradScaler skipped (inf gradients) still advances the schedule,
+            # which keeps it aligned with the step count; torch warns about exactly that.
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()`", UserWarning)
+            self.scheduler.step()
         primary = target.labels[:, 0] if hasattr(target, "labels") else target
         correct = sum((z.detach().argmax(-1) == primary).sum() for z in logits)
         return out, correct

@@ -119,3 +119,12 @@ def test_ddp_two_cpu_processes_stay_in_sync(tmp_path):
     records = _metrics(out)
     assert len(records) == 2
     assert all(r["world_size"] == 2 and r["ranks_in_sync"] for r in records)
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_runs(tmp_path, amp):
+    final = fit(_cfg(tmp_path, amp=amp, epochs=1))
+    assert all(torch.isfinite(torch.tensor(final["train_ce"] + final["train_kd"])))
+    state = checkpoint.load(tmp_path / "run")
+    if amp == "fp16":  # the GradScaler's state is part of the checkpoint
+        assert state["scaler"]["scale"] > 0
