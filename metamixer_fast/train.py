@@ -308,7 +308,7 @@ class Run:
         with warnings.catch_warnings():
             # fp16: a step the GradScaler skipped (inf gradients) still advances the schedule,
             # which keeps it aligned with the step count; torch warns about exactly that.
-            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()`", UserWarning)
+            warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)`", UserWarning)
             self.scheduler.step()
         primary = target.labels[:, 0] if hasattr(target, "labels") else target
         correct = sum((z.detach().argmax(-1) == primary).sum() for z in logits)
