@@ -1,0 +1,255 @@
+// Torch-free core of metamixer::mix (DESIGN.md section 2.2): region and blend mixing.
+//
+//   out[i, p] = x[i, p]                              for p outside box_i
+//   out[i, p] = w_i x[i, p] + (1 - w_i) x[src_i, p]  for p inside box_i
+//
+// Backward, for an upstream gradient g shaped like x:
+//   dx[k, p] = g[k, p] * (p in box_k ? w_k : 1) + sum_{j : src_j = k, p in box_j} (1 - w_j) g[j, p]
+//   dw_i     = sum_{p in box_i} g[i, p] (x[i, p] - x[src_i, p])
+//
+// Layout. Every supported tensor is viewed as N samples of `planes` x `rows` x `row_len`
+// contiguous elements, with the box covering rows [y0, y1) and columns [c0, c1) of every plane:
+//   NCHW [N, C, H, W]          planes = C, rows = H, row_len = W,     columns = (x0, x1)
+//   NHWC (channels_last)       planes = 1, rows = H, row_len = W * C, columns = (x0 C, x1 C)
+//   features [N, D]            planes = 1, rows = 1, row_len = D,     box = the whole row
+// so one row loop serves all three without a layout copy. The caller passes boxes already in
+// this (row, column) form.
+//
+// Arithmetic. The blend runs in Compute<T> = float for uint8/fp16/bf16 and T for float/double,
+// as three separately rounded operations (w*a, (1-w)*b, their sum), exactly like the eager
+// reference; no FMA instruction is ever enabled for this code, so nothing is contracted.
+// uint8 rounds half to even and clamps to [0, 255]. Copies (outside the box) are memcpy.
+//
+// Bytes moved. Forward: reads x_i once and x_src_i inside box_i, writes out once:
+// (S + |box|) reads + S writes per sample of S elements. Backward (gather per destination,
+// so repeated partners never race): reads g_k, x_k and x_src_k once and g_j inside box_j for
+// every j with src_j = k, writes dx once.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+namespace metamixer::core {
+
+// 16-bit float storage types (bit-compatible with c10::Half / c10::BFloat16).
+struct Half {
+  uint16_t bits;
+};
+struct BFloat16 {
+  uint16_t bits;
+};
+
+inline uint32_t float_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+inline float bits_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline float to_float(BFloat16 v) { return bits_float(static_cast<uint32_t>(v.bits) << 16); }
+
+// Round to nearest even; NaN stays a (quiet) NaN.
+inline BFloat16 to_bfloat16(float f) {
+  const uint32_t u = float_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return BFloat16{0x7fc0};
+  const uint32_t rounding_bias = 0x7fffu + ((u >> 16) & 1u);
+  return BFloat16{static_cast<uint16_t>((u + rounding_bias) >> 16)};
+}
+
+// IEEE binary16 <-> binary32, exact decode and round-to-nearest-even encode (the classic
+// bit-manipulation formulation: scale by powers of two so the FPU does the rounding).
+inline float to_float(Half h) {
+  const uint32_t w = static_cast<uint32_t>(h.bits) << 16;
+  const uint32_t sign = w & 0x80000000u;
+  const uint32_t two_w = w + w;
+  const float exp_scale = bits_float(0x7800000u);  // 2^-112
+  const float normalized = bits_float((two_w >> 4) + (0xE0u << 23)) * exp_scale;
+  const float denormalized = bits_float((two_w >> 17) | (126u << 23)) - 0.5f;
+  const uint32_t result =
+      sign | (two_w < (1u << 27) ? float_bits(denormalized) : float_bits(normalized));
+  return bits_float(result);
+}
+
+inline Half to_half(float f) {
+  const float scale_to_inf = bits_float(0x77800000u);   // 2^112
+  const float scale_to_zero = bits_float(0x08800000u);  // 2^-110
+  const uint32_t w = float_bits(f);
+  const uint32_t two_w = w + w;
+  const uint32_t sign = w & 0x80000000u;
+  float base = (std::fabs(f) * scale_to_inf) * scale_to_zero;
+  uint32_t bias = two_w & 0xFF000000u;
+  if (bias < 0x71000000u) bias = 0x71000000u;
+  base = bits_float((bias >> 1) + 0x07800000u) + base;
+  const uint32_t bits = float_bits(base);
+  const uint32_t exp_bits = (bits >> 13) & 0x00007C00u;
+  const uint32_t mantissa_bits = bits & 0x00000FFFu;
+  const uint32_t nonsign = exp_bits + mantissa_bits;
+  return Half{static_cast<uint16_t>((sign >> 16) | (two_w > 0xFF000000u ? 0x7E00u : nonsign))};
+}
+
+// Per-dtype load/store between storage T and the compute type.
+template <typename T>
+struct Compute {
+  using type = T;  // float, double
+  static T load(T v) { return v; }
+  static T store(T v) { return v; }
+};
+template <>
+struct Compute<uint8_t> {
+  using type = float;
+  static float load(uint8_t v) { return static_cast<float>(v); }
+  // Round half to even (adding 1.5 * 2^23 leaves no fraction bits in the default rounding
+  // mode) and clamp, as torch's round().clamp(0, 255) does; vectorizes with plain SSE2.
+  static uint8_t store(float v) {
+    float r = (v + 12582912.0f) - 12582912.0f;
+    r = r < 0.0f ? 0.0f : (r > 255.0f ? 255.0f : r);
+    return static_cast<uint8_t>(r);
+  }
+};
+template <>
+struct Compute<Half> {
+  using type = float;
+  static float load(Half v) { return to_float(v); }
+  static Half store(float v) { return to_half(v); }
+};
+template <>
+struct Compute<BFloat16> {
+  using type = float;
+  static float load(BFloat16 v) { return to_float(v); }
+  static BFloat16 store(float v) { return to_bfloat16(v); }
+};
+
+template <typename T>
+using compute_t = typename Compute<T>::type;
+
+// Accumulator of the backward: double for double, float otherwise.
+template <typename T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+struct MixLayout {
+  int64_t n = 0, planes = 1, rows = 1, row_len = 0;
+  int64_t sample_size() const { return planes * rows * row_len; }
+  int64_t total_rows() const { return n * planes * rows; }
+};
+
+// box is [N][4] = (y0, y1, c0, c1) in row/column units of the layout (see top of file).
+inline bool row_in_box(const int64_t* box, int64_t y) { return y >= box[0] && y < box[1]; }
+
+template <typename T>
+void blend_span(const T* a, const T* b, T* out, int64_t len, compute_t<T> w) {
+  using C = Compute<T>;
+  const compute_t<T> v = compute_t<T>(1) - w;
+  for (int64_t c = 0; c < len; ++c) {
+    const compute_t<T> lhs = w * C::load(a[c]);
+    const compute_t<T> rhs = v * C::load(b[c]);
+    out[c] = C::store(lhs + rhs);
+  }
+}
+
+// One row of the forward: copy outside [c0, c1), blend inside (if the row is in the box).
+template <typename T>
+void mix_row(const T* a, const T* b, T* out, int64_t len, const int64_t* box, int64_t y,
+             compute_t<T> w) {
+  const int64_t c0 = box[2], c1 = box[3];
+  if (!row_in_box(box, y) || c0 >= c1) {
+    std::memcpy(out, a, sizeof(T) * len);
+    return;
+  }
+  if (c0 > 0) std::memcpy(out, a, sizeof(T) * c0);
+  blend_span(a + c0, b + c0, out + c0, c1 - c0, w);
+  if (c1 < len) std::memcpy(out + c1, a + c1, sizeof(T) * (len - c1));
+}
+
+// Forward over global rows [begin, end) of the flattened (sample, plane, row) index.
+template <typename T>
+void mix_forward_rows(const T* x, T* out, const int64_t* src, const compute_t<T>* w,
+                      const int64_t* boxes, const MixLayout& L, int64_t begin, int64_t end) {
+  const int64_t per_sample = L.planes * L.rows, S = L.sample_size();
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t i = r / per_sample, y = r % L.rows;
+    const int64_t off = i * S + (r % per_sample) * L.row_len;
+    const T* b = x + src[i] * S + (off - i * S);
+    mix_row(x + off, b, out + off, L.row_len, boxes + 4 * i, y, w[i]);
+  }
+}
+
+// Destination-major inverse of src: the samples j with src_j = k are
+// list[offsets[k] .. offsets[k + 1]), in increasing j (so the sum order is deterministic).
+inline void invert_partners(const int64_t* src, int64_t n, std::vector<int64_t>& offsets,
+                            std::vector<int64_t>& list) {
+  offsets.assign(n + 1, 0);
+  for (int64_t j = 0; j < n; ++j) ++offsets[src[j] + 1];
+  for (int64_t k = 0; k < n; ++k) offsets[k + 1] += offsets[k];
+  list.assign(n, 0);
+  std::vector<int64_t> fill(offsets.begin(), offsets.end() - 1);
+  for (int64_t j = 0; j < n; ++j) list[fill[src[j]]++] = j;
+}
+
+// sum_c g[c] (a[c] - b[c]) over a span, in acc_t<T> with 8 independent partial sums.
+template <typename T>
+acc_t<T> dot_diff(const T* g, const T* a, const T* b, int64_t len) {
+  using C = Compute<T>;
+  using A = acc_t<T>;
+  A part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t c = 0;
+  for (; c + 8 <= len; c += 8)
+    for (int k = 0; k < 8; ++k)
+      part[k] += A(C::load(g[c + k])) * (A(C::load(a[c + k])) - A(C::load(b[c + k])));
+  for (; c < len; ++c) part[0] += A(C::load(g[c])) * (A(C::load(a[c])) - A(C::load(b[c])));
+  return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+}
+
+// Backward over destination rows [begin, end): writes dx for those rows and the row's share
+// of dw (dw_rows[r]). `buf` is scratch of row_len accumulators owned by the calling thread.
+template <typename T>
+void mix_backward_rows(const T* g, const T* x, const int64_t* src, const compute_t<T>* w,
+                       const int64_t* boxes, const MixLayout& L, const int64_t* inv_offsets,
+                       const int64_t* inv_list, T* dx, acc_t<T>* dw_rows, compute_t<T>* buf,
+                       int64_t begin, int64_t end) {
+  using C = Compute<T>;
+  using CT = compute_t<T>;
+  const int64_t per_sample = L.planes * L.rows, S = L.sample_size(), len = L.row_len;
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t k = r / per_sample, y = r % L.rows;
+    const int64_t in_off = (r % per_sample) * len;
+    const int64_t* bk = boxes + 4 * k;
+    const T* gk = g + k * S + in_off;
+    const bool k_row = row_in_box(bk, y);
+    const int64_t c0 = k_row ? bk[2] : 0, c1 = k_row ? bk[3] : 0;
+    for (int64_t c = 0; c < len; ++c) buf[c] = C::load(gk[c]);
+    for (int64_t c = c0; c < c1; ++c) buf[c] = buf[c] * w[k];
+    for (int64_t t = inv_offsets[k]; t < inv_offsets[k + 1]; ++t) {
+      const int64_t j = inv_list[t];
+      const int64_t* bj = boxes + 4 * j;
+      if (!row_in_box(bj, y)) continue;
+      const CT v = CT(1) - w[j];
+      const T* gj = g + j * S + in_off;
+      for (int64_t c = bj[2]; c < bj[3]; ++c) buf[c] += v * C::load(gj[c]);
+    }
+    T* out = dx + k * S + in_off;
+    for (int64_t c = 0; c < len; ++c) out[c] = C::store(buf[c]);
+    dw_rows[r] = c1 > c0 ? dot_diff(gk + c0, x + k * S + in_off + c0,
+                                    x + src[k] * S + in_off + c0, c1 - c0)
+                         : acc_t<T>(0);
+  }
+}
+
+// dw_i = sum of the row shares of sample i, in row order.
+template <typename A>
+void reduce_dw_rows(const A* dw_rows, const MixLayout& L, A* dw) {
+  const int64_t per_sample = L.planes * L.rows;
+  for (int64_t i = 0; i < L.n; ++i) {
+    A s = 0;
+    for (int64_t r = 0; r < per_sample; ++r) s += dw_rows[i * per_sample + r];
+    dw[i] = s;
+  }
+}
+
+}  // namespace metamixer::core

@@ -1,0 +1,29 @@
+"""Registers the C++ CPU kernels of ``metamixer::mix`` (csrc/mix.cpp) as the ``cpp`` backend.
+
+Imported by ``metamixer_fast/__init__.py`` only when the extension ``metamixer_fast._C`` is
+built. The C++ kernel performs ``_checks.check_mix_values`` itself (same messages), so the op
+body skips the Python version for it (``checks_values``): those checks cost several small
+torch ops per call.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _backend
+
+
+def mix(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None) -> Tensor:
+    return torch.ops.metamixer_cpp.mix(x, src, w, box)
+
+
+def mix_backward(grad: Tensor, x: Tensor, src: Tensor, w: Tensor,
+                 box: Tensor | None) -> tuple[Tensor, Tensor]:
+    return torch.ops.metamixer_cpp.mix_backward(grad, x, src, w, box)
+
+
+mix.checks_values = True  # type: ignore[attr-defined]
+
+_backend.register_kernel("mix", "cpp", mix)
+_backend.register_kernel("mix_backward", "cpp", mix_backward)
