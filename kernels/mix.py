@@ -51,8 +51,21 @@ def _in_box(box_ptr, i, offs, rows, row_len):
 
 
 @triton.jit
+def _cast_out(v, dtype: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """v.to(dtype), rounding to nearest even. SOFT_BF16 does the float32 -> bfloat16 rounding
+    with integer ops: the interpreter's own conversion truncates, the GPU's does not."""
+    if SOFT_BF16:
+        bits = v.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        rounded = tl.where(v != v, 0x7FC0, rounded)  # NaN stays NaN
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return v.to(dtype)
+
+
+@triton.jit
 def _mix_fwd_kernel(x_ptr, out_ptr, src_ptr, w_ptr, box_ptr, sample_size, rows, row_len,
-                    IS_UINT8: tl.constexpr, BLOCK: tl.constexpr):
+                    IS_UINT8: tl.constexpr, SOFT_BF16: tl.constexpr, BLOCK: tl.constexpr):
     """Grid (cdiv(S, BLOCK), N): one block of one sample per program."""
     i = tl.program_id(1).to(tl.int64)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -68,13 +81,14 @@ def _mix_fwd_kernel(x_ptr, out_ptr, src_ptr, w_ptr, box_ptr, sample_size, rows, 
     if IS_UINT8:
         blended = (blended + 12582912.0) - 12582912.0
         blended = tl.minimum(tl.maximum(blended, 0.0), 255.0)
-    out = tl.where(inside, blended.to(a.dtype), a)
+    out = tl.where(inside, _cast_out(blended, a.dtype, SOFT_BF16), a)
     tl.store(out_ptr + i * sample_size + offs, out, mask=valid)
 
 
 @triton.jit
 def _mix_bwd_kernel(g_ptr, x_ptr, src_ptr, w_ptr, box_ptr, inv_offsets_ptr, inv_list_ptr,
-                    dx_ptr, dw_part_ptr, sample_size, rows, row_len, BLOCK: tl.constexpr):
+                    dx_ptr, dw_part_ptr, sample_size, rows, row_len, SOFT_BF16: tl.constexpr,
+                    BLOCK: tl.constexpr):
     """Grid (cdiv(S, BLOCK), N): dx for one block of destination sample k, plus that block's
     share of dw_k (written to dw_part[k, block])."""
     k = tl.program_id(1).to(tl.int64)
@@ -93,7 +107,8 @@ def _mix_bwd_kernel(g_ptr, x_ptr, src_ptr, w_ptr, box_ptr, inv_offsets_ptr, inv_
         wj = tl.load(w_ptr + j)
         gj = tl.load(g_ptr + j * sample_size + offs, mask=in_j, other=0).to(wk.dtype)
         acc += tl.where(in_j, (1 - wj) * gj, 0.0)
-    tl.store(dx_ptr + k * sample_size + offs, acc.to(dx_ptr.dtype.element_ty), mask=valid)
+    tl.store(dx_ptr + k * sample_size + offs, _cast_out(acc, dx_ptr.dtype.element_ty, SOFT_BF16),
+             mask=valid)
     s = tl.load(src_ptr + k)
     a = tl.load(x_ptr + k * sample_size + offs, mask=inside, other=0).to(wk.dtype)
     b = tl.load(x_ptr + s * sample_size + offs, mask=inside, other=0).to(wk.dtype)
@@ -124,6 +139,10 @@ def _geometry(x: Tensor, box: Tensor | None) -> tuple[Tensor, Tensor, int, int]:
     return x, boxes.contiguous(), rows, row_len
 
 
+def _soft_bf16(x: Tensor) -> bool:
+    return x.dtype == torch.bfloat16 and _backend.triton_interpreted()
+
+
 def _compute_w(x: Tensor, w: Tensor) -> Tensor:
     ct = torch.float64 if x.dtype == torch.float64 else torch.float32
     return w.to(ct).contiguous()
@@ -137,8 +156,8 @@ def mix(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None) -> Tensor:
         return out
     grid = (triton.cdiv(size, BLOCK), n)
     _mix_fwd_kernel[grid](xr, out, src.contiguous(), _compute_w(xr, w), boxes, size, rows, row_len,
-                          IS_UINT8=xr.dtype == torch.uint8, BLOCK=BLOCK, num_warps=NUM_WARPS,
-                          enable_fp_fusion=False)
+                          IS_UINT8=xr.dtype == torch.uint8, SOFT_BF16=_soft_bf16(xr), BLOCK=BLOCK,
+                          num_warps=NUM_WARPS, enable_fp_fusion=False)
     return out
 
 
@@ -169,8 +188,8 @@ def mix_backward(grad: Tensor, x: Tensor, src: Tensor, w: Tensor,
     dw_part = torch.empty(n, blocks, dtype=wc.dtype, device=xr.device)
     offsets, order = _invert_partners(src)
     _mix_bwd_kernel[(blocks, n)](g, xr, src.contiguous(), wc, boxes, offsets, order, dx, dw_part,
-                                 size, rows, row_len, BLOCK=BLOCK, num_warps=NUM_WARPS,
-                                 enable_fp_fusion=False)
+                                 size, rows, row_len, SOFT_BF16=_soft_bf16(xr), BLOCK=BLOCK,
+                                 num_warps=NUM_WARPS, enable_fp_fusion=False)
     return dx, dw_part.sum(1).to(w.dtype)
 
 
