@@ -57,30 +57,38 @@ at::Tensor readable(const at::Tensor& x) {
   return (x.is_contiguous() || is_channels_last(x)) ? x : x.contiguous();
 }
 
+// Checks partner indices and weights (named src_name/w_name in messages, as in _checks.py)
+// and returns the weights in the compute type, converted the way the reference converts them.
+template <typename CT>
+std::vector<CT> checked_partners(const at::Tensor& src, const at::Tensor& w, int64_t n,
+                                 const char* src_name, const char* w_name) {
+  TORCH_CHECK_VALUE(src.scalar_type() == at::kLong && src.dim() == 1 && src.size(0) == n &&
+                        src.is_contiguous() && src.device().is_cpu(),
+                    "mix: '", src_name, "' must be a contiguous int64 CPU tensor [N] = [", n, "]");
+  TORCH_CHECK_VALUE(w.is_floating_point() && w.dim() == 1 && w.size(0) == n,
+                    "mix: '", w_name, "' must be a floating tensor [N] = [", n, "]");
+  const int64_t* sp = src.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK_VALUE(sp[i] >= 0 && sp[i] < n, "mix: '", src_name,
+                      "' must hold sample indices in [0, N=", n, ")");
+  // the original w is checked (a float64 w of 1 + 1e-12 would round to 1 in float32)
+  const at::Tensor w64 = w.to(at::kDouble).contiguous();
+  for (int64_t i = 0; i < n; ++i) {
+    const double v = w64.const_data_ptr<double>()[i];
+    TORCH_CHECK_VALUE(v >= 0.0 && v <= 1.0, "mix: '", w_name,
+                      "' must lie in [0, 1] (and not be NaN)");
+  }
+  const at::Tensor wd = w.to(at::CppTypeToScalarType<CT>::value).contiguous();
+  return std::vector<CT>(wd.const_data_ptr<CT>(), wd.const_data_ptr<CT>() + n);
+}
+
 template <typename CT>
 MixPlan<CT> make_plan(const at::Tensor& x, const at::Tensor& src, const at::Tensor& w,
                       const std::optional<at::Tensor>& box) {
   const int64_t n = x.size(0);
-  TORCH_CHECK_VALUE(src.scalar_type() == at::kLong && src.dim() == 1 && src.size(0) == n &&
-                        src.is_contiguous() && src.device().is_cpu(),
-                    "mix: 'src' must be a contiguous int64 CPU tensor [N] = [", n, "]");
   MixPlan<CT> plan;
-  plan.src = src.data_ptr<int64_t>();
-  for (int64_t i = 0; i < n; ++i)
-    TORCH_CHECK_VALUE(plan.src[i] >= 0 && plan.src[i] < n,
-                      "mix: 'src' must hold sample indices in [0, N=", n, ")");
-  const at::Tensor wd = w.to(at::CppTypeToScalarType<CT>::value).contiguous();
-  plan.w.assign(wd.data_ptr<CT>(), wd.data_ptr<CT>() + n);
-  for (CT v : plan.w)  // w.to(compute dtype) first, as the reference does
-    TORCH_CHECK_VALUE(v >= CT(0) && v <= CT(1), "mix: 'w' must lie in [0, 1] (and not be NaN)");
-  // the original w must pass too (a float64 w of 1 + 1e-12 rounds to 1 in float32)
-  if (w.scalar_type() != wd.scalar_type()) {
-    const at::Tensor w64 = w.to(at::kDouble).contiguous();
-    for (int64_t i = 0; i < n; ++i) {
-      const double v = w64.data_ptr<double>()[i];
-      TORCH_CHECK_VALUE(v >= 0.0 && v <= 1.0, "mix: 'w' must lie in [0, 1] (and not be NaN)");
-    }
-  }
+  plan.w = checked_partners<CT>(src, w, n, "src", "w");
+  plan.src = src.const_data_ptr<int64_t>();
 
   core_ns::MixLayout& L = plan.layout;
   L.n = n;
@@ -98,6 +106,9 @@ MixPlan<CT> make_plan(const at::Tensor& x, const at::Tensor& src, const at::Tens
   }
   plan.boxes.resize(4 * n);
   if (!box.has_value() || x.dim() == 2) {
+    // the box is the whole sample: view each sample as one contiguous row
+    L.row_len = L.planes * L.rows * L.row_len;
+    L.planes = L.rows = 1;
     for (int64_t i = 0; i < n; ++i) {
       int64_t* b = &plan.boxes[4 * i];
       b[0] = 0, b[1] = L.rows, b[2] = 0, b[3] = L.row_len;
@@ -123,10 +134,14 @@ at::Tensor empty_like_strided(const at::Tensor& x) {
   return at::empty_strided(x.sizes(), x.strides(), x.options());
 }
 
-// Rows per task: aim for ~32 KiB of output per task so small images still split.
-int64_t grain_rows(const core_ns::MixLayout& L, size_t elem) {
-  const int64_t row_bytes = std::max<int64_t>(1, L.row_len * static_cast<int64_t>(elem));
-  return std::max<int64_t>(1, (int64_t{32} << 10) / row_bytes);
+// Units per task: aim for ~32 KiB of output per task so small images still split.
+int64_t grain(int64_t unit_elems, size_t elem) {
+  const int64_t unit_bytes = std::max<int64_t>(1, unit_elems * static_cast<int64_t>(elem));
+  return std::max<int64_t>(1, (int64_t{32} << 10) / unit_bytes);
+}
+int64_t grain_rows(const core_ns::MixLayout& L, size_t elem) { return grain(L.row_len, elem); }
+int64_t grain_planes(const core_ns::MixLayout& L, size_t elem) {
+  return grain(L.rows * L.row_len, elem);
 }
 
 at::Tensor mix_cpu(const at::Tensor& x_in, const at::Tensor& src, const at::Tensor& w,
@@ -142,8 +157,34 @@ at::Tensor mix_cpu(const at::Tensor& x_in, const at::Tensor& src, const at::Tens
     const T* xp = reinterpret_cast<const T*>(x.const_data_ptr<scalar_t>());
     T* op = reinterpret_cast<T*>(out.mutable_data_ptr<scalar_t>());
     const core_ns::MixLayout& L = plan.layout;
-    at::parallel_for(0, L.total_rows(), grain_rows(L, sizeof(T)), [&](int64_t b, int64_t e) {
-      core_ns::mix_forward_rows(xp, op, plan.src, plan.w.data(), plan.boxes.data(), L, b, e);
+    at::parallel_for(0, L.n * L.planes, grain_planes(L, sizeof(T)), [&](int64_t b, int64_t e) {
+      core_ns::mix_forward_planes(xp, op, plan.src, plan.w.data(), plan.boxes.data(), L, b, e);
+    });
+  });
+  return out;
+}
+
+// mix(mix(x, src, w, box), src2, w2, None) in one pass (core::mix2_forward_rows).
+at::Tensor mix2_cpu(const at::Tensor& x_in, const at::Tensor& src, const at::Tensor& w,
+                    const std::optional<at::Tensor>& box, const at::Tensor& src2,
+                    const at::Tensor& w2) {
+  TORCH_CHECK_VALUE(x_in.dim() == 2 || x_in.dim() == 4,
+                    "mix2: 'x' must be [N, C, H, W] images or [N, D] features");
+  const at::Tensor x = readable(x_in);
+  at::Tensor out = empty_like_strided(x);
+  AT_DISPATCH_FLOATING_TYPES_AND3(at::kByte, at::kHalf, at::kBFloat16, x.scalar_type(), "mix2", [&] {
+    using T = typename CoreType<scalar_t>::type;
+    using CT = core_ns::compute_t<T>;
+    const MixPlan<CT> plan = make_plan<CT>(x, src, w, box);
+    const std::vector<CT> w2c = checked_partners<CT>(src2, w2, x.size(0), "src2", "w2");
+    const int64_t* s2 = src2.const_data_ptr<int64_t>();
+    const T* xp = reinterpret_cast<const T*>(x.const_data_ptr<scalar_t>());
+    T* op = reinterpret_cast<T*>(out.mutable_data_ptr<scalar_t>());
+    const core_ns::MixLayout& L = plan.layout;
+    at::parallel_for(0, L.n * L.planes, grain_planes(L, sizeof(T)), [&](int64_t b, int64_t e) {
+      std::vector<T> scratch(2 * core_ns::kWindow);
+      core_ns::mix2_forward_planes(xp, op, plan.src, plan.w.data(), plan.boxes.data(), s2,
+                                 w2c.data(), L, scratch.data(), b, e);
     });
   });
   return out;
@@ -196,9 +237,11 @@ std::tuple<at::Tensor, at::Tensor> mix_backward_cpu(const at::Tensor& grad_in,
 TORCH_LIBRARY_FRAGMENT(metamixer_cpp, m) {
   m.def("mix(Tensor x, Tensor src, Tensor w, Tensor? box) -> Tensor");
   m.def("mix_backward(Tensor grad, Tensor x, Tensor src, Tensor w, Tensor? box) -> (Tensor, Tensor)");
+  m.def("mix2(Tensor x, Tensor src, Tensor w, Tensor? box, Tensor src2, Tensor w2) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(metamixer_cpp, CPU, m) {
   m.impl("mix", &metamixer::mix_cpu);
   m.impl("mix_backward", &metamixer::mix_backward_cpu);
+  m.impl("mix2", &metamixer::mix2_cpu);
 }

@@ -1,4 +1,6 @@
-"""Triton kernels of ``metamixer::mix`` (DESIGN.md section 2.2), registered as the ``triton`` backend.
+"""Triton kernels of ``metamixer::mix`` (DESIGN.md section 2.2) and of the fused local + global
+``metamixer::mix2`` (forward; its backward is built from mix and mix_backward), registered as
+the ``triton`` backend.
 
 Forward, per sample i and element p of the sample:
     out[i, p] = x[i, p]                              outside box_i
@@ -64,24 +66,56 @@ def _cast_out(v, dtype: tl.constexpr, SOFT_BF16: tl.constexpr):
 
 
 @triton.jit
-def _mix_fwd_kernel(x_ptr, out_ptr, src_ptr, w_ptr, box_ptr, sample_size, rows, row_len,
-                    IS_UINT8: tl.constexpr, SOFT_BF16: tl.constexpr, BLOCK: tl.constexpr):
-    """Grid (cdiv(S, BLOCK), N): one block of one sample per program."""
-    i = tl.program_id(1).to(tl.int64)
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    valid = offs < sample_size
-    inside = valid & _in_box(box_ptr, i, offs, rows, row_len)
-    s = tl.load(src_ptr + i)
-    w = tl.load(w_ptr + i)  # already in the compute dtype
-    a = tl.load(x_ptr + i * sample_size + offs, mask=valid)
-    b = tl.load(x_ptr + s * sample_size + offs, mask=inside, other=0)
+def _blend(a, b, w, IS_UINT8: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """w a + (1 - w) b in w's dtype, three roundings, stored back in a's dtype."""
     lhs = w * a.to(w.dtype)
     rhs = (1 - w) * b.to(w.dtype)
     blended = lhs + rhs
     if IS_UINT8:
         blended = (blended + 12582912.0) - 12582912.0
         blended = tl.minimum(tl.maximum(blended, 0.0), 255.0)
-    out = tl.where(inside, _cast_out(blended, a.dtype, SOFT_BF16), a)
+    return _cast_out(blended, a.dtype, SOFT_BF16)
+
+
+@triton.jit
+def _mix_at(x_ptr, src_ptr, w_ptr, box_ptr, i, offs, valid, sample_size, rows, row_len,
+            IS_UINT8: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """mix(x, src, w, box)[i] at the flat offsets offs of sample i, in x's dtype."""
+    inside = valid & _in_box(box_ptr, i, offs, rows, row_len)
+    s = tl.load(src_ptr + i)
+    w = tl.load(w_ptr + i)  # already in the compute dtype
+    a = tl.load(x_ptr + i * sample_size + offs, mask=valid)
+    b = tl.load(x_ptr + s * sample_size + offs, mask=inside, other=0)
+    return tl.where(inside, _blend(a, b, w, IS_UINT8, SOFT_BF16), a)
+
+
+@triton.jit
+def _mix_fwd_kernel(x_ptr, out_ptr, src_ptr, w_ptr, box_ptr, sample_size, rows, row_len,
+                    IS_UINT8: tl.constexpr, SOFT_BF16: tl.constexpr, BLOCK: tl.constexpr):
+    """Grid (cdiv(S, BLOCK), N): one block of one sample per program."""
+    i = tl.program_id(1).to(tl.int64)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < sample_size
+    out = _mix_at(x_ptr, src_ptr, w_ptr, box_ptr, i, offs, valid, sample_size, rows, row_len,
+                  IS_UINT8, SOFT_BF16)
+    tl.store(out_ptr + i * sample_size + offs, out, mask=valid)
+
+
+@triton.jit
+def _mix2_fwd_kernel(x_ptr, out_ptr, src_ptr, w_ptr, box_ptr, src2_ptr, w2_ptr, sample_size, rows,
+                     row_len, IS_UINT8: tl.constexpr, SOFT_BF16: tl.constexpr, BLOCK: tl.constexpr):
+    """mix(mix(x, src, w, box), src2, w2) for one block of sample i: u_i and u_src2_i are
+    formed in registers (rounded as a first call would store them), then blended with w2_i.
+    Reads x_i, x_src2_i and their local partners inside the boxes; writes out once."""
+    i = tl.program_id(1).to(tl.int64)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < sample_size
+    k = tl.load(src2_ptr + i)
+    ua = _mix_at(x_ptr, src_ptr, w_ptr, box_ptr, i, offs, valid, sample_size, rows, row_len,
+                 IS_UINT8, SOFT_BF16)
+    ub = _mix_at(x_ptr, src_ptr, w_ptr, box_ptr, k, offs, valid, sample_size, rows, row_len,
+                 IS_UINT8, SOFT_BF16)
+    out = _blend(ua, ub, tl.load(w2_ptr + i), IS_UINT8, SOFT_BF16)
     tl.store(out_ptr + i * sample_size + offs, out, mask=valid)
 
 
@@ -161,6 +195,20 @@ def mix(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None) -> Tensor:
     return out
 
 
+def mix2(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None, src2: Tensor, w2: Tensor) -> Tensor:
+    xr, boxes, rows, row_len = _geometry(x, box)
+    out = torch.empty_strided(xr.shape, xr.stride(), dtype=xr.dtype, device=xr.device)
+    n, size = xr.shape[0], xr[0].numel()
+    if size == 0:
+        return out
+    grid = (triton.cdiv(size, BLOCK), n)
+    _mix2_fwd_kernel[grid](xr, out, src.contiguous(), _compute_w(xr, w), boxes, src2.contiguous(),
+                           _compute_w(xr, w2), size, rows, row_len, IS_UINT8=xr.dtype == torch.uint8,
+                           SOFT_BF16=_soft_bf16(xr), BLOCK=BLOCK, num_warps=NUM_WARPS,
+                           enable_fp_fusion=False)
+    return out
+
+
 def _invert_partners(src: Tensor) -> tuple[Tensor, Tensor]:
     """CSR of {j : src_j = k}: offsets [N + 1] and the j's in increasing order."""
     n = src.shape[0]
@@ -195,3 +243,4 @@ def mix_backward(grad: Tensor, x: Tensor, src: Tensor, w: Tensor,
 
 _backend.register_kernel("mix", "triton", mix)
 _backend.register_kernel("mix_backward", "triton", mix_backward)
+_backend.register_kernel("mix2", "triton", mix2)

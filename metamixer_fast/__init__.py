@@ -3,6 +3,7 @@ with MetaMixer regularization."""
 
 from . import _backend, reference
 from .loss import MixedKDLoss, MixedKDLossOutput, MixedTarget
+from .mix2 import mix2
 from .ops import mix, mixed_kd_loss
 
 if _backend.cpp_module() is not None:
@@ -18,6 +19,7 @@ __all__ = [
     "MixedTarget",
     "__version__",
     "mix",
+    "mix2",
     "mixed_kd_loss",
     "reference",
 ]

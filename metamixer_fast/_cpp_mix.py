@@ -1,4 +1,5 @@
-"""Registers the C++ CPU kernels of ``metamixer::mix`` (csrc/mix.cpp) as the ``cpp`` backend.
+"""Registers the C++ CPU kernels of ``metamixer::mix`` and ``metamixer::mix2`` (csrc/mix.cpp) as
+the ``cpp`` backend.
 
 Imported by ``metamixer_fast/__init__.py`` only when the extension ``metamixer_fast._C`` is
 built. The C++ kernel performs ``_checks.check_mix_values`` itself (same messages), so the op
@@ -23,7 +24,13 @@ def mix_backward(grad: Tensor, x: Tensor, src: Tensor, w: Tensor,
     return torch.ops.metamixer_cpp.mix_backward(grad, x, src, w, box)
 
 
+def mix2(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None, src2: Tensor, w2: Tensor) -> Tensor:
+    return torch.ops.metamixer_cpp.mix2(x, src, w, box, src2, w2)
+
+
 mix.checks_values = True  # type: ignore[attr-defined]
+mix2.checks_values = True  # type: ignore[attr-defined]
 
 _backend.register_kernel("mix", "cpp", mix)
 _backend.register_kernel("mix_backward", "cpp", mix_backward)
+_backend.register_kernel("mix2", "cpp", mix2)

@@ -26,11 +26,10 @@ std::vector<T> forward(const std::vector<T>& x, const std::vector<int64_t>& src,
                        const std::vector<core::compute_t<T>>& w, const std::vector<int64_t>& boxes,
                        const core::MixLayout& L) {
   std::vector<T> out(x.size());
-  // two halves, as two threads would split the rows
-  const int64_t mid = L.total_rows() / 2;
-  core::mix_forward_rows(x.data(), out.data(), src.data(), w.data(), boxes.data(), L, 0, mid);
-  core::mix_forward_rows(x.data(), out.data(), src.data(), w.data(), boxes.data(), L, mid,
-                         L.total_rows());
+  // two halves, as two threads would split the (sample, plane) units
+  const int64_t units = L.n * L.planes, mid = units / 2;
+  core::mix_forward_planes(x.data(), out.data(), src.data(), w.data(), boxes.data(), L, 0, mid);
+  core::mix_forward_planes(x.data(), out.data(), src.data(), w.data(), boxes.data(), L, mid, units);
   return out;
 }
 
@@ -65,6 +64,22 @@ void test_uint8_rounds_half_to_even() {
   expect(self == x, "uint8 self pair");
   expect(core::Compute<uint8_t>::store(-0.4f) == 0 && core::Compute<uint8_t>::store(255.4f) == 255,
          "uint8 clamp");
+}
+
+// The SSE2 path (16 at a time) equals the scalar formula for every pixel pair and many weights.
+void test_uint8_simd_equals_scalar() {
+  std::vector<uint8_t> a(65536 + 5), b(65536 + 5), out(65536 + 5);
+  for (int i = 0; i < 65536 + 5; ++i) a[i] = static_cast<uint8_t>(i & 255), b[i] = static_cast<uint8_t>(i >> 8);
+  for (float w : {0.5f, 0.25f, 0.1f, 0.3f, 0.7f, 0.999f, 1e-4f}) {
+    core::blend_span(a.data(), b.data(), out.data(), 65536 + 5, w);
+    bool same = true;
+    for (int i = 0; i < 65536 + 5; ++i) {
+      const float lhs = w * static_cast<float>(a[i]);
+      const float rhs = (1.0f - w) * static_cast<float>(b[i]);
+      same = same && out[i] == core::Compute<uint8_t>::store(lhs + rhs);
+    }
+    expect(same, "uint8 simd == scalar");
+  }
 }
 
 // channels_last view: rows = H, row_len = W*C, columns scaled by C.
@@ -155,6 +170,7 @@ void test_dw_inside_box_only() {
 int main() {
   test_cutmix_copies_exactly();
   test_uint8_rounds_half_to_even();
+  test_uint8_simd_equals_scalar();
   test_channels_last_box();
   test_half_and_bfloat16_conversions();
   test_backward_gathers_repeats();
