@@ -184,8 +184,8 @@ def report(threads: int, rounds: int, out_path: Path) -> dict:
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)
     result = {"commit": _commit(), "threads": threads, "rounds": rounds, "torch": torch.__version__,
-              "cpu": _cpu(), "cores": os.cpu_count(), "loadavg_before": os.getloadavg(), "backend": mf._backend.backend_for("mix", torch.device("cpu")),
-              "skipped": {}, "cases": {}}
+              "cpu": _cpu(), "cores": os.cpu_count(), "loadavg_before": os.getloadavg(),
+              "backend": mf._backend.backend_for("mix", torch.device("cpu")), "skipped": {}, "cases": {}}
     cases = [(name, make_batch(shape, dtype, g), input_rows) for name, (shape, dtype) in INPUT_CASES.items()]
     cases += [(name, make_batch(shape, dtype, g), feature_rows)
               for name, (shape, dtype) in FEATURE_CASES.items()]
