@@ -18,10 +18,15 @@
 // Arithmetic. The blend runs in Compute<T> = float for uint8/fp16/bf16 and T for float/double,
 // as three separately rounded operations (w*a, (1-w)*b, their sum), exactly like the eager
 // reference; no FMA instruction is ever enabled for this code, so nothing is contracted.
-// uint8 rounds half to even and clamps to [0, 255]. Copies (outside the box) are memcpy.
+// uint8 rounds half to even and clamps to [0, 255] (an SSE2 path does 16 pixels at a time;
+// w = 0 or 1 is a memcpy for uint8, where it is exact). Copies (outside the box) are memcpy.
+//
+// Fused op: mix2_forward_planes computes mix(mix(x, src, w, box), src2, w2, None) in one pass
+// (see there), bit for bit equal to the two calls.
 //
 // Bytes moved. Forward: reads x_i once and x_src_i inside box_i, writes out once:
-// (S + |box|) reads + S writes per sample of S elements. Backward (gather per destination,
+// (S + |box|) reads + S writes per sample of S elements. The forward works on whole planes
+// (one memcpy for the rows above and below the box), which matters for 32-wide images. Backward (gather per destination,
 // so repeated partners never race): reads g_k, x_k and x_src_k once and g_j inside box_j for
 // every j with src_j = k, writes dx once.
 #pragma once
@@ -247,11 +252,15 @@ void mix_forward_planes(const T* x, T* out, const int64_t* src, const compute_t<
 }
 
 // Fused local + global mixing, the two-call composition mix(mix(x, src, w, box), src2, w2, None)
-// in one pass: u_k = mix(x, src, w, box)[k] is formed for k = i and k = src2_i a chunk at a time
-// in the caller's scratch (2 * kWindow elements, cache-resident), rounded to T exactly as the
-// first call's output would be, then out_i = w2_i u_i + (1 - w2_i) u_{src2_i}.
-// Bytes: reads x_i, x_src2_i (and their local partners inside the boxes), writes out once.
+// in one pass. With u = mix(x, src, w, box) and k = src2_i, out_i = w2_i u_i + (1 - w2_i) u_k.
+// Runs of rows outside both box_i and box_k have u = x there, so they are one blend of x_i and
+// x_k. A row crossing a box gets u_i (and/or u_k) formed a window at a time in the caller's
+// scratch (2 * kWindow elements, cache-resident), rounded to T exactly as the first call's
+// output would be, then blended.
+// Bytes: reads x_i, x_k (and their local partners inside the boxes), writes out once.
 constexpr int64_t kWindow = 4096;
+
+inline bool crosses_box(const int64_t* box, int64_t y) { return box[2] < box[3] && row_in_box(box, y); }
 
 template <typename T>
 void mix2_forward_planes(const T* x, T* out, const int64_t* src, const compute_t<T>* w,
@@ -262,29 +271,29 @@ void mix2_forward_planes(const T* x, T* out, const int64_t* src, const compute_t
   T* ub = scratch + kWindow;
   for (int64_t u = begin; u < end; ++u) {
     const int64_t i = u / L.planes, k = src2[i], in_off = (u % L.planes) * plane;
+    const int64_t *bi = boxes + 4 * i, *bk = boxes + 4 * k;
     const T* xi = x + i * S + in_off;
     const T* xsi = x + src[i] * S + in_off;
     const T* xk = x + k * S + in_off;
     const T* xsk = x + src[k] * S + in_off;
     T* o = out + i * S + in_off;
-    if (len <= kWindow) {  // chunks of whole rows
-      const int64_t step = kWindow / len;
-      for (int64_t yb = 0; yb < L.rows; yb += step) {
-        const int64_t ye = yb + step < L.rows ? yb + step : L.rows, at = yb * len;
-        mix_rows(xi + at, xsi + at, ua, len, boxes + 4 * i, yb, ye, w[i]);
-        mix_rows(xk + at, xsk + at, ub, len, boxes + 4 * k, yb, ye, w[k]);
-        blend_span(ua, ub, o + at, (ye - yb) * len, w2[i]);
-      }
-      continue;
-    }
-    for (int64_t y = 0; y < L.rows; ++y) {  // windows of long rows
+    for (int64_t y = 0; y < L.rows;) {
       const int64_t at = y * len;
+      const bool in_i = crosses_box(bi, y), in_k = crosses_box(bk, y);
+      if (!in_i && !in_k) {  // a run of rows where u_i = x_i and u_k = x_k
+        int64_t ye = y + 1;
+        while (ye < L.rows && !crosses_box(bi, ye) && !crosses_box(bk, ye)) ++ye;
+        blend_span(xi + at, xk + at, o + at, (ye - y) * len, w2[i]);
+        y = ye;
+        continue;
+      }
       for (int64_t cb = 0; cb < len; cb += kWindow) {
         const int64_t ce = cb + kWindow < len ? cb + kWindow : len;
-        mix_window(xi + at, xsi + at, ua, cb, ce, boxes + 4 * i, y, w[i]);
-        mix_window(xk + at, xsk + at, ub, cb, ce, boxes + 4 * k, y, w[k]);
-        blend_span(ua, ub, o + at + cb, ce - cb, w2[i]);
+        if (in_i) mix_window(xi + at, xsi + at, ua, cb, ce, bi, y, w[i]);
+        if (in_k) mix_window(xk + at, xsk + at, ub, cb, ce, bk, y, w[k]);
+        blend_span(in_i ? ua : xi + at + cb, in_k ? ub : xk + at + cb, o + at + cb, ce - cb, w2[i]);
       }
+      ++y;
     }
   }
 }
