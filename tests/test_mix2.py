@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_mix_kernels import DTYPES, LAYOUTS, assert_blend_close, make_plan, make_x
 
 import metamixer_fast as mf
 from metamixer_fast import reference
-from test_mix_kernels import DTYPES, LAYOUTS, assert_blend_close, make_plan, make_x
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -37,8 +37,8 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__SSE2__)
-#include <emmintrin.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
 #endif
 
 namespace metamixer::core {
@@ -177,6 +177,38 @@ inline void blend16_u8(const uint8_t* a, const uint8_t* b, uint8_t* out, __m128 
 }
 #endif
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#define METAMIXER_HAVE_AVX2_PATH 1
+// The same 16-pixel blend with 8-wide float vectors, compiled for AVX2 (not FMA: the products
+// must stay separately rounded) and called only when the CPU reports AVX2 at run time.
+__attribute__((target("avx2"))) inline void blend_u8_avx2(const uint8_t* a, const uint8_t* b,
+                                                          uint8_t* out, int64_t len, float w,
+                                                          int64_t* done) {
+  const __m256 wv = _mm256_set1_ps(w), vv = _mm256_set1_ps(1.0f - w);
+  int64_t c = 0;
+  for (; c + 16 <= len; c += 16) {
+    __m256i q[2];
+    for (int h = 0; h < 2; ++h) {
+      const __m128i a8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(a + c + 8 * h));
+      const __m128i b8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + c + 8 * h));
+      const __m256 lhs = _mm256_mul_ps(wv, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(a8)));
+      const __m256 rhs = _mm256_mul_ps(vv, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b8)));
+      q[h] = _mm256_cvtps_epi32(_mm256_add_ps(lhs, rhs));
+    }
+    // packs works within 128-bit lanes: reorder the 64-bit quarters back into pixel order
+    const __m256i p16 = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[0], q[1]), 0xD8);
+    const __m128i p8 = _mm_packus_epi16(_mm256_castsi256_si128(p16), _mm256_extracti128_si256(p16, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + c), p8);
+  }
+  *done = c;
+}
+
+inline bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2");
+  return has;
+}
+#endif
+
 template <typename T>
 void blend_span(const T* a, const T* b, T* out, int64_t len, compute_t<T> w) {
   using C = Compute<T>;
@@ -187,6 +219,9 @@ void blend_span(const T* a, const T* b, T* out, int64_t len, compute_t<T> w) {
       std::memcpy(out, w == 1.0f ? a : b, static_cast<size_t>(len));
       return;
     }
+#if defined(METAMIXER_HAVE_AVX2_PATH)
+    if (cpu_has_avx2()) blend_u8_avx2(a, b, out, len, w, &c);
+#endif
 #if defined(__SSE2__)
     const __m128 wv = _mm_set1_ps(w), vv = _mm_set1_ps(1.0f - w);
     for (; c + 16 <= len; c += 16) blend16_u8(a + c, b + c, out + c, wv, vv);

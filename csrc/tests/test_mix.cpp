@@ -3,6 +3,7 @@
 // metamixer_fast/reference.py on random inputs.
 #include <cmath>
 #include <cstdio>
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -79,6 +80,13 @@ void test_uint8_simd_equals_scalar() {
       same = same && out[i] == core::Compute<uint8_t>::store(lhs + rhs);
     }
     expect(same, "uint8 simd == scalar");
+#if defined(__SSE2__)
+    // the SSE2 path directly (blend_span takes the AVX2 one on CPUs that have it)
+    std::vector<uint8_t> sse(65536);
+    for (int c = 0; c < 65536; c += 16)
+      core::blend16_u8(a.data() + c, b.data() + c, sse.data() + c, _mm_set1_ps(w), _mm_set1_ps(1.0f - w));
+    expect(std::equal(sse.begin(), sse.end(), out.begin()), "uint8 sse2 == dispatched path");
+#endif
   }
 }
 
