@@ -2,8 +2,8 @@
 
 Two entry points:
   pytest bench/bench_mix.py                       pytest-benchmark timings of every row
-  python bench/bench_mix.py --report              one interleaved run: markdown table + JSON in
-                                                  bench/results/mix_cpu.json (README's numbers)
+  python bench/bench_mix.py --report [--threads 2]  one interleaved run: markdown table + JSON in
+                                                  bench/results/mix_cpu_2threads.json (README)
 
 Rows, per case (threads fixed by --threads, default 2):
   input stage, forward - the batch x [N, C, H, W] gets a CutMix box from a local partner, then a
@@ -58,7 +58,7 @@ FEATURE_CASES = {  # layer2 outputs of a CIFAR ResNet and of an ImageNet ResNet-
     "features 256x128x16x16 fp32 fwd+bwd": ((256, 128, 16, 16), torch.float32),
     "features 64x128x28x28 fp32 fwd+bwd": ((64, 128, 28, 28), torch.float32),
 }
-RESULTS = Path(__file__).resolve().parent / "results" / "mix_cpu.json"
+RESULTS = Path(__file__).resolve().parent / "results" / "mix_cpu_{threads}threads.json"
 
 
 # ------------------------------------------------------------------------------------ inputs
@@ -259,12 +259,12 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="print the markdown table, write JSON")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--out", type=str, default=str(RESULTS), help="JSON path ({threads} is filled in)")
     args = parser.parse_args()
     if not args.report:
         parser.print_help()
         return
-    report(args.threads, args.rounds, args.out)
+    report(args.threads, args.rounds, Path(args.out.format(threads=args.threads)))
 
 
 if __name__ == "__main__":

@@ -196,3 +196,25 @@ def test_bad_values_are_refused_by_every_backend(mix_backend):
         mf.mix(x, src, torch.tensor([0.0, 1.0 + 1e-12, 0.5], dtype=torch.float64), box)
     with pytest.raises(ValueError, match="'box'"):
         mf.mix(x, src, wt, torch.tensor([[0, 2, 3, 5]] * 3))
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_large_batch_splits_across_threads(mix_backend, layout, rng):
+    """Big enough that the C++ kernels split the work across threads (units of >= 32 KiB): the
+    forward, the gathered backward (repeated partners) and mix2 still equal the reference."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(2, threads))
+    try:
+        x = make_x(rng, (24, 3, 64, 96), torch.float32, layout)
+        src, wt, box = make_plan(rng, 24, 64, 96)
+        src2, w2 = torch.randint(0, 24, (24,), generator=rng), torch.rand(24, generator=rng)
+        wt = wt.float()
+        assert torch.equal(mf.mix(x, src, wt, box), reference.mix(x, src, wt, box))
+        assert torch.equal(mf.mix2(x, src, wt, box, src2, w2), reference.mix2(x, src, wt, box, src2, w2))
+        grad = make_x(rng, (24, 3, 64, 96), torch.float32, layout)
+        dx, dw = torch.ops.metamixer.mix_backward(grad, x, src, wt, box)
+        want_dx, want_dw = reference.mix_backward(grad.double(), x.double(), src, wt.double(), box)
+        torch.testing.assert_close(dx.double(), want_dx, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(dw.double(), want_dw, rtol=1e-4, atol=1e-3)
+    finally:
+        torch.set_num_threads(threads)
