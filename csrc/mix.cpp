@@ -219,7 +219,7 @@ std::tuple<at::Tensor, at::Tensor> mix_backward_cpu(const at::Tensor& grad_in,
     const T* xp = reinterpret_cast<const T*>(x.const_data_ptr<scalar_t>());
     T* dxp = reinterpret_cast<T*>(dx.mutable_data_ptr<scalar_t>());
     at::parallel_for(0, L.total_rows(), grain_rows(L, sizeof(T)), [&](int64_t b, int64_t e) {
-      std::vector<CT> buf(L.row_len);
+      std::vector<CT> buf(core_ns::kWindow);
       core_ns::mix_backward_rows(gp, xp, plan.src, plan.w.data(), plan.boxes.data(), L,
                                  offsets.data(), list.data(), dxp, dw_rows.data(), buf.data(), b,
                                  e);

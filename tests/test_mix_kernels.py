@@ -218,3 +218,19 @@ def test_large_batch_splits_across_threads(mix_backend, layout, rng):
         torch.testing.assert_close(dw.double(), want_dw, rtol=1e-4, atol=1e-3)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "features"])
+def test_rows_longer_than_a_window(mix_backend, layout, rng):
+    """Rows of more than 4096 elements (the C++ kernels' window) with boxes across windows."""
+    x = make_x(rng, (5, 3, 4, 1501), torch.float64, layout)
+    src, wt, box = make_plan(rng, 5, 4, 1501)
+    box = None if layout == "features" else box
+    src2, w2 = torch.randint(0, 5, (5,), generator=rng), torch.rand(5, generator=rng, dtype=torch.float64)
+    assert torch.equal(mf.mix(x, src, wt, box), reference.mix(x, src, wt, box))
+    assert torch.equal(mf.mix2(x, src, wt, box, src2, w2), reference.mix2(x, src, wt, box, src2, w2))
+    grad = make_x(rng, (5, 3, 4, 1501), torch.float64, layout)
+    dx, dw = torch.ops.metamixer.mix_backward(grad, x, src, wt, box)
+    want_dx, want_dw = reference.mix_backward(grad, x, src, wt, box)
+    torch.testing.assert_close(dx, want_dx, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dw, want_dw, rtol=1e-10, atol=1e-10)

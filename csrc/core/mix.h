@@ -31,6 +31,7 @@
 // every j with src_j = k, writes dx once.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -141,6 +142,9 @@ using compute_t = typename Compute<T>::type;
 // Accumulator of the backward: double for double, float otherwise.
 template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// Columns per window of the fused forward's and the backward's cache-resident scratch.
+constexpr int64_t kWindow = 4096;
 
 struct MixLayout {
   int64_t n = 0, planes = 1, rows = 1, row_len = 0;
@@ -293,8 +297,6 @@ void mix_forward_planes(const T* x, T* out, const int64_t* src, const compute_t<
 // scratch (2 * kWindow elements, cache-resident), rounded to T exactly as the first call's
 // output would be, then blended.
 // Bytes: reads x_i, x_k (and their local partners inside the boxes), writes out once.
-constexpr int64_t kWindow = 4096;
-
 inline bool crosses_box(const int64_t* box, int64_t y) { return box[2] < box[3] && row_in_box(box, y); }
 
 template <typename T>
@@ -360,7 +362,9 @@ acc_t<T> dot_diff(const T* g, const T* a, const T* b, int64_t len) {
 }
 
 // Backward over destination rows [begin, end): writes dx for those rows and the row's share
-// of dw (dw_rows[r]). `buf` is scratch of row_len accumulators owned by the calling thread.
+// of dw (dw_rows[r]). Each row is done in windows of kWindow columns so that the accumulators
+// (`buf`, kWindow of them, owned by the calling thread) and the g_k window stay in L1 while the
+// partners' gradients are gathered into them and dw's products are taken.
 template <typename T>
 void mix_backward_rows(const T* g, const T* x, const int64_t* src, const compute_t<T>* w,
                        const int64_t* boxes, const MixLayout& L, const int64_t* inv_offsets,
@@ -374,23 +378,29 @@ void mix_backward_rows(const T* g, const T* x, const int64_t* src, const compute
     const int64_t in_off = (r % per_sample) * len;
     const int64_t* bk = boxes + 4 * k;
     const T* gk = g + k * S + in_off;
-    const bool k_row = row_in_box(bk, y);
-    const int64_t c0 = k_row ? bk[2] : 0, c1 = k_row ? bk[3] : 0;
-    for (int64_t c = 0; c < len; ++c) buf[c] = C::load(gk[c]);
-    for (int64_t c = c0; c < c1; ++c) buf[c] = buf[c] * w[k];
-    for (int64_t t = inv_offsets[k]; t < inv_offsets[k + 1]; ++t) {
-      const int64_t j = inv_list[t];
-      const int64_t* bj = boxes + 4 * j;
-      if (!row_in_box(bj, y)) continue;
-      const CT v = CT(1) - w[j];
-      const T* gj = g + j * S + in_off;
-      for (int64_t c = bj[2]; c < bj[3]; ++c) buf[c] += v * C::load(gj[c]);
-    }
+    const T* xk = x + k * S + in_off;
+    const T* xs = x + src[k] * S + in_off;
     T* out = dx + k * S + in_off;
-    for (int64_t c = 0; c < len; ++c) out[c] = C::store(buf[c]);
-    dw_rows[r] = c1 > c0 ? dot_diff(gk + c0, x + k * S + in_off + c0,
-                                    x + src[k] * S + in_off + c0, c1 - c0)
-                         : acc_t<T>(0);
+    const bool k_row = row_in_box(bk, y);
+    acc_t<T> dw_share = 0;
+    for (int64_t cb = 0; cb < len; cb += kWindow) {
+      const int64_t ce = cb + kWindow < len ? cb + kWindow : len;
+      const int64_t c0 = k_row ? std::max(bk[2], cb) : cb, c1 = k_row ? std::min(bk[3], ce) : cb;
+      for (int64_t c = cb; c < ce; ++c) buf[c - cb] = C::load(gk[c]);
+      for (int64_t c = c0; c < c1; ++c) buf[c - cb] = buf[c - cb] * w[k];
+      for (int64_t t = inv_offsets[k]; t < inv_offsets[k + 1]; ++t) {
+        const int64_t j = inv_list[t];
+        const int64_t* bj = boxes + 4 * j;
+        if (!row_in_box(bj, y)) continue;
+        const CT v = CT(1) - w[j];
+        const T* gj = g + j * S + in_off;
+        const int64_t j0 = std::max(bj[2], cb), j1 = std::min(bj[3], ce);
+        for (int64_t c = j0; c < j1; ++c) buf[c - cb] += v * C::load(gj[c]);
+      }
+      for (int64_t c = cb; c < ce; ++c) out[c] = C::store(buf[c - cb]);
+      if (c1 > c0) dw_share += dot_diff(gk + c0, xk + c0, xs + c0, c1 - c0);
+    }
+    dw_rows[r] = dw_share;
   }
 }
 

@@ -139,7 +139,7 @@ void test_backward_gathers_repeats() {
   core::invert_partners(src.data(), 3, offsets, list);
   expect(offsets == std::vector<int64_t>({0, 0, 2, 3}) && list == std::vector<int64_t>({0, 1, 2}),
          "inverse of src");
-  std::vector<double> dx(6), dw_rows(3), dw(3), buf(2);
+  std::vector<double> dx(6), dw_rows(3), dw(3), buf(core::kWindow);
   core::mix_backward_rows(g.data(), x.data(), src.data(), w.data(), boxes.data(), L, offsets.data(),
                           list.data(), dx.data(), dw_rows.data(), buf.data(), 0, 3);
   core::reduce_dw_rows(dw_rows.data(), L, dw.data());
@@ -162,7 +162,7 @@ void test_dw_inside_box_only() {
   const std::vector<float> w = {0.5f, 0.5f};
   std::vector<int64_t> offsets, list;
   core::invert_partners(src.data(), 2, offsets, list);
-  std::vector<float> dx(76), dw_rows(4), dw(2), buf(19);
+  std::vector<float> dx(76), dw_rows(4), dw(2), buf(core::kWindow);
   core::mix_backward_rows(g.data(), x.data(), src.data(), w.data(), boxes.data(), L, offsets.data(),
                           list.data(), dx.data(), dw_rows.data(), buf.data(), 0, 4);
   core::reduce_dw_rows(dw_rows.data(), L, dw.data());
