@@ -1,4 +1,4 @@
-"""The Triton mix kernels compile ahead of time for sm_80 and sm_90 (no GPU needed) with no
+"""The Triton mix and mix2 kernels compile ahead of time for sm_80 and sm_90 (no GPU needed) with no
 register spills and no fused multiply-adds (the blend must round like the eager reference).
 
 The compile runs in a subprocess with TRITON_INTERPRET=0: under the interpreter (set for this
@@ -37,6 +37,10 @@ for dtype, ptr in PTR.items():
                  "box_ptr": "*i64", **common, "IS_UINT8": "constexpr", "SOFT_BF16": "constexpr",
                  "BLOCK": "constexpr"}, {"IS_UINT8": dtype == "uint8", "SOFT_BF16": False,
                  "BLOCK": m.BLOCK})]
+    variants.append(("_mix2_fwd_kernel", {"x_ptr": ptr, "out_ptr": ptr, "src_ptr": "*i64",
+                     "w_ptr": wty, "box_ptr": "*i64", "src2_ptr": "*i64", "w2_ptr": wty, **common,
+                     "IS_UINT8": "constexpr", "SOFT_BF16": "constexpr", "BLOCK": "constexpr"},
+                     {"IS_UINT8": dtype == "uint8", "SOFT_BF16": False, "BLOCK": m.BLOCK}))
     if dtype != "uint8":
         variants.append(("_mix_bwd_kernel", {"g_ptr": ptr, "x_ptr": ptr, "src_ptr": "*i64",
                          "w_ptr": wty, "box_ptr": "*i64", "inv_offsets_ptr": "*i64",
@@ -69,7 +73,7 @@ def test_triton_mix_compiles_without_spills(arch):
                           env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(results) == 9  # fwd for 5 dtypes, bwd for the 4 float dtypes
+    assert len(results) == 14  # mix and mix2 fwd for 5 dtypes, bwd for the 4 float dtypes
     for r in results:
         assert r["n_spills"] == 0, r
         assert r["fma"] == 0, (r["kernel"], r["dtype"], "the blend must not be contracted into an FMA")
