@@ -6,9 +6,10 @@
 // x is [N, C, H, W] (contiguous or channels_last: read in place, output in the same memory
 // format; any other strides are made contiguous once) or [N, D]. The value checks of
 // metamixer_fast/_checks.py::check_mix_values run here, with the same messages, because in
-// Python they cost several small torch ops per call. Rows of the flattened (sample, plane,
-// row) index are split across threads with at::parallel_for; every output row is written by
-// exactly one thread, and the backward gathers per destination, so nothing races.
+// Python they cost several small torch ops per call. The forward splits (sample, plane) units,
+// the backward (sample, plane, row) rows across threads with at::parallel_for; every output
+// element is written by exactly one thread, and the backward gathers per destination, so
+// nothing races.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>

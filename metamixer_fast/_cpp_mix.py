@@ -16,16 +16,16 @@ from . import _backend
 
 
 def mix(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None) -> Tensor:
-    return torch.ops.metamixer_cpp.mix(x, src, w, box)
+    return torch.ops.metamixer_cpp.mix(x, src.contiguous(), w, box)
 
 
 def mix_backward(grad: Tensor, x: Tensor, src: Tensor, w: Tensor,
                  box: Tensor | None) -> tuple[Tensor, Tensor]:
-    return torch.ops.metamixer_cpp.mix_backward(grad, x, src, w, box)
+    return torch.ops.metamixer_cpp.mix_backward(grad, x, src.contiguous(), w, box)
 
 
 def mix2(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None, src2: Tensor, w2: Tensor) -> Tensor:
-    return torch.ops.metamixer_cpp.mix2(x, src, w, box, src2, w2)
+    return torch.ops.metamixer_cpp.mix2(x, src.contiguous(), w, box, src2.contiguous(), w2)
 
 
 mix.checks_values = True  # type: ignore[attr-defined]

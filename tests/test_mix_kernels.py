@@ -234,3 +234,15 @@ def test_rows_longer_than_a_window(mix_backend, layout, rng):
     want_dx, want_dw = reference.mix_backward(grad, x, src, wt, box)
     torch.testing.assert_close(dx, want_dx, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(dw, want_dw, rtol=1e-10, atol=1e-10)
+
+
+def test_strided_partner_and_weight_tensors(mix_backend, rng):
+    """src, w and box given as strided views work like their contiguous copies."""
+    x = make_x(rng, (6, 3, 7, 13), torch.float32, "nchw")
+    src, wt, box = make_plan(rng, 6, 7, 13)
+    src_s = torch.stack([src, src], 1)[:, 0]
+    w_s = torch.stack([wt, wt], 1)[:, 1]
+    box_s = torch.cat([box, box], 1)[:, :4]
+    assert not (src_s.is_contiguous() or w_s.is_contiguous() or box_s.is_contiguous())
+    assert torch.equal(mf.mix(x, src_s, w_s, box_s), reference.mix(x, src, wt, box))
+    assert torch.equal(mf.mix2(x, src_s, w_s, box_s, src_s, w_s), reference.mix2(x, src, wt, box, src, wt))
