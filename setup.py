@@ -48,8 +48,11 @@ def cpp_build_setup() -> dict:
         sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
         # torch's headers as system headers: -Wall -Wextra then reports our code only.
-        extra_compile_args=["-O3", "-Wall", "-Wextra", "-fno-math-errno"]
+        # -fopenmp: without it at::parallel_for runs serially (ATen's OpenMP backend is inline
+        # code in its headers); at run time the extension shares torch's own libgomp.so.1.
+        extra_compile_args=["-O3", "-Wall", "-Wextra", "-fno-math-errno", "-fopenmp"]
         + [flag for path in include_paths() for flag in ("-isystem", path)],
+        extra_link_args=["-fopenmp"],
     )
     return {"ext_modules": [extension],
             "cmdclass": {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}}

@@ -22,6 +22,7 @@ __all__ = [
     "MODES",
     "default_peer_matrix",
     "mix",
+    "mix2",
     "mix_backward",
     "mixed_kd_loss",
     "mixed_kd_loss_backward",
@@ -214,6 +215,12 @@ def mix(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None = None) -> Tensor:
     if x.dtype == torch.uint8:
         out = out.round().clamp(0, 255)
     return out.to(x.dtype)
+
+
+def mix2(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None, src2: Tensor, w2: Tensor) -> Tensor:
+    """Local then global mixing in one op: ``mix(mix(x, src, w, box), src2, w2)``, the
+    intermediate rounded to x's dtype exactly as two separate calls would round it."""
+    return mix(mix(x, src, w, box), src2, w2, None)
 
 
 def mix_backward(grad: Tensor, x: Tensor, src: Tensor, w: Tensor,

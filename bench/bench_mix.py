@@ -1,0 +1,271 @@
+"""CPU benchmark of MetaMixer mixing: local (CutMix box) + global (whole-sample blend) mixing.
+
+Two entry points:
+  pytest bench/bench_mix.py                       pytest-benchmark timings of every row
+  python bench/bench_mix.py --report [--threads 2]  one interleaved run: markdown table + JSON in
+                                                  bench/results/mix_cpu_2threads.json (README)
+
+Rows, per case (threads fixed by --threads, default 2):
+  input stage, forward - the batch x [N, C, H, W] gets a CutMix box from a local partner, then a
+  whole-sample blend with a global partner:
+    clone           one x.clone(): the floor (reads and writes the batch once)
+    mix x2          metamixer::mix twice (box call, then blend call), as two separate ops
+    mix2 fused      metamixer::mix2: both stages in one pass
+    mix2 + plan     mix2 plus drawing the plan (partners, Beta weights, boxes) with torch ops,
+                    comparable with kornia, whose modules draw their own parameters
+    reference x2    metamixer_fast.reference.mix twice (eager PyTorch)
+    kornia          kornia RandomCutMixV2 then RandomMixUpV2 (draw + apply), if installed
+  feature stage, forward + backward - a whole-sample blend of features h (requires grad) and
+  its backward for a fixed upstream gradient: mix, reference, kornia RandomMixUpV2, clone.
+Every ratio compares medians measured in the same run, the implementations interleaved
+round by round so machine noise hits them alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor
+
+import metamixer_fast as mf
+from metamixer_fast import reference
+
+try:
+    import kornia.augmentation as K
+
+    KORNIA_SKIP = None
+except ImportError as exc:  # kornia is a bench-only extra (requirements-bench.txt)
+    K = None
+    KORNIA_SKIP = f"kornia is not installed ({exc}); pip install -r requirements-bench.txt"
+
+INPUT_CASES = {  # name: (shape, dtype)
+    "input 256x3x32x32 fp32": ((256, 3, 32, 32), torch.float32),
+    "input 64x3x224x224 fp32": ((64, 3, 224, 224), torch.float32),
+    "input 64x3x224x224 uint8": ((64, 3, 224, 224), torch.uint8),
+}
+FEATURE_CASES = {  # layer2 outputs of a CIFAR ResNet and of an ImageNet ResNet-18
+    "features 256x128x16x16 fp32 fwd+bwd": ((256, 128, 16, 16), torch.float32),
+    "features 64x128x28x28 fp32 fwd+bwd": ((64, 128, 28, 28), torch.float32),
+}
+RESULTS = Path(__file__).resolve().parent / "results" / "mix_cpu_{threads}threads.json"
+
+
+# ------------------------------------------------------------------------------------ inputs
+
+def make_batch(shape: tuple[int, ...], dtype: torch.dtype, g: torch.Generator) -> Tensor:
+    if dtype == torch.uint8:
+        return torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+    return torch.randn(shape, generator=g, dtype=dtype)
+
+
+def sample_plan(n: int, h: int, w: int, g: torch.Generator | None = None
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(sigma, boxes [N, 4], pi, mu): CutMix boxes of area 1 - lam, lam ~ Beta(1, 1), clipped to
+    the image, and a global blend weight mu ~ Beta(1, 1) (uniform draws here)."""
+    sigma = torch.randperm(n, generator=g)
+    pi = torch.randperm(n, generator=g)
+    lam = torch.rand(n, generator=g)
+    mu = torch.rand(n, generator=g)
+    cut = (1 - lam).sqrt()
+    ch, cw = (cut * h).long(), (cut * w).long()
+    cy = torch.randint(0, h, (n,), generator=g)
+    cx = torch.randint(0, w, (n,), generator=g)
+    boxes = torch.stack([(cy - ch // 2).clamp(0, h), (cy + ch // 2).clamp(0, h),
+                         (cx - cw // 2).clamp(0, w), (cx + cw // 2).clamp(0, w)], 1)
+    return sigma, boxes, pi, mu
+
+
+def input_rows(x: Tensor) -> dict[str, Callable[[], object] | str]:
+    """name -> callable (or the reason the row is skipped) for the input-stage benchmark."""
+    n, _, h, w = x.shape
+    sigma, boxes, pi, mu = sample_plan(n, h, w, torch.Generator().manual_seed(0))
+    zeros = torch.zeros(n)
+    rows: dict[str, Callable[[], object] | str] = {
+        "clone": lambda: x.clone(),
+        "mix x2": lambda: mf.mix(mf.mix(x, sigma, zeros, boxes), pi, mu),
+        "mix2 fused": lambda: mf.mix2(x, sigma, zeros, boxes, pi, mu),
+        "mix2 + plan": lambda: mf.mix2(x, *_plan_for_mix2(n, h, w)),
+        "reference x2": lambda: reference.mix(reference.mix(x, sigma, zeros, boxes), pi, mu),
+    }
+    if K is None:
+        rows["kornia CutMixV2+MixUpV2"] = KORNIA_SKIP
+    elif not x.is_floating_point():
+        rows["kornia CutMixV2+MixUpV2"] = (f"kornia's mix augmentations accept floating images only, "
+                                           f"not {x.dtype}")
+    else:
+        cutmix = K.RandomCutMixV2(p=1.0, use_correct_lambda=True)
+        mixup = K.RandomMixUpV2(p=1.0)
+        rows["kornia CutMixV2+MixUpV2"] = lambda: mixup(cutmix(x))
+    return rows
+
+
+def _plan_for_mix2(n: int, h: int, w: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    sigma, boxes, pi, mu = sample_plan(n, h, w)
+    return sigma, torch.zeros(n), boxes, pi, mu
+
+
+def feature_rows(h: Tensor) -> dict[str, Callable[[], object] | str]:
+    """Forward + backward of a whole-sample blend at a feature stage."""
+    n = h.shape[0]
+    g = torch.Generator().manual_seed(1)
+    pi, mu = torch.randperm(n, generator=g), torch.rand(n, generator=g)
+    grad = torch.randn(h.shape, generator=g)
+    leaf = h.detach().requires_grad_(True)
+
+    def run(fn: Callable[[Tensor], Tensor]) -> Callable[[], object]:
+        def step() -> object:
+            leaf.grad = None
+            out = fn(leaf)
+            out.backward(grad)
+            return leaf.grad
+        return step
+
+    rows: dict[str, Callable[[], object] | str] = {
+        "clone": lambda: h.clone(),
+        "mix fwd+bwd": run(lambda t: mf.mix(t, pi, mu)),
+        "reference fwd+bwd": run(lambda t: reference.mix(t, pi, mu)),
+    }
+    if K is None:
+        rows["kornia MixUpV2 fwd+bwd"] = KORNIA_SKIP
+    else:
+        mixup = K.RandomMixUpV2(p=1.0)
+        rows["kornia MixUpV2 fwd+bwd"] = run(lambda t: mixup(t))
+    return rows
+
+
+# ------------------------------------------------------------------------------------ timing
+
+def interleaved_times(rows: dict[str, Callable[[], object]], rounds: int, warmup: int = 3
+                      ) -> dict[str, list[float]]:
+    """Seconds per row and round, each round running every row once (in a rotating order)."""
+    names = list(rows)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(warmup + rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            start = time.perf_counter()
+            rows[name]()
+            elapsed = time.perf_counter() - start
+            if r >= warmup:
+                times[name].append(elapsed)
+    return times
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def report(threads: int, rounds: int, out_path: Path) -> dict:
+    torch.set_num_threads(threads)
+    g = torch.Generator().manual_seed(0)
+    result = {"commit": _commit(), "threads": threads, "rounds": rounds, "torch": torch.__version__,
+              "cpu": _cpu(), "cores": os.cpu_count(), "loadavg_before": os.getloadavg(),
+              "backend": mf._backend.backend_for("mix", torch.device("cpu")), "skipped": {}, "cases": {}}
+    cases = [(name, make_batch(shape, dtype, g), input_rows) for name, (shape, dtype) in INPUT_CASES.items()]
+    cases += [(name, make_batch(shape, dtype, g), feature_rows)
+              for name, (shape, dtype) in FEATURE_CASES.items()]
+    for name, x, make_rows in cases:
+        rows = make_rows(x)
+        for row, fn in list(rows.items()):
+            if isinstance(fn, str):
+                result["skipped"][row] = fn
+                print(f"skipping {row}: {fn}", file=sys.stderr)
+                del rows[row]
+        times = interleaved_times(rows, rounds)  # type: ignore[arg-type]
+        result["cases"][name] = {row: {"median_ms": 1e3 * statistics.median(ts), "min_ms": 1e3 * min(ts)}
+                                 for row, ts in times.items()}
+        print(f"{name}: " + ", ".join(f"{k} {v['median_ms']:.2f} ms" for k, v in
+                                      result["cases"][name].items()), file=sys.stderr)
+    result["loadavg_after"] = os.getloadavg()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(result, indent=2) + "\n")
+    print(markdown(result))
+    return result
+
+
+def markdown(result: dict) -> str:
+    load = ", ".join(f"{v:.1f}" for v in result["loadavg_before"])
+    lines = [f"CPU: {result['cpu']} ({result['cores']} cores, load average {load} before the run); "
+             f"{result['threads']} threads; torch {result['torch']}; commit {result['commit']}; "
+             f"backend {result['backend']}; median and min of {result['rounds']} interleaved "
+             f"rounds.", "",
+             "| case | implementation | median ms | min ms | median / clone median | "
+             "min / clone min | ours (median) is x faster |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for case, rows in result["cases"].items():
+        clone, clone_min = rows["clone"]["median_ms"], rows["clone"]["min_ms"]
+        ours = rows.get("mix2 fused", rows.get("mix fwd+bwd"))["median_ms"]
+        for row, v in rows.items():
+            t, tmin = v["median_ms"], v["min_ms"]
+            faster = "" if row in ("clone", "mix2 fused", "mix fwd+bwd") else f"{t / ours:.1f}"
+            lines.append(f"| {case} | {row} | {t:.2f} | {tmin:.2f} | {t / clone:.2f} | "
+                         f"{tmin / clone_min:.2f} | {faster} |")
+    for row, why in result["skipped"].items():
+        lines.append(f"\nSkipped {row}: {why}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ pytest-benchmark
+
+def _pytest_params() -> list:
+    params = []
+    for case, (shape, dtype) in {**INPUT_CASES, **FEATURE_CASES}.items():
+        kind = "features" if case in FEATURE_CASES else "input"
+        names = ["clone", "mix x2", "mix2 fused", "mix2 + plan", "reference x2",
+                 "kornia CutMixV2+MixUpV2"] if kind == "input" else [
+            "clone", "mix fwd+bwd", "reference fwd+bwd", "kornia MixUpV2 fwd+bwd"]
+        params += [pytest.param(case, shape, dtype, kind, row, id=f"{case}-{row}") for row in names]
+    return params
+
+
+@pytest.mark.parametrize("case, shape, dtype, kind, row", _pytest_params())
+def test_mix_benchmark(benchmark, case, shape, dtype, kind, row):
+    torch.set_num_threads(int(os.environ.get("METAMIXER_BENCH_THREADS", "2")))
+    x = make_batch(shape, dtype, torch.Generator().manual_seed(0))
+    fn = (input_rows if kind == "input" else feature_rows)(x)[row]
+    if isinstance(fn, str):
+        pytest.skip(fn)
+    benchmark.extra_info.update(case=case, threads=torch.get_num_threads())
+    benchmark(fn)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--report", action="store_true", help="print the markdown table, write JSON")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--out", type=str, default=str(RESULTS), help="JSON path ({threads} is filled in)")
+    args = parser.parse_args()
+    if not args.report:
+        parser.print_help()
+        return
+    report(args.threads, args.rounds, Path(args.out.format(threads=args.threads)))
+
+
+if __name__ == "__main__":
+    main()

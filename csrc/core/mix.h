@@ -1,0 +1,418 @@
+// Torch-free core of metamixer::mix (DESIGN.md section 2.2): region and blend mixing.
+//
+//   out[i, p] = x[i, p]                              for p outside box_i
+//   out[i, p] = w_i x[i, p] + (1 - w_i) x[src_i, p]  for p inside box_i
+//
+// Backward, for an upstream gradient g shaped like x:
+//   dx[k, p] = g[k, p] * (p in box_k ? w_k : 1) + sum_{j : src_j = k, p in box_j} (1 - w_j) g[j, p]
+//   dw_i     = sum_{p in box_i} g[i, p] (x[i, p] - x[src_i, p])
+//
+// Layout. Every supported tensor is viewed as N samples of `planes` x `rows` x `row_len`
+// contiguous elements, with the box covering rows [y0, y1) and columns [c0, c1) of every plane:
+//   NCHW [N, C, H, W]          planes = C, rows = H, row_len = W,     columns = (x0, x1)
+//   NHWC (channels_last)       planes = 1, rows = H, row_len = W * C, columns = (x0 C, x1 C)
+//   features [N, D]            planes = 1, rows = 1, row_len = D,     box = the whole row
+// so one row loop serves all three without a layout copy. The caller passes boxes already in
+// this (row, column) form.
+//
+// Arithmetic. The blend runs in Compute<T> = float for uint8/fp16/bf16 and T for float/double,
+// as three separately rounded operations (w*a, (1-w)*b, their sum), exactly like the eager
+// reference; no FMA instruction is ever enabled for this code, so nothing is contracted.
+// uint8 rounds half to even and clamps to [0, 255] (an SSE2 path does 16 pixels at a time;
+// w = 0 or 1 is a memcpy for uint8, where it is exact). Copies (outside the box) are memcpy.
+//
+// Fused op: mix2_forward_planes computes mix(mix(x, src, w, box), src2, w2, None) in one pass
+// (see there), bit for bit equal to the two calls.
+//
+// Bytes moved. Forward: reads x_i once and x_src_i inside box_i, writes out once:
+// (S + |box|) reads + S writes per sample of S elements. The forward works on whole planes
+// (one memcpy for the rows above and below the box), which matters for 32-wide images. Backward (gather per destination,
+// so repeated partners never race): reads g_k, x_k and x_src_k once and g_j inside box_j for
+// every j with src_j = k, writes dx once.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+namespace metamixer::core {
+
+// 16-bit float storage types (bit-compatible with c10::Half / c10::BFloat16).
+struct Half {
+  uint16_t bits;
+};
+struct BFloat16 {
+  uint16_t bits;
+};
+
+inline uint32_t float_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+inline float bits_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline float to_float(BFloat16 v) { return bits_float(static_cast<uint32_t>(v.bits) << 16); }
+
+// Round to nearest even; NaN stays a (quiet) NaN.
+inline BFloat16 to_bfloat16(float f) {
+  const uint32_t u = float_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return BFloat16{0x7fc0};
+  const uint32_t rounding_bias = 0x7fffu + ((u >> 16) & 1u);
+  return BFloat16{static_cast<uint16_t>((u + rounding_bias) >> 16)};
+}
+
+// IEEE binary16 <-> binary32, exact decode and round-to-nearest-even encode (the classic
+// bit-manipulation formulation: scale by powers of two so the FPU does the rounding).
+inline float to_float(Half h) {
+  const uint32_t w = static_cast<uint32_t>(h.bits) << 16;
+  const uint32_t sign = w & 0x80000000u;
+  const uint32_t two_w = w + w;
+  const float exp_scale = bits_float(0x7800000u);  // 2^-112
+  const float normalized = bits_float((two_w >> 4) + (0xE0u << 23)) * exp_scale;
+  const float denormalized = bits_float((two_w >> 17) | (126u << 23)) - 0.5f;
+  const uint32_t result =
+      sign | (two_w < (1u << 27) ? float_bits(denormalized) : float_bits(normalized));
+  return bits_float(result);
+}
+
+inline Half to_half(float f) {
+  const float scale_to_inf = bits_float(0x77800000u);   // 2^112
+  const float scale_to_zero = bits_float(0x08800000u);  // 2^-110
+  const uint32_t w = float_bits(f);
+  const uint32_t two_w = w + w;
+  const uint32_t sign = w & 0x80000000u;
+  float base = (std::fabs(f) * scale_to_inf) * scale_to_zero;
+  uint32_t bias = two_w & 0xFF000000u;
+  if (bias < 0x71000000u) bias = 0x71000000u;
+  base = bits_float((bias >> 1) + 0x07800000u) + base;
+  const uint32_t bits = float_bits(base);
+  const uint32_t exp_bits = (bits >> 13) & 0x00007C00u;
+  const uint32_t mantissa_bits = bits & 0x00000FFFu;
+  const uint32_t nonsign = exp_bits + mantissa_bits;
+  return Half{static_cast<uint16_t>((sign >> 16) | (two_w > 0xFF000000u ? 0x7E00u : nonsign))};
+}
+
+// Per-dtype load/store between storage T and the compute type.
+template <typename T>
+struct Compute {
+  using type = T;  // float, double
+  static T load(T v) { return v; }
+  static T store(T v) { return v; }
+};
+template <>
+struct Compute<uint8_t> {
+  using type = float;
+  static float load(uint8_t v) { return static_cast<float>(v); }
+  // Round half to even (adding 1.5 * 2^23 leaves no fraction bits in the default rounding
+  // mode) and clamp, as torch's round().clamp(0, 255) does; vectorizes with plain SSE2.
+  static uint8_t store(float v) {
+    float r = (v + 12582912.0f) - 12582912.0f;
+    r = r < 0.0f ? 0.0f : (r > 255.0f ? 255.0f : r);
+    return static_cast<uint8_t>(r);
+  }
+};
+template <>
+struct Compute<Half> {
+  using type = float;
+  static float load(Half v) { return to_float(v); }
+  static Half store(float v) { return to_half(v); }
+};
+template <>
+struct Compute<BFloat16> {
+  using type = float;
+  static float load(BFloat16 v) { return to_float(v); }
+  static BFloat16 store(float v) { return to_bfloat16(v); }
+};
+
+template <typename T>
+using compute_t = typename Compute<T>::type;
+
+// Accumulator of the backward: double for double, float otherwise.
+template <typename T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// Columns per window of the fused forward's and the backward's cache-resident scratch.
+constexpr int64_t kWindow = 4096;
+
+struct MixLayout {
+  int64_t n = 0, planes = 1, rows = 1, row_len = 0;
+  int64_t sample_size() const { return planes * rows * row_len; }
+  int64_t total_rows() const { return n * planes * rows; }
+};
+
+// box is [N][4] = (y0, y1, c0, c1) in row/column units of the layout (see top of file).
+inline bool row_in_box(const int64_t* box, int64_t y) { return y >= box[0] && y < box[1]; }
+
+#if defined(__SSE2__)
+// 16 uint8 blends: widen to 4 x 4 floats, w*a + v*b (separately rounded, as the scalar path),
+// convert with the default round-to-nearest-even mode (cvtps2dq) and pack with unsigned
+// saturation, which is the clamp to [0, 255]. GCC's auto-vectorization of the scalar loop is
+// about 8x slower here. SSE2 is part of x86-64, so no run-time check is needed.
+inline void blend16_u8(const uint8_t* a, const uint8_t* b, uint8_t* out, __m128 w, __m128 v) {
+  const __m128i zero = _mm_setzero_si128();
+  const __m128i va = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a));
+  const __m128i vb = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b));
+  const __m128i a16[2] = {_mm_unpacklo_epi8(va, zero), _mm_unpackhi_epi8(va, zero)};
+  const __m128i b16[2] = {_mm_unpacklo_epi8(vb, zero), _mm_unpackhi_epi8(vb, zero)};
+  __m128i q[4];
+  for (int h = 0; h < 2; ++h) {
+    for (int k = 0; k < 2; ++k) {
+      const __m128i a32 = k == 0 ? _mm_unpacklo_epi16(a16[h], zero) : _mm_unpackhi_epi16(a16[h], zero);
+      const __m128i b32 = k == 0 ? _mm_unpacklo_epi16(b16[h], zero) : _mm_unpackhi_epi16(b16[h], zero);
+      const __m128 lhs = _mm_mul_ps(w, _mm_cvtepi32_ps(a32));
+      const __m128 rhs = _mm_mul_ps(v, _mm_cvtepi32_ps(b32));
+      q[2 * h + k] = _mm_cvtps_epi32(_mm_add_ps(lhs, rhs));
+    }
+  }
+  const __m128i lo = _mm_packs_epi32(q[0], q[1]), hi = _mm_packs_epi32(q[2], q[3]);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm_packus_epi16(lo, hi));
+}
+#endif
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define METAMIXER_HAVE_AVX2_PATH 1
+// The same 16-pixel blend with 8-wide float vectors, compiled for AVX2 (not FMA: the products
+// must stay separately rounded) and called only when the CPU reports AVX2 at run time.
+__attribute__((target("avx2"))) inline void blend_u8_avx2(const uint8_t* a, const uint8_t* b,
+                                                          uint8_t* out, int64_t len, float w,
+                                                          int64_t* done) {
+  const __m256 wv = _mm256_set1_ps(w), vv = _mm256_set1_ps(1.0f - w);
+  int64_t c = 0;
+  for (; c + 16 <= len; c += 16) {
+    __m256i q[2];
+    for (int h = 0; h < 2; ++h) {
+      const __m128i a8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(a + c + 8 * h));
+      const __m128i b8 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + c + 8 * h));
+      const __m256 lhs = _mm256_mul_ps(wv, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(a8)));
+      const __m256 rhs = _mm256_mul_ps(vv, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b8)));
+      q[h] = _mm256_cvtps_epi32(_mm256_add_ps(lhs, rhs));
+    }
+    // packs works within 128-bit lanes: reorder the 64-bit quarters back into pixel order
+    const __m256i p16 = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[0], q[1]), 0xD8);
+    const __m128i p8 = _mm_packus_epi16(_mm256_castsi256_si128(p16), _mm256_extracti128_si256(p16, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + c), p8);
+  }
+  *done = c;
+}
+
+inline bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2");
+  return has;
+}
+#endif
+
+template <typename T>
+void blend_span(const T* a, const T* b, T* out, int64_t len, compute_t<T> w) {
+  using C = Compute<T>;
+  int64_t c = 0;
+  if constexpr (std::is_same_v<T, uint8_t>) {
+    // exact for integers: w = 1 gives a, w = 0 gives b (for floats 0 * inf or -0 would differ)
+    if (w == 1.0f || w == 0.0f) {
+      std::memcpy(out, w == 1.0f ? a : b, static_cast<size_t>(len));
+      return;
+    }
+#if defined(METAMIXER_HAVE_AVX2_PATH)
+    if (cpu_has_avx2()) blend_u8_avx2(a, b, out, len, w, &c);
+#endif
+#if defined(__SSE2__)
+    const __m128 wv = _mm_set1_ps(w), vv = _mm_set1_ps(1.0f - w);
+    for (; c + 16 <= len; c += 16) blend16_u8(a + c, b + c, out + c, wv, vv);
+#endif
+  }
+  const compute_t<T> v = compute_t<T>(1) - w;
+  for (; c < len; ++c) {
+    const compute_t<T> lhs = w * C::load(a[c]);
+    const compute_t<T> rhs = v * C::load(b[c]);
+    out[c] = C::store(lhs + rhs);
+  }
+}
+
+// Columns [cb, ce) of one row, written to out_cb[0 .. ce - cb); a, b point at column 0 of their
+// rows: copy outside [c0, c1), blend inside (if the row is in the box).
+template <typename T>
+void mix_window(const T* a, const T* b, T* out_cb, int64_t cb, int64_t ce, const int64_t* box,
+                int64_t y, compute_t<T> w) {
+  int64_t c0 = ce, c1 = ce;
+  if (row_in_box(box, y) && box[2] < box[3]) {
+    c0 = box[2] < cb ? cb : (box[2] > ce ? ce : box[2]);
+    c1 = box[3] < c0 ? c0 : (box[3] > ce ? ce : box[3]);
+  }
+  if (c0 > cb) std::memcpy(out_cb, a + cb, sizeof(T) * (c0 - cb));
+  blend_span(a + c0, b + c0, out_cb + (c0 - cb), c1 - c0, w);
+  if (ce > c1) std::memcpy(out_cb + (c1 - cb), a + c1, sizeof(T) * (ce - c1));
+}
+
+// Rows [yb, ye) of one plane (a, b, out point at row yb): one memcpy for the rows above and
+// below the box, one blend for box rows that span the whole width, else row by row. Working on
+// runs of rows instead of single rows is what keeps 32-wide images fast.
+template <typename T>
+void mix_rows(const T* a, const T* b, T* out, int64_t len, const int64_t* box, int64_t yb,
+              int64_t ye, compute_t<T> w) {
+  int64_t y0 = ye, y1 = ye;
+  if (box[2] < box[3]) {
+    y0 = box[0] < yb ? yb : (box[0] > ye ? ye : box[0]);
+    y1 = box[1] < y0 ? y0 : (box[1] > ye ? ye : box[1]);
+  }
+  const int64_t top = (y0 - yb) * len, mid = (y1 - yb) * len, all = (ye - yb) * len;
+  if (top > 0) std::memcpy(out, a, sizeof(T) * top);
+  if (box[2] == 0 && box[3] == len) {
+    blend_span(a + top, b + top, out + top, mid - top, w);
+  } else {
+    for (int64_t y = y0; y < y1; ++y) {
+      const int64_t o = (y - yb) * len;
+      mix_window(a + o, b + o, out + o, 0, len, box, y, w);
+    }
+  }
+  if (all > mid) std::memcpy(out + mid, a + mid, sizeof(T) * (all - mid));
+}
+
+// Forward over units [begin, end) of the flattened (sample, plane) index.
+template <typename T>
+void mix_forward_planes(const T* x, T* out, const int64_t* src, const compute_t<T>* w,
+                        const int64_t* boxes, const MixLayout& L, int64_t begin, int64_t end) {
+  const int64_t S = L.sample_size(), plane = L.rows * L.row_len;
+  for (int64_t u = begin; u < end; ++u) {
+    const int64_t i = u / L.planes, off = i * S + (u % L.planes) * plane;
+    const T* b = x + src[i] * S + (off - i * S);
+    mix_rows(x + off, b, out + off, L.row_len, boxes + 4 * i, 0, L.rows, w[i]);
+  }
+}
+
+// Fused local + global mixing, the two-call composition mix(mix(x, src, w, box), src2, w2, None)
+// in one pass. With u = mix(x, src, w, box) and k = src2_i, out_i = w2_i u_i + (1 - w2_i) u_k.
+// Runs of rows outside both box_i and box_k have u = x there, so they are one blend of x_i and
+// x_k. A row crossing a box gets u_i (and/or u_k) formed a window at a time in the caller's
+// scratch (2 * kWindow elements, cache-resident), rounded to T exactly as the first call's
+// output would be, then blended.
+// Bytes: reads x_i, x_k (and their local partners inside the boxes), writes out once.
+inline bool crosses_box(const int64_t* box, int64_t y) { return box[2] < box[3] && row_in_box(box, y); }
+
+template <typename T>
+void mix2_forward_planes(const T* x, T* out, const int64_t* src, const compute_t<T>* w,
+                         const int64_t* boxes, const int64_t* src2, const compute_t<T>* w2,
+                         const MixLayout& L, T* scratch, int64_t begin, int64_t end) {
+  const int64_t S = L.sample_size(), len = L.row_len, plane = L.rows * len;
+  T* ua = scratch;
+  T* ub = scratch + kWindow;
+  for (int64_t u = begin; u < end; ++u) {
+    const int64_t i = u / L.planes, k = src2[i], in_off = (u % L.planes) * plane;
+    const int64_t *bi = boxes + 4 * i, *bk = boxes + 4 * k;
+    const T* xi = x + i * S + in_off;
+    const T* xsi = x + src[i] * S + in_off;
+    const T* xk = x + k * S + in_off;
+    const T* xsk = x + src[k] * S + in_off;
+    T* o = out + i * S + in_off;
+    for (int64_t y = 0; y < L.rows;) {
+      const int64_t at = y * len;
+      const bool in_i = crosses_box(bi, y), in_k = crosses_box(bk, y);
+      if (!in_i && !in_k) {  // a run of rows where u_i = x_i and u_k = x_k
+        int64_t ye = y + 1;
+        while (ye < L.rows && !crosses_box(bi, ye) && !crosses_box(bk, ye)) ++ye;
+        blend_span(xi + at, xk + at, o + at, (ye - y) * len, w2[i]);
+        y = ye;
+        continue;
+      }
+      for (int64_t cb = 0; cb < len; cb += kWindow) {
+        const int64_t ce = cb + kWindow < len ? cb + kWindow : len;
+        if (in_i) mix_window(xi + at, xsi + at, ua, cb, ce, bi, y, w[i]);
+        if (in_k) mix_window(xk + at, xsk + at, ub, cb, ce, bk, y, w[k]);
+        blend_span(in_i ? ua : xi + at + cb, in_k ? ub : xk + at + cb, o + at + cb, ce - cb, w2[i]);
+      }
+      ++y;
+    }
+  }
+}
+
+// Destination-major inverse of src: the samples j with src_j = k are
+// list[offsets[k] .. offsets[k + 1]), in increasing j (so the sum order is deterministic).
+inline void invert_partners(const int64_t* src, int64_t n, std::vector<int64_t>& offsets,
+                            std::vector<int64_t>& list) {
+  offsets.assign(n + 1, 0);
+  for (int64_t j = 0; j < n; ++j) ++offsets[src[j] + 1];
+  for (int64_t k = 0; k < n; ++k) offsets[k + 1] += offsets[k];
+  list.assign(n, 0);
+  std::vector<int64_t> fill(offsets.begin(), offsets.end() - 1);
+  for (int64_t j = 0; j < n; ++j) list[fill[src[j]]++] = j;
+}
+
+// sum_c g[c] (a[c] - b[c]) over a span, in acc_t<T> with 8 independent partial sums.
+template <typename T>
+acc_t<T> dot_diff(const T* g, const T* a, const T* b, int64_t len) {
+  using C = Compute<T>;
+  using A = acc_t<T>;
+  A part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t c = 0;
+  for (; c + 8 <= len; c += 8)
+    for (int k = 0; k < 8; ++k)
+      part[k] += A(C::load(g[c + k])) * (A(C::load(a[c + k])) - A(C::load(b[c + k])));
+  for (; c < len; ++c) part[0] += A(C::load(g[c])) * (A(C::load(a[c])) - A(C::load(b[c])));
+  return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+}
+
+// Backward over destination rows [begin, end): writes dx for those rows and the row's share
+// of dw (dw_rows[r]). Each row is done in windows of kWindow columns so that the accumulators
+// (`buf`, kWindow of them, owned by the calling thread) and the g_k window stay in L1 while the
+// partners' gradients are gathered into them and dw's products are taken.
+template <typename T>
+void mix_backward_rows(const T* g, const T* x, const int64_t* src, const compute_t<T>* w,
+                       const int64_t* boxes, const MixLayout& L, const int64_t* inv_offsets,
+                       const int64_t* inv_list, T* dx, acc_t<T>* dw_rows, compute_t<T>* buf,
+                       int64_t begin, int64_t end) {
+  using C = Compute<T>;
+  using CT = compute_t<T>;
+  const int64_t per_sample = L.planes * L.rows, S = L.sample_size(), len = L.row_len;
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t k = r / per_sample, y = r % L.rows;
+    const int64_t in_off = (r % per_sample) * len;
+    const int64_t* bk = boxes + 4 * k;
+    const T* gk = g + k * S + in_off;
+    const T* xk = x + k * S + in_off;
+    const T* xs = x + src[k] * S + in_off;
+    T* out = dx + k * S + in_off;
+    const bool k_row = row_in_box(bk, y);
+    acc_t<T> dw_share = 0;
+    for (int64_t cb = 0; cb < len; cb += kWindow) {
+      const int64_t ce = cb + kWindow < len ? cb + kWindow : len;
+      const int64_t c0 = k_row ? std::max(bk[2], cb) : cb, c1 = k_row ? std::min(bk[3], ce) : cb;
+      for (int64_t c = cb; c < ce; ++c) buf[c - cb] = C::load(gk[c]);
+      for (int64_t c = c0; c < c1; ++c) buf[c - cb] = buf[c - cb] * w[k];
+      for (int64_t t = inv_offsets[k]; t < inv_offsets[k + 1]; ++t) {
+        const int64_t j = inv_list[t];
+        const int64_t* bj = boxes + 4 * j;
+        if (!row_in_box(bj, y)) continue;
+        const CT v = CT(1) - w[j];
+        const T* gj = g + j * S + in_off;
+        const int64_t j0 = std::max(bj[2], cb), j1 = std::min(bj[3], ce);
+        for (int64_t c = j0; c < j1; ++c) buf[c - cb] += v * C::load(gj[c]);
+      }
+      for (int64_t c = cb; c < ce; ++c) out[c] = C::store(buf[c - cb]);
+      if (c1 > c0) dw_share += dot_diff(gk + c0, xk + c0, xs + c0, c1 - c0);
+    }
+    dw_rows[r] = dw_share;
+  }
+}
+
+// dw_i = sum of the row shares of sample i, in row order.
+template <typename A>
+void reduce_dw_rows(const A* dw_rows, const MixLayout& L, A* dw) {
+  const int64_t per_sample = L.planes * L.rows;
+  for (int64_t i = 0; i < L.n; ++i) {
+    A s = 0;
+    for (int64_t r = 0; r < per_sample; ++r) s += dw_rows[i * per_sample + r];
+    dw[i] = s;
+  }
+}
+
+}  // namespace metamixer::core

@@ -1,0 +1,248 @@
+// ATen binding of the metamixer::mix CPU kernels (core in csrc/core/mix.h).
+//
+//   metamixer_cpp::mix(x, src, w, box?) -> out
+//   metamixer_cpp::mix_backward(grad, x, src, w, box?) -> (dx, dw)
+//
+// x is [N, C, H, W] (contiguous or channels_last: read in place, output in the same memory
+// format; any other strides are made contiguous once) or [N, D]. The value checks of
+// metamixer_fast/_checks.py::check_mix_values run here, with the same messages, because in
+// Python they cost several small torch ops per call. The forward splits (sample, plane) units,
+// the backward (sample, plane, row) rows across threads with at::parallel_for; every output
+// element is written by exactly one thread, and the backward gathers per destination, so
+// nothing races.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <vector>
+
+#include "core/mix.h"
+
+namespace metamixer {
+namespace {
+
+namespace core_ns = metamixer::core;
+
+// Storage type of the core for an ATen scalar type.
+template <typename T>
+struct CoreType {
+  using type = T;
+};
+template <>
+struct CoreType<at::Half> {
+  using type = core_ns::Half;
+};
+template <>
+struct CoreType<at::BFloat16> {
+  using type = core_ns::BFloat16;
+};
+
+// Everything a kernel call needs besides the tensors: layout, boxes in (row, column) units,
+// partners and weights in the compute type, all checked.
+template <typename CT>
+struct MixPlan {
+  core_ns::MixLayout layout;
+  std::vector<int64_t> boxes;
+  const int64_t* src = nullptr;
+  std::vector<CT> w;
+};
+
+bool is_channels_last(const at::Tensor& x) {
+  return x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+// The tensor the kernel reads: x itself if contiguous or channels_last, else a contiguous copy.
+at::Tensor readable(const at::Tensor& x) {
+  return (x.is_contiguous() || is_channels_last(x)) ? x : x.contiguous();
+}
+
+// Checks partner indices and weights (named src_name/w_name in messages, as in _checks.py)
+// and returns the weights in the compute type, converted the way the reference converts them.
+template <typename CT>
+std::vector<CT> checked_partners(const at::Tensor& src, const at::Tensor& w, int64_t n,
+                                 const char* src_name, const char* w_name) {
+  TORCH_CHECK_VALUE(src.scalar_type() == at::kLong && src.dim() == 1 && src.size(0) == n &&
+                        src.is_contiguous() && src.device().is_cpu(),
+                    "mix: '", src_name, "' must be a contiguous int64 CPU tensor [N] = [", n, "]");
+  TORCH_CHECK_VALUE(w.is_floating_point() && w.dim() == 1 && w.size(0) == n,
+                    "mix: '", w_name, "' must be a floating tensor [N] = [", n, "]");
+  const int64_t* sp = src.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK_VALUE(sp[i] >= 0 && sp[i] < n, "mix: '", src_name,
+                      "' must hold sample indices in [0, N=", n, ")");
+  // the original w is checked (a float64 w of 1 + 1e-12 would round to 1 in float32)
+  const at::Tensor w64 = w.to(at::kDouble).contiguous();
+  for (int64_t i = 0; i < n; ++i) {
+    const double v = w64.const_data_ptr<double>()[i];
+    TORCH_CHECK_VALUE(v >= 0.0 && v <= 1.0, "mix: '", w_name,
+                      "' must lie in [0, 1] (and not be NaN)");
+  }
+  const at::Tensor wd = w.to(at::CppTypeToScalarType<CT>::value).contiguous();
+  return std::vector<CT>(wd.const_data_ptr<CT>(), wd.const_data_ptr<CT>() + n);
+}
+
+template <typename CT>
+MixPlan<CT> make_plan(const at::Tensor& x, const at::Tensor& src, const at::Tensor& w,
+                      const std::optional<at::Tensor>& box) {
+  const int64_t n = x.size(0);
+  MixPlan<CT> plan;
+  plan.w = checked_partners<CT>(src, w, n, "src", "w");
+  plan.src = src.const_data_ptr<int64_t>();
+
+  core_ns::MixLayout& L = plan.layout;
+  L.n = n;
+  int64_t col_scale = 1;
+  if (x.dim() == 2) {
+    L.row_len = x.size(1);
+  } else if (is_channels_last(x)) {
+    L.rows = x.size(2);
+    L.row_len = x.size(3) * x.size(1);
+    col_scale = x.size(1);
+  } else {
+    L.planes = x.size(1);
+    L.rows = x.size(2);
+    L.row_len = x.size(3);
+  }
+  plan.boxes.resize(4 * n);
+  if (!box.has_value() || x.dim() == 2) {
+    // the box is the whole sample: view each sample as one contiguous row
+    L.row_len = L.planes * L.rows * L.row_len;
+    L.planes = L.rows = 1;
+    for (int64_t i = 0; i < n; ++i) {
+      int64_t* b = &plan.boxes[4 * i];
+      b[0] = 0, b[1] = L.rows, b[2] = 0, b[3] = L.row_len;
+    }
+    return plan;
+  }
+  const at::Tensor bx = box->to(at::kLong).contiguous();
+  const int64_t* bp = bx.data_ptr<int64_t>();
+  const int64_t h = x.size(2), wd_ = x.size(3);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t y0 = bp[4 * i], y1 = bp[4 * i + 1], x0 = bp[4 * i + 2], x1 = bp[4 * i + 3];
+    TORCH_CHECK_VALUE(0 <= y0 && y0 <= y1 && y1 <= h && 0 <= x0 && x0 <= x1 && x1 <= wd_,
+                      "mix: each 'box' row (y0, y1, x0, x1) must satisfy 0 <= y0 <= y1 <= H=",
+                      h, " and 0 <= x0 <= x1 <= W=", wd_);
+    int64_t* b = &plan.boxes[4 * i];
+    b[0] = y0, b[1] = y1, b[2] = x0 * col_scale, b[3] = x1 * col_scale;
+  }
+  return plan;
+}
+
+// An uninitialized tensor with exactly the (dense) strides of x.
+at::Tensor empty_like_strided(const at::Tensor& x) {
+  return at::empty_strided(x.sizes(), x.strides(), x.options());
+}
+
+// Units per task: aim for ~32 KiB of output per task so small images still split.
+int64_t grain(int64_t unit_elems, size_t elem) {
+  const int64_t unit_bytes = std::max<int64_t>(1, unit_elems * static_cast<int64_t>(elem));
+  return std::max<int64_t>(1, (int64_t{32} << 10) / unit_bytes);
+}
+int64_t grain_rows(const core_ns::MixLayout& L, size_t elem) { return grain(L.row_len, elem); }
+int64_t grain_planes(const core_ns::MixLayout& L, size_t elem) {
+  return grain(L.rows * L.row_len, elem);
+}
+
+at::Tensor mix_cpu(const at::Tensor& x_in, const at::Tensor& src, const at::Tensor& w,
+                   const std::optional<at::Tensor>& box) {
+  TORCH_CHECK_VALUE(x_in.dim() == 2 || x_in.dim() == 4,
+                    "mix: 'x' must be [N, C, H, W] images or [N, D] features");
+  const at::Tensor x = readable(x_in);
+  at::Tensor out = empty_like_strided(x);
+  AT_DISPATCH_FLOATING_TYPES_AND3(at::kByte, at::kHalf, at::kBFloat16, x.scalar_type(), "mix", [&] {
+    using T = typename CoreType<scalar_t>::type;
+    using CT = core_ns::compute_t<T>;
+    const MixPlan<CT> plan = make_plan<CT>(x, src, w, box);
+    const T* xp = reinterpret_cast<const T*>(x.const_data_ptr<scalar_t>());
+    T* op = reinterpret_cast<T*>(out.mutable_data_ptr<scalar_t>());
+    const core_ns::MixLayout& L = plan.layout;
+    at::parallel_for(0, L.n * L.planes, grain_planes(L, sizeof(T)), [&](int64_t b, int64_t e) {
+      core_ns::mix_forward_planes(xp, op, plan.src, plan.w.data(), plan.boxes.data(), L, b, e);
+    });
+  });
+  return out;
+}
+
+// mix(mix(x, src, w, box), src2, w2, None) in one pass (core::mix2_forward_rows).
+at::Tensor mix2_cpu(const at::Tensor& x_in, const at::Tensor& src, const at::Tensor& w,
+                    const std::optional<at::Tensor>& box, const at::Tensor& src2,
+                    const at::Tensor& w2) {
+  TORCH_CHECK_VALUE(x_in.dim() == 2 || x_in.dim() == 4,
+                    "mix2: 'x' must be [N, C, H, W] images or [N, D] features");
+  const at::Tensor x = readable(x_in);
+  at::Tensor out = empty_like_strided(x);
+  AT_DISPATCH_FLOATING_TYPES_AND3(at::kByte, at::kHalf, at::kBFloat16, x.scalar_type(), "mix2", [&] {
+    using T = typename CoreType<scalar_t>::type;
+    using CT = core_ns::compute_t<T>;
+    const MixPlan<CT> plan = make_plan<CT>(x, src, w, box);
+    const std::vector<CT> w2c = checked_partners<CT>(src2, w2, x.size(0), "src2", "w2");
+    const int64_t* s2 = src2.const_data_ptr<int64_t>();
+    const T* xp = reinterpret_cast<const T*>(x.const_data_ptr<scalar_t>());
+    T* op = reinterpret_cast<T*>(out.mutable_data_ptr<scalar_t>());
+    const core_ns::MixLayout& L = plan.layout;
+    at::parallel_for(0, L.n * L.planes, grain_planes(L, sizeof(T)), [&](int64_t b, int64_t e) {
+      std::vector<T> scratch(2 * core_ns::kWindow);
+      core_ns::mix2_forward_planes(xp, op, plan.src, plan.w.data(), plan.boxes.data(), s2,
+                                 w2c.data(), L, scratch.data(), b, e);
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> mix_backward_cpu(const at::Tensor& grad_in,
+                                                    const at::Tensor& x_in, const at::Tensor& src,
+                                                    const at::Tensor& w,
+                                                    const std::optional<at::Tensor>& box) {
+  TORCH_CHECK_VALUE(at::isFloatingType(x_in.scalar_type()),
+                    "mix_backward: 'x' must be a floating tensor (", x_in.scalar_type(),
+                    " is not differentiable)");
+  TORCH_CHECK_VALUE(grad_in.sizes() == x_in.sizes(),
+                    "mix_backward: 'grad' must have the shape of 'x', got ", grad_in.sizes(),
+                    " and ", x_in.sizes());
+  const at::Tensor x = readable(x_in);
+  // grad is read in x's layout (usually already so: autograd hands back out's strides)
+  const at::Tensor grad = grad_in.to(x.scalar_type()).contiguous(
+      is_channels_last(x) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  at::Tensor dx = empty_like_strided(x);
+  at::Tensor dw;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mix_backward", [&] {
+    using T = typename CoreType<scalar_t>::type;
+    using CT = core_ns::compute_t<T>;
+    using A = core_ns::acc_t<T>;
+    const MixPlan<CT> plan = make_plan<CT>(x, src, w, box);
+    const core_ns::MixLayout& L = plan.layout;
+    std::vector<int64_t> offsets, list;
+    core_ns::invert_partners(plan.src, L.n, offsets, list);
+    std::vector<A> dw_rows(L.total_rows());
+    const T* gp = reinterpret_cast<const T*>(grad.const_data_ptr<scalar_t>());
+    const T* xp = reinterpret_cast<const T*>(x.const_data_ptr<scalar_t>());
+    T* dxp = reinterpret_cast<T*>(dx.mutable_data_ptr<scalar_t>());
+    at::parallel_for(0, L.total_rows(), grain_rows(L, sizeof(T)), [&](int64_t b, int64_t e) {
+      std::vector<CT> buf(core_ns::kWindow);
+      core_ns::mix_backward_rows(gp, xp, plan.src, plan.w.data(), plan.boxes.data(), L,
+                                 offsets.data(), list.data(), dxp, dw_rows.data(), buf.data(), b,
+                                 e);
+    });
+    at::Tensor dw_acc = at::empty({L.n}, w.options().dtype(at::CppTypeToScalarType<A>::value));
+    core_ns::reduce_dw_rows(dw_rows.data(), L, dw_acc.mutable_data_ptr<A>());
+    dw = dw_acc.to(w.scalar_type());
+  });
+  return {dx, dw};
+}
+
+}  // namespace
+}  // namespace metamixer
+
+TORCH_LIBRARY_FRAGMENT(metamixer_cpp, m) {
+  m.def("mix(Tensor x, Tensor src, Tensor w, Tensor? box) -> Tensor");
+  m.def("mix_backward(Tensor grad, Tensor x, Tensor src, Tensor w, Tensor? box) -> (Tensor, Tensor)");
+  m.def("mix2(Tensor x, Tensor src, Tensor w, Tensor? box, Tensor src2, Tensor w2) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(metamixer_cpp, CPU, m) {
+  m.impl("mix", &metamixer::mix_cpu);
+  m.impl("mix_backward", &metamixer::mix_backward_cpu);
+  m.impl("mix2", &metamixer::mix2_cpu);
+}

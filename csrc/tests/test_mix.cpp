@@ -1,0 +1,192 @@
+// Unit tests of the torch-free mix core (csrc/core/mix.h), run by ctest.
+// Expectations are hand-derived on small cases; the Python tests compare every backend with
+// metamixer_fast/reference.py on random inputs.
+#include <cmath>
+#include <cstdio>
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "core/mix.h"
+
+namespace core = metamixer::core;
+
+namespace {
+
+int failures = 0;
+
+void expect(bool ok, const char* what) {
+  if (!ok) {
+    std::printf("FAIL %s\n", what);
+    ++failures;
+  }
+}
+
+template <typename T>
+std::vector<T> forward(const std::vector<T>& x, const std::vector<int64_t>& src,
+                       const std::vector<core::compute_t<T>>& w, const std::vector<int64_t>& boxes,
+                       const core::MixLayout& L) {
+  std::vector<T> out(x.size());
+  // two halves, as two threads would split the (sample, plane) units
+  const int64_t units = L.n * L.planes, mid = units / 2;
+  core::mix_forward_planes(x.data(), out.data(), src.data(), w.data(), boxes.data(), L, 0, mid);
+  core::mix_forward_planes(x.data(), out.data(), src.data(), w.data(), boxes.data(), L, mid, units);
+  return out;
+}
+
+// NCHW 2 x 2 x 3 x 4: sample 0 pastes rows [1, 3) x cols [1, 3) of sample 1 (w = 0); sample 1
+// is untouched (empty box), and x is never written.
+void test_cutmix_copies_exactly() {
+  core::MixLayout L;
+  L.n = 2, L.planes = 2, L.rows = 3, L.row_len = 4;
+  std::vector<float> x(48);
+  for (int i = 0; i < 48; ++i) x[i] = 0.1f * i - 1.7f;
+  const std::vector<float> before = x;
+  const std::vector<int64_t> boxes = {1, 3, 1, 3, 0, 0, 0, 0};
+  const auto out = forward<float>(x, {1, 0}, {0.0f, 0.5f}, boxes, L);
+  for (int i = 0; i < 48; ++i) {
+    const int s = i / 24, r = (i / 4) % 3, c = i % 4;
+    const bool inside = s == 0 && r >= 1 && r < 3 && c >= 1 && c < 3;
+    expect(out[i] == (inside ? x[i + 24] : x[i]), "cutmix element");
+  }
+  expect(x == before, "x unchanged");
+}
+
+// uint8 blends round half to even: 0.5*1 + 0.5*2 = 1.5 -> 2, 0.5*2 + 0.5*3 = 2.5 -> 2,
+// 0.5*254 + 0.5*255 = 254.5 -> 254; a self-pair with w = 0.3 gives back the pixel.
+void test_uint8_rounds_half_to_even() {
+  core::MixLayout L;
+  L.n = 2, L.row_len = 3;
+  const std::vector<uint8_t> x = {1, 2, 254, 2, 3, 255};
+  const std::vector<int64_t> whole = {0, 1, 0, 3, 0, 1, 0, 3};
+  const auto out = forward<uint8_t>(x, {1, 0}, {0.5f, 0.5f}, whole, L);
+  expect(out[0] == 2 && out[1] == 2 && out[2] == 254, "round half even");
+  const auto self = forward<uint8_t>(x, {0, 1}, {0.3f, 0.3f}, whole, L);
+  expect(self == x, "uint8 self pair");
+  expect(core::Compute<uint8_t>::store(-0.4f) == 0 && core::Compute<uint8_t>::store(255.4f) == 255,
+         "uint8 clamp");
+}
+
+// The SSE2 path (16 at a time) equals the scalar formula for every pixel pair and many weights.
+void test_uint8_simd_equals_scalar() {
+  std::vector<uint8_t> a(65536 + 5), b(65536 + 5), out(65536 + 5);
+  for (int i = 0; i < 65536 + 5; ++i) a[i] = static_cast<uint8_t>(i & 255), b[i] = static_cast<uint8_t>(i >> 8);
+  for (float w : {0.5f, 0.25f, 0.1f, 0.3f, 0.7f, 0.999f, 1e-4f}) {
+    core::blend_span(a.data(), b.data(), out.data(), 65536 + 5, w);
+    bool same = true;
+    for (int i = 0; i < 65536 + 5; ++i) {
+      const float lhs = w * static_cast<float>(a[i]);
+      const float rhs = (1.0f - w) * static_cast<float>(b[i]);
+      same = same && out[i] == core::Compute<uint8_t>::store(lhs + rhs);
+    }
+    expect(same, "uint8 simd == scalar");
+#if defined(__SSE2__)
+    // the SSE2 path directly (blend_span takes the AVX2 one on CPUs that have it)
+    std::vector<uint8_t> sse(65536);
+    for (int c = 0; c < 65536; c += 16)
+      core::blend16_u8(a.data() + c, b.data() + c, sse.data() + c, _mm_set1_ps(w), _mm_set1_ps(1.0f - w));
+    expect(std::equal(sse.begin(), sse.end(), out.begin()), "uint8 sse2 == dispatched path");
+#endif
+  }
+}
+
+// channels_last view: rows = H, row_len = W*C, columns scaled by C.
+void test_channels_last_box() {
+  const int C = 3, H = 2, W = 3;
+  core::MixLayout L;
+  L.n = 2, L.rows = H, L.row_len = W * C;
+  std::vector<double> x(2 * H * W * C);
+  for (size_t i = 0; i < x.size(); ++i) x[i] = std::sin(1.0 + i);
+  const std::vector<int64_t> boxes = {0, 1, 1 * C, 2 * C, 0, 2, 0, 3 * C};
+  const auto out = forward<double>(x, {1, 0}, {0.25, 1.0}, boxes, L);
+  for (int h = 0; h < H; ++h)
+    for (int wc = 0; wc < W * C; ++wc) {
+      const int i = h * W * C + wc;
+      const bool inside = h == 0 && wc / C == 1;
+      const double want = inside ? 0.25 * x[i] + 0.75 * x[i + H * W * C] : x[i];
+      expect(out[i] == want, "channels_last sample 0");
+      expect(out[i + H * W * C] == 1.0 * x[i + H * W * C] + 0.0 * x[i], "w = 1 copy");
+    }
+}
+
+void test_half_and_bfloat16_conversions() {
+  const float values[] = {0.0f, -0.0f, 1.0f, -2.5f, 65504.0f, 6.1035156e-05f, 5.9604645e-08f,
+                          3.140625f, 1e-3f};
+  for (float v : values) {
+    expect(core::to_float(core::to_half(v)) == v || std::fabs(v) == 1e-3f, "half round trip");
+    const float b = core::to_float(core::to_bfloat16(v));
+    expect(std::fabs(b - v) <= std::fabs(v) * (1.0f / 256), "bf16 round trip");
+  }
+  // ties to even: 1 + 2^-11 is half-way between two halves -> 1; 1 + 3 * 2^-11 -> 1 + 2^-9
+  expect(core::to_float(core::to_half(1.0f + std::ldexp(1.0f, -11))) == 1.0f, "half tie even");
+  expect(core::to_float(core::to_half(1.0f + 3 * std::ldexp(1.0f, -11))) ==
+             1.0f + std::ldexp(1.0f, -9), "half tie up");
+  expect(core::to_half(1e6f).bits == 0x7C00, "half overflow to inf");
+  expect(std::isnan(core::to_float(core::to_half(NAN))), "half nan");
+  expect(core::to_bfloat16(1.0f + std::ldexp(1.0f, -8)).bits == 0x3F80, "bf16 tie even");
+  expect(std::isnan(core::to_float(core::to_bfloat16(NAN))), "bf16 nan");
+}
+
+// Backward with repeated partners and a self-pair, features [N = 3, D = 2], whole boxes:
+// src = (1, 1, 2): dx_0 = w0 g0; dx_1 = w1 g1 + (1-w0) g0 + (1-w1) g1; dx_2 = w2 g2 + (1-w2) g2.
+void test_backward_gathers_repeats() {
+  core::MixLayout L;
+  L.n = 3, L.row_len = 2;
+  const std::vector<double> x = {1, 2, 3, 5, 7, 11}, g = {0.5, -1, 2, 0.25, -3, 4};
+  const std::vector<int64_t> src = {1, 1, 2}, boxes = {0, 1, 0, 2, 0, 1, 0, 2, 0, 1, 0, 2};
+  const std::vector<double> w = {0.25, 0.5, 0.75};
+  std::vector<int64_t> offsets, list;
+  core::invert_partners(src.data(), 3, offsets, list);
+  expect(offsets == std::vector<int64_t>({0, 0, 2, 3}) && list == std::vector<int64_t>({0, 1, 2}),
+         "inverse of src");
+  std::vector<double> dx(6), dw_rows(3), dw(3), buf(core::kWindow);
+  core::mix_backward_rows(g.data(), x.data(), src.data(), w.data(), boxes.data(), L, offsets.data(),
+                          list.data(), dx.data(), dw_rows.data(), buf.data(), 0, 3);
+  core::reduce_dw_rows(dw_rows.data(), L, dw.data());
+  for (int d = 0; d < 2; ++d) {
+    expect(std::fabs(dx[d] - 0.25 * g[d]) < 1e-15, "dx_0");
+    expect(std::fabs(dx[2 + d] - (0.5 * g[2 + d] + 0.75 * g[d] + 0.5 * g[2 + d])) < 1e-15, "dx_1");
+    expect(std::fabs(dx[4 + d] - g[4 + d]) < 1e-15, "dx_2 self pair");
+  }
+  expect(std::fabs(dw[0] - (0.5 * (1 - 3) + -1 * (2 - 5))) < 1e-15, "dw_0");
+  expect(std::fabs(dw[1]) < 1e-15 && std::fabs(dw[2]) < 1e-15, "dw of self pairs is 0");
+}
+
+// dw only sums inside the box; dot_diff's 8-way split handles lengths that are not multiples of 8.
+void test_dw_inside_box_only() {
+  core::MixLayout L;
+  L.n = 2, L.rows = 2, L.row_len = 19;
+  std::vector<float> x(76), g(76, 1.0f);
+  for (int i = 0; i < 76; ++i) x[i] = static_cast<float>(i % 7);
+  const std::vector<int64_t> src = {1, 0}, boxes = {1, 2, 2, 13, 0, 0, 0, 0};
+  const std::vector<float> w = {0.5f, 0.5f};
+  std::vector<int64_t> offsets, list;
+  core::invert_partners(src.data(), 2, offsets, list);
+  std::vector<float> dx(76), dw_rows(4), dw(2), buf(core::kWindow);
+  core::mix_backward_rows(g.data(), x.data(), src.data(), w.data(), boxes.data(), L, offsets.data(),
+                          list.data(), dx.data(), dw_rows.data(), buf.data(), 0, 4);
+  core::reduce_dw_rows(dw_rows.data(), L, dw.data());
+  float want = 0;
+  for (int c = 2; c < 13; ++c) want += x[19 + c] - x[38 + 19 + c];
+  expect(std::fabs(dw[0] - want) < 1e-5f, "dw box");
+  expect(dw[1] == 0.0f, "dw empty box");
+  expect(dx[19 + 5] == 0.5f && dx[38 + 19 + 5] == 1.5f && dx[0] == 1.0f, "dx box");
+}
+
+}  // namespace
+
+int main() {
+  test_cutmix_copies_exactly();
+  test_uint8_rounds_half_to_even();
+  test_uint8_simd_equals_scalar();
+  test_channels_last_box();
+  test_half_and_bfloat16_conversions();
+  test_backward_gathers_repeats();
+  test_dw_inside_box_only();
+  if (failures) {
+    std::printf("%d failure(s)\n", failures);
+    return 1;
+  }
+  std::printf("test_mix: all passed\n");
+  return 0;
+}

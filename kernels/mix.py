@@ -1,0 +1,246 @@
+"""Triton kernels of ``metamixer::mix`` (DESIGN.md section 2.2) and of the fused local + global
+``metamixer::mix2`` (forward; its backward is built from mix and mix_backward), registered as
+the ``triton`` backend.
+
+Forward, per sample i and element p of the sample:
+    out[i, p] = x[i, p]                              outside box_i
+    out[i, p] = w_i x[i, p] + (1 - w_i) x[src_i, p]  inside box_i
+Backward, for an upstream gradient g shaped like x:
+    dx[k, p] = g[k, p] (p in box_k ? w_k : 1) + sum_{j : src_j = k, p in box_j} (1 - w_j) g[j, p]
+    dw_i     = sum_{p in box_i} g[i, p] (x[i, p] - x[src_i, p])
+
+Shapes and layout: every tensor is viewed as N samples of S = rows x row_len contiguous-ish
+elements, the element at flat offset q of a sample lying on row (q // row_len) % rows and column
+q % row_len, and a box covering rows [r0, r1) and columns [c0, c1) of every plane:
+NCHW [N, C, H, W] -> rows H, row_len W, columns (x0, x1); channels_last -> rows H,
+row_len W*C, columns (x0*C, x1*C); [N, D] -> one row of D. So x is read in place in either
+memory format and the output keeps it.
+
+Arithmetic: float32 for uint8/fp16/bf16 inputs, the input dtype for fp32/fp64, as three
+separately rounded operations (w*a, (1-w)*b, their sum) like the eager reference; launches
+pass ``enable_fp_fusion=False`` so the compiler does not contract them into an FMA. uint8
+rounds half to even (adding and subtracting 1.5 * 2^23) and clamps to [0, 255].
+
+Bytes moved: forward reads x_i and x_src_i inside box_i, writes out once. Backward (gather per
+destination sample, so repeated partners never race and the result is deterministic) reads
+g_k, x_k, x_src_k inside box_k, and g_j inside box_j for each j with src_j = k; writes dx and
+one partial dw per block.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from metamixer_fast import _backend
+
+BLOCK = 1024
+NUM_WARPS = 4
+
+
+@triton.jit
+def _in_box(box_ptr, i, offs, rows, row_len):
+    """Mask of the flat offsets of sample i that lie inside its (row, column) box."""
+    r = (offs // row_len) % rows
+    c = offs % row_len
+    r0 = tl.load(box_ptr + 4 * i)
+    r1 = tl.load(box_ptr + 4 * i + 1)
+    c0 = tl.load(box_ptr + 4 * i + 2)
+    c1 = tl.load(box_ptr + 4 * i + 3)
+    return (r >= r0) & (r < r1) & (c >= c0) & (c < c1)
+
+
+@triton.jit
+def _cast_out(v, dtype: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """v.to(dtype), rounding to nearest even. SOFT_BF16 does the float32 -> bfloat16 rounding
+    with integer ops: the interpreter's own conversion truncates, the GPU's does not."""
+    if SOFT_BF16:
+        bits = v.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        rounded = tl.where(v != v, 0x7FC0, rounded)  # NaN stays NaN
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return v.to(dtype)
+
+
+@triton.jit
+def _blend(a, b, w, IS_UINT8: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """w a + (1 - w) b in w's dtype, three roundings, stored back in a's dtype."""
+    lhs = w * a.to(w.dtype)
+    rhs = (1 - w) * b.to(w.dtype)
+    blended = lhs + rhs
+    if IS_UINT8:
+        blended = (blended + 12582912.0) - 12582912.0
+        blended = tl.minimum(tl.maximum(blended, 0.0), 255.0)
+    return _cast_out(blended, a.dtype, SOFT_BF16)
+
+
+@triton.jit
+def _mix_at(x_ptr, src_ptr, w_ptr, box_ptr, i, offs, valid, sample_size, rows, row_len,
+            IS_UINT8: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """mix(x, src, w, box)[i] at the flat offsets offs of sample i, in x's dtype."""
+    inside = valid & _in_box(box_ptr, i, offs, rows, row_len)
+    s = tl.load(src_ptr + i)
+    w = tl.load(w_ptr + i)  # already in the compute dtype
+    a = tl.load(x_ptr + i * sample_size + offs, mask=valid)
+    b = tl.load(x_ptr + s * sample_size + offs, mask=inside, other=0)
+    return tl.where(inside, _blend(a, b, w, IS_UINT8, SOFT_BF16), a)
+
+
+@triton.jit
+def _mix_fwd_kernel(x_ptr, out_ptr, src_ptr, w_ptr, box_ptr, sample_size, rows, row_len,
+                    IS_UINT8: tl.constexpr, SOFT_BF16: tl.constexpr, BLOCK: tl.constexpr):
+    """Grid (cdiv(S, BLOCK), N): one block of one sample per program."""
+    i = tl.program_id(1).to(tl.int64)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < sample_size
+    out = _mix_at(x_ptr, src_ptr, w_ptr, box_ptr, i, offs, valid, sample_size, rows, row_len,
+                  IS_UINT8, SOFT_BF16)
+    tl.store(out_ptr + i * sample_size + offs, out, mask=valid)
+
+
+@triton.jit
+def _mix2_fwd_kernel(x_ptr, out_ptr, src_ptr, w_ptr, box_ptr, src2_ptr, w2_ptr, sample_size, rows,
+                     row_len, IS_UINT8: tl.constexpr, SOFT_BF16: tl.constexpr, BLOCK: tl.constexpr):
+    """mix(mix(x, src, w, box), src2, w2) for one block of sample i: u_i and u_src2_i are
+    formed in registers (rounded as a first call would store them), then blended with w2_i.
+    Reads x_i, x_src2_i and their local partners inside the boxes; writes out once."""
+    i = tl.program_id(1).to(tl.int64)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < sample_size
+    k = tl.load(src2_ptr + i)
+    ua = _mix_at(x_ptr, src_ptr, w_ptr, box_ptr, i, offs, valid, sample_size, rows, row_len,
+                 IS_UINT8, SOFT_BF16)
+    ub = _mix_at(x_ptr, src_ptr, w_ptr, box_ptr, k, offs, valid, sample_size, rows, row_len,
+                 IS_UINT8, SOFT_BF16)
+    out = _blend(ua, ub, tl.load(w2_ptr + i), IS_UINT8, SOFT_BF16)
+    tl.store(out_ptr + i * sample_size + offs, out, mask=valid)
+
+
+@triton.jit
+def _mix_bwd_kernel(g_ptr, x_ptr, src_ptr, w_ptr, box_ptr, inv_offsets_ptr, inv_list_ptr,
+                    dx_ptr, dw_part_ptr, sample_size, rows, row_len, SOFT_BF16: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    """Grid (cdiv(S, BLOCK), N): dx for one block of destination sample k, plus that block's
+    share of dw_k (written to dw_part[k, block])."""
+    k = tl.program_id(1).to(tl.int64)
+    blk = tl.program_id(0)
+    offs = blk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < sample_size
+    inside = valid & _in_box(box_ptr, k, offs, rows, row_len)
+    wk = tl.load(w_ptr + k)
+    g = tl.load(g_ptr + k * sample_size + offs, mask=valid, other=0).to(wk.dtype)
+    acc = tl.where(inside, g * wk, g)
+    start = tl.load(inv_offsets_ptr + k)
+    end = tl.load(inv_offsets_ptr + k + 1)
+    for t in range(start, end):
+        j = tl.load(inv_list_ptr + t)
+        in_j = valid & _in_box(box_ptr, j, offs, rows, row_len)
+        wj = tl.load(w_ptr + j)
+        gj = tl.load(g_ptr + j * sample_size + offs, mask=in_j, other=0).to(wk.dtype)
+        acc += tl.where(in_j, (1 - wj) * gj, 0.0)
+    tl.store(dx_ptr + k * sample_size + offs, _cast_out(acc, dx_ptr.dtype.element_ty, SOFT_BF16),
+             mask=valid)
+    s = tl.load(src_ptr + k)
+    a = tl.load(x_ptr + k * sample_size + offs, mask=inside, other=0).to(wk.dtype)
+    b = tl.load(x_ptr + s * sample_size + offs, mask=inside, other=0).to(wk.dtype)
+    part = tl.sum(tl.where(inside, g * (a - b), 0.0), axis=0)
+    tl.store(dw_part_ptr + k * tl.num_programs(0) + blk, part)
+
+
+# ------------------------------------------------------------------------------------ launchers
+
+def _geometry(x: Tensor, box: Tensor | None) -> tuple[Tensor, Tensor, int, int]:
+    """(x as read, boxes [N, 4] int64 in (row, column) units, rows, row_len)."""
+    n = x.shape[0]
+    channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
+        memory_format=torch.channels_last)
+    if not (x.is_contiguous() or channels_last):
+        x = x.contiguous()
+    if x.dim() == 2:
+        rows, row_len, scale = 1, x.shape[1], 1
+    elif channels_last:
+        rows, row_len, scale = x.shape[2], x.shape[3] * x.shape[1], x.shape[1]
+    else:
+        rows, row_len, scale = x.shape[2], x.shape[3], 1
+    if box is None or x.dim() == 2:
+        whole = torch.tensor([0, rows, 0, row_len], dtype=torch.int64, device=x.device)
+        boxes = whole.expand(n, 4).contiguous()
+    else:
+        boxes = box.to(torch.int64) * torch.tensor([1, 1, scale, scale], device=x.device)
+    return x, boxes.contiguous(), rows, row_len
+
+
+def _soft_bf16(x: Tensor) -> bool:
+    return x.dtype == torch.bfloat16 and _backend.triton_interpreted()
+
+
+def _compute_w(x: Tensor, w: Tensor) -> Tensor:
+    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return w.to(ct).contiguous()
+
+
+def mix(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None) -> Tensor:
+    xr, boxes, rows, row_len = _geometry(x, box)
+    out = torch.empty_strided(xr.shape, xr.stride(), dtype=xr.dtype, device=xr.device)
+    n, size = xr.shape[0], xr[0].numel()
+    if size == 0:
+        return out
+    grid = (triton.cdiv(size, BLOCK), n)
+    _mix_fwd_kernel[grid](xr, out, src.contiguous(), _compute_w(xr, w), boxes, size, rows, row_len,
+                          IS_UINT8=xr.dtype == torch.uint8, SOFT_BF16=_soft_bf16(xr), BLOCK=BLOCK,
+                          num_warps=NUM_WARPS, enable_fp_fusion=False)
+    return out
+
+
+def mix2(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None, src2: Tensor, w2: Tensor) -> Tensor:
+    xr, boxes, rows, row_len = _geometry(x, box)
+    out = torch.empty_strided(xr.shape, xr.stride(), dtype=xr.dtype, device=xr.device)
+    n, size = xr.shape[0], xr[0].numel()
+    if size == 0:
+        return out
+    grid = (triton.cdiv(size, BLOCK), n)
+    _mix2_fwd_kernel[grid](xr, out, src.contiguous(), _compute_w(xr, w), boxes, src2.contiguous(),
+                           _compute_w(xr, w2), size, rows, row_len, IS_UINT8=xr.dtype == torch.uint8,
+                           SOFT_BF16=_soft_bf16(xr), BLOCK=BLOCK, num_warps=NUM_WARPS,
+                           enable_fp_fusion=False)
+    return out
+
+
+def _invert_partners(src: Tensor) -> tuple[Tensor, Tensor]:
+    """CSR of {j : src_j = k}: offsets [N + 1] and the j's in increasing order."""
+    n = src.shape[0]
+    order = torch.argsort(src, stable=True)
+    counts = torch.bincount(src, minlength=n)
+    offsets = torch.zeros(n + 1, dtype=torch.int64, device=src.device)
+    offsets[1:] = torch.cumsum(counts, 0)
+    return offsets, order
+
+
+def mix_backward(grad: Tensor, x: Tensor, src: Tensor, w: Tensor,
+                 box: Tensor | None) -> tuple[Tensor, Tensor]:
+    if not x.is_floating_point():
+        raise ValueError(f"mix_backward: 'x' must be a floating tensor ({x.dtype} is not "
+                         f"differentiable)")
+    xr, boxes, rows, row_len = _geometry(x, box)
+    fmt = torch.channels_last if (xr.dim() == 4 and not xr.is_contiguous()) else torch.contiguous_format
+    g = grad.to(xr.dtype).contiguous(memory_format=fmt)
+    dx = torch.empty_strided(xr.shape, xr.stride(), dtype=xr.dtype, device=xr.device)
+    n, size = xr.shape[0], xr[0].numel()
+    wc = _compute_w(xr, w)
+    if size == 0:
+        return dx, torch.zeros_like(w)
+    blocks = triton.cdiv(size, BLOCK)
+    dw_part = torch.empty(n, blocks, dtype=wc.dtype, device=xr.device)
+    offsets, order = _invert_partners(src)
+    _mix_bwd_kernel[(blocks, n)](g, xr, src.contiguous(), wc, boxes, offsets, order, dx, dw_part,
+                                 size, rows, row_len, SOFT_BF16=_soft_bf16(xr), BLOCK=BLOCK,
+                                 num_warps=NUM_WARPS, enable_fp_fusion=False)
+    return dx, dw_part.sum(1).to(w.dtype)
+
+
+_backend.register_kernel("mix", "triton", mix)
+_backend.register_kernel("mix_backward", "triton", mix_backward)
+_backend.register_kernel("mix2", "triton", mix2)

@@ -1,0 +1,83 @@
+"""``metamixer::mix2``: MetaMixer's local then global mixing in one pass over the batch.
+
+``mix2(x, src, w, box, src2, w2) == mix(mix(x, src, w, box), src2, w2)`` bit for bit (the
+intermediate is rounded to x's dtype as the first call would round it), but the fused kernels
+read x and write the output once instead of writing and re-reading an intermediate batch.
+The backward recomputes the intermediate with one ``metamixer::mix`` and chains two
+``metamixer::mix_backward``, so it needs no kernel of its own.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _backend, reference
+from ._checks import _describe, _value_check, check_mix_args, check_mix_values
+
+__all__ = ["mix2"]
+
+
+def _check_global_args(x: Tensor, src2: Tensor, w2: Tensor) -> None:
+    n = x.shape[0]
+    if src2.dtype != torch.int64 or src2.shape != (n,) or src2.device != x.device:
+        raise ValueError(f"mix2: 'src2' must be an int64 tensor [N] = [{n}] of global partners on "
+                         f"{x.device}, got a {_describe(src2)}")
+    if not w2.is_floating_point() or w2.shape != (n,) or w2.device != x.device:
+        raise ValueError(f"mix2: 'w2' must be a floating tensor [N] = [{n}] of global blend weights "
+                         f"on {x.device}, got a {_describe(w2)}")
+
+
+@torch.library.custom_op("metamixer::mix2", mutates_args=())
+def _mix2(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None, src2: Tensor, w2: Tensor) -> Tensor:
+    check_mix_args(x, src, w, box)
+    _check_global_args(x, src2, w2)
+    run = _backend.kernel("mix2", x.device)
+    if not getattr(run, "checks_values", False):
+        check_mix_values(x, src, w, box)
+        n = x.shape[0]
+        _value_check(((src2 >= 0) & (src2 < n)).all(),
+                     f"mix: 'src2' must hold sample indices in [0, N={n})")
+        _value_check(((w2 >= 0) & (w2 <= 1)).all(), "mix: 'w2' must lie in [0, 1] (and not be NaN)")
+    return run(x, src, w, box, src2, w2)
+
+
+@_mix2.register_fake
+def _(x, src, w, box, src2, w2):
+    check_mix_args(x, src, w, box)
+    _check_global_args(x, src2, w2)
+    return torch.empty_like(x)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, src, w, box, src2, w2 = inputs
+    ctx.has_box = box is not None
+    ctx.save_for_backward(x, src, w, src2, w2, *([box] if box is not None else []))
+
+
+def _backward(ctx, grad):
+    x, src, w, src2, w2, *rest = ctx.saved_tensors
+    box = rest[0] if ctx.has_box else None
+    u = torch.ops.metamixer.mix(x, src, w, box)
+    du, dw2 = torch.ops.metamixer.mix_backward(grad, u, src2, w2, None)
+    dx, dw = torch.ops.metamixer.mix_backward(du, x, src, w, box)
+    return dx, None, dw, None, None, dw2
+
+
+_mix2.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _reference_mix2(x, src, w, box, src2, w2):
+    return torch.empty_like(x).copy_(reference.mix2(x, src, w, box, src2, w2))
+
+
+_backend.register_kernel("mix2", "reference", _reference_mix2)
+
+
+def mix2(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None, src2: Tensor, w2: Tensor) -> Tensor:
+    """Local then global mixing: ``mix(mix(x, src, w, box), src2, w2)`` in one pass.
+
+    MetaMixer at the input is ``mix2(x, sigma, zeros, boxes, pi, mu)``: CutMix boxes from the
+    local partners sigma, then a whole-sample blend with the global partners pi.
+    """
+    return torch.ops.metamixer.mix2(x, src, w, box, src2, w2)

@@ -1,0 +1,76 @@
+"""metamixer::mix2 (local + global mixing in one pass) equals two metamixer::mix calls.
+
+Bit for bit against the reference composition ``mix(mix(x, src, w, box), src2, w2)`` in every
+dtype (the kernels round the intermediate exactly as a first call would store it), plus
+gradcheck, opcheck and torch.compile, on every backend.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_mix_kernels import DTYPES, LAYOUTS, assert_blend_close, make_plan, make_x
+
+import metamixer_fast as mf
+from metamixer_fast import reference
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mix2_equals_two_calls(mix_backend, dtype, layout, rng):
+    x = make_x(rng, (6, 3, 7, 13), dtype, layout)
+    src, wt, box = make_plan(rng, 6, 7, 13)
+    box = None if layout == "features" else box
+    src2 = torch.randint(0, 6, (6,), generator=rng)
+    w2 = torch.rand(6, generator=rng)
+    before = x.clone()
+    out = mf.mix2(x, src, wt, box, src2, w2)
+    assert torch.equal(x, before), "x was mutated"
+    if layout == "channels_last":
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    # the same roundings as two reference calls in x's dtype, hence exact in every dtype ...
+    assert torch.equal(out, reference.mix2(x, src, wt, box, src2, w2))
+    # ... and so within the DESIGN.md tolerance of the float64 reference
+    assert_blend_close(out, lambda dt: reference.mix2(x.to(dt), src, wt, box, src2, w2), dtype)
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 7, 13), (3, 2, 1, 9), (3, 5, 11, 1), (2, 1, 3, 5000)])
+def test_mix2_odd_shapes(mix_backend, shape, rng):
+    n, _, h, w = shape
+    x = make_x(rng, shape, torch.uint8, "nchw")
+    src, wt, box = make_plan(rng, n, h, w)
+    src2, w2 = torch.randint(0, n, (n,), generator=rng), torch.rand(n, generator=rng)
+    assert torch.equal(mf.mix2(x, src, wt, box, src2, w2), reference.mix2(x, src, wt, box, src2, w2))
+
+
+def test_mix2_gradcheck_opcheck_compile(mix_backend, rng):
+    x = make_x(rng, (5, 2, 4, 5), torch.float64, "channels_last").requires_grad_(True)
+    src, wt, box = make_plan(rng, 5, 4, 5)
+    wt = (wt * 0.8 + 0.1).requires_grad_(True)
+    src2 = torch.randint(0, 5, (5,), generator=rng)
+    w2 = (torch.rand(5, generator=rng, dtype=torch.float64) * 0.8 + 0.1).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b, c: mf.mix2(a, src, b, box, src2, c), (x, wt, w2))
+    torch.library.opcheck(torch.ops.metamixer.mix2.default, (x.float(), src, wt.float(), box, src2,
+                                                             w2.float()))
+
+    def step(a, b, c):
+        return (mf.mix2(a, src, b, box, src2, c) ** 2).sum()
+
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True)):
+        a, b, c = (t.detach().float().clone().requires_grad_(True) for t in (x, wt, w2))
+        fn(a, b, c).backward()
+        results.append((a.grad, b.grad, c.grad))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want)
+
+
+def test_mix2_bad_input_names_the_argument(mix_backend):
+    x = torch.randn(3, 2, 4, 4)
+    src, wt, box = torch.tensor([1, 2, 0]), torch.tensor([0.0, 0.5, 1.0]), torch.tensor([[0, 2, 0, 2]] * 3)
+    with pytest.raises(ValueError, match="'src2'"):
+        mf.mix2(x, src, wt, box, torch.tensor([0, 1, 3]), wt)
+    with pytest.raises(ValueError, match="'w2'"):
+        mf.mix2(x, src, wt, box, src, torch.tensor([0.0, 2.0, 0.5]))
+    with pytest.raises(ValueError, match="'src2'"):
+        mf.mix2(x, src, wt, box, src.int(), wt)

@@ -1,0 +1,79 @@
+"""The Triton mix and mix2 kernels compile ahead of time for sm_80 and sm_90 (no GPU needed) with no
+register spills and no fused multiply-adds (the blend must round like the eager reference).
+
+The compile runs in a subprocess with TRITON_INTERPRET=0: under the interpreter (set for this
+test session by conftest.py) ``triton.jit`` yields interpreted functions, which cannot be
+compiled. Spills are read from ``ptxas -v`` run on the generated PTX (``n_spills`` of a
+compiled kernel is only filled in when it is loaded onto a GPU).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+SCRIPT = r"""
+import json, re, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
+from triton.compiler import ASTSource
+from metamixer_fast.kernels import mix as m
+
+arch = int(sys.argv[1])
+PTR = {"uint8": "*u8", "float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32",
+       "float64": "*fp64"}
+results = []
+for dtype, ptr in PTR.items():
+    wty = "*fp64" if dtype == "float64" else "*fp32"
+    common = {"sample_size": "i32", "rows": "i32", "row_len": "i32"}
+    variants = [("_mix_fwd_kernel", {"x_ptr": ptr, "out_ptr": ptr, "src_ptr": "*i64", "w_ptr": wty,
+                 "box_ptr": "*i64", **common, "IS_UINT8": "constexpr", "SOFT_BF16": "constexpr",
+                 "BLOCK": "constexpr"}, {"IS_UINT8": dtype == "uint8", "SOFT_BF16": False,
+                 "BLOCK": m.BLOCK})]
+    variants.append(("_mix2_fwd_kernel", {"x_ptr": ptr, "out_ptr": ptr, "src_ptr": "*i64",
+                     "w_ptr": wty, "box_ptr": "*i64", "src2_ptr": "*i64", "w2_ptr": wty, **common,
+                     "IS_UINT8": "constexpr", "SOFT_BF16": "constexpr", "BLOCK": "constexpr"},
+                     {"IS_UINT8": dtype == "uint8", "SOFT_BF16": False, "BLOCK": m.BLOCK}))
+    if dtype != "uint8":
+        variants.append(("_mix_bwd_kernel", {"g_ptr": ptr, "x_ptr": ptr, "src_ptr": "*i64",
+                         "w_ptr": wty, "box_ptr": "*i64", "inv_offsets_ptr": "*i64",
+                         "inv_list_ptr": "*i64", "dx_ptr": ptr, "dw_part_ptr": wty, **common,
+                         "SOFT_BF16": "constexpr", "BLOCK": "constexpr"},
+                         {"SOFT_BF16": False, "BLOCK": m.BLOCK}))
+    for name, sig, consts in variants:
+        src = ASTSource(getattr(m, name), sig, constexprs=consts)
+        k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                           options={"num_warps": m.NUM_WARPS, "enable_fp_fusion": False})
+        ptx = k.asm["ptx"]
+        with tempfile.TemporaryDirectory() as d:
+            path = d + "/k.ptx"
+            open(path, "w").write(ptx)
+            log = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name=sm_{arch}a" if arch == 90
+                                  else f"--gpu-name=sm_{arch}", path, "-o", d + "/k.o"],
+                                 capture_output=True, text=True, check=True).stderr
+        spills = [int(a) + int(b) for a, b in
+                  re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)]
+        results.append({"kernel": name, "dtype": dtype, "n_spills": sum(spills),
+                        "fma": len(re.findall(r"\bfma\.", ptx)), "log": log})
+print(json.dumps(results))
+"""
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_triton_mix_compiles_without_spills(arch):
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(arch)], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(results) == 14  # mix and mix2 fwd for 5 dtypes, bwd for the 4 float dtypes
+    for r in results:
+        assert r["n_spills"] == 0, r
+        assert r["fma"] == 0, (r["kernel"], r["dtype"], "the blend must not be contracted into an FMA")
