@@ -10,7 +10,7 @@ import torch
 from . import __version__, _backend
 from . import ops as _ops  # noqa: F401  (registers the ops and their reference kernels)
 
-OPS = ("mixed_kd_loss", "mixed_kd_loss_backward", "mix", "mix_backward")
+OPS = ("mixed_kd_loss", "mixed_kd_loss_backward", "mix", "mix_backward", "mix2")
 
 
 def _devices() -> list[torch.device]:
