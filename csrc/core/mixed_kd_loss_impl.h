@@ -52,26 +52,69 @@ struct Rescale {
   }
 };
 
+// Calls f(std::integral_constant<int, K>) for K in 2..8 (loops over peers unroll and the
+// per-peer accumulators live in registers), else f(std::integral_constant<int, 0>) (run time K).
+template <typename F>
+void with_peers(int64_t K, F&& f) {
+  switch (K) {
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 6: return f(std::integral_constant<int, 6>{});
+    case 7: return f(std::integral_constant<int, 7>{});
+    case 8: return f(std::integral_constant<int, 8>{});
+    default: return f(std::integral_constant<int, 0>{});
+  }
+}
+
+// How exp(x) is obtained from exp(x/T): for T in {2, 3, 4} as a power (one exp per element
+// instead of two; the results stay within a few ulp), else by a second exp.
+struct TempPow {
+  int n = 0;  // 0: no integer power; 1: T == 1
+  explicit TempPow(double T) { n = (T == 1.0 || T == 2.0 || T == 3.0 || T == 4.0) ? int(T) : 0; }
+};
+template <typename U>
+inline U int_pow(const U& x, int n) {
+  if (n == 2) return x * x;
+  if (n == 3) return x * x * x;
+  const U x2 = x * x;
+  return x2 * x2;
+}
+
 // Column sums of target t over [i0, i1): exp(z_t - ref), exp((z_t - ref)/T), z_t, and for every
-// other peer s (pairwise mode) y[s] += e_T (z_t - z_s) where e_T > 0.
-template <typename U, typename A>
-void target_cols(const A* const* zc, int64_t K, int64_t t, int64_t i0, int64_t i1, A ref, A invT,
-                 bool t_one, bool pairs, U* y, U& s1, U& sT, U& sz) {
+// other peer s (pairwise mode) y[s] += e_T (z_t - z_s) where e_T > 0. KC: K if known, else 0.
+template <int KC, typename U, typename A>
+void target_cols(const A* const* zc, int64_t K_rt, int64_t t, int64_t i0, int64_t i1, A ref, A invT,
+                 TempPow tp, bool pairs, U* y, U& s1, U& sT, U& sz) {
   constexpr int64_t W = sizeof(U) / sizeof(A);
+  const int64_t K = KC > 0 ? KC : K_rt;
   const U zero{};
+  U l1{}, lT{}, lz{}, yl[KC > 0 ? KC : 1];
+  for (auto& v : yl) v = zero;
+  U* yp = KC > 0 ? yl : y;
+  const A* zt = zc[t];
   for (int64_t i = i0; i < i1; i += W) {
-    const U z = load<U>(zc[t] + i);
+    const U z = load<U>(zt + i);
     const U d = z - ref;
-    const U e1 = vexp(d);
-    const U eT = t_one ? e1 : vexp(d * invT);
-    s1 += e1;
-    sT += eT;
-    sz += z;
+    U e1, eT;
+    if (tp.n == 1) {
+      e1 = eT = vexp(d);
+    } else {
+      eT = vexp(d * invT);
+      e1 = tp.n ? int_pow(eT, tp.n) : vexp(d);
+    }
+    l1 += e1;
+    lT += eT;
+    lz += z;
     if (!pairs) continue;
     for (int64_t s = 0; s < K; ++s) {
-      if (s != t) y[s] += select(eT > zero, eT * (z - load<U>(zc[s] + i)), zero);
+      if (s != t) yp[s] += select(eT > zero, eT * (z - load<U>(zc[s] + i)), zero);
     }
   }
+  s1 += l1, sT += lT, sz += lz;
+  if (KC > 0)
+    for (int64_t s = 0; s < K; ++s) y[s] += yl[s];
 }
 
 // Ensemble target of one peer: sums of exp((E - ref)/T) and e (E - z_k) where e > 0.
@@ -79,12 +122,14 @@ template <typename U, typename A>
 void ensemble_cols(const A* e, const A* zk, int64_t i0, int64_t i1, A ref, A invT, U& se, U& de) {
   constexpr int64_t W = sizeof(U) / sizeof(A);
   const U zero{};
+  U ls{}, ld{};
   for (int64_t i = i0; i < i1; i += W) {
     const U ev = load<U>(e + i);
     const U x = vexp((ev - ref) * invT);
-    se += x;
-    de += select(x > zero, x * (ev - load<U>(zk + i)), zero);
+    ls += x;
+    ld += select(x > zero, x * (ev - load<U>(zk + i)), zero);
   }
+  se += ls, de += ld;
 }
 
 // E[i] = sum_{j: A[k, j] != 0} A[k, j] z_j[i] (a zero weight skips the peer, so its -inf
@@ -145,7 +190,8 @@ void forward_rows(const LossArgs<T>& a, int64_t b_begin, int64_t b_end) {
   const int64_t K = a.K, C = a.C, B = a.B;
   const double invT_d = 1.0 / a.temperature, eps = a.label_smoothing;
   const A invT = static_cast<A>(invT_d);
-  const bool t_one = a.temperature == 1.0, pairs = !a.ensemble;
+  const bool pairs = !a.ensemble;
+  const TempPow tp(a.temperature);
   RowScratch<T> sc(a, false);
   // Per-row running state: max, sum exp(z - max), sum exp((z - max)/T), sum z, pair sums
   // Y[t*K + s] (scaled like the T-sum of t), and the ensemble target's max and sums.
@@ -164,8 +210,11 @@ void forward_rows(const LossArgs<T>& a, int64_t b_begin, int64_t b_end) {
         A ss1 = 0, ssT = 0, ssz = 0;
         std::fill(sc.v2, sc.v2 + K, V{});
         std::fill(sc.s2, sc.s2 + K, A(0));
-        target_cols<V>(sc.zc.data(), K, t, 0, nv, ref, invT, t_one, pairs, sc.v2, vs1, vsT, vsz);
-        target_cols<A>(sc.zc.data(), K, t, nv, n, ref, invT, t_one, pairs, sc.s2, ss1, ssT, ssz);
+        with_peers(K, [&](auto kc) {
+          constexpr int KC = decltype(kc)::value;
+          target_cols<KC, V>(sc.zc.data(), K, t, 0, nv, ref, invT, tp, pairs, sc.v2, vs1, vsT, vsz);
+          target_cols<KC, A>(sc.zc.data(), K, t, nv, n, ref, invT, tp, pairs, sc.s2, ss1, ssT, ssz);
+        });
         const Rescale r(M[t], m, invT_d);
         M[t] = r.max;
         S1[t] = S1[t] * r.row1 + (double(hsum(vs1)) + ss1) * r.chunk1;
@@ -250,25 +299,37 @@ void target_grad_sums(const A* const* zc, const A* coef, int64_t K,
 // Per-row constants of the gradient pass.
 template <typename A>
 struct GradRow {
-  const A *lse1, *lseT, *lseE, *a1, *a0, *beta, *H, *coef;
+  const A *lse1, *lseT, *lseE, *a1, *a0, *beta, *H, *coef, *cT;
   A invT;
   int64_t K;
-  bool t_one, pairs, targets;
+  TempPow tp;
+  bool pairs, targets;
 };
 
-// dZ over columns [i0, i1) of one chunk, before the label one-hot term.
-template <typename U, typename A>
+// dZ over columns [i0, i1) of one chunk, before the label one-hot term. With T in {2, 3, 4},
+// s = exp(z - lse1) is taken as p^T exp(T lseT - lse1) = p^T cT.
+template <int KC, typename U, typename A>
 void grad_cols(const GradRow<A>& g, const A* const* zc, A* const* gc, int64_t i0, int64_t i1,
-               U* zv, U* pv, U* gv) {
+               U* zv_rt, U* pv_rt, U* gv_rt) {
   constexpr int64_t W = sizeof(U) / sizeof(A);
-  const int64_t K = g.K;
+  const int64_t K = KC > 0 ? KC : g.K;
   const U zero{};
+  U zl[KC > 0 ? KC : 1], pl[KC > 0 ? KC : 1], gl[KC > 0 ? KC : 1];
+  U* zv = KC > 0 ? zl : zv_rt;
+  U* pv = KC > 0 ? pl : pv_rt;
+  U* gv = KC > 0 ? gl : gv_rt;
   for (int64_t i = i0; i < i1; i += W) {
     for (int64_t k = 0; k < K; ++k) {
       const U z = load<U>(zc[k] + i);
-      const U s = vexp(z - g.lse1[k]);
+      U s, p;
+      if (g.tp.n == 1) {
+        s = p = vexp(z - g.lse1[k]);
+      } else {
+        p = vexp(z * g.invT - g.lseT[k]);
+        s = g.tp.n ? int_pow(p, g.tp.n) * g.cT[k] : vexp(z - g.lse1[k]);
+      }
       zv[k] = z;
-      pv[k] = g.t_one ? s : vexp(z * g.invT - g.lseT[k]);
+      pv[k] = p;
       gv[k] = g.a1[k] * s - g.a0[k];
     }
     if (g.pairs) {
@@ -312,7 +373,7 @@ void backward_rows(const LossArgs<T>& a, int64_t b_begin, int64_t b_end) {
   const int64_t K = a.K, C = a.C, B = a.B;
   const double T_ = a.temperature, eps = a.label_smoothing;
   RowScratch<T> sc(a, true);
-  std::vector<A> lse1(K), lseT(K), lseE(K), a1(K), a0(K), beta(K), H(K);
+  std::vector<A> lse1(K), lseT(K), lseE(K), a1(K), a0(K), beta(K), H(K), cT(K);
   std::vector<double> alpha(K), Xd(K * K);
   std::vector<A*> gc(K);
   bool any_kd = false;
@@ -322,7 +383,7 @@ void backward_rows(const LossArgs<T>& a, int64_t b_begin, int64_t b_end) {
     any_kd = any_kd || a.grad_kd[k] != 0;
   }
   GradRow<A> g{lse1.data(), lseT.data(), lseE.data(), a1.data(), a0.data(), beta.data(), H.data(),
-               sc.coef.data(), static_cast<A>(1.0 / T_), K, T_ == 1.0, !a.ensemble,
+               sc.coef.data(), cT.data(), static_cast<A>(1.0 / T_), K, TempPow(T_), !a.ensemble,
                !a.detach_targets && any_kd};
   for (int64_t b = b_begin; b < b_end; ++b) {
     const int64_t* lab = a.labels + b * a.M;
@@ -332,6 +393,7 @@ void backward_rows(const LossArgs<T>& a, int64_t b_begin, int64_t b_end) {
     for (int64_t k = 0; k < K; ++k) {
       const A* st = a.row_stats + (k * B + b) * 3;
       lse1[k] = st[0], lseT[k] = st[1], lseE[k] = st[2];
+      cT[k] = static_cast<A>(std::exp(double(st[1]) * T_ - double(st[0])));
       a1[k] = static_cast<A>(alpha[k] * wsum);
       a0[k] = static_cast<A>(eps > 0 ? alpha[k] * eps * wsum / double(C) : 0.0);
     }
@@ -367,8 +429,11 @@ void backward_rows(const LossArgs<T>& a, int64_t b_begin, int64_t b_end) {
       for (int64_t k = 0; k < K; ++k)
         gc[k] = sc.gbuf.empty() ? reinterpret_cast<A*>(a.dz[k] + b * a.dz_stride[k] + c0)
                                 : sc.gbuf.data() + k * kChunk;
-      grad_cols<V>(g, sc.zc.data(), gc.data(), 0, nv, sc.v2, sc.v3, sc.v4);
-      grad_cols<A>(g, sc.zc.data(), gc.data(), nv, n, sc.s2, sc.s3, sc.s4);
+      with_peers(K, [&](auto kc) {
+        constexpr int KC = decltype(kc)::value;
+        grad_cols<KC, V>(g, sc.zc.data(), gc.data(), 0, nv, sc.v2, sc.v3, sc.v4);
+        grad_cols<KC, A>(g, sc.zc.data(), gc.data(), nv, n, sc.s2, sc.s3, sc.s4);
+      });
       for (int64_t m = 0; m < a.M; ++m) {  // the one-hot term of the labels in this chunk
         const int64_t c = lab[m] - c0;
         if (c < 0 || c >= n) continue;

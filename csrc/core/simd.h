@@ -149,7 +149,7 @@ inline double hmax(double v) { return v; }
 // About 2 ulp over [-87, 88] (checked against std::exp in csrc/tests); below -87 it returns 0
 // (the true value is a subnormal < 1.7e-38), above 88 +inf; -inf -> 0, NaN -> NaN.
 template <typename U>
-inline U vexp(U x) {
+__attribute__((always_inline)) inline U vexp(U x) {
   using I = typename IntOf<U>::type;
   const U lo = splat<U>(-87.0f), hi = splat<U>(88.0f);
   const U xc = select(x > hi, hi, select(x < lo, lo, x));

@@ -265,7 +265,9 @@ void test_loss_cases(const char* isa, Fwd16 fwd, Bwd16 bwd, std::mt19937& gen) {
     for (bool detach : {true, false}) {
       for (int C : {1, 7, 600}) {
         const int K = C == 600 ? 3 : 4;
-        Problem p = make_problem(gen, K, 3, C, 2, ensemble, detach, 2.5, C == 7 ? 0.1 : 0.0);
+        // T = 2 and 3 take exp(z) as a power of exp(z/T); T = 2.5 takes two exps
+        const double T = C == 1 ? 2.0 : C == 7 ? 3.0 : 2.5;
+        Problem p = make_problem(gen, K, 3, C, 2, ensemble, detach, T, C == 7 ? 0.1 : 0.0);
         std::snprintf(name, sizeof name, "%s %s detach=%d C=%d double", isa,
                       ensemble ? "ensemble" : "pairwise", detach, C);
         check_case<double>(name, p, fwd.d, bwd.d, 1e-7);
@@ -283,7 +285,7 @@ void test_loss_cases(const char* isa, Fwd16 fwd, Bwd16 bwd, std::mt19937& gen) {
   }
   // Large rows with the max moving between chunks, T = 1, K = 2 and 8.
   for (int K : {2, 8}) {
-    Problem p = make_problem(gen, K, 2, 1500, 1, false, true, 1.0, 0.0);
+    Problem p = make_problem(gen, K, 2, 1500, 1, false, true, K == 2 ? 1.0 : 4.0, 0.0);
     for (int c = 0; c < p.C; ++c) p.z[c] += 0.01 * c;  // peer 0, row 0: increasing
     std::snprintf(name, sizeof name, "%s long rows K=%d", isa, K);
     check_case<float>(name, p, fwd.f, bwd.f, 2e-5, K == 2);
