@@ -47,6 +47,17 @@ struct CoreType<at::Half> {
   using type = core::fp16;
 };
 
+// The entries of a small floating tensor as doubles (no temporary tensor for the usual dtypes).
+std::vector<double> as_doubles(const Tensor& t) {
+  const Tensor c = t.contiguous();
+  std::vector<double> out(c.numel());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "as_doubles", [&] {
+    const scalar_t* p = c.data_ptr<scalar_t>();
+    for (size_t i = 0; i < out.size(); ++i) out[i] = static_cast<double>(p[i]);
+  });
+  return out;
+}
+
 // Labels, weights (as double) and peer matrix, checked with the messages of _checks.py.
 struct Plan {
   Tensor labels;  // contiguous int64 [B, M]
@@ -74,8 +85,7 @@ Plan make_plan(TensorList logits, const Tensor& labels, const Tensor& weights, i
   }
   TORCH_CHECK_VALUE(n == 0 || (lo >= 0 && hi < C), "mixed_kd_loss: 'labels' must hold class indices in [0, ",
                     C, "); found values from ", lo, " to ", hi);
-  const Tensor w = weights.to(at::kDouble).contiguous();
-  plan.weights.assign(w.data_ptr<double>(), w.data_ptr<double>() + n);
+  plan.weights = as_doubles(weights);
   bool ok = true, sums = true;
   for (int64_t b = 0; b < B; ++b) {
     double s = 0;
@@ -96,8 +106,7 @@ Plan make_plan(TensorList logits, const Tensor& labels, const Tensor& weights, i
                             a.device().is_cpu(),
                         "mixed_kd_loss: 'peer_matrix' must be a floating [K, K] = [", K, ", ", K,
                         "] CPU tensor");
-      const Tensor ad = a.to(at::kDouble).contiguous();
-      plan.peer.assign(ad.data_ptr<double>(), ad.data_ptr<double>() + K * K);
+      plan.peer = as_doubles(a);
       for (double v : plan.peer)
         TORCH_CHECK_VALUE(std::isfinite(v), "mixed_kd_loss: 'peer_matrix' has NaN or inf entries");
     } else {  // the mean of the other peers (reference.default_peer_matrix)
@@ -146,13 +155,18 @@ Peers view_peers(TensorList logits) {
 at::ScalarType out_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 int64_t grain_rows(int64_t K, int64_t C) {
-  return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K * C));  // ~16k logits per task
+  // >= 64k logits per task: below that, waking a second thread costs more than it saves
+  return std::max<int64_t>(1, 65536 / std::max<int64_t>(1, K * C));
 }
 
 template <typename T>
 void run_rows(const core::LossArgs<T>& args, bool backward) {
   at::parallel_for(0, args.B, grain_rows(args.K, args.C), [&](int64_t b0, int64_t b1) {
-    if constexpr (!std::is_same_v<T, double>) {
+    if constexpr (!std::is_same_v<T, double>) {  // double (gradcheck) runs the baseline build
+      if (core::cpu_has_avx512()) {
+        backward ? core::backward_rows_avx512(args, b0, b1) : core::forward_rows_avx512(args, b0, b1);
+        return;
+      }
       if (core::cpu_has_avx2_fma()) {
         backward ? core::backward_rows_avx2(args, b0, b1) : core::forward_rows_avx2(args, b0, b1);
         return;
@@ -201,21 +215,23 @@ std::tuple<Tensor, Tensor, Tensor> mixed_kd_loss_fwd(TensorList logits, const Te
   });
   // Fixed-order reduction over rows: the result does not depend on the thread count.
   const double kd_scale = temperature * temperature / (mode == "pairwise" ? double(p.K - 1) : 1.0);
-  Tensor ce = at::empty({p.K}, at::kDouble), kd = at::empty({p.K}, at::kDouble);
-  for (int64_t k = 0; k < p.K; ++k) {
-    double sc = 0, sk = 0;
-    for (int64_t b = 0; b < p.B; ++b) sc += ce_rows[k * p.B + b], sk += kd_rows[k * p.B + b];
-    ce.data_ptr<double>()[k] = sc / double(p.B);
-    kd.data_ptr<double>()[k] = sk / double(p.B) * kd_scale;
-  }
-  return {ce.to(odt), kd.to(odt), stats};
+  Tensor ce = at::empty({p.K}, stats.options()), kd = at::empty({p.K}, stats.options());
+  AT_DISPATCH_FLOATING_TYPES(odt, "mixed_kd_loss_sum", [&] {
+    for (int64_t k = 0; k < p.K; ++k) {
+      double sc = 0, sk = 0;
+      for (int64_t b = 0; b < p.B; ++b) sc += ce_rows[k * p.B + b], sk += kd_rows[k * p.B + b];
+      ce.data_ptr<scalar_t>()[k] = static_cast<scalar_t>(sc / double(p.B));
+      kd.data_ptr<scalar_t>()[k] = static_cast<scalar_t>(sk / double(p.B) * kd_scale);
+    }
+  });
+  return {ce, kd, stats};
 }
 
 std::vector<double> grad_values(const Tensor& g, int64_t K, const char* name) {
   if (!g.defined()) return std::vector<double>(K, 0.0);
-  TORCH_CHECK_VALUE(g.numel() == K, "mixed_kd_loss backward: '", name, "' must have K=", K, " entries");
-  const Tensor gd = g.to(at::kDouble).contiguous();
-  return std::vector<double>(gd.data_ptr<double>(), gd.data_ptr<double>() + K);
+  TORCH_CHECK_VALUE(g.numel() == K && g.is_floating_point(), "mixed_kd_loss backward: '", name,
+                    "' must have K=", K, " floating entries");
+  return as_doubles(g);
 }
 
 std::vector<Tensor> mixed_kd_loss_bwd(const Tensor& grad_ce, const Tensor& grad_kd, TensorList logits,

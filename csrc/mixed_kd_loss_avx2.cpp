@@ -37,10 +37,10 @@ void backward_rows_avx2(const LossArgs<bf16>& a, int64_t b0, int64_t b1) { simd3
 void backward_rows_avx2(const LossArgs<fp16>& a, int64_t b0, int64_t b1) { simd32::backward_rows(a, b0, b1); }
 
 void exp_avx2(const float* x, float* y, int64_t n) {
-  int64_t i = 0;
-  for (; i + simd32::kLanes <= n; i += simd32::kLanes)
+  const int64_t nv = n / simd32::kLanes * simd32::kLanes;
+  for (int64_t i = 0; i < nv; i += simd32::kLanes)
     simd32::store(y + i, simd32::vexp(simd32::load<simd32::vfloat>(x + i)));
-  for (; i < n; ++i) y[i] = simd32::vexp(x[i]);
+  for (int64_t i = nv; i < n; ++i) y[i] = simd32::vexp(x[i]);
 }
 
 }  // namespace metamixer::core

@@ -50,10 +50,21 @@ struct LossArgs {
   const int64_t* dz_stride = nullptr;
 };
 
-// True when this CPU runs the AVX2+FMA build of the kernels (csrc/mixed_kd_loss_avx2.cpp).
+// Which build of the kernels this CPU runs: the AVX-512 one (csrc/mixed_kd_loss_avx512.cpp),
+// the AVX2+FMA one (csrc/mixed_kd_loss_avx2.cpp) or the baseline (SSE2) one.
 inline bool cpu_has_avx2_fma() {
 #if defined(__x86_64__) || defined(__i386__)
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+#else
+  return false;
+#endif
+}
+inline bool cpu_has_avx512() {
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool ok = cpu_has_avx2_fma() && __builtin_cpu_supports("avx512f") &&
+                         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl");
   return ok;
 #else
   return false;
@@ -68,6 +79,14 @@ void backward_rows_avx2(const LossArgs<float>& a, int64_t b_begin, int64_t b_end
 void backward_rows_avx2(const LossArgs<bf16>& a, int64_t b_begin, int64_t b_end);
 void backward_rows_avx2(const LossArgs<fp16>& a, int64_t b_begin, int64_t b_end);
 void exp_avx2(const float* x, float* y, int64_t n);  // y = vexp(x), for the accuracy test
+// The same in csrc/mixed_kd_loss_avx512.cpp; call only when cpu_has_avx512().
+void forward_rows_avx512(const LossArgs<float>& a, int64_t b_begin, int64_t b_end);
+void forward_rows_avx512(const LossArgs<bf16>& a, int64_t b_begin, int64_t b_end);
+void forward_rows_avx512(const LossArgs<fp16>& a, int64_t b_begin, int64_t b_end);
+void backward_rows_avx512(const LossArgs<float>& a, int64_t b_begin, int64_t b_end);
+void backward_rows_avx512(const LossArgs<bf16>& a, int64_t b_begin, int64_t b_end);
+void backward_rows_avx512(const LossArgs<fp16>& a, int64_t b_begin, int64_t b_end);
+void exp_avx512(const float* x, float* y, int64_t n);
 
 }  // namespace metamixer::core
 #endif  // METAMIXER_CORE_MIXED_KD_LOSS_COMMON
@@ -83,6 +102,10 @@ void exp_avx2(const float* x, float* y, int64_t n);  // y = vexp(x), for the acc
 #define METAMIXER_CORE_KD_32
 #define METAMIXER_KD_EMIT
 #define METAMIXER_KD_NS simd32
+#elif METAMIXER_SIMD_WIDTH == 64 && !defined(METAMIXER_CORE_KD_64)
+#define METAMIXER_CORE_KD_64
+#define METAMIXER_KD_EMIT
+#define METAMIXER_KD_NS simd64
 #endif
 
 #ifdef METAMIXER_KD_EMIT

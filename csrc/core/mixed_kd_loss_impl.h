@@ -24,15 +24,21 @@ const acc_t<T>* chunk_view(const T* src, int64_t n, acc_t<T>* buf) {
   }
 }
 
+// Max of a chunk (ignoring NaN), and whether it holds a -inf (a masked class).
 template <typename A>
-A chunk_max(const A* p, int64_t n) {
+A chunk_max(const A* p, int64_t n, bool* has_neg_inf = nullptr) {
   using V = typename VecOf<A>::type;
   constexpr int64_t W = VecOf<A>::lanes;
-  V m = splat<V>(static_cast<A>(kNegInf));
-  int64_t i = 0;
-  for (; i + W <= n; i += W) m = vmax(m, load<V>(p + i));
-  A r = hmax(m);
-  for (; i < n; ++i) r = vmax(r, p[i]);
+  V m = splat<V>(static_cast<A>(kNegInf)), lo = splat<V>(static_cast<A>(-kNegInf));
+  const int64_t nv = n / W * W;
+  for (int64_t i = 0; i < nv; i += W) {
+    const V x = load<V>(p + i);
+    m = vmax(m, x);
+    lo = x < lo ? x : lo;
+  }
+  A r = hmax(m), rl = -hmax(-lo);
+  for (int64_t i = nv; i < n; ++i) r = vmax(r, p[i]), rl = p[i] < rl ? p[i] : rl;
+  if (has_neg_inf) *has_neg_inf = rl == A(kNegInf);
   return r;
 }
 
@@ -83,8 +89,9 @@ inline U int_pow(const U& x, int n) {
 }
 
 // Column sums of target t over [i0, i1): exp(z_t - ref), exp((z_t - ref)/T), z_t, and for every
-// other peer s (pairwise mode) y[s] += e_T (z_t - z_s) where e_T > 0. KC: K if known, else 0.
-template <int KC, typename U, typename A>
+// other peer s (pairwise mode) y[s] += e_T (z_t - z_s) where e_T > 0 (the test is needed only
+// when z_t has -inf, where 0 * -inf would give NaN: Masked). KC: K if known, else 0.
+template <int KC, bool Masked, typename U, typename A>
 void target_cols(const A* const* zc, int64_t K_rt, int64_t t, int64_t i0, int64_t i1, A ref, A invT,
                  TempPow tp, bool pairs, U* y, U& s1, U& sT, U& sz) {
   constexpr int64_t W = sizeof(U) / sizeof(A);
@@ -109,7 +116,9 @@ void target_cols(const A* const* zc, int64_t K_rt, int64_t t, int64_t i0, int64_
     lz += z;
     if (!pairs) continue;
     for (int64_t s = 0; s < K; ++s) {
-      if (s != t) yp[s] += select(eT > zero, eT * (z - load<U>(zc[s] + i)), zero);
+      if (s == t) continue;
+      const U term = eT * (z - load<U>(zc[s] + i));
+      yp[s] += Masked ? select(eT > zero, term, zero) : term;
     }
   }
   s1 += l1, sT += lT, sz += lz;
@@ -195,7 +204,7 @@ void forward_rows(const LossArgs<T>& a, int64_t b_begin, int64_t b_end) {
   RowScratch<T> sc(a, false);
   // Per-row running state: max, sum exp(z - max), sum exp((z - max)/T), sum z, pair sums
   // Y[t*K + s] (scaled like the T-sum of t), and the ensemble target's max and sums.
-  std::vector<double> M(K), S1(K), ST(K), SZ(K), Y(K * K), ME(K), SE(K), DE(K);
+  std::vector<double> M(K), S1(K), ST(K), SZ(K), Y(K * K), ME(K), SE(K), DE(K), LT(K);
   for (int64_t b = b_begin; b < b_end; ++b) {
     std::fill(M.begin(), M.end(), kNegInf);
     std::fill(ME.begin(), ME.end(), kNegInf);
@@ -204,7 +213,8 @@ void forward_rows(const LossArgs<T>& a, int64_t b_begin, int64_t b_end) {
       const int64_t n = std::min(kChunk, C - c0), nv = n / W * W;
       sc.load_chunk(a, b, c0, n);
       for (int64_t t = 0; t < K; ++t) {
-        const A m = chunk_max(sc.zc[t], n);
+        bool masked = false;
+        const A m = chunk_max(sc.zc[t], n, &masked);
         const A ref = m == A(kNegInf) ? A(0) : m;
         V vs1{}, vsT{}, vsz{};
         A ss1 = 0, ssT = 0, ssz = 0;
@@ -212,8 +222,13 @@ void forward_rows(const LossArgs<T>& a, int64_t b_begin, int64_t b_end) {
         std::fill(sc.s2, sc.s2 + K, A(0));
         with_peers(K, [&](auto kc) {
           constexpr int KC = decltype(kc)::value;
-          target_cols<KC, V>(sc.zc.data(), K, t, 0, nv, ref, invT, tp, pairs, sc.v2, vs1, vsT, vsz);
-          target_cols<KC, A>(sc.zc.data(), K, t, nv, n, ref, invT, tp, pairs, sc.s2, ss1, ssT, ssz);
+          if (masked) {
+            target_cols<KC, true, V>(sc.zc.data(), K, t, 0, nv, ref, invT, tp, pairs, sc.v2, vs1, vsT, vsz);
+            target_cols<KC, true, A>(sc.zc.data(), K, t, nv, n, ref, invT, tp, pairs, sc.s2, ss1, ssT, ssz);
+          } else {
+            target_cols<KC, false, V>(sc.zc.data(), K, t, 0, nv, ref, invT, tp, pairs, sc.v2, vs1, vsT, vsz);
+            target_cols<KC, false, A>(sc.zc.data(), K, t, nv, n, ref, invT, tp, pairs, sc.s2, ss1, ssT, ssz);
+          }
         });
         const Rescale r(M[t], m, invT_d);
         M[t] = r.max;
@@ -242,9 +257,10 @@ void forward_rows(const LossArgs<T>& a, int64_t b_begin, int64_t b_end) {
     // Row results.
     const int64_t* lab = a.labels + b * a.M;
     const double* wts = a.weights + b * a.M;
+    for (int64_t k = 0; k < K; ++k) LT[k] = M[k] * invT_d + std::log(ST[k]);
     for (int64_t k = 0; k < K; ++k) {
       const double lse1 = M[k] + std::log(S1[k]);
-      const double lseT = M[k] * invT_d + std::log(ST[k]);
+      const double lseT = LT[k];
       const double lseE = pairs ? 0.0 : ME[k] * invT_d + std::log(SE[k]);
       A* st = a.row_stats + (k * B + b) * 3;
       st[0] = static_cast<A>(lse1), st[1] = static_cast<A>(lseT), st[2] = static_cast<A>(lseE);
@@ -259,8 +275,7 @@ void forward_rows(const LossArgs<T>& a, int64_t b_begin, int64_t b_end) {
       if (pairs) {
         for (int64_t t = 0; t < K; ++t) {
           if (t == k) continue;
-          const double lseT_t = M[t] * invT_d + std::log(ST[t]);
-          kd += Y[t * K + k] * invT_d / ST[t] - (lseT_t - lseT);
+          kd += Y[t * K + k] * invT_d / ST[t] - (LT[t] - lseT);
         }
       } else {
         kd = DE[k] * invT_d / SE[k] - (lseE - lseT);
@@ -333,12 +348,9 @@ void grad_cols(const GradRow<A>& g, const A* const* zc, A* const* gc, int64_t i0
       gv[k] = g.a1[k] * s - g.a0[k];
     }
     if (g.pairs) {
-      for (int64_t k = 0; k < K; ++k) {  // student: sum_{j != k} (p_k - p_j)
-        U acc{};
-        for (int64_t j = 0; j < K; ++j)
-          if (j != k) acc += pv[k] - pv[j];
-        gv[k] += g.beta[k] * acc;
-      }
+      U P{};  // student: sum_{j != k} (p_k - p_j) = K p_k - P
+      for (int64_t k = 0; k < K; ++k) P += pv[k];
+      for (int64_t k = 0; k < K; ++k) gv[k] += g.beta[k] * (A(K) * pv[k] - P);
       if (g.targets) {
         for (int64_t t = 0; t < K; ++t) {  // target: p_t (sum_s beta_s (z_t - z_s)/T - H_t)
           U acc{};

@@ -1,9 +1,10 @@
 // Portable SIMD helpers for the fused kernels, written with GCC/Clang vector extensions (no
-// intrinsics): the same source compiles to SSE2 in the baseline build and to AVX2+FMA in
-// csrc/mixed_kd_loss_avx2.cpp, which includes this header inside a `#pragma GCC target`
-// region with METAMIXER_SIMD_WIDTH=32. Everything ISA-dependent lives in a namespace named
-// after the vector width (simd16 / simd32), so the two copies never meet at link time (an
-// inline function compiled for AVX2 must never be picked for the baseline build).
+// intrinsics): the same source compiles to SSE2 in the baseline build, to AVX2+FMA in
+// csrc/mixed_kd_loss_avx2.cpp and to AVX-512 in csrc/mixed_kd_loss_avx512.cpp, which include
+// this header inside a `#pragma GCC target` region with METAMIXER_SIMD_WIDTH=32 / 64.
+// Everything ISA-dependent lives in a namespace named after the vector width (simd16 / simd32 /
+// simd64), so the copies never meet at link time (an inline function compiled for AVX2 must
+// never be picked for the baseline build).
 //
 // What is here: the vector type V<A> (A = float: a vector of float lanes; A = double: a plain
 // double, the gradcheck path), a branch-free exp that auto-vectorizes, select/max/horizontal
@@ -55,6 +56,10 @@ using acc_t = typename AccOf<T>::type;
 #define METAMIXER_CORE_SIMD_32
 #define METAMIXER_SIMD_EMIT
 #define METAMIXER_SIMD_NS simd32
+#elif METAMIXER_SIMD_WIDTH == 64 && !defined(METAMIXER_CORE_SIMD_64)
+#define METAMIXER_CORE_SIMD_64
+#define METAMIXER_SIMD_EMIT
+#define METAMIXER_SIMD_NS simd64
 #endif
 
 #ifdef METAMIXER_SIMD_EMIT
@@ -128,18 +133,43 @@ inline U vmax(const U& m, const U& x) {
   return x > m ? x : m;
 }
 
-inline float hsum(const vfloat& v) {
-  float s = 0.0f;
-  for (int i = 0; i < kLanes; ++i) s += v[i];
-  return s;
+// Horizontal sum / max by halving in registers (a store and scalar reloads would stall on
+// store forwarding).
+typedef float vf2 __attribute__((vector_size(8)));
+typedef float vf4 __attribute__((vector_size(16)));
+inline vf2 fold_sum(vf4 v) { return __builtin_shufflevector(v, v, 0, 1) + __builtin_shufflevector(v, v, 2, 3); }
+inline vf2 fold_max(vf4 v) { return vmax(__builtin_shufflevector(v, v, 0, 1), __builtin_shufflevector(v, v, 2, 3)); }
+#if METAMIXER_SIMD_WIDTH >= 32
+typedef float vf8 __attribute__((vector_size(32)));
+inline vf4 fold_sum(vf8 v) { return __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7); }
+inline vf4 fold_max(vf8 v) { return vmax(__builtin_shufflevector(v, v, 0, 1, 2, 3), __builtin_shufflevector(v, v, 4, 5, 6, 7)); }
+#endif
+#if METAMIXER_SIMD_WIDTH >= 64
+inline vf8 fold_sum(vfloat v) {
+  return __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+         __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
 }
+inline vf8 fold_max(vfloat v) {
+  return vmax(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7),
+              __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
+}
+#endif
+inline float hsum(vf2 v) { return v[0] + v[1]; }
+inline float hmax(vf2 v) { return v[1] > v[0] ? v[1] : v[0]; }
+#if METAMIXER_SIMD_WIDTH >= 16
+inline float hsum(vf4 v) { return hsum(fold_sum(v)); }
+inline float hmax(vf4 v) { return hmax(fold_max(v)); }
+#endif
+#if METAMIXER_SIMD_WIDTH >= 32
+inline float hsum(vf8 v) { return hsum(fold_sum(v)); }
+inline float hmax(vf8 v) { return hmax(fold_max(v)); }
+#endif
+#if METAMIXER_SIMD_WIDTH >= 64
+inline float hsum(vfloat v) { return hsum(fold_sum(v)); }
+inline float hmax(vfloat v) { return hmax(fold_max(v)); }
+#endif
 inline float hsum(float v) { return v; }
 inline double hsum(double v) { return v; }
-inline float hmax(const vfloat& v) {
-  float m = v[0];
-  for (int i = 1; i < kLanes; ++i) m = v[i] > m ? v[i] : m;
-  return m;
-}
 inline float hmax(float v) { return v; }
 inline double hmax(double v) { return v; }
 

@@ -1,12 +1,14 @@
 // Unit tests of the mixed_kd_loss core (csrc/core/mixed_kd_loss.h), run by ctest.
 //
-// Checks, for the baseline (simd16) build and, on CPUs that have it, the AVX2 build:
+// Checks, for the baseline (simd16) build and, on CPUs that have them, the AVX2 and AVX-512
+// builds:
 // - vexp against std::exp, and the bf16/fp16 conversions bit by bit;
 // - the forward (ce, kd, row stats) against plain double loops of the formulas;
 // - the backward against central finite differences of those double loops (targets held
 //   fixed for detach_targets=true), so the analytic gradient is checked independently;
 // - masked (-inf) classes, NaN propagation, several chunks per row, ensemble with a user matrix.
-#include "../mixed_kd_loss_avx2.cpp"  // the AVX2 build of the kernels (simd32)
+#include "../mixed_kd_loss_avx2.cpp"    // the AVX2 build of the kernels (simd32)
+#include "../mixed_kd_loss_avx512.cpp"  // the AVX-512 build (simd64)
 
 #include <cmath>
 #include <cstdio>
@@ -52,6 +54,11 @@ void test_exp() {
     for (size_t i = 0; i < x.size(); ++i) x[i] = -87.0f + 175.0f * static_cast<float>(i) / x.size();
     exp_avx2(x.data(), y.data(), static_cast<int64_t>(x.size()));
     for (size_t i = 0; i < x.size(); ++i) worst = std::max(worst, std::fabs(y[i] / std::exp(double(x[i])) - 1));
+    if (cpu_has_avx512()) {
+      exp_avx512(x.data(), y.data(), static_cast<int64_t>(x.size()));
+      for (size_t i = 0; i < x.size(); ++i)
+        worst = std::max(worst, std::fabs(y[i] / std::exp(double(x[i])) - 1));
+    }
   }
   std::printf("vexp max relative error over [-87, 88]: %.3g\n", worst);
   expect(worst < 3.6e-7, "vexp relative error (< 3 ulp)", worst, 3.6e-7);
@@ -351,6 +358,18 @@ int main() {
     test_loss_cases("avx2", fwd32, bwd32, gen);
   } else {
     std::printf("this CPU has no AVX2+FMA: only the baseline build was tested\n");
+  }
+  if (cpu_has_avx512()) {
+    using FF = void (*)(const LossArgs<float>&, int64_t, int64_t);
+    using FB = void (*)(const LossArgs<bf16>&, int64_t, int64_t);
+    using FH = void (*)(const LossArgs<fp16>&, int64_t, int64_t);
+    auto fwd64 = fns(static_cast<FF>(&forward_rows_avx512), &simd16::forward_rows<double>,
+                     static_cast<FB>(&forward_rows_avx512), static_cast<FH>(&forward_rows_avx512));
+    auto bwd64 = fns(static_cast<FF>(&backward_rows_avx512), &simd16::backward_rows<double>,
+                     static_cast<FB>(&backward_rows_avx512), static_cast<FH>(&backward_rows_avx512));
+    test_loss_cases("avx512", fwd64, bwd64, gen);
+  } else {
+    std::printf("this CPU has no AVX-512: its build was not tested\n");
   }
   std::printf("%s: %d failure(s)\n", failures ? "FAILED" : "OK", failures);
   return failures ? 1 : 0;
