@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
 import time
 from pathlib import Path
+
+# Compile in this process: a pool of compile workers would still be busy (and steal the CPU from
+# the timed code) after torch.compile returns.
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 import torch
 
@@ -42,11 +47,15 @@ def _cpu() -> str:
     return platform.processor() or "unknown"
 
 
-def time_interleaved(fns: dict, rounds: int, warmup: int) -> dict[str, float]:
-    """Median seconds per call of each function; one call of each per round, in turn."""
-    for _ in range(warmup):
+def warm_up(fns: dict, rounds: int) -> None:
+    for _ in range(rounds):
         for fn in fns.values():
             fn()
+
+
+def time_interleaved(fns: dict, rounds: int, warmup: int) -> dict[str, float]:
+    """Median seconds per call of each function; one call of each per round, in turn."""
+    warm_up(fns, warmup)
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
@@ -61,11 +70,16 @@ def loss_report(threads: int, rounds: int | None) -> dict:
     from bench.bench_mixed_kd_loss import SHAPES, contenders
 
     torch.set_num_threads(threads)
-    rows = []
+    # Warm up every shape first (compilation, allocator growth), then time shape by shape.
+    prepared = []
     for shape in SHAPES:
         fns = contenders(shape)
+        warm_up(fns, 3 if shape.b >= 1024 else 20)
+        prepared.append((shape, fns))
+    rows = []
+    for shape, fns in prepared:
         n = rounds or (30 if shape.b >= 1024 else 300)
-        med = time_interleaved(fns, n, warmup=3 if shape.b >= 1024 else 20)
+        med = time_interleaved(fns, n, warmup=2)
         fused = med["fused"]
         rows.append({
             "shape": {"K": shape.k, "B": shape.b, "C": shape.c}, "mode": shape.mode,

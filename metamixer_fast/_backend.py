@@ -115,9 +115,11 @@ def register_eager(op: str, backend: str, fn: Callable) -> None:
     _eager[(op, backend)] = fn
 
 
-def eager_kernel(op: str, device: torch.device) -> Callable | None:
-    """The eager entry point of the backend ``op`` uses on ``device``, or None (while tracing
-    under torch.compile, or when that backend has none): then call the custom op."""
-    if not _eager or torch.compiler.is_compiling():
+def eager_kernel(op: str, x: torch.Tensor) -> Callable | None:
+    """The eager entry point of the backend ``op`` uses for tensors like ``x``, or None: then
+    call the custom op. None while tracing (torch.compile, a dispatch mode such as make_fx) or
+    under torch.func transforms, which need the custom op's fake impl and registered autograd."""
+    if (not _eager or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+            or torch._C._functorch.is_functorch_wrapped_tensor(x)):
         return None
-    return _eager.get((op, backend_for(op, device)))
+    return _eager.get((op, backend_for(op, x.device)))

@@ -146,7 +146,7 @@ def mixed_kd_loss(logits: Tensor | Sequence[Tensor], labels: Tensor, weights: Te
     if not isinstance(labels, Tensor):
         raise TypeError(f"mixed_kd_loss: 'labels' must be a tensor, got {type(labels).__name__}")
     labels, weights = _as_label_plan(labels, weights)
-    eager = _backend.eager_kernel("mixed_kd_loss", z[0].device) if z and isinstance(z[0], Tensor) else None
+    eager = _backend.eager_kernel("mixed_kd_loss", z[0]) if z and isinstance(z[0], Tensor) else None
     if eager is not None:  # e.g. the C++ op with C++ autograd: no Python on the backward path
         return eager(z, labels, weights, float(temperature), float(label_smoothing), mode,
                      peer_matrix, bool(detach_targets))
