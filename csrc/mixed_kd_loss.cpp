@@ -155,8 +155,8 @@ Peers view_peers(TensorList logits) {
 at::ScalarType out_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 int64_t grain_rows(int64_t K, int64_t C) {
-  // >= 64k logits per task: below that, waking a second thread costs more than it saves
-  return std::max<int64_t>(1, 65536 / std::max<int64_t>(1, K * C));
+  // >= 8k logits (several microseconds of work) per task, so a second thread pays for itself
+  return std::max<int64_t>(1, 8192 / std::max<int64_t>(1, K * C));
 }
 
 template <typename T>
