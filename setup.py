@@ -15,6 +15,9 @@ from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 REQUIRE_CPP = os.environ.get("METAMIXER_REQUIRE_CPP", "0") == "1"
+# at::parallel_for is an OpenMP loop compiled into the extension: without -fopenmp it runs on
+# one thread. (Linux/GCC, as torch's own CPU build; other platforms keep the serial loop.)
+OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") else []
 
 
 def _warn(message: str) -> None:
@@ -48,11 +51,9 @@ def cpp_build_setup() -> dict:
         sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
         # torch's headers as system headers: -Wall -Wextra then reports our code only.
-        # -fopenmp: without it at::parallel_for runs serially (ATen's OpenMP backend is inline
-        # code in its headers); at run time the extension shares torch's own libgomp.so.1.
-        extra_compile_args=["-O3", "-Wall", "-Wextra", "-fno-math-errno", "-fopenmp"]
+        extra_compile_args=["-O3", "-Wall", "-Wextra", "-fno-math-errno"] + OPENMP
         + [flag for path in include_paths() for flag in ("-isystem", path)],
-        extra_link_args=["-fopenmp"],
+        extra_link_args=OPENMP,
     )
     return {"ext_modules": [extension],
             "cmdclass": {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}}

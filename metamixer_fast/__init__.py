@@ -20,6 +20,9 @@ if _backend.cpp_module() is not None:
 if _backend.triton_version() is not None:
     from .kernels import mix as _triton_mix  # noqa: F401  (registers the Triton mix kernels)
 
+if _backend.cpp_module() is not None:
+    from . import _cpp_kernels  # noqa: F401  (registers the C++ CPU kernels as the cpp backend)
+
 __version__ = "0.1.0"
 
 __all__ = [

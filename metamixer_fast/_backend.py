@@ -22,6 +22,7 @@ BACKENDS = ("reference", "cpp", "triton")
 ENV_VAR = "METAMIXER_BACKEND"
 
 _kernels: dict[tuple[str, str], Callable] = {}
+_eager: dict[tuple[str, str], Callable] = {}
 
 
 def register_kernel(op: str, backend: str, fn: Callable) -> None:
@@ -104,3 +105,21 @@ def backend_for(op: str, device: torch.device) -> str:
 
 def kernel(op: str, device: torch.device) -> Callable:
     return _kernels[(op, backend_for(op, device))]
+
+
+def register_eager(op: str, backend: str, fn: Callable) -> None:
+    """An eager entry point for ``op`` on ``backend`` that does its own autograd (e.g. a C++
+    autograd Function), used instead of the custom op outside ``torch.compile`` tracing."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    _eager[(op, backend)] = fn
+
+
+def eager_kernel(op: str, x: torch.Tensor) -> Callable | None:
+    """The eager entry point of the backend ``op`` uses for tensors like ``x``, or None: then
+    call the custom op. None while tracing (torch.compile, a dispatch mode such as make_fx) or
+    under torch.func transforms, which need the custom op's fake impl and registered autograd."""
+    if (not _eager or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+            or torch._C._functorch.is_functorch_wrapped_tensor(x)):
+        return None
+    return _eager.get((op, backend_for(op, x.device)))

@@ -38,7 +38,8 @@ def _mixed_kd_loss(logits: list[Tensor], labels: Tensor, weights: Tensor, temper
     """Returns (ce[K], kd[K], row_stats[K, B, 3]); row_stats is what the backward reuses."""
     _, _, c = check_mixed_kd_loss_args(logits, labels, weights, temperature, label_smoothing,
                                        mode, peer_matrix)
-    check_mixed_kd_loss_values(labels, weights, c, peer_matrix)
+    if _backend.backend_for("mixed_kd_loss", logits[0].device) != "cpp":
+        check_mixed_kd_loss_values(labels, weights, c, peer_matrix)  # the C++ kernel checks itself
     run = _backend.kernel("mixed_kd_loss", logits[0].device)
     return run(logits, labels, weights, temperature, label_smoothing, mode, peer_matrix,
                detach_targets)
@@ -145,6 +146,10 @@ def mixed_kd_loss(logits: Tensor | Sequence[Tensor], labels: Tensor, weights: Te
     if not isinstance(labels, Tensor):
         raise TypeError(f"mixed_kd_loss: 'labels' must be a tensor, got {type(labels).__name__}")
     labels, weights = _as_label_plan(labels, weights)
+    eager = _backend.eager_kernel("mixed_kd_loss", z[0]) if z and isinstance(z[0], Tensor) else None
+    if eager is not None:  # e.g. the C++ op with C++ autograd: no Python on the backward path
+        return eager(z, labels, weights, float(temperature), float(label_smoothing), mode,
+                     peer_matrix, bool(detach_targets))
     ce, kd, _ = torch.ops.metamixer.mixed_kd_loss(z, labels, weights, float(temperature),
                                                   float(label_smoothing), mode, peer_matrix,
                                                   bool(detach_targets))

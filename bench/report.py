@@ -1,0 +1,140 @@
+"""Benchmark report: ``python -m bench.report loss [--threads 2] [--rounds N]``.
+
+Times every contender of bench/bench_mixed_kd_loss.py on each shape, interleaving the
+contenders round by round (so machine noise hits them alike), and prints a markdown table of
+medians after warm-up with the ratios the targets are stated in. The same numbers, with
+shapes, threads, dtype, torch version, CPU and commit, go to bench/results/mixed_kd_loss-<commit>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+# Compile in this process: a pool of compile workers would still be busy (and steal the CPU from
+# the timed code) after torch.compile returns.
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _commit() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return rev + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def warm_up(fns: dict, rounds: int) -> None:
+    for _ in range(rounds):
+        for fn in fns.values():
+            fn()
+
+
+def time_interleaved(fns: dict, rounds: int, warmup: int) -> dict[str, float]:
+    """Median seconds per call of each function; one call of each per round, in turn."""
+    warm_up(fns, warmup)
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def loss_report(threads: int, rounds: int | None) -> dict:
+    import metamixer_fast as mf
+    from bench.bench_mixed_kd_loss import SHAPES, contenders
+
+    torch.set_num_threads(threads)
+    # Warm up every shape first (compilation, allocator growth), then time shape by shape.
+    prepared = []
+    for shape in SHAPES:
+        fns = contenders(shape)
+        warm_up(fns, 3 if shape.b >= 1024 else 20)
+        prepared.append((shape, fns))
+    rows = []
+    for shape, fns in prepared:
+        n = rounds or (30 if shape.b >= 1024 else 300)
+        med = time_interleaved(fns, n, warmup=2)
+        fused = med["fused"]
+        rows.append({
+            "shape": {"K": shape.k, "B": shape.b, "C": shape.c}, "mode": shape.mode,
+            "temperature": shape.temperature, "dtype": str(shape.dtype).removeprefix("torch."),
+            "rounds": n, "median_ms": {k: v * 1e3 for k, v in med.items()},
+            "fused_over_softmax": fused / med["softmax_floor"],
+            "speedup_vs_reference": med["reference"] / fused,
+            "speedup_vs_compiled_reference": med["compiled_reference"] / fused,
+            "speedup_vs_dml_pair_loop": med["dml_pair_loop"] / fused if "dml_pair_loop" in med else None,
+        })
+    return {"benchmark": "mixed_kd_loss forward+backward (CPU)", "commit": _commit(),
+            "threads": threads, "torch": torch.__version__, "cpu": _cpu(),
+            "backend": mf._backend.backend_for("mixed_kd_loss", torch.device("cpu")),
+            "cpp_build": _build_info(), "rows": rows}
+
+
+def _build_info() -> str | None:
+    import metamixer_fast as mf
+
+    return None if mf._backend.cpp_module() is None else torch.ops.metamixer_cpp.build_info()
+
+
+def loss_markdown(report: dict) -> str:
+    head = ("| shape (fp32) | mode, T | fused ms | eager ref ms | compiled ref ms | DML loop ms | "
+            "softmax ms | fused / softmax | vs eager ref | vs compiled ref | vs DML loop |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|\n")
+    lines = []
+    for r in report["rows"]:
+        m, s = r["median_ms"], r["shape"]
+        dml = f"{m['dml_pair_loop']:.2f}" if "dml_pair_loop" in m else "-"
+        vs_dml = f"{r['speedup_vs_dml_pair_loop']:.1f}x" if r["speedup_vs_dml_pair_loop"] else "-"
+        lines.append(f"| K={s['K']}, B={s['B']}, C={s['C']} | {r['mode']}, {r['temperature']:g} | "
+                     f"{m['fused']:.3f} | {m['reference']:.3f} | {m['compiled_reference']:.3f} | "
+                     f"{dml} | {m['softmax_floor']:.3f} | {r['fused_over_softmax']:.2f}x | "
+                     f"{r['speedup_vs_reference']:.1f}x | {r['speedup_vs_compiled_reference']:.1f}x | "
+                     f"{vs_dml} |")
+    foot = (f"\nmedians of interleaved rounds after warm-up; {report['threads']} threads; "
+            f"backend {report['backend']}; torch {report['torch']}; {report['cpu']}; "
+            f"commit {report['commit']}\n")
+    return head + "\n".join(lines) + "\n" + foot
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("which", choices=["loss"], help="which benchmark to report")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds per shape")
+    args = parser.parse_args(argv)
+    report = loss_report(args.threads, args.rounds)
+    print(loss_markdown(report))
+    out = ROOT / "bench" / "results" / f"mixed_kd_loss-{report['commit']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

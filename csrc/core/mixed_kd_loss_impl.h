@@ -1,0 +1,465 @@
+// Row kernels of mixed_kd_loss (formulas and pass structure: see core/mixed_kd_loss.h).
+// Included by mixed_kd_loss.h once per vector width, inside namespace METAMIXER_KD_NS; no
+// include guard on purpose. U below is either the vector type V or its scalar A (the tail).
+#include <algorithm>
+#include <cstdint>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace metamixer::core::METAMIXER_KD_NS {
+
+constexpr int64_t kChunk = 512;  // classes per chunk: K chunks of logits stay in L1
+constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+
+// The logits of one chunk in the accumulation type: in place for float/double, else converted.
+template <typename T>
+const acc_t<T>* chunk_view(const T* src, int64_t n, acc_t<T>* buf) {
+  if constexpr (std::is_same_v<T, acc_t<T>>) {
+    return src;
+  } else {
+    for (int64_t i = 0; i < n; ++i) buf[i] = to_acc(src[i]);
+    return buf;
+  }
+}
+
+// Max of a chunk (ignoring NaN), and whether it holds a -inf (a masked class).
+template <typename A>
+A chunk_max(const A* p, int64_t n, bool* has_neg_inf = nullptr) {
+  using V = typename VecOf<A>::type;
+  constexpr int64_t W = VecOf<A>::lanes;
+  V m = splat<V>(static_cast<A>(kNegInf)), lo = splat<V>(static_cast<A>(-kNegInf));
+  const int64_t nv = n / W * W;
+  for (int64_t i = 0; i < nv; i += W) {
+    const V x = load<V>(p + i);
+    m = vmax(m, x);
+    lo = x < lo ? x : lo;
+  }
+  A r = hmax(m), rl = -hmax(-lo);
+  for (int64_t i = nv; i < n; ++i) r = vmax(r, p[i]), rl = p[i] < rl ? p[i] : rl;
+  if (has_neg_inf) *has_neg_inf = rl == A(kNegInf);
+  return r;
+}
+
+// Factors that bring the row's sums (taken relative to max M) and a chunk's (relative to its
+// max m, or to 0 when m = -inf: then its sums are 0, or NaN for a NaN chunk) to a common max.
+struct Rescale {
+  double row1 = 1, rowT = 1, chunk1 = 1, chunkT = 1, max = kNegInf;
+  Rescale(double M, double m, double invT) {
+    max = M;
+    if (m == kNegInf) return;
+    if (M == kNegInf || m > M) {
+      if (M != kNegInf) row1 = std::exp(M - m), rowT = std::exp((M - m) * invT);
+      max = m;
+    } else if (m < M) {
+      chunk1 = std::exp(m - M), chunkT = std::exp((m - M) * invT);
+    }
+  }
+};
+
+// Calls f(std::integral_constant<int, K>) for K in 2..8 (loops over peers unroll and the
+// per-peer accumulators live in registers), else f(std::integral_constant<int, 0>) (run time K).
+template <typename F>
+void with_peers(int64_t K, F&& f) {
+  switch (K) {
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 6: return f(std::integral_constant<int, 6>{});
+    case 7: return f(std::integral_constant<int, 7>{});
+    case 8: return f(std::integral_constant<int, 8>{});
+    default: return f(std::integral_constant<int, 0>{});
+  }
+}
+
+// How exp(x) is obtained from exp(x/T): for T in {2, 3, 4} as a power (one exp per element
+// instead of two; the results stay within a few ulp), else by a second exp.
+struct TempPow {
+  int n = 0;  // 0: no integer power; 1: T == 1
+  explicit TempPow(double T) { n = (T == 1.0 || T == 2.0 || T == 3.0 || T == 4.0) ? int(T) : 0; }
+};
+template <typename U>
+inline U int_pow(const U& x, int n) {
+  if (n == 2) return x * x;
+  if (n == 3) return x * x * x;
+  const U x2 = x * x;
+  return x2 * x2;
+}
+
+// Column sums of target t over [i0, i1): exp(z_t - ref), exp((z_t - ref)/T), z_t, and for every
+// other peer s (pairwise mode) y[s] += e_T (z_t - z_s) where e_T > 0 (the test is needed only
+// when z_t has -inf, where 0 * -inf would give NaN: Masked). KC: K if known, else 0.
+template <int KC, bool Masked, typename U, typename A>
+void target_cols(const A* const* zc, int64_t K_rt, int64_t t, int64_t i0, int64_t i1, A ref, A invT,
+                 TempPow tp, bool pairs, U* y, U& s1, U& sT, U& sz) {
+  constexpr int64_t W = sizeof(U) / sizeof(A);
+  const int64_t K = KC > 0 ? KC : K_rt;
+  const U zero{};
+  U l1{}, lT{}, lz{}, yl[KC > 0 ? KC : 1];
+  for (auto& v : yl) v = zero;
+  U* yp = KC > 0 ? yl : y;
+  const A* zt = zc[t];
+  for (int64_t i = i0; i < i1; i += W) {
+    const U z = load<U>(zt + i);
+    const U d = z - ref;
+    U e1, eT;
+    if (tp.n == 1) {
+      e1 = eT = vexp(d);
+    } else {
+      eT = vexp(d * invT);
+      e1 = tp.n ? int_pow(eT, tp.n) : vexp(d);
+    }
+    l1 += e1;
+    lT += eT;
+    lz += z;
+    if (!pairs) continue;
+    for (int64_t s = 0; s < K; ++s) {
+      if (s == t) continue;
+      const U term = eT * (z - load<U>(zc[s] + i));
+      yp[s] += Masked ? select(eT > zero, term, zero) : term;
+    }
+  }
+  s1 += l1, sT += lT, sz += lz;
+  if (KC > 0)
+    for (int64_t s = 0; s < K; ++s) y[s] += yl[s];
+}
+
+// Ensemble target of one peer: sums of exp((E - ref)/T) and e (E - z_k) where e > 0.
+template <typename U, typename A>
+void ensemble_cols(const A* e, const A* zk, int64_t i0, int64_t i1, A ref, A invT, U& se, U& de) {
+  constexpr int64_t W = sizeof(U) / sizeof(A);
+  const U zero{};
+  U ls{}, ld{};
+  for (int64_t i = i0; i < i1; i += W) {
+    const U ev = load<U>(e + i);
+    const U x = vexp((ev - ref) * invT);
+    ls += x;
+    ld += select(x > zero, x * (ev - load<U>(zk + i)), zero);
+  }
+  se += ls, de += ld;
+}
+
+// E[i] = sum_{j: A[k, j] != 0} A[k, j] z_j[i] (a zero weight skips the peer, so its -inf
+// logits add nothing, as in reference._ensemble_logits).
+template <typename A>
+void ensemble_logits(const A* const* zc, int64_t K, const A* coef_row, int64_t n, A* e) {
+  std::fill(e, e + n, A(0));
+  for (int64_t j = 0; j < K; ++j) {
+    const A c = coef_row[j];
+    if (c == A(0)) continue;
+    const A* zj = zc[j];
+    for (int64_t i = 0; i < n; ++i) e[i] += c * zj[i];
+  }
+}
+
+// `count` vectors of type V carved out of `storage`, aligned for V (std::vector<V> would not
+// honour the vector alignment with every allocator).
+template <typename V, typename A>
+V* vector_slots(std::vector<A>& storage, int64_t count) {
+  constexpr int64_t lanes = sizeof(V) / sizeof(A);
+  storage.assign((count + 1) * lanes, A(0));
+  const auto addr = reinterpret_cast<std::uintptr_t>(storage.data());
+  const std::uintptr_t aligned = (addr + sizeof(V) - 1) / sizeof(V) * sizeof(V);
+  return reinterpret_cast<V*>(aligned);
+}
+
+template <typename T>
+struct RowScratch {
+  using A = acc_t<T>;
+  using V = typename VecOf<A>::type;
+  int64_t K;
+  std::vector<A> zbuf, ebuf, gbuf, coef, store_v, store_s;
+  std::vector<const A*> zc;
+  V *v1, *v2, *v3, *v4;  // per-peer vector accumulators / column values (v1: K*K)
+  A *s1, *s2, *s3, *s4;  // the same for the scalar tail
+  RowScratch(const LossArgs<T>& a, bool grad)
+      : K(a.K), zbuf(std::is_same_v<T, A> ? 0 : a.K * kChunk), ebuf(kChunk),
+        gbuf(grad && !std::is_same_v<T, A> ? a.K * kChunk : 0), coef(a.K * a.K), zc(a.K) {
+    V* v = vector_slots<V>(store_v, K * K + 3 * K);
+    v1 = v, v2 = v + K * K, v3 = v2 + K, v4 = v3 + K;
+    store_s.assign(K * K + 3 * K, A(0));
+    s1 = store_s.data(), s2 = s1 + K * K, s3 = s2 + K, s4 = s3 + K;
+    if (a.ensemble)
+      for (int64_t i = 0; i < K * K; ++i) coef[i] = static_cast<A>(a.peer[i]);
+  }
+  void load_chunk(const LossArgs<T>& a, int64_t b, int64_t c0, int64_t n) {
+    for (int64_t k = 0; k < K; ++k)
+      zc[k] = chunk_view(a.z[k] + b * a.z_stride[k] + c0, n,
+                         zbuf.empty() ? nullptr : zbuf.data() + k * kChunk);
+  }
+};
+
+template <typename T>
+void forward_rows(const LossArgs<T>& a, int64_t b_begin, int64_t b_end) {
+  using A = acc_t<T>;
+  using V = typename VecOf<A>::type;
+  constexpr int64_t W = VecOf<A>::lanes;
+  const int64_t K = a.K, C = a.C, B = a.B;
+  const double invT_d = 1.0 / a.temperature, eps = a.label_smoothing;
+  const A invT = static_cast<A>(invT_d);
+  const bool pairs = !a.ensemble;
+  const TempPow tp(a.temperature);
+  RowScratch<T> sc(a, false);
+  // Per-row running state: max, sum exp(z - max), sum exp((z - max)/T), sum z, pair sums
+  // Y[t*K + s] (scaled like the T-sum of t), and the ensemble target's max and sums.
+  std::vector<double> M(K), S1(K), ST(K), SZ(K), Y(K * K), ME(K), SE(K), DE(K), LT(K);
+  for (int64_t b = b_begin; b < b_end; ++b) {
+    std::fill(M.begin(), M.end(), kNegInf);
+    std::fill(ME.begin(), ME.end(), kNegInf);
+    for (auto* v : {&S1, &ST, &SZ, &Y, &SE, &DE}) std::fill(v->begin(), v->end(), 0.0);
+    for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
+      const int64_t n = std::min(kChunk, C - c0), nv = n / W * W;
+      sc.load_chunk(a, b, c0, n);
+      for (int64_t t = 0; t < K; ++t) {
+        bool masked = false;
+        const A m = chunk_max(sc.zc[t], n, &masked);
+        const A ref = m == A(kNegInf) ? A(0) : m;
+        V vs1{}, vsT{}, vsz{};
+        A ss1 = 0, ssT = 0, ssz = 0;
+        std::fill(sc.v2, sc.v2 + K, V{});
+        std::fill(sc.s2, sc.s2 + K, A(0));
+        with_peers(K, [&](auto kc) {
+          constexpr int KC = decltype(kc)::value;
+          if (masked) {
+            target_cols<KC, true, V>(sc.zc.data(), K, t, 0, nv, ref, invT, tp, pairs, sc.v2, vs1, vsT, vsz);
+            target_cols<KC, true, A>(sc.zc.data(), K, t, nv, n, ref, invT, tp, pairs, sc.s2, ss1, ssT, ssz);
+          } else {
+            target_cols<KC, false, V>(sc.zc.data(), K, t, 0, nv, ref, invT, tp, pairs, sc.v2, vs1, vsT, vsz);
+            target_cols<KC, false, A>(sc.zc.data(), K, t, nv, n, ref, invT, tp, pairs, sc.s2, ss1, ssT, ssz);
+          }
+        });
+        const Rescale r(M[t], m, invT_d);
+        M[t] = r.max;
+        S1[t] = S1[t] * r.row1 + (double(hsum(vs1)) + ss1) * r.chunk1;
+        ST[t] = ST[t] * r.rowT + (double(hsum(vsT)) + ssT) * r.chunkT;
+        SZ[t] += double(hsum(vsz)) + ssz;
+        if (pairs)
+          for (int64_t s = 0; s < K; ++s)
+            Y[t * K + s] = Y[t * K + s] * r.rowT + (double(hsum(sc.v2[s])) + sc.s2[s]) * r.chunkT;
+      }
+      if (pairs) continue;
+      for (int64_t k = 0; k < K; ++k) {
+        ensemble_logits(sc.zc.data(), K, sc.coef.data() + k * K, n, sc.ebuf.data());
+        const A m = chunk_max(sc.ebuf.data(), n);
+        const A ref = m == A(kNegInf) ? A(0) : m;
+        V vse{}, vde{};
+        A sse = 0, sde = 0;
+        ensemble_cols<V>(sc.ebuf.data(), sc.zc[k], 0, nv, ref, invT, vse, vde);
+        ensemble_cols<A>(sc.ebuf.data(), sc.zc[k], nv, n, ref, invT, sse, sde);
+        const Rescale r(ME[k], m, invT_d);
+        ME[k] = r.max;
+        SE[k] = SE[k] * r.rowT + (double(hsum(vse)) + sse) * r.chunkT;
+        DE[k] = DE[k] * r.rowT + (double(hsum(vde)) + sde) * r.chunkT;
+      }
+    }
+    // Row results.
+    const int64_t* lab = a.labels + b * a.M;
+    const double* wts = a.weights + b * a.M;
+    for (int64_t k = 0; k < K; ++k) LT[k] = M[k] * invT_d + std::log(ST[k]);
+    for (int64_t k = 0; k < K; ++k) {
+      const double lse1 = M[k] + std::log(S1[k]);
+      const double lseT = LT[k];
+      const double lseE = pairs ? 0.0 : ME[k] * invT_d + std::log(SE[k]);
+      A* st = a.row_stats + (k * B + b) * 3;
+      st[0] = static_cast<A>(lse1), st[1] = static_cast<A>(lseT), st[2] = static_cast<A>(lseE);
+      double ce = 0;
+      for (int64_t m = 0; m < a.M; ++m) {
+        const double nll = lse1 - double(to_acc(a.z[k][b * a.z_stride[k] + lab[m]]));
+        const double term = eps > 0 ? (1 - eps) * nll + eps * (lse1 - SZ[k] / double(C)) : nll;
+        ce += wts[m] * term;
+      }
+      a.ce_rows[k * B + b] = ce;
+      double kd = 0;
+      if (pairs) {
+        for (int64_t t = 0; t < K; ++t) {
+          if (t == k) continue;
+          kd += Y[t * K + k] * invT_d / ST[t] - (LT[t] - lseT);
+        }
+      } else {
+        kd = DE[k] * invT_d / SE[k] - (lseE - lseT);
+      }
+      a.kd_rows[k * B + b] = kd;
+    }
+  }
+}
+
+// Target-side sums for detach_targets=false over [i0, i1):
+// pairwise X[t*K + s] += p_t (z_t - z_s); ensemble X[k] += q_k (E_k - z_k) (where p, q > 0).
+template <typename U, typename A>
+void target_grad_sums(const A* const* zc, const A* coef, int64_t K,
+                      bool pairs, int64_t i0, int64_t i1, A invT, const A* lseT, const A* lseE,
+                      U* x, U* zv) {
+  constexpr int64_t W = sizeof(U) / sizeof(A);
+  const U zero{};
+  for (int64_t i = i0; i < i1; i += W) {
+    for (int64_t k = 0; k < K; ++k) zv[k] = load<U>(zc[k] + i);
+    for (int64_t t = 0; t < K; ++t) {
+      if (pairs) {
+        const U p = vexp(zv[t] * invT - lseT[t]);
+        for (int64_t s = 0; s < K; ++s)
+          if (s != t) x[t * K + s] += select(p > zero, p * (zv[t] - zv[s]), zero);
+      } else {
+        U e{};
+        for (int64_t j = 0; j < K; ++j)
+          if (coef[t * K + j] != A(0)) e += coef[t * K + j] * zv[j];
+        const U q = vexp(e * invT - lseE[t]);
+        x[t] += select(q > zero, q * (e - zv[t]), zero);
+      }
+    }
+  }
+}
+
+// Per-row constants of the gradient pass.
+template <typename A>
+struct GradRow {
+  const A *lse1, *lseT, *lseE, *a1, *a0, *beta, *H, *coef, *cT;
+  A invT;
+  int64_t K;
+  TempPow tp;
+  bool pairs, targets;
+};
+
+// dZ over columns [i0, i1) of one chunk, before the label one-hot term. With T in {2, 3, 4},
+// s = exp(z - lse1) is taken as p^T exp(T lseT - lse1) = p^T cT.
+template <int KC, typename U, typename A>
+void grad_cols(const GradRow<A>& g, const A* const* zc, A* const* gc, int64_t i0, int64_t i1,
+               U* zv_rt, U* pv_rt, U* gv_rt) {
+  constexpr int64_t W = sizeof(U) / sizeof(A);
+  const int64_t K = KC > 0 ? KC : g.K;
+  const U zero{};
+  U zl[KC > 0 ? KC : 1], pl[KC > 0 ? KC : 1], gl[KC > 0 ? KC : 1];
+  U* zv = KC > 0 ? zl : zv_rt;
+  U* pv = KC > 0 ? pl : pv_rt;
+  U* gv = KC > 0 ? gl : gv_rt;
+  for (int64_t i = i0; i < i1; i += W) {
+    for (int64_t k = 0; k < K; ++k) {
+      const U z = load<U>(zc[k] + i);
+      U s, p;
+      if (g.tp.n == 1) {
+        s = p = vexp(z - g.lse1[k]);
+      } else {
+        p = vexp(z * g.invT - g.lseT[k]);
+        s = g.tp.n ? int_pow(p, g.tp.n) * g.cT[k] : vexp(z - g.lse1[k]);
+      }
+      zv[k] = z;
+      pv[k] = p;
+      gv[k] = g.a1[k] * s - g.a0[k];
+    }
+    if (g.pairs) {
+      U P{};  // student: sum_{j != k} (p_k - p_j) = K p_k - P
+      for (int64_t k = 0; k < K; ++k) P += pv[k];
+      for (int64_t k = 0; k < K; ++k) gv[k] += g.beta[k] * (A(K) * pv[k] - P);
+      if (g.targets) {
+        for (int64_t t = 0; t < K; ++t) {  // target: p_t (sum_s beta_s (z_t - z_s)/T - H_t)
+          U acc{};
+          for (int64_t s = 0; s < K; ++s)
+            if (s != t) acc += g.beta[s] * (zv[t] - zv[s]);
+          gv[t] += select(pv[t] > zero, pv[t] * (acc * g.invT - g.H[t]), zero);
+        }
+      }
+    } else {
+      for (int64_t k = 0; k < K; ++k) {
+        U e{};
+        for (int64_t j = 0; j < K; ++j)
+          if (g.coef[k * K + j] != A(0)) e += g.coef[k * K + j] * zv[j];
+        const U q = vexp(e * g.invT - g.lseE[k]);
+        gv[k] += g.beta[k] * (pv[k] - q);
+        if (g.targets) {  // through E into every peer j with A[k, j] != 0
+          const U r = select(q > zero, g.beta[k] * q * ((e - zv[k]) * g.invT - g.H[k]), zero);
+          for (int64_t j = 0; j < K; ++j)
+            if (g.coef[k * K + j] != A(0)) gv[j] += g.coef[k * K + j] * r;
+        }
+      }
+    }
+    for (int64_t k = 0; k < K; ++k) store(gc[k] + i, gv[k]);
+  }
+}
+
+template <typename T>
+void backward_rows(const LossArgs<T>& a, int64_t b_begin, int64_t b_end) {
+  using A = acc_t<T>;
+  using V = typename VecOf<A>::type;
+  constexpr int64_t W = VecOf<A>::lanes;
+  const int64_t K = a.K, C = a.C, B = a.B;
+  const double T_ = a.temperature, eps = a.label_smoothing;
+  RowScratch<T> sc(a, true);
+  std::vector<A> lse1(K), lseT(K), lseE(K), a1(K), a0(K), beta(K), H(K), cT(K);
+  std::vector<double> alpha(K), Xd(K * K);
+  std::vector<A*> gc(K);
+  bool any_kd = false;
+  for (int64_t k = 0; k < K; ++k) {
+    alpha[k] = a.grad_ce[k] / double(B);
+    beta[k] = static_cast<A>(a.grad_kd[k] * T_ / (double(B) * (a.ensemble ? 1 : K - 1)));
+    any_kd = any_kd || a.grad_kd[k] != 0;
+  }
+  GradRow<A> g{lse1.data(), lseT.data(), lseE.data(), a1.data(), a0.data(), beta.data(), H.data(),
+               sc.coef.data(), cT.data(), static_cast<A>(1.0 / T_), K, TempPow(T_), !a.ensemble,
+               !a.detach_targets && any_kd};
+  for (int64_t b = b_begin; b < b_end; ++b) {
+    const int64_t* lab = a.labels + b * a.M;
+    const double* wts = a.weights + b * a.M;
+    double wsum = 0;
+    for (int64_t m = 0; m < a.M; ++m) wsum += wts[m];
+    for (int64_t k = 0; k < K; ++k) {
+      const A* st = a.row_stats + (k * B + b) * 3;
+      lse1[k] = st[0], lseT[k] = st[1], lseE[k] = st[2];
+      cT[k] = static_cast<A>(std::exp(double(st[1]) * T_ - double(st[0])));
+      a1[k] = static_cast<A>(alpha[k] * wsum);
+      a0[k] = static_cast<A>(eps > 0 ? alpha[k] * eps * wsum / double(C) : 0.0);
+    }
+    if (g.targets) {  // H = beta-weighted (lse diff + KL) per target, from one extra read
+      std::fill(Xd.begin(), Xd.end(), 0.0);
+      for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
+        const int64_t n = std::min(kChunk, C - c0), nv = n / W * W;
+        sc.load_chunk(a, b, c0, n);
+        std::fill(sc.v1, sc.v1 + K * K, V{});
+        std::fill(sc.s1, sc.s1 + K * K, A(0));
+        target_grad_sums<V>(sc.zc.data(), sc.coef.data(),
+                            K, g.pairs, 0, nv, g.invT, lseT.data(), lseE.data(), sc.v1,
+                            sc.v2);
+        target_grad_sums<A>(sc.zc.data(), sc.coef.data(),
+                            K, g.pairs, nv, n, g.invT, lseT.data(), lseE.data(), sc.s1,
+                            sc.s2);
+        for (int64_t i = 0; i < K * K; ++i) Xd[i] += double(hsum(sc.v1[i])) + sc.s1[i];
+      }
+      for (int64_t t = 0; t < K; ++t) {
+        double h = 0;
+        if (g.pairs) {
+          for (int64_t s = 0; s < K; ++s)
+            if (s != t) h += double(beta[s]) * Xd[t * K + s];
+        } else {
+          h = Xd[t];
+        }
+        H[t] = static_cast<A>(h / T_);
+      }
+    }
+    for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
+      const int64_t n = std::min(kChunk, C - c0), nv = n / W * W;
+      sc.load_chunk(a, b, c0, n);
+      for (int64_t k = 0; k < K; ++k)
+        gc[k] = sc.gbuf.empty() ? reinterpret_cast<A*>(a.dz[k] + b * a.dz_stride[k] + c0)
+                                : sc.gbuf.data() + k * kChunk;
+      with_peers(K, [&](auto kc) {
+        constexpr int KC = decltype(kc)::value;
+        grad_cols<KC, V>(g, sc.zc.data(), gc.data(), 0, nv, sc.v2, sc.v3, sc.v4);
+        grad_cols<KC, A>(g, sc.zc.data(), gc.data(), nv, n, sc.s2, sc.s3, sc.s4);
+      });
+      for (int64_t m = 0; m < a.M; ++m) {  // the one-hot term of the labels in this chunk
+        const int64_t c = lab[m] - c0;
+        if (c < 0 || c >= n) continue;
+        for (int64_t k = 0; k < K; ++k)
+          gc[k][c] -= static_cast<A>(alpha[k] * (1 - eps) * wts[m]);
+      }
+      if constexpr (!std::is_same_v<T, A>) {
+        for (int64_t k = 0; k < K; ++k) {
+          T* out = a.dz[k] + b * a.dz_stride[k] + c0;
+          for (int64_t i = 0; i < n; ++i) out[i] = from_acc<T>(gc[k][i]);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace metamixer::core::METAMIXER_KD_NS

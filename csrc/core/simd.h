@@ -1,0 +1,247 @@
+// Portable SIMD helpers for the fused kernels, written with GCC/Clang vector extensions (no
+// intrinsics): the same source compiles to SSE2 in the baseline build, to AVX2+FMA in
+// csrc/mixed_kd_loss_avx2.cpp and to AVX-512 in csrc/mixed_kd_loss_avx512.cpp, which include
+// this header inside a `#pragma GCC target` region with METAMIXER_SIMD_WIDTH=32 / 64.
+// Everything ISA-dependent lives in a namespace named after the vector width (simd16 / simd32 /
+// simd64), so the copies never meet at link time (an inline function compiled for AVX2 must
+// never be picked for the baseline build).
+//
+// What is here: the vector type V<A> (A = float: a vector of float lanes; A = double: a plain
+// double, the gradcheck path), a branch-free exp that auto-vectorizes, select/max/horizontal
+// reductions that work for vectors and scalars alike, and bf16/fp16 <-> float conversion.
+
+// ------------------------------------------------------------------ ISA-independent part
+#ifndef METAMIXER_CORE_SIMD_COMMON
+#define METAMIXER_CORE_SIMD_COMMON
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+namespace metamixer::core {
+
+// Storage types of half-precision logits (bit patterns; converted with to_acc/from_acc).
+struct bf16 {
+  uint16_t bits;
+};
+struct fp16 {
+  uint16_t bits;
+};
+
+// Accumulation type: double for double logits (gradcheck), float for everything else.
+template <typename T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+template <typename T>
+using acc_t = typename AccOf<T>::type;
+
+}  // namespace metamixer::core
+#endif  // METAMIXER_CORE_SIMD_COMMON
+
+// ------------------------------------------------------------------ ISA-dependent part
+#ifndef METAMIXER_SIMD_WIDTH
+#define METAMIXER_SIMD_WIDTH 16
+#endif
+#if METAMIXER_SIMD_WIDTH == 16 && !defined(METAMIXER_CORE_SIMD_16)
+#define METAMIXER_CORE_SIMD_16
+#define METAMIXER_SIMD_EMIT
+#define METAMIXER_SIMD_NS simd16
+#elif METAMIXER_SIMD_WIDTH == 32 && !defined(METAMIXER_CORE_SIMD_32)
+#define METAMIXER_CORE_SIMD_32
+#define METAMIXER_SIMD_EMIT
+#define METAMIXER_SIMD_NS simd32
+#elif METAMIXER_SIMD_WIDTH == 64 && !defined(METAMIXER_CORE_SIMD_64)
+#define METAMIXER_CORE_SIMD_64
+#define METAMIXER_SIMD_EMIT
+#define METAMIXER_SIMD_NS simd64
+#endif
+
+#ifdef METAMIXER_SIMD_EMIT
+#undef METAMIXER_SIMD_EMIT
+namespace metamixer::core::METAMIXER_SIMD_NS {
+
+constexpr int kLanes = METAMIXER_SIMD_WIDTH / 4;
+typedef float vfloat __attribute__((vector_size(METAMIXER_SIMD_WIDTH)));
+typedef int32_t vint __attribute__((vector_size(METAMIXER_SIMD_WIDTH)));
+
+template <typename A>
+struct VecOf;  // the compute vector for accumulation type A
+template <>
+struct VecOf<float> {
+  using type = vfloat;
+  static constexpr int lanes = kLanes;
+};
+template <>
+struct VecOf<double> {
+  using type = double;
+  static constexpr int lanes = 1;
+};
+
+// Integer type with the lane layout of U (for the bit tricks in vexp).
+template <typename U>
+struct IntOf;
+template <>
+struct IntOf<float> {
+  using type = int32_t;
+};
+template <>
+struct IntOf<vfloat> {
+  using type = vint;
+};
+
+template <typename To, typename From>
+inline To bits_as(const From& x) {
+  static_assert(sizeof(To) == sizeof(From), "bit cast between types of different size");
+  To y;
+  std::memcpy(&y, &x, sizeof(To));
+  return y;
+}
+
+template <typename U, typename S>
+inline U splat(S s) {
+  return U{} + s;
+}
+
+template <typename U>
+inline U load(const float* p) {
+  U v;
+  std::memcpy(&v, p, sizeof(U));  // unaligned vector load
+  return v;
+}
+template <typename U>
+inline U load(const double* p) {
+  return *p;
+}
+inline void store(float* p, const vfloat& v) { std::memcpy(p, &v, sizeof(v)); }
+inline void store(float* p, float v) { *p = v; }
+inline void store(double* p, double v) { *p = v; }
+
+// Lane-wise cond ? a : b, for vectors (cond is a lane mask) and scalars (cond is a bool).
+template <typename M, typename U>
+inline U select(const M& cond, const U& a, const U& b) {
+  return cond ? a : b;
+}
+// max that ignores NaN in x (a NaN row is caught by the sums, which do propagate it).
+template <typename U>
+inline U vmax(const U& m, const U& x) {
+  return x > m ? x : m;
+}
+
+// Horizontal sum / max by halving in registers (a store and scalar reloads would stall on
+// store forwarding).
+typedef float vf2 __attribute__((vector_size(8)));
+typedef float vf4 __attribute__((vector_size(16)));
+inline vf2 fold_sum(vf4 v) { return __builtin_shufflevector(v, v, 0, 1) + __builtin_shufflevector(v, v, 2, 3); }
+inline vf2 fold_max(vf4 v) { return vmax(__builtin_shufflevector(v, v, 0, 1), __builtin_shufflevector(v, v, 2, 3)); }
+#if METAMIXER_SIMD_WIDTH >= 32
+typedef float vf8 __attribute__((vector_size(32)));
+inline vf4 fold_sum(vf8 v) { return __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7); }
+inline vf4 fold_max(vf8 v) { return vmax(__builtin_shufflevector(v, v, 0, 1, 2, 3), __builtin_shufflevector(v, v, 4, 5, 6, 7)); }
+#endif
+#if METAMIXER_SIMD_WIDTH >= 64
+inline vf8 fold_sum(vfloat v) {
+  return __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+         __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+}
+inline vf8 fold_max(vfloat v) {
+  return vmax(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7),
+              __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
+}
+#endif
+inline float hsum(vf2 v) { return v[0] + v[1]; }
+inline float hmax(vf2 v) { return v[1] > v[0] ? v[1] : v[0]; }
+#if METAMIXER_SIMD_WIDTH >= 16
+inline float hsum(vf4 v) { return hsum(fold_sum(v)); }
+inline float hmax(vf4 v) { return hmax(fold_max(v)); }
+#endif
+#if METAMIXER_SIMD_WIDTH >= 32
+inline float hsum(vf8 v) { return hsum(fold_sum(v)); }
+inline float hmax(vf8 v) { return hmax(fold_max(v)); }
+#endif
+#if METAMIXER_SIMD_WIDTH >= 64
+inline float hsum(vfloat v) { return hsum(fold_sum(v)); }
+inline float hmax(vfloat v) { return hmax(fold_max(v)); }
+#endif
+inline float hsum(float v) { return v; }
+inline double hsum(double v) { return v; }
+inline float hmax(float v) { return v; }
+inline double hmax(double v) { return v; }
+
+// exp(x) for float lanes, branch-free: x = n ln2 + r with |r| <= ln2/2, exp(r) by a degree-7
+// polynomial (Cephes-style minimax coefficients), 2^n built in the exponent bits. n comes
+// from the round-to-nearest of adding 1.5 * 2^23 (no float->int conversion needed).
+// About 2 ulp over [-87, 88] (checked against std::exp in csrc/tests); below -87 it returns 0
+// (the true value is a subnormal < 1.7e-38), above 88 +inf; -inf -> 0, NaN -> NaN.
+template <typename U>
+__attribute__((always_inline)) inline U vexp(U x) {
+  using I = typename IntOf<U>::type;
+  const U lo = splat<U>(-87.0f), hi = splat<U>(88.0f);
+  const U xc = select(x > hi, hi, select(x < lo, lo, x));
+  const U magic = splat<U>(12582912.0f);  // 1.5 * 2^23
+  const U t = xc * 1.44269504088896341f + magic;
+  const U n = t - magic;
+  const I ni = bits_as<I>(t) - bits_as<I>(magic);
+  const U r = xc - n * 0.693359375f - n * -2.12194440e-4f;
+  U p = splat<U>(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const U er = p * (r * r) + r + 1.0f;
+  const U scale = bits_as<U>((ni + 127) << 23);
+  const U y = er * scale;
+  return select(x < lo, U{}, select(x > hi, splat<U>(std::numeric_limits<float>::infinity()), y));
+}
+inline double vexp(double x) { return std::exp(x); }
+
+// ---- half-precision storage <-> accumulation type
+inline float to_acc(float v) { return v; }
+inline double to_acc(double v) { return v; }
+inline float to_acc(bf16 v) { return bits_as<float>(static_cast<uint32_t>(v.bits) << 16); }
+inline float to_acc(fp16 v) {
+  const uint32_t h = v.bits, sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu;
+  if (exp == 0) {  // zero or subnormal: mant * 2^-24
+    const float mag = static_cast<float>(mant) * 5.9604644775390625e-8f;
+    return bits_as<float>(bits_as<uint32_t>(mag) | sign);
+  }
+  if (exp == 31) return bits_as<float>(sign | 0x7f800000u | (mant << 13));  // inf / NaN
+  return bits_as<float>(sign | ((exp + 112u) << 23) | (mant << 13));
+}
+
+template <typename T>
+inline T from_acc(float v);
+template <>
+inline float from_acc<float>(float v) {
+  return v;
+}
+template <>
+inline bf16 from_acc<bf16>(float v) {  // round to nearest even; NaN stays a quiet NaN
+  uint32_t u = bits_as<uint32_t>(v);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return bf16{static_cast<uint16_t>((u >> 16) | 0x40u)};
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return bf16{static_cast<uint16_t>(u >> 16)};
+}
+template <>
+inline fp16 from_acc<fp16>(float v) {  // round to nearest even, overflow to inf, subnormals kept
+  const uint32_t u = bits_as<uint32_t>(v), sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+  if (a >= 0x7f800000u) return fp16{static_cast<uint16_t>(sign | 0x7c00u | (a > 0x7f800000u ? 0x200u : 0u))};
+  if (a >= 0x477ff000u) return fp16{static_cast<uint16_t>(sign | 0x7c00u)};  // >= 65520: inf
+  if (a < 0x38800000u) {  // below 2^-14: subnormal; adding 0.5 puts the 2^-24 unit in the last bit
+    const float shifted = bits_as<float>(a) + 0.5f;
+    return fp16{static_cast<uint16_t>(sign | (bits_as<uint32_t>(shifted) - 0x3f000000u))};
+  }
+  const uint32_t odd = (a >> 13) & 1u;
+  const uint32_t r = a + 0xc8000fffu + odd;  // rebias exponent (127 -> 15) and round
+  return fp16{static_cast<uint16_t>(sign | (r >> 13))};
+}
+
+}  // namespace metamixer::core::METAMIXER_SIMD_NS
+#undef METAMIXER_SIMD_NS
+#endif  // METAMIXER_SIMD_EMIT

@@ -1,0 +1,367 @@
+// ATen binding of the fused mixed_kd_loss CPU kernels (core: csrc/core/mixed_kd_loss.h).
+//
+// Ops in the `metamixer_cpp` namespace:
+//   mixed_kd_loss_fwd(...) -> (ce[K], kd[K], row_stats[K, B, 3])   CPU kernel
+//   mixed_kd_loss_bwd(grad_ce, grad_kd, ..., row_stats, ...) -> dZ  CPU kernel
+//   mixed_kd_loss(...) -> (ce, kd)   CPU kernel + an Autograd kernel (a C++ autograd Function)
+// The first two are the "cpp" backend of the Python custom op metamixer::mixed_kd_loss (the
+// path torch.compile traces). The third is the eager fast path of metamixer_fast.mixed_kd_loss:
+// one dispatcher call forward, the backward runs in C++ from the autograd engine, so the eager
+// step skips the Python custom-op machinery (~165 us per fwd+bwd at small shapes).
+//
+// Logits arrive as one [K, B, C] tensor or K [B, C] tensors and are read in place through
+// per-peer row pointers and strides (no stacking copy); only a peer whose class dim is not
+// contiguous is copied. The gradient has the input's dtype, form and (dense) layout. Value
+// checks (label range, weights, peer matrix) run here, on data the kernel reads anyway, with
+// the messages of metamixer_fast._checks.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "core/mixed_kd_loss.h"
+
+namespace metamixer {
+namespace {
+
+using at::Tensor;
+using at::TensorList;
+
+template <typename S>
+struct CoreType {
+  using type = S;
+};
+template <>
+struct CoreType<at::BFloat16> {
+  using type = core::bf16;
+};
+template <>
+struct CoreType<at::Half> {
+  using type = core::fp16;
+};
+
+// The entries of a small floating tensor as doubles (no temporary tensor for the usual dtypes).
+std::vector<double> as_doubles(const Tensor& t) {
+  const Tensor c = t.contiguous();
+  std::vector<double> out(c.numel());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "as_doubles", [&] {
+    const scalar_t* p = c.data_ptr<scalar_t>();
+    for (size_t i = 0; i < out.size(); ++i) out[i] = static_cast<double>(p[i]);
+  });
+  return out;
+}
+
+// Labels, weights (as double) and peer matrix, checked with the messages of _checks.py.
+struct Plan {
+  Tensor labels;  // contiguous int64 [B, M]
+  std::vector<double> weights, peer;
+};
+
+Plan make_plan(TensorList logits, const Tensor& labels, const Tensor& weights, int64_t K, int64_t B,
+               int64_t C, c10::string_view mode, const std::optional<Tensor>& peer_matrix) {
+  TORCH_CHECK_VALUE(labels.dim() == 2 && labels.size(0) == B && labels.scalar_type() == at::kLong &&
+                        labels.device().is_cpu(),
+                    "mixed_kd_loss: 'labels' must be an int64 CPU tensor [B, M] with B=", B);
+  TORCH_CHECK_VALUE(weights.sizes() == labels.sizes() && weights.is_floating_point() &&
+                        weights.device().is_cpu(),
+                    "mixed_kd_loss: 'weights' must be a floating CPU tensor shaped like labels");
+  TORCH_CHECK_VALUE(mode == "pairwise" || mode == "ensemble",
+                    "mixed_kd_loss: 'mode' must be 'pairwise' or 'ensemble'");
+  Plan plan;
+  plan.labels = labels.contiguous();
+  const int64_t* lab = plan.labels.data_ptr<int64_t>();
+  const int64_t n = plan.labels.numel(), M = labels.size(1);
+  int64_t lo = 0, hi = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    lo = i == 0 ? lab[i] : std::min(lo, lab[i]);
+    hi = i == 0 ? lab[i] : std::max(hi, lab[i]);
+  }
+  TORCH_CHECK_VALUE(n == 0 || (lo >= 0 && hi < C), "mixed_kd_loss: 'labels' must hold class indices in [0, ",
+                    C, "); found values from ", lo, " to ", hi);
+  plan.weights = as_doubles(weights);
+  bool ok = true, sums = true;
+  for (int64_t b = 0; b < B; ++b) {
+    double s = 0;
+    for (int64_t m = 0; m < M; ++m) {
+      const double v = plan.weights[b * M + m];
+      ok = ok && std::isfinite(v) && v >= 0;
+      s += v;
+    }
+    sums = sums && std::abs(s - 1.0) <= 1e-3;
+  }
+  TORCH_CHECK_VALUE(ok, "mixed_kd_loss: 'weights' must be finite and >= 0 (a mixture of labels per row)");
+  TORCH_CHECK_VALUE(sums, "mixed_kd_loss: each row of 'weights' must sum to 1; normalise it with "
+                          "weights / weights.sum(1, keepdim=True)");
+  if (mode == "ensemble") {
+    if (peer_matrix.has_value()) {
+      const Tensor& a = *peer_matrix;
+      TORCH_CHECK_VALUE(a.dim() == 2 && a.size(0) == K && a.size(1) == K && a.is_floating_point() &&
+                            a.device().is_cpu(),
+                        "mixed_kd_loss: 'peer_matrix' must be a floating [K, K] = [", K, ", ", K,
+                        "] CPU tensor");
+      plan.peer = as_doubles(a);
+      for (double v : plan.peer)
+        TORCH_CHECK_VALUE(std::isfinite(v), "mixed_kd_loss: 'peer_matrix' has NaN or inf entries");
+    } else {  // the mean of the other peers (reference.default_peer_matrix)
+      plan.peer.assign(K * K, 1.0 / double(K - 1));
+      for (int64_t k = 0; k < K; ++k) plan.peer[k * K + k] = 0.0;
+    }
+  }
+  (void)logits;
+  return plan;
+}
+
+// Per-peer base pointers and row strides of logits given as [K, B, C] or K x [B, C]. A peer
+// whose class dim is not contiguous is copied (held in `keep`).
+struct Peers {
+  int64_t K = 0, B = 0, C = 0;
+  std::vector<Tensor> keep;
+  std::vector<const void*> base;
+  std::vector<int64_t> stride;
+};
+
+Peers view_peers(TensorList logits) {
+  Peers p;
+  TORCH_CHECK_VALUE(!logits.empty(), "mixed_kd_loss: 'logits' is empty");
+  const bool stacked = logits.size() == 1;
+  const Tensor& first = logits[0];
+  TORCH_CHECK_VALUE(first.device().is_cpu(), "mixed_kd_loss: the C++ kernel takes CPU tensors");
+  TORCH_CHECK_VALUE(first.dim() == (stacked ? 3 : 2),
+                    "mixed_kd_loss: 'logits' must be [K, B, C] or a list of K [B, C] tensors");
+  p.K = stacked ? first.size(0) : static_cast<int64_t>(logits.size());
+  p.B = first.size(stacked ? 1 : 0);
+  p.C = first.size(stacked ? 2 : 1);
+  TORCH_CHECK_VALUE(p.K >= 2 && p.B >= 1 && p.C >= 1, "mixed_kd_loss: needs K >= 2, B >= 1, C >= 1");
+  for (int64_t k = 0; k < p.K; ++k) {
+    Tensor z = stacked ? first.select(0, k) : logits[k];
+    TORCH_CHECK_VALUE(z.sizes() == first.sizes().slice(stacked ? 1 : 0) &&
+                          z.scalar_type() == first.scalar_type() && z.device() == first.device(),
+                      "mixed_kd_loss: every peer's logits must share shape, dtype and device");
+    if (z.stride(1) != 1 && p.C > 1) z = z.contiguous();
+    p.keep.push_back(z);
+    p.base.push_back(z.data_ptr());
+    p.stride.push_back(z.stride(0));
+  }
+  return p;
+}
+
+at::ScalarType out_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+int64_t grain_rows(int64_t K, int64_t C) {
+  // >= 8k logits (several microseconds of work) per task, so a second thread pays for itself
+  return std::max<int64_t>(1, 8192 / std::max<int64_t>(1, K * C));
+}
+
+template <typename T>
+void run_rows(const core::LossArgs<T>& args, bool backward) {
+  at::parallel_for(0, args.B, grain_rows(args.K, args.C), [&](int64_t b0, int64_t b1) {
+    if constexpr (!std::is_same_v<T, double>) {  // double (gradcheck) runs the baseline build
+      if (core::cpu_has_avx512()) {
+        backward ? core::backward_rows_avx512(args, b0, b1) : core::forward_rows_avx512(args, b0, b1);
+        return;
+      }
+      if (core::cpu_has_avx2_fma()) {
+        backward ? core::backward_rows_avx2(args, b0, b1) : core::forward_rows_avx2(args, b0, b1);
+        return;
+      }
+    }
+    backward ? core::simd16::backward_rows(args, b0, b1) : core::simd16::forward_rows(args, b0, b1);
+  });
+}
+
+template <typename T>
+core::LossArgs<T> make_args(const Peers& p, const Plan& plan, std::vector<const T*>& z,
+                            double temperature, double eps, c10::string_view mode, bool detach) {
+  core::LossArgs<T> a;
+  a.K = p.K, a.B = p.B, a.C = p.C, a.M = plan.labels.size(1);
+  for (const void* b : p.base) z.push_back(static_cast<const T*>(b));
+  a.z = z.data();
+  a.z_stride = p.stride.data();
+  a.labels = plan.labels.data_ptr<int64_t>();
+  a.weights = plan.weights.data();
+  a.temperature = temperature, a.label_smoothing = eps;
+  a.ensemble = mode == "ensemble";
+  a.peer = plan.peer.empty() ? nullptr : plan.peer.data();
+  a.detach_targets = detach;
+  return a;
+}
+
+std::tuple<Tensor, Tensor, Tensor> mixed_kd_loss_fwd(TensorList logits, const Tensor& labels,
+                                                     const Tensor& weights, double temperature,
+                                                     double label_smoothing, c10::string_view mode,
+                                                     const std::optional<Tensor>& peer_matrix,
+                                                     bool detach_targets) {
+  const Peers p = view_peers(logits);
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0,
+                    "mixed_kd_loss: 'temperature' must be a finite number > 0");
+  const Plan plan = make_plan(logits, labels, weights, p.K, p.B, p.C, mode, peer_matrix);
+  const auto odt = out_dtype(logits[0].scalar_type());
+  Tensor stats = at::empty({p.K, p.B, 3}, logits[0].options().dtype(odt));
+  std::vector<double> ce_rows(p.K * p.B), kd_rows(p.K * p.B);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits[0].scalar_type(), "mixed_kd_loss", [&] {
+    using T = typename CoreType<scalar_t>::type;
+    std::vector<const T*> z;
+    core::LossArgs<T> a = make_args<T>(p, plan, z, temperature, label_smoothing, mode, detach_targets);
+    a.row_stats = stats.data_ptr<core::acc_t<T>>();
+    a.ce_rows = ce_rows.data(), a.kd_rows = kd_rows.data();
+    run_rows(a, false);
+  });
+  // Fixed-order reduction over rows: the result does not depend on the thread count.
+  const double kd_scale = temperature * temperature / (mode == "pairwise" ? double(p.K - 1) : 1.0);
+  Tensor ce = at::empty({p.K}, stats.options()), kd = at::empty({p.K}, stats.options());
+  AT_DISPATCH_FLOATING_TYPES(odt, "mixed_kd_loss_sum", [&] {
+    for (int64_t k = 0; k < p.K; ++k) {
+      double sc = 0, sk = 0;
+      for (int64_t b = 0; b < p.B; ++b) sc += ce_rows[k * p.B + b], sk += kd_rows[k * p.B + b];
+      ce.data_ptr<scalar_t>()[k] = static_cast<scalar_t>(sc / double(p.B));
+      kd.data_ptr<scalar_t>()[k] = static_cast<scalar_t>(sk / double(p.B) * kd_scale);
+    }
+  });
+  return {ce, kd, stats};
+}
+
+std::vector<double> grad_values(const Tensor& g, int64_t K, const char* name) {
+  if (!g.defined()) return std::vector<double>(K, 0.0);
+  TORCH_CHECK_VALUE(g.numel() == K && g.is_floating_point(), "mixed_kd_loss backward: '", name,
+                    "' must have K=", K, " floating entries");
+  return as_doubles(g);
+}
+
+std::vector<Tensor> mixed_kd_loss_bwd(const Tensor& grad_ce, const Tensor& grad_kd, TensorList logits,
+                                      const Tensor& labels, const Tensor& weights,
+                                      const Tensor& row_stats, double temperature,
+                                      double label_smoothing, c10::string_view mode,
+                                      const std::optional<Tensor>& peer_matrix, bool detach_targets) {
+  const Peers p = view_peers(logits);
+  const Plan plan = make_plan(logits, labels, weights, p.K, p.B, p.C, mode, peer_matrix);
+  const auto odt = out_dtype(logits[0].scalar_type());
+  TORCH_CHECK_VALUE(row_stats.dim() == 3 && row_stats.size(0) == p.K && row_stats.size(1) == p.B &&
+                        row_stats.size(2) == 3,
+                    "mixed_kd_loss backward: 'row_stats' must be [K, B, 3]");
+  const Tensor stats = row_stats.to(odt).contiguous();
+  const std::vector<double> gce = grad_values(grad_ce, p.K, "grad_ce");
+  const std::vector<double> gkd = grad_values(grad_kd, p.K, "grad_kd");
+  // Gradients like the inputs; written through per-peer row pointers (class dim contiguous,
+  // else into a contiguous temporary copied back).
+  std::vector<Tensor> grads, targets;
+  for (const Tensor& z : logits) grads.push_back(at::empty_like(z));
+  const bool stacked = logits.size() == 1;
+  std::vector<void*> out;
+  std::vector<int64_t> out_stride;
+  for (int64_t k = 0; k < p.K; ++k) {
+    Tensor g = stacked ? grads[0].select(0, k) : grads[k];
+    if (g.stride(1) != 1 && p.C > 1) g = at::empty(g.sizes(), g.options());
+    targets.push_back(g);
+    out.push_back(g.data_ptr());
+    out_stride.push_back(g.stride(0));
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits[0].scalar_type(), "mixed_kd_loss_backward", [&] {
+    using T = typename CoreType<scalar_t>::type;
+    std::vector<const T*> z;
+    std::vector<T*> dz;
+    for (void* o : out) dz.push_back(static_cast<T*>(o));
+    core::LossArgs<T> a = make_args<T>(p, plan, z, temperature, label_smoothing, mode, detach_targets);
+    a.row_stats = const_cast<core::acc_t<T>*>(stats.data_ptr<core::acc_t<T>>());
+    a.grad_ce = gce.data(), a.grad_kd = gkd.data();
+    a.dz = dz.data(), a.dz_stride = out_stride.data();
+    run_rows(a, true);
+  });
+  for (int64_t k = 0; k < p.K; ++k) {
+    Tensor g = stacked ? grads[0].select(0, k) : grads[k];
+    if (g.data_ptr() != targets[k].data_ptr()) g.copy_(targets[k]);
+  }
+  return grads;
+}
+
+// The eager path: autograd in C++ (saved: logits, labels, weights, row_stats, peer_matrix).
+struct MixedKDLossFunction : public torch::autograd::Function<MixedKDLossFunction> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, TensorList logits,
+                                                const Tensor& labels, const Tensor& weights,
+                                                double temperature, double label_smoothing,
+                                                c10::string_view mode,
+                                                const std::optional<Tensor>& peer_matrix,
+                                                bool detach_targets) {
+    auto [ce, kd, stats] = mixed_kd_loss_fwd(logits, labels, weights, temperature, label_smoothing,
+                                             mode, peer_matrix, detach_targets);
+    std::vector<Tensor> saved(logits.begin(), logits.end());
+    saved.push_back(labels);
+    saved.push_back(weights);
+    saved.push_back(stats);
+    if (peer_matrix.has_value()) saved.push_back(*peer_matrix);
+    ctx->save_for_backward(saved);
+    ctx->saved_data["n"] = static_cast<int64_t>(logits.size());
+    ctx->saved_data["has_peer"] = peer_matrix.has_value();
+    ctx->saved_data["temperature"] = temperature;
+    ctx->saved_data["label_smoothing"] = label_smoothing;
+    ctx->saved_data["mode"] = std::string(mode);
+    ctx->saved_data["detach"] = detach_targets;
+    return {ce, kd};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const int64_t n = ctx->saved_data["n"].toInt();
+    const std::vector<Tensor> logits(saved.begin(), saved.begin() + n);
+    std::optional<Tensor> peer;
+    if (ctx->saved_data["has_peer"].toBool()) peer = saved[n + 3];
+    const std::string mode = ctx->saved_data["mode"].toStringRef();
+    std::vector<Tensor> dz = mixed_kd_loss_bwd(
+        grads[0], grads[1], logits, saved[n], saved[n + 1], saved[n + 2],
+        ctx->saved_data["temperature"].toDouble(), ctx->saved_data["label_smoothing"].toDouble(),
+        mode, peer, ctx->saved_data["detach"].toBool());
+    dz.resize(n + 7);  // no gradient for labels, weights, the scalars and peer_matrix
+    return dz;
+  }
+};
+
+std::tuple<Tensor, Tensor> mixed_kd_loss_autograd(TensorList logits, const Tensor& labels,
+                                                  const Tensor& weights, double temperature,
+                                                  double label_smoothing, c10::string_view mode,
+                                                  const std::optional<Tensor>& peer_matrix,
+                                                  bool detach_targets) {
+  auto out = MixedKDLossFunction::apply(logits, labels, weights, temperature, label_smoothing, mode,
+                                        peer_matrix, detach_targets);
+  return {out[0], out[1]};
+}
+
+std::tuple<Tensor, Tensor> mixed_kd_loss_nograd(TensorList logits, const Tensor& labels,
+                                                const Tensor& weights, double temperature,
+                                                double label_smoothing, c10::string_view mode,
+                                                const std::optional<Tensor>& peer_matrix,
+                                                bool detach_targets) {
+  auto [ce, kd, stats] = mixed_kd_loss_fwd(logits, labels, weights, temperature, label_smoothing, mode,
+                                           peer_matrix, detach_targets);
+  return {ce, kd};
+}
+
+}  // namespace
+}  // namespace metamixer
+
+TORCH_LIBRARY_FRAGMENT(metamixer_cpp, m) {
+  m.def("mixed_kd_loss_fwd(Tensor[] logits, Tensor labels, Tensor weights, float temperature, "
+        "float label_smoothing, str mode, Tensor? peer_matrix, bool detach_targets) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("mixed_kd_loss_bwd(Tensor grad_ce, Tensor grad_kd, Tensor[] logits, Tensor labels, "
+        "Tensor weights, Tensor row_stats, float temperature, float label_smoothing, str mode, "
+        "Tensor? peer_matrix, bool detach_targets) -> Tensor[]");
+  m.def("mixed_kd_loss(Tensor[] logits, Tensor labels, Tensor weights, float temperature, "
+        "float label_smoothing, str mode, Tensor? peer_matrix, bool detach_targets) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(metamixer_cpp, CPU, m) {
+  m.impl("mixed_kd_loss_fwd", &metamixer::mixed_kd_loss_fwd);
+  m.impl("mixed_kd_loss_bwd", &metamixer::mixed_kd_loss_bwd);
+  m.impl("mixed_kd_loss", &metamixer::mixed_kd_loss_nograd);
+}
+
+TORCH_LIBRARY_IMPL(metamixer_cpp, Autograd, m) {
+  m.impl("mixed_kd_loss", &metamixer::mixed_kd_loss_autograd);
+}

@@ -1,0 +1,376 @@
+// Unit tests of the mixed_kd_loss core (csrc/core/mixed_kd_loss.h), run by ctest.
+//
+// Checks, for the baseline (simd16) build and, on CPUs that have them, the AVX2 and AVX-512
+// builds:
+// - vexp against std::exp, and the bf16/fp16 conversions bit by bit;
+// - the forward (ce, kd, row stats) against plain double loops of the formulas;
+// - the backward against central finite differences of those double loops (targets held
+//   fixed for detach_targets=true), so the analytic gradient is checked independently;
+// - masked (-inf) classes, NaN propagation, several chunks per row, ensemble with a user matrix.
+#include "../mixed_kd_loss_avx2.cpp"    // the AVX2 build of the kernels (simd32)
+#include "../mixed_kd_loss_avx512.cpp"  // the AVX-512 build (simd64)
+
+#include <cmath>
+#include <cstdio>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include "core/mixed_kd_loss.h"  // the baseline build (simd16)
+
+namespace {
+
+using namespace metamixer::core;
+const double kInf = std::numeric_limits<double>::infinity();
+int failures = 0;
+
+void expect(bool ok, const char* what, double got, double want) {
+  if (!ok) {
+    std::printf("FAIL %s: got %.10g, want %.10g\n", what, got, want);
+    ++failures;
+  }
+}
+void expect_close(const char* what, double got, double want, double rtol, double atol) {
+  const bool ok = (std::isnan(got) && std::isnan(want)) || got == want ||
+                  std::fabs(got - want) <= atol + rtol * std::fabs(want);
+  expect(ok, what, got, want);
+}
+
+// ------------------------------------------------------------------ exp and conversions
+void test_exp() {
+  double worst = 0;
+  for (int i = 0; i <= 300000; ++i) {
+    const float x = -87.0f + 175.0f * static_cast<float>(i) / 300000.0f;
+    const double want = std::exp(static_cast<double>(x));
+    float v[16];
+    for (int l = 0; l < 16; ++l) v[l] = x;
+    simd16::vfloat a;
+    std::memcpy(&a, v, sizeof(a));
+    const double got4 = simd16::vexp(a)[0], got1 = simd16::vexp(x);
+    worst = std::max({worst, std::fabs(got4 / want - 1), std::fabs(got1 / want - 1)});
+  }
+  if (cpu_has_avx2_fma()) {  // the AVX2 copy, through its array entry point
+    std::vector<float> x(1 << 18), y(x.size());
+    for (size_t i = 0; i < x.size(); ++i) x[i] = -87.0f + 175.0f * static_cast<float>(i) / x.size();
+    exp_avx2(x.data(), y.data(), static_cast<int64_t>(x.size()));
+    for (size_t i = 0; i < x.size(); ++i) worst = std::max(worst, std::fabs(y[i] / std::exp(double(x[i])) - 1));
+    if (cpu_has_avx512()) {
+      exp_avx512(x.data(), y.data(), static_cast<int64_t>(x.size()));
+      for (size_t i = 0; i < x.size(); ++i)
+        worst = std::max(worst, std::fabs(y[i] / std::exp(double(x[i])) - 1));
+    }
+  }
+  std::printf("vexp max relative error over [-87, 88]: %.3g\n", worst);
+  expect(worst < 3.6e-7, "vexp relative error (< 3 ulp)", worst, 3.6e-7);
+  const float inf = std::numeric_limits<float>::infinity();
+  expect(simd16::vexp(-inf) == 0.0f, "vexp(-inf)", simd16::vexp(-inf), 0);
+  expect(simd16::vexp(-100.0f) == 0.0f, "vexp(-100)", simd16::vexp(-100.0f), 0);
+  expect(simd16::vexp(100.0f) == inf, "vexp(100)", simd16::vexp(100.0f), inf);
+  expect(std::isnan(simd16::vexp(std::nanf(""))), "vexp(nan)", simd16::vexp(std::nanf("")), NAN);
+  expect(simd16::vexp(0.0f) == 1.0f, "vexp(0)", simd16::vexp(0.0f), 1);
+}
+
+void test_conversions() {
+  int bad = 0;
+  for (uint32_t h = 0; h < 65536; ++h) {
+    const float f = simd16::to_acc(fp16{static_cast<uint16_t>(h)});
+    const uint16_t back = simd16::from_acc<fp16>(f).bits;
+    if (std::isnan(f) ? (back & 0x7c00u) != 0x7c00u || (back & 0x3ffu) == 0 : back != h) ++bad;
+    const float g = simd16::to_acc(bf16{static_cast<uint16_t>(h)});
+    const uint16_t back_b = simd16::from_acc<bf16>(g).bits;
+    if (std::isnan(g) ? !std::isnan(simd16::to_acc(bf16{back_b})) : back_b != h) ++bad;
+  }
+  expect(bad == 0, "fp16/bf16 round trips of all bit patterns", bad, 0);
+#ifdef __FLT16_MAX__
+  std::mt19937 gen(123);
+  std::uniform_real_distribution<float> mant(-1.0f, 1.0f);
+  int wrong = 0;
+  for (int i = 0; i < 200000; ++i) {  // rounding of arbitrary floats, against the compiler's _Float16
+    const float f = std::ldexp(mant(gen), static_cast<int>(gen() % 48) - 30);
+    const _Float16 h = static_cast<_Float16>(f);
+    uint16_t want;
+    std::memcpy(&want, &h, 2);
+    if (simd16::from_acc<fp16>(f).bits != want) ++wrong;
+  }
+  expect(wrong == 0, "float -> fp16 rounding vs _Float16", wrong, 0);
+#endif
+  // bf16: round to nearest even
+  expect(simd16::from_acc<bf16>(1.0f + std::ldexp(1.0f, -8)).bits == 0x3f80, "bf16 tie to even", 0, 0);
+  expect(simd16::from_acc<bf16>(1.0f + 3 * std::ldexp(1.0f, -8)).bits == 0x3f82, "bf16 tie up", 0, 0);
+}
+
+// ------------------------------------------------------------------ the loss, in double loops
+struct Problem {
+  int K, B, C, M;
+  std::vector<double> z, w, peer;  // z[(k*B + b)*C + c]
+  std::vector<int64_t> labels;
+  double T, eps;
+  bool ensemble, detach;
+  std::vector<double> gce, gkd;
+};
+
+double log_sum_exp(const double* v, int n, double scale) {
+  double m = -kInf;
+  for (int i = 0; i < n; ++i) m = std::max(m, scale * v[i]);
+  if (m == -kInf) return -kInf;
+  double s = 0;
+  for (int i = 0; i < n; ++i) s += std::exp(scale * v[i] - m);
+  return m + std::log(s);
+}
+
+// KL(softmax(t/T) || softmax(s/T)) with 0 log 0 = 0.
+double kl(const double* t, const double* s, int n, double T) {
+  const double lt = log_sum_exp(t, n, 1 / T), ls = log_sum_exp(s, n, 1 / T);
+  double r = 0;
+  for (int c = 0; c < n; ++c) {
+    const double p = std::exp(t[c] / T - lt);
+    if (p > 0) r += p * ((t[c] / T - lt) - (s[c] / T - ls));
+  }
+  return r;
+}
+
+// sum_k gce[k] ce[k] + gkd[k] kd[k], with the students' logits zs and the targets' zt.
+double naive_loss(const Problem& p, const std::vector<double>& zs, const std::vector<double>& zt,
+                  std::vector<double>* ce_out, std::vector<double>* kd_out) {
+  const int K = p.K, B = p.B, C = p.C;
+  double total = 0;
+  std::vector<double> e(C);
+  for (int k = 0; k < K; ++k) {
+    double ce = 0, kd = 0;
+    for (int b = 0; b < B; ++b) {
+      const double* zk = &zs[(k * B + b) * C];
+      const double lse = log_sum_exp(zk, C, 1.0);
+      for (int m = 0; m < p.M; ++m) {
+        const double nll = lse - zk[p.labels[b * p.M + m]];
+        double term = nll;
+        if (p.eps > 0) {
+          double mean = 0;
+          for (int c = 0; c < C; ++c) mean += (lse - zk[c]) / C;
+          term = (1 - p.eps) * nll + p.eps * mean;
+        }
+        ce += p.w[b * p.M + m] * term / B;
+      }
+      if (!p.ensemble) {
+        for (int t = 0; t < K; ++t)
+          if (t != k) kd += kl(&zt[(t * B + b) * C], zk, C, p.T) / B / (K - 1);
+      } else {
+        for (int c = 0; c < C; ++c) {
+          e[c] = 0;
+          for (int j = 0; j < K; ++j)
+            if (p.peer[k * K + j] != 0) e[c] += p.peer[k * K + j] * zt[(j * B + b) * C + c];
+        }
+        kd += kl(e.data(), zk, C, p.T) / B;
+      }
+    }
+    kd *= p.T * p.T;
+    if (ce_out) (*ce_out)[k] = ce, (*kd_out)[k] = kd;
+    total += p.gce[k] * ce + p.gkd[k] * kd;
+  }
+  return total;
+}
+
+Problem make_problem(std::mt19937& gen, int K, int B, int C, int M, bool ensemble, bool detach,
+                     double T, double eps) {
+  std::normal_distribution<double> normal(0.0, 2.0);
+  std::uniform_real_distribution<double> unit(0.1, 1.0);
+  Problem p{K, B, C, M, {}, {}, {}, {}, T, eps, ensemble, detach, {}, {}};
+  for (int i = 0; i < K * B * C; ++i) p.z.push_back(static_cast<float>(normal(gen)));
+  for (int b = 0; b < B; ++b) {
+    double s = 0;
+    for (int m = 0; m < M; ++m) p.w.push_back(unit(gen)), s += p.w.back();
+    for (int m = 0; m < M; ++m) p.w[b * M + m] /= s, p.labels.push_back(gen() % C);
+  }
+  for (int i = 0; i < K * K; ++i) p.peer.push_back(i % (K + 1) == 0 ? 0.0 : unit(gen) - 0.3);
+  for (int k = 0; k < K; ++k) p.gce.push_back(normal(gen)), p.gkd.push_back(normal(gen));
+  return p;
+}
+
+// Runs the kernel on the problem's logits stored as T; returns ce, kd, dz (as double).
+template <typename T, typename Fwd, typename Bwd>
+void run_kernel(const Problem& p, Fwd fwd, Bwd bwd, std::vector<double>& ce, std::vector<double>& kd,
+                std::vector<double>& dz) {
+  using A = acc_t<T>;
+  const int K = p.K, B = p.B, C = p.C;
+  std::vector<T> zt(p.z.size()), gt(p.z.size());
+  for (size_t i = 0; i < p.z.size(); ++i) {
+    if constexpr (std::is_same_v<T, double>) zt[i] = p.z[i];
+    else zt[i] = simd16::from_acc<T>(static_cast<float>(p.z[i]));
+  }
+  std::vector<const T*> zp;
+  std::vector<T*> gp;
+  std::vector<int64_t> stride(K, C);
+  for (int k = 0; k < K; ++k) zp.push_back(&zt[k * B * C]), gp.push_back(&gt[k * B * C]);
+  std::vector<A> stats(K * B * 3);
+  std::vector<double> ce_rows(K * B), kd_rows(K * B);
+  LossArgs<T> a;
+  a.K = K, a.B = B, a.C = C, a.M = p.M;
+  a.z = zp.data(), a.z_stride = stride.data(), a.labels = p.labels.data(), a.weights = p.w.data();
+  a.temperature = p.T, a.label_smoothing = p.eps, a.ensemble = p.ensemble, a.peer = p.peer.data();
+  a.detach_targets = p.detach, a.row_stats = stats.data(), a.ce_rows = ce_rows.data();
+  a.kd_rows = kd_rows.data(), a.grad_ce = p.gce.data(), a.grad_kd = p.gkd.data();
+  a.dz = gp.data(), a.dz_stride = stride.data();
+  fwd(a, 0, 1);  // two calls: rows are independent
+  fwd(a, 1, B);
+  bwd(a, 0, B);
+  ce.assign(K, 0), kd.assign(K, 0), dz.assign(p.z.size(), 0);
+  for (int k = 0; k < K; ++k) {
+    for (int b = 0; b < B; ++b) ce[k] += ce_rows[k * B + b] / B, kd[k] += kd_rows[k * B + b] / B;
+    kd[k] *= p.T * p.T / (p.ensemble ? 1 : K - 1);
+  }
+  for (size_t i = 0; i < p.z.size(); ++i) dz[i] = static_cast<double>(simd16::to_acc(gt[i]));
+}
+
+// The problem's logits as the kernel sees them in dtype T (so the double oracle sees the same).
+template <typename T>
+void round_to(Problem& p) {
+  if constexpr (!std::is_same_v<T, double>)
+    for (double& v : p.z) v = simd16::to_acc(simd16::from_acc<T>(static_cast<float>(v)));
+}
+
+template <typename T, typename Fwd, typename Bwd>
+void check_case(const char* name, Problem p, Fwd fwd, Bwd bwd, double rtol, bool check_grad = true) {
+  round_to<T>(p);
+  std::vector<double> ce, kd, dz, want_ce(p.K), want_kd(p.K);
+  run_kernel<T>(p, fwd, bwd, ce, kd, dz);
+  naive_loss(p, p.z, p.z, &want_ce, &want_kd);
+  char what[160];
+  for (int k = 0; k < p.K; ++k) {
+    std::snprintf(what, sizeof what, "%s ce[%d]", name, k);
+    expect_close(what, ce[k], want_ce[k], rtol, rtol);
+    std::snprintf(what, sizeof what, "%s kd[%d]", name, k);
+    expect_close(what, kd[k], want_kd[k], rtol, rtol);
+  }
+  if (!check_grad) return;
+  // dz against central differences (only the students move when the targets are detached)
+  // (every step-th entry on long rows; the scale floor covers C=1, where dz is 0 up to rounding)
+  const size_t step = std::max<size_t>(1, p.z.size() / 300);
+  double scale = 0;
+  for (int k = 0; k < p.K; ++k) scale = std::max({scale, std::fabs(p.gce[k]), std::fabs(p.gkd[k]) * p.T});
+  scale /= p.B;
+  std::vector<double> fd(p.z.size());
+  for (size_t i = 0; i < p.z.size(); i += step) {
+    if (!std::isfinite(p.z[i])) continue;
+    const double h = 1e-5;
+    std::vector<double> up = p.z, down = p.z;
+    up[i] += h, down[i] -= h;
+    const double lu = p.detach ? naive_loss(p, up, p.z, nullptr, nullptr) : naive_loss(p, up, up, nullptr, nullptr);
+    const double ld = p.detach ? naive_loss(p, down, p.z, nullptr, nullptr) : naive_loss(p, down, down, nullptr, nullptr);
+    fd[i] = (lu - ld) / (2 * h);
+    scale = std::max(scale, std::fabs(fd[i]));
+  }
+  for (size_t i = 0; i < p.z.size(); i += step) {
+    if (!std::isfinite(p.z[i])) continue;
+    std::snprintf(what, sizeof what, "%s dz[%zu]", name, i);
+    expect_close(what, dz[i], fd[i], 0, rtol * scale + 1e-7);
+  }
+}
+
+template <typename Fwd16, typename Bwd16>
+void test_loss_cases(const char* isa, Fwd16 fwd, Bwd16 bwd, std::mt19937& gen) {
+  char name[96];
+  for (bool ensemble : {false, true}) {
+    for (bool detach : {true, false}) {
+      for (int C : {1, 7, 600}) {
+        const int K = C == 600 ? 3 : 4;
+        // T = 2 and 3 take exp(z) as a power of exp(z/T); T = 2.5 takes two exps
+        const double T = C == 1 ? 2.0 : C == 7 ? 3.0 : 2.5;
+        Problem p = make_problem(gen, K, 3, C, 2, ensemble, detach, T, C == 7 ? 0.1 : 0.0);
+        std::snprintf(name, sizeof name, "%s %s detach=%d C=%d double", isa,
+                      ensemble ? "ensemble" : "pairwise", detach, C);
+        check_case<double>(name, p, fwd.d, bwd.d, 1e-7);
+        std::snprintf(name, sizeof name, "%s %s detach=%d C=%d float", isa,
+                      ensemble ? "ensemble" : "pairwise", detach, C);
+        check_case<float>(name, p, fwd.f, bwd.f, 2e-5);
+        std::snprintf(name, sizeof name, "%s %s detach=%d C=%d bf16", isa,
+                      ensemble ? "ensemble" : "pairwise", detach, C);
+        check_case<bf16>(name, p, fwd.b, bwd.b, 8e-3);  // the gradient is rounded to bf16
+        std::snprintf(name, sizeof name, "%s %s detach=%d C=%d fp16", isa,
+                      ensemble ? "ensemble" : "pairwise", detach, C);
+        check_case<fp16>(name, p, fwd.h, bwd.h, 2e-3);
+      }
+    }
+  }
+  // Large rows with the max moving between chunks, T = 1, K = 2 and 8.
+  for (int K : {2, 8}) {
+    Problem p = make_problem(gen, K, 2, 1500, 1, false, true, K == 2 ? 1.0 : 4.0, 0.0);
+    for (int c = 0; c < p.C; ++c) p.z[c] += 0.01 * c;  // peer 0, row 0: increasing
+    std::snprintf(name, sizeof name, "%s long rows K=%d", isa, K);
+    check_case<float>(name, p, fwd.f, bwd.f, 2e-5, K == 2);
+  }
+  // Masked classes: -inf in every peer at the same classes (targets put no mass there).
+  for (bool ensemble : {false, true}) {
+    Problem p = make_problem(gen, 3, 2, 9, 1, ensemble, false, 2.0, 0.0);
+    for (int k = 0; k < 3; ++k)
+      for (int b = 0; b < 2; ++b) p.z[(k * 2 + b) * 9 + 4] = p.z[(k * 2 + b) * 9 + 8] = -kInf;
+    for (int b = 0; b < 2; ++b) p.labels[b] = b;
+    for (double& a : p.peer) a = std::fabs(a);
+    std::snprintf(name, sizeof name, "%s masked %s", isa, ensemble ? "ensemble" : "pairwise");
+    check_case<double>(name, p, fwd.d, bwd.d, 1e-7);
+    check_case<float>(name, p, fwd.f, bwd.f, 2e-5);
+    // masked gradients are exactly 0
+    std::vector<double> ce, kd, dz;
+    run_kernel<float>(p, fwd.f, bwd.f, ce, kd, dz);
+    for (size_t i = 0; i < p.z.size(); ++i)
+      if (!std::isfinite(p.z[i])) expect(dz[i] == 0, "masked class gradient", dz[i], 0);
+  }
+  // NaN in one logit: that row's losses and gradients are NaN, never a silent 0.
+  {
+    Problem p = make_problem(gen, 2, 2, 20, 1, false, true, 2.0, 0.0);
+    p.z[5] = NAN;  // peer 0, row 0
+    std::vector<double> ce, kd, dz;
+    run_kernel<float>(p, fwd.f, bwd.f, ce, kd, dz);
+    expect(std::isnan(ce[0]) && std::isnan(kd[0]) && std::isnan(kd[1]), "NaN propagates to ce/kd", ce[0], NAN);
+    expect(std::isnan(dz[0]) && std::isnan(dz[2 * 20 + 3]), "NaN propagates to dz", dz[0], NAN);
+  }
+}
+
+template <typename F, typename D, typename B16, typename H16>
+struct Fns {
+  F f;
+  D d;
+  B16 b;
+  H16 h;
+};
+template <typename F, typename D, typename B16, typename H16>
+Fns<F, D, B16, H16> fns(F f, D d, B16 b, H16 h) {
+  return {f, d, b, h};
+}
+
+}  // namespace
+
+int main() {
+  std::mt19937 gen(std::random_device{}());
+  test_exp();
+  test_conversions();
+  auto fwd16 = fns(&simd16::forward_rows<float>, &simd16::forward_rows<double>,
+                   &simd16::forward_rows<bf16>, &simd16::forward_rows<fp16>);
+  auto bwd16 = fns(&simd16::backward_rows<float>, &simd16::backward_rows<double>,
+                   &simd16::backward_rows<bf16>, &simd16::backward_rows<fp16>);
+  test_loss_cases("simd16", fwd16, bwd16, gen);
+  if (cpu_has_avx2_fma()) {
+    using FF = void (*)(const LossArgs<float>&, int64_t, int64_t);
+    using FB = void (*)(const LossArgs<bf16>&, int64_t, int64_t);
+    using FH = void (*)(const LossArgs<fp16>&, int64_t, int64_t);
+    auto fwd32 = fns(static_cast<FF>(&forward_rows_avx2), &simd16::forward_rows<double>,
+                     static_cast<FB>(&forward_rows_avx2), static_cast<FH>(&forward_rows_avx2));
+    auto bwd32 = fns(static_cast<FF>(&backward_rows_avx2), &simd16::backward_rows<double>,
+                     static_cast<FB>(&backward_rows_avx2), static_cast<FH>(&backward_rows_avx2));
+    test_loss_cases("avx2", fwd32, bwd32, gen);
+  } else {
+    std::printf("this CPU has no AVX2+FMA: only the baseline build was tested\n");
+  }
+  if (cpu_has_avx512()) {
+    using FF = void (*)(const LossArgs<float>&, int64_t, int64_t);
+    using FB = void (*)(const LossArgs<bf16>&, int64_t, int64_t);
+    using FH = void (*)(const LossArgs<fp16>&, int64_t, int64_t);
+    auto fwd64 = fns(static_cast<FF>(&forward_rows_avx512), &simd16::forward_rows<double>,
+                     static_cast<FB>(&forward_rows_avx512), static_cast<FH>(&forward_rows_avx512));
+    auto bwd64 = fns(static_cast<FF>(&backward_rows_avx512), &simd16::backward_rows<double>,
+                     static_cast<FB>(&backward_rows_avx512), static_cast<FH>(&backward_rows_avx512));
+    test_loss_cases("avx512", fwd64, bwd64, gen);
+  } else {
+    std::printf("this CPU has no AVX-512: its build was not tested\n");
+  }
+  std::printf("%s: %d failure(s)\n", failures ? "FAILED" : "OK", failures);
+  return failures ? 1 : 0;
+}

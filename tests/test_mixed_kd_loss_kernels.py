@@ -1,0 +1,255 @@
+"""The mixed_kd_loss kernels on every CPU backend against the float64 reference (DESIGN.md 2.1, 4).
+
+fp32 results must match the float64 reference within rtol 1e-5; bf16/fp16 within twice the error
+of the reference run in that same dtype, plus a small absolute floor. Gradients are checked for
+random, separate upstream gradients on ce and kd. Inputs are fresh random each run (``rng``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import metamixer_fast as mf
+from metamixer_fast import reference
+
+INF = float("inf")
+
+
+def _plan(batch, classes, m, g):
+    labels = torch.randint(0, classes, (batch, m), generator=g)
+    weights = torch.rand(batch, m, generator=g, dtype=torch.float64) + 0.1
+    return labels, weights / weights.sum(1, keepdim=True)
+
+
+def _logits(k, batch, classes, g, scale=2.0):
+    return torch.randn(k, batch, classes, generator=g, dtype=torch.float64) * scale
+
+
+def _ours(z, labels, weights, grads, as_list=False, **kw):
+    """(ce, kd, dz) of metamixer_fast.mixed_kd_loss for logits z (any dtype), grads = (gce, gkd)."""
+    if as_list:
+        leaves = [p.detach().clone().requires_grad_(True) for p in z.unbind(0)]
+    else:
+        leaves = [z.detach().clone().requires_grad_(True)]
+    ce, kd = mf.mixed_kd_loss(leaves if as_list else leaves[0], labels, weights, **kw)
+    torch.autograd.backward((ce, kd), grads)
+    dz = torch.stack([p.grad for p in leaves]) if as_list else leaves[0].grad
+    for p in leaves:
+        assert p.grad.dtype == z.dtype and p.grad.shape == p.shape
+    return ce.detach(), kd.detach(), dz
+
+
+def _reference(z, labels, weights, grads, temperature=1.0, label_smoothing=0.0, mode="pairwise",
+               peer_matrix=None, detach_targets=True):
+    zz = z.detach().clone().requires_grad_(True)
+    ce, kd = reference.mixed_kd_loss(zz, labels, weights, temperature, label_smoothing, mode,
+                                     peer_matrix, detach_targets)
+    torch.autograd.backward((ce, kd), (grads[0].to(ce.dtype), grads[1].to(kd.dtype)))
+    return ce.detach(), kd.detach(), zz.grad
+
+
+def _close(got, want, rtol=1e-5, floor=1e-6):
+    """rtol relative to each tensor's scale (gradient entries near 0 sit next to large ones)."""
+    scale = want.abs().max().item() if want.numel() else 0.0
+    torch.testing.assert_close(got.double(), want.double(), rtol=rtol, atol=floor + rtol * scale)
+
+
+def _err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+@pytest.mark.parametrize("mode", ["pairwise", "ensemble"])
+@pytest.mark.parametrize("detach", [True, False])
+@pytest.mark.parametrize("as_list", [False, True])
+def test_fp32_matches_float64_reference(loss_backend, mode, detach, as_list, rng):
+    k, batch, classes, m = 3, 9, 613, 3
+    z = _logits(k, batch, classes, rng).float()
+    labels, weights = _plan(batch, classes, m, rng)
+    grads = tuple(torch.randn(2, k, generator=rng, dtype=torch.float64))
+    peer = torch.rand(k, k, generator=rng, dtype=torch.float64) if mode == "ensemble" else None
+    kw = dict(temperature=3.0, label_smoothing=0.1, mode=mode, peer_matrix=peer, detach_targets=detach)
+    ce, kd, dz = _ours(z, labels, weights, grads, as_list, **kw)
+    want = _reference(z.double(), labels, weights, grads, **kw)
+    for got, ref in zip((ce, kd, dz), want):
+        _close(got, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mode", ["pairwise", "ensemble"])
+def test_low_precision_within_twice_reference_error(loss_backend, dtype, mode, rng):
+    k, batch, classes = 4, 6, 300
+    z = _logits(k, batch, classes, rng).to(dtype)
+    labels, weights = _plan(batch, classes, 2, rng)
+    grads = tuple(torch.randn(2, k, generator=rng, dtype=torch.float64))
+    kw = dict(temperature=2.5, label_smoothing=0.05, mode=mode, detach_targets=False)
+    ours = _ours(z, labels, weights, grads, **kw)
+    exact = _reference(z.double(), labels, weights, grads, **kw)
+    same_dtype = _reference(z, labels, weights.to(dtype), grads, **kw)
+    for name, got, want, ref_lp in zip(("ce", "kd", "dz"), ours, exact, same_dtype):
+        floor = 1e-3 * want.abs().max().item() + 1e-6
+        assert _err(got, want) <= 2 * _err(ref_lp, want) + floor, name
+
+
+@pytest.mark.parametrize("k, batch, classes", [
+    (2, 1, 1), (3, 2, 7), (2, 3, 1271), (2, 2, 32768), (8, 2, 33), (5, 1, 100), (7, 3, 9)])
+@pytest.mark.parametrize("mode", ["pairwise", "ensemble"])
+def test_odd_shapes(loss_backend, k, batch, classes, mode, rng):
+    z = _logits(k, batch, classes, rng).float()
+    labels, weights = _plan(batch, classes, 1, rng)
+    grads = tuple(torch.randn(2, k, generator=rng, dtype=torch.float64))
+    kw = dict(temperature=4.0, mode=mode, detach_targets=mode == "pairwise")
+    for got, want in zip(_ours(z, labels, weights, grads, **kw),
+                         _reference(z.double(), labels, weights, grads, **kw)):
+        _close(got, want)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 1.7])
+def test_gradcheck_float64_ensemble_with_peer_matrix(loss_backend, temperature, rng):
+    # float64 runs the kernels in double (no test-only path); T = 2 takes exp(z) as a power of
+    # exp(z/T) and T = 1.7 takes two exps, so both forms are checked against finite differences.
+    z = _logits(3, 2, 5, rng)
+    labels, weights = _plan(2, 5, 2, rng)
+    peer = torch.rand(3, 3, generator=rng, dtype=torch.float64) - 0.2
+    leaves = [p.clone().requires_grad_(True) for p in z.unbind(0)]
+
+    def f(*logits):
+        return mf.mixed_kd_loss(list(logits), labels, weights, temperature=temperature,
+                                label_smoothing=0.2, mode="ensemble", peer_matrix=peer,
+                                detach_targets=False)
+
+    assert torch.autograd.gradcheck(f, leaves)
+
+
+@pytest.mark.parametrize("mode", ["pairwise", "ensemble"])
+def test_opcheck_low_precision_and_undetached(loss_backend, mode, rng):
+    z = _logits(3, 4, 6, rng).to(torch.bfloat16).requires_grad_(True)
+    labels, weights = _plan(4, 6, 2, rng)
+    args = ([z], labels, weights.float(), 3.0, 0.0, mode, None, False)
+    torch.library.opcheck(torch.ops.metamixer.mixed_kd_loss.default, args)
+
+
+@pytest.mark.parametrize("mode", ["pairwise", "ensemble"])
+def test_compile_fullgraph_equals_eager(loss_backend, mode, rng):
+    z = _logits(3, 8, 10, rng).float()
+    labels, weights = _plan(8, 10, 2, rng)
+    gce, gkd = torch.randn(2, 3, generator=rng)
+
+    def step(*logits):
+        ce, kd = mf.mixed_kd_loss(list(logits), labels, weights, temperature=3.0, mode=mode,
+                                  label_smoothing=0.1, detach_targets=False)
+        return (ce * gce).sum() + (kd * gkd).sum()
+
+    compiled = torch.compile(step, fullgraph=True)
+    results = []
+    for fn in (step, compiled):
+        leaves = [p.clone().requires_grad_(True) for p in z.unbind(0)]
+        loss = fn(*leaves)
+        loss.backward()
+        results.append((loss.detach(), *[p.grad for p in leaves]))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+
+
+def test_eager_path_equals_custom_op(loss_backend, rng):
+    """metamixer_fast.mixed_kd_loss (eager fast path where the backend has one) and
+    torch.ops.metamixer.mixed_kd_loss give the same values and gradients."""
+    z = _logits(4, 5, 50, rng).float()
+    labels, weights = _plan(5, 50, 2, rng)
+    grads = tuple(torch.randn(2, 4, generator=rng))
+    ce, kd, dz = _ours(z, labels, weights, grads, temperature=2.0, mode="ensemble")
+    zz = z.clone().requires_grad_(True)
+    ce2, kd2, _ = torch.ops.metamixer.mixed_kd_loss([zz], labels, weights, 2.0, 0.0, "ensemble",
+                                                    None, True)
+    torch.autograd.backward((ce2, kd2), grads)
+    torch.testing.assert_close(ce, ce2.detach())
+    torch.testing.assert_close(kd, kd2.detach())
+    torch.testing.assert_close(dz, zz.grad)
+
+
+@pytest.mark.parametrize("mode", ["pairwise", "ensemble"])
+def test_identical_peers_have_zero_kd_and_kd_gradient(loss_backend, mode, rng):
+    row = _logits(1, 6, 37, rng).float()
+    z = row.expand(4, -1, -1).contiguous()
+    labels, weights = _plan(6, 37, 1, rng)
+    _, kd, dz = _ours(z, labels, weights, (torch.zeros(4), torch.ones(4)), temperature=3.0,
+                       mode=mode, detach_targets=False)
+    assert kd.abs().max() <= 1e-6
+    assert dz.abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("mode", ["pairwise", "ensemble"])
+@pytest.mark.parametrize("detach", [True, False])
+def test_masked_classes(loss_backend, mode, detach, rng):
+    z = _logits(3, 4, 11, rng).float()
+    z[:, :, [2, 7]] = -INF  # masked in every peer
+    labels = torch.tensor([[0], [1], [3], [10]])
+    weights = torch.ones(4, 1, dtype=torch.float64)
+    grads = tuple(torch.randn(2, 3, generator=rng, dtype=torch.float64))
+    kw = dict(temperature=2.0, mode=mode, detach_targets=detach)
+    ce, kd, dz = _ours(z, labels, weights, grads, **kw)
+    want = _reference(z.double(), labels, weights, grads, **kw)
+    assert torch.isfinite(ce).all() and torch.isfinite(kd).all() and torch.isfinite(dz).all()
+    for got, ref in zip((ce, kd, dz), want):
+        _close(got, ref)
+    assert (dz[:, :, [2, 7]] == 0).all()
+    # eps > 0 spreads mass onto the masked classes: infinite CE, as in the reference
+    ce_eps, _, _ = _ours(z, labels, weights, grads, label_smoothing=0.1, **kw)
+    assert torch.isinf(ce_eps).all()
+
+
+def test_nan_propagates(loss_backend, rng):
+    z = _logits(3, 4, 20, rng).float()
+    z[0, 1, 5] = float("nan")
+    labels, weights = _plan(4, 20, 1, rng)
+    ce, kd, dz = _ours(z, labels, weights, (torch.ones(3), torch.ones(3)), temperature=2.0)
+    assert torch.isnan(ce[0]) and torch.isnan(kd).all()  # every peer distills from peer 0
+    assert torch.isnan(dz[0, 1]).all()  # the NaN peer's row; the others' may be NaN too
+    assert torch.isfinite(dz[:, [0, 2, 3]]).all()  # other rows are untouched
+
+
+@pytest.mark.parametrize("layout", ["permuted", "class_stride", "mixed_list"])
+def test_non_contiguous_logits(loss_backend, layout, rng):
+    k, batch, classes = 3, 5, 40
+    base = _logits(k, batch, classes, rng).float()
+    labels, weights = _plan(batch, classes, 2, rng)
+    grads = tuple(torch.randn(2, k, generator=rng))
+    if layout == "permuted":  # a [B, K, C] buffer seen as [K, B, C]
+        logits = base.transpose(0, 1).contiguous().transpose(0, 1)
+    elif layout == "class_stride":  # every other class of a wider buffer
+        wide = torch.zeros(k, batch, 2 * classes)
+        wide[..., ::2] = base
+        logits = wide[..., ::2]
+    else:  # K tensors with different layouts
+        logits = [base[0].clone(), base[1].t().contiguous().t(), base[2].clone()[:, :]]
+    assert not (logits.is_contiguous() if isinstance(logits, torch.Tensor) else
+                all(p.is_contiguous() for p in logits))
+    leaves = ([p.detach().requires_grad_(True) for p in logits] if isinstance(logits, list)
+              else [logits.detach().requires_grad_(True)])
+    ce, kd = mf.mixed_kd_loss(leaves if isinstance(logits, list) else leaves[0], labels, weights,
+                              temperature=3.0, mode="pairwise")
+    torch.autograd.backward((ce, kd), grads)
+    dz = torch.stack([p.grad for p in leaves]) if isinstance(logits, list) else leaves[0].grad
+    want = _reference(base.double(), labels, weights, grads, temperature=3.0)
+    for got, ref in zip((ce, kd, dz), want):
+        _close(got, ref)
+
+
+def test_cpp_custom_op_checks_values(monkeypatch):
+    """On the cpp backend the C++ kernel does the value checks of the custom op, same messages."""
+    if ("mixed_kd_loss", "cpp") not in mf._backend._kernels:
+        pytest.skip("the C++ extension is not built")
+    monkeypatch.setenv("METAMIXER_BACKEND", "cpp")
+    z = torch.randn(2, 4, 5)
+    op = torch.ops.metamixer.mixed_kd_loss
+    ones = torch.ones(4, 1)
+    with pytest.raises(ValueError, match=r"'labels' must hold class indices in \[0, 5\)"):
+        op([z], torch.tensor([[0], [1], [5], [2]]), ones, 1.0, 0.0, "pairwise", None, True)
+    with pytest.raises(ValueError, match="'weights' must be finite"):
+        op([z], torch.zeros(4, 1, dtype=torch.long), ones * float("nan"), 1.0, 0.0, "pairwise",
+           None, True)
+    with pytest.raises(ValueError, match="sum to 1"):
+        op([z], torch.zeros(4, 1, dtype=torch.long), ones * 2, 1.0, 0.0, "pairwise", None, True)
+    with pytest.raises(ValueError, match="'peer_matrix' has NaN"):
+        op([z], torch.zeros(4, 1, dtype=torch.long), ones, 1.0, 0.0, "ensemble",
+           torch.full((2, 2), float("inf")), True)
