@@ -195,7 +195,9 @@ __attribute__((always_inline)) inline U vexp(U x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   const U er = p * (r * r) + r + 1.0f;
-  const U scale = bits_as<U>((ni + 127) << 23);
+  // The mask keeps the shift defined for NaN lanes (ni is then garbage; the result is NaN anyway);
+  // for every finite lane ni + 127 is already in [1, 254].
+  const U scale = bits_as<U>(((ni + 127) & 0xff) << 23);
   const U y = er * scale;
   return select(x < lo, U{}, select(x > hi, splat<U>(std::numeric_limits<float>::infinity()), y));
 }
