@@ -9,7 +9,9 @@ and DML distillation. Data loading is excluded from both: each step gets a ready
   per peer (the DML reference structure).
 - ``ours``: ``metamixer_fast.train.Run.train_step``: MetaMixer plan + fused ``mix`` and
   ``mixed_kd_loss`` ops, one foreach SGD over all peers, channels_last.
-- ``ours+compile``: the same with ``torch.compile`` of the peers' forward.
+- ``ours --amp bf16``: the same under bfloat16 autocast (oneDNN uses AMX/AVX-512-BF16 where the
+  CPU has them); a different precision from the fp32 rows, so compare it as such.
+- ``ours+compile``: the fp32 loop with ``torch.compile`` of the peers' forward.
 
 Run: ``python bench/bench_train_step.py [--arch resnet20] [--batch-size 128] [--steps 20]``; it
 prints a markdown table (median images/s over the timed steps) and writes JSON under
@@ -75,10 +77,10 @@ def naive_step(peers: list[nn.Module], optimizers: list[torch.optim.Optimizer], 
         opt.step()
 
 
-def make_run(arch: str, batch_size: int, compile_peers: bool) -> Run:
+def make_run(arch: str, batch_size: int, compile_peers: bool, amp: str = "none") -> Run:
     cfg = from_mapping({"dataset": "synthetic", "synthetic_size": batch_size, "arch": arch,
                         "batch_size": batch_size, "method": "metamixer", "stages": "input",
-                        "compile": compile_peers, "progress": False, "out": "/tmp/unused"})
+                        "compile": compile_peers, "amp": amp, "progress": False, "out": "/tmp/unused"})
     return Run(cfg.validate())
 
 
@@ -105,8 +107,10 @@ def measure(arch: str, batch_size: int, steps: int, warmup: int, with_compile: b
                                   weight_decay=5e-4) for p in peers]
     results = {"naive": time_steps(lambda x, y: naive_step(peers, optimizers, x, y, num_classes,
                                                            run.cfg.temperature, g), batches, warmup)}
-    last = batches_cl = [(x.contiguous(memory_format=torch.channels_last), y) for x, y in batches]
-    results["ours"] = time_steps(run.train_step, last, warmup)
+    batches_cl = [(x.contiguous(memory_format=torch.channels_last), y) for x, y in batches]
+    results["ours"] = time_steps(run.train_step, batches_cl, warmup)
+    results["ours --amp bf16"] = time_steps(make_run(arch, batch_size, False, "bf16").train_step,
+                                            batches_cl, warmup)
     if with_compile:
         compiled = make_run(arch, batch_size, compile_peers=True)
         results["ours+compile"] = time_steps(compiled.train_step, batches_cl, warmup + 2)
