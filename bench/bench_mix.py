@@ -26,9 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -36,6 +34,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _meta import commit, cpu_name  # bench/ is on sys.path (script or pytest)
 from torch import Tensor
 
 import metamixer_fast as mf
@@ -162,29 +161,13 @@ def interleaved_times(rows: dict[str, Callable[[], object]], rounds: int, warmup
     return times
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def report(threads: int, rounds: int, out_path: Path) -> dict:
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)
-    result = {"commit": _commit(), "threads": threads, "rounds": rounds, "torch": torch.__version__,
-              "cpu": _cpu(), "cores": os.cpu_count(), "loadavg_before": os.getloadavg(),
+    result = {"commit": commit(), "threads": threads, "rounds": rounds, "torch": torch.__version__,
+              "cpu": cpu_name(), "cores": os.cpu_count(), "loadavg_before": os.getloadavg(),
               "backend": mf._backend.backend_for("mix", torch.device("cpu")), "skipped": {}, "cases": {}}
     cases = [(name, make_batch(shape, dtype, g), input_rows) for name, (shape, dtype) in INPUT_CASES.items()]
     cases += [(name, make_batch(shape, dtype, g), feature_rows)

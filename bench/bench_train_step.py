@@ -24,12 +24,12 @@ import argparse
 import copy
 import json
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _meta import commit  # bench/ is on sys.path (script or pytest)
 from torch import Tensor, nn
 
 from metamixer_fast.config import from_mapping
@@ -116,13 +116,6 @@ def measure(arch: str, batch_size: int, steps: int, warmup: int, with_compile: b
         results["ours+compile"] = time_steps(compiled.train_step, batches_cl, warmup + 2)
     return {name: statistics.median(r) for name, r in results.items()}
 
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True, cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> None:

@@ -11,9 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
@@ -23,28 +21,11 @@ os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 import torch
 
+from bench._meta import commit, cpu_name
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _commit() -> str:
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                             text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
-        return rev + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def warm_up(fns: dict, rounds: int) -> None:
@@ -90,8 +71,8 @@ def loss_report(threads: int, rounds: int | None) -> dict:
             "speedup_vs_compiled_reference": med["compiled_reference"] / fused,
             "speedup_vs_dml_pair_loop": med["dml_pair_loop"] / fused if "dml_pair_loop" in med else None,
         })
-    return {"benchmark": "mixed_kd_loss forward+backward (CPU)", "commit": _commit(),
-            "threads": threads, "torch": torch.__version__, "cpu": _cpu(),
+    return {"benchmark": "mixed_kd_loss forward+backward (CPU)", "commit": commit(),
+            "threads": threads, "torch": torch.__version__, "cpu": cpu_name(),
             "backend": mf._backend.backend_for("mixed_kd_loss", torch.device("cpu")),
             "cpp_build": _build_info(), "rows": rows}
 
