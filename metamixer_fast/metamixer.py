@@ -13,6 +13,7 @@ mu_i. The stage is drawn once per step and shared by all peers.
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -59,7 +60,7 @@ def _beta(alpha: float, n: int, generator: torch.Generator) -> Tensor:
     return torch._sample_dirichlet(conc, generator=generator)[:, 0].clamp(0.0, 1.0)
 
 
-class _Sampler:
+class _Sampler(abc.ABC):
     """Shared machinery: the generator, the 'is this step mixed' coin, stats and state."""
 
     name = "_Sampler"
@@ -109,8 +110,9 @@ class _Sampler:
     def _stages(self) -> tuple[str, ...]:
         return ()
 
+    @abc.abstractmethod
     def _draw(self, y: Tensor) -> MixPlan:
-        raise NotImplementedError
+        """The plan of a mixed step for CPU labels ``y`` (each sampler's own rule)."""
 
     @property
     def stats(self) -> dict[str, float]:
