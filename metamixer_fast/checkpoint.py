@@ -40,6 +40,8 @@ def save(state: dict[str, Any], run_dir: str | Path) -> Path:
     finally:
         if tmp.exists():
             tmp.unlink()
+    for stale in run_dir.glob(f".{NAME}.tmp-*"):  # left by a writer that was killed mid-write
+        stale.unlink(missing_ok=True)
     dir_fd = os.open(run_dir, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
