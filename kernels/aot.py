@@ -48,7 +48,7 @@ def aot_compile(backward: bool, k: int, c: int, mode: str, arch: int,
                 "gce_ptr": out, "gkd_ptr": out}
     constexprs = {"K": k, "K_PAD": k_pad, "BLOCK_C": block_c, "ROWS": rows, "ENSEMBLE": ensemble,
                   "ACC": _acc(dtype), "stride_c": 1, "dstride_c": 1, "M": 1}
-    constexprs.update({"DETACH": detach} if backward else {"HAS_EPS": True})
+    constexprs.update({"DETACH": detach, "SOFT_BF16": False} if backward else {"HAS_EPS": True})
     constexprs = {name: value for name, value in constexprs.items() if name in fn.arg_names}
     signature = {}
     for name in fn.arg_names:

@@ -36,6 +36,8 @@ from torch import Tensor
 
 from metamixer_fast import _backend
 
+from ._cast import cast_out, soft_bf16
+
 BLOCK = 1024
 NUM_WARPS = 4
 
@@ -53,19 +55,6 @@ def _in_box(box_ptr, i, offs, rows, row_len):
 
 
 @triton.jit
-def _cast_out(v, dtype: tl.constexpr, SOFT_BF16: tl.constexpr):
-    """v.to(dtype), rounding to nearest even. SOFT_BF16 does the float32 -> bfloat16 rounding
-    with integer ops: the interpreter's own conversion truncates, the GPU's does not."""
-    if SOFT_BF16:
-        bits = v.to(tl.uint32, bitcast=True)
-        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        rounded = tl.where(v != v, 0x7FC0, rounded)  # NaN stays NaN
-        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return v.to(dtype)
-
-
-@triton.jit
 def _blend(a, b, w, IS_UINT8: tl.constexpr, SOFT_BF16: tl.constexpr):
     """w a + (1 - w) b in w's dtype, three roundings, stored back in a's dtype."""
     lhs = w * a.to(w.dtype)
@@ -74,7 +63,7 @@ def _blend(a, b, w, IS_UINT8: tl.constexpr, SOFT_BF16: tl.constexpr):
     if IS_UINT8:
         blended = (blended + 12582912.0) - 12582912.0
         blended = tl.minimum(tl.maximum(blended, 0.0), 255.0)
-    return _cast_out(blended, a.dtype, SOFT_BF16)
+    return cast_out(blended, a.dtype, SOFT_BF16)
 
 
 @triton.jit
@@ -141,7 +130,7 @@ def _mix_bwd_kernel(g_ptr, x_ptr, src_ptr, w_ptr, box_ptr, inv_offsets_ptr, inv_
         wj = tl.load(w_ptr + j)
         gj = tl.load(g_ptr + j * sample_size + offs, mask=in_j, other=0).to(wk.dtype)
         acc += tl.where(in_j, (1 - wj) * gj, 0.0)
-    tl.store(dx_ptr + k * sample_size + offs, _cast_out(acc, dx_ptr.dtype.element_ty, SOFT_BF16),
+    tl.store(dx_ptr + k * sample_size + offs, cast_out(acc, dx_ptr.dtype.element_ty, SOFT_BF16),
              mask=valid)
     s = tl.load(src_ptr + k)
     a = tl.load(x_ptr + k * sample_size + offs, mask=inside, other=0).to(wk.dtype)
@@ -173,10 +162,6 @@ def _geometry(x: Tensor, box: Tensor | None) -> tuple[Tensor, Tensor, int, int]:
     return x, boxes.contiguous(), rows, row_len
 
 
-def _soft_bf16(x: Tensor) -> bool:
-    return x.dtype == torch.bfloat16 and _backend.triton_interpreted()
-
-
 def _compute_w(x: Tensor, w: Tensor) -> Tensor:
     ct = torch.float64 if x.dtype == torch.float64 else torch.float32
     return w.to(ct).contiguous()
@@ -190,7 +175,7 @@ def mix(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None) -> Tensor:
         return out
     grid = (triton.cdiv(size, BLOCK), n)
     _mix_fwd_kernel[grid](xr, out, src.contiguous(), _compute_w(xr, w), boxes, size, rows, row_len,
-                          IS_UINT8=xr.dtype == torch.uint8, SOFT_BF16=_soft_bf16(xr), BLOCK=BLOCK,
+                          IS_UINT8=xr.dtype == torch.uint8, SOFT_BF16=soft_bf16(xr.dtype), BLOCK=BLOCK,
                           num_warps=NUM_WARPS, enable_fp_fusion=False)
     return out
 
@@ -204,7 +189,7 @@ def mix2(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None, src2: Tensor, w2
     grid = (triton.cdiv(size, BLOCK), n)
     _mix2_fwd_kernel[grid](xr, out, src.contiguous(), _compute_w(xr, w), boxes, src2.contiguous(),
                            _compute_w(xr, w2), size, rows, row_len, IS_UINT8=xr.dtype == torch.uint8,
-                           SOFT_BF16=_soft_bf16(xr), BLOCK=BLOCK, num_warps=NUM_WARPS,
+                           SOFT_BF16=soft_bf16(xr.dtype), BLOCK=BLOCK, num_warps=NUM_WARPS,
                            enable_fp_fusion=False)
     return out
 
@@ -236,7 +221,7 @@ def mix_backward(grad: Tensor, x: Tensor, src: Tensor, w: Tensor,
     dw_part = torch.empty(n, blocks, dtype=wc.dtype, device=xr.device)
     offsets, order = _invert_partners(src)
     _mix_bwd_kernel[(blocks, n)](g, xr, src.contiguous(), wc, boxes, offsets, order, dx, dw_part,
-                                 size, rows, row_len, SOFT_BF16=_soft_bf16(xr), BLOCK=BLOCK,
+                                 size, rows, row_len, SOFT_BF16=soft_bf16(xr.dtype), BLOCK=BLOCK,
                                  num_warps=NUM_WARPS, enable_fp_fusion=False)
     return dx, dw_part.sum(1).to(w.dtype)
 

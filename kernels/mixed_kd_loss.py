@@ -55,6 +55,8 @@ from torch import Tensor
 try:  # the package must import without triton; the kernels below need it
     import triton
     import triton.language as tl
+
+    from ._cast import cast_out, soft_bf16
 except ImportError:  # pragma: no cover - exercised only where triton is absent
     triton = None
     tl = None
@@ -236,7 +238,7 @@ def _mixed_kd_loss_bwd_kernel(
     a_ptr, stats_ptr,
     B, C, t_hi, t_lo, eps_hi, eps_lo,
     K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr,
-    ENSEMBLE: tl.constexpr, DETACH: tl.constexpr, ACC: tl.constexpr,
+    ENSEMBLE: tl.constexpr, DETACH: tl.constexpr, ACC: tl.constexpr, SOFT_BF16: tl.constexpr,
 ):
     pid = tl.program_id(0)
     t = _split_scalar(t_hi, t_lo, ACC)
@@ -305,7 +307,7 @@ def _mixed_kd_loss_bwd_kernel(
                         dd = _pairwise_d(z, p, lset, gkd, kmask, t)
                         g += (t / (B * (K - 1))) * tl.where(p > 0, p * (dd - rowdot[:, None]), 0.0)
                 tl.store(dbase[:, None] + cols[None, :].to(tl.int64) * dstride_c,
-                         g.to(dz_ptr.dtype.element_ty), mask=mask)
+                         cast_out(g, dz_ptr.dtype.element_ty, SOFT_BF16), mask=mask)
 
 
 # ----------------------------------------------------------------------------------- launchers
@@ -449,7 +451,8 @@ def mixed_kd_loss_backward(grad_ce: Tensor, grad_kd: Tensor, logits: list[Tensor
             weights.stride(1), labels.shape[1],
             a, stats, b, c, *_split(temperature), *_split(label_smoothing),
             K=k, K_PAD=k_pad, BLOCK_C=block_c, ROWS=rows, ENSEMBLE=mode == "ensemble",
-            DETACH=bool(detach_targets), ACC=_acc(base.dtype), num_warps=warps)
+            DETACH=bool(detach_targets), ACC=_acc(base.dtype), SOFT_BF16=soft_bf16(gbase.dtype),
+            num_warps=warps)
     if len(grads) > 1 and gbase is not grads[0]:  # _peers had to stack them (never in practice)
         for grad, part in zip(grads, gbase.unbind(0)):
             grad.copy_(part)
