@@ -11,7 +11,8 @@ A plan holds, for a batch of N samples (DESIGN.md section 1, "Our formulation"):
   (mu lam_i, mu (1 - lam_i), (1 - mu) lam_pi(i), (1 - mu) (1 - lam_pi(i))).
 
 Plans are made by the samplers in ``metamixer_fast.metamixer``; every mixing is one call of
-``metamixer_fast.mix``.
+``metamixer_fast.mix``, except that ``apply`` does local mixing and a global blend at the input
+in one ``metamixer_fast.mix2`` pass.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .loss import MixedTarget
+from .mix2 import mix2
 from .ops import mix
 
 __all__ = ["INPUT_STAGE", "MixPlan", "cutmix_boxes"]
@@ -95,6 +97,7 @@ class MixPlan:
     _box: Tensor | None = field(default=None, repr=False)
     _lam: Tensor | None = field(default=None, repr=False)
     _input_cache: tuple[Tensor, int, Tensor] | None = field(default=None, repr=False)
+    _premixed: tuple[Tensor, int] | None = field(default=None, repr=False)
 
     # ------------------------------------------------------------------ construction and moves
     @classmethod
@@ -123,7 +126,7 @@ class MixPlan:
                        local_src=move(self.local_src), local_w=move(self.local_w),
                        lam_draw=move(self.lam_draw), cut=move(self.cut), center=move(self.center),
                        global_src=move(self.global_src), mu=move(self.mu), _box=move(self._box),
-                       _lam=move(self._lam), _input_cache=None)
+                       _lam=move(self._lam), _input_cache=None, _premixed=None)
 
     # --------------------------------------------------------------------------- local mixing
     def resolve(self, size: Sequence[int]) -> MixPlan:
@@ -191,6 +194,28 @@ class MixPlan:
             self.resolve(x.shape[-2:])
         return mix(x, self.local_src, self.local_w, self.box)
 
+    def apply(self, x: Tensor) -> Tensor:
+        """The batch as every peer sees it at its input: ``apply_local(x)``, and when the plan's
+        stage is "input" also the global blend, done in one fused ``mix2`` pass (bit for bit the
+        two ``mix`` calls, with one read and one write of the batch instead of two of each).
+
+        ``global_mixing`` recognises the returned tensor (while it is unmodified) and does not
+        blend it again, so ``apply`` and ``global_mixing`` combine like ``apply_local`` and
+        ``global_mixing``; at an inner stage ``apply`` is ``apply_local``.
+        """
+        if not self.mixed or self.stage != INPUT_STAGE or self.global_src is None:
+            return self.apply_local(x)
+        self._check_batch(x, "the images 'x'")
+        if self.cut is not None:
+            if x.dim() != 4:
+                raise ValueError(f"MixPlan.apply: CutMix boxes need [N, C, H, W] images, got "
+                                 f"shape {list(x.shape)}")
+            self.resolve(x.shape[-2:])
+        mu = self.mu if x.dtype != torch.float64 else self.mu.double()
+        out = mix2(x, self.local_src, self.local_w, self.box, self.global_src, mu)
+        self._premixed = (out, out._version)
+        return out
+
     # -------------------------------------------------------------------------- global mixing
     def blend(self, h: Tensor) -> Tensor:
         """The global blend h_i <- mu_i h_i + (1 - mu_i) h_pi(i) of any [N, ...] activation
@@ -205,6 +230,9 @@ class MixPlan:
 
     def _blend_input(self, x: Tensor) -> Tensor:
         """``blend`` for the peers' shared input: blended once, reused while x is unchanged."""
+        premixed = self._premixed
+        if premixed is not None and premixed[0] is x and premixed[1] == x._version:
+            return x  # ``apply`` has blended it already
         cache = self._input_cache
         if cache is not None and cache[0] is x and cache[1] == x._version:
             return cache[2]

@@ -295,7 +295,7 @@ class Run:
         mixing: contextlib.AbstractContextManager = contextlib.nullcontext()
         if self.mixer is not None:
             plan = self.mixer.sample(y)
-            x = plan.apply_local(x)
+            x = plan.apply(x)  # local mixing, and the global blend too at the "input" stage
             target = plan.target
             mixing = plan.global_mixing(list(self.group.peers))
         with mixing, self.autocast():

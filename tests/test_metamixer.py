@@ -103,8 +103,9 @@ def test_output_is_weighted_sum_of_image_outputs(stage, rng, mix_backend):
     torch.testing.assert_close(out, from_target, rtol=1e-5, atol=1e-6 * float(out.abs().max()))
 
 
+@pytest.mark.parametrize("apply", ["apply_local", "apply"])
 @pytest.mark.parametrize("stage", ["input", "mid", "head"])
-def test_plan_equals_direct_float64_construction(stage, rng, mix_backend):
+def test_plan_equals_direct_float64_construction(stage, apply, rng, mix_backend):
     n, h, w = 10, 6, 5
     y = labels_with_groups(rng, n, 4)
     x = torch.randn(n, 3, h, w, dtype=torch.float64, generator=rng)
@@ -113,7 +114,7 @@ def test_plan_equals_direct_float64_construction(stage, rng, mix_backend):
     plan = MetaMixer(0.7, 2.0, stages=(stage,), generator=seeded(rng)).sample(y)
     with torch.no_grad():
         with plan.global_mixing(net):
-            out = net(plan.apply_local(x))
+            out = net(getattr(plan, apply)(x))
         u = local_mixture(x, plan)
         if stage == "input":
             expected = net(global_mixture(u, plan))
@@ -320,6 +321,37 @@ def test_input_blend_is_shared_by_peers_until_the_input_changes(rng):
     torch.testing.assert_close(recs[0].inputs["a"][0], global_mixture(x / 2, plan), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(recs[2].inputs["a"][0], global_mixture(x, plan), rtol=1e-12, atol=1e-12)
     assert no_hooks_left(*peers)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.uint8])
+def test_apply_fuses_the_input_blend_and_the_hook_does_not_repeat_it(dtype, rng, mix_backend):
+    n = 9
+    peers = [nn.Identity(), nn.Identity()]
+    x = (torch.rand(n, 3, 8, 7, generator=rng) * 255).to(dtype)
+    y = torch.randint(0, 3, (n,), generator=rng)
+    plan = MetaMixer(stages=("input",), generator=seeded(rng)).sample(y)
+    with plan.global_mixing(peers):
+        two_calls = [p(plan.apply_local(x)) for p in peers]
+    blends = []
+    blend = plan.blend
+    plan.blend = lambda h: blends.append(h) or blend(h)
+    fused = plan.apply(x)
+    with plan.global_mixing(peers):
+        outs = [p(fused) for p in peers]
+        assert not blends  # the fused output is not blended again
+        fused.mul_(1)  # ...unless it was changed in place since
+        peers[0](fused)
+        assert len(blends) == 1
+    for out, ref in zip(outs, two_calls):
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)  # bit for bit the two mix calls
+    assert no_hooks_left(*peers)
+
+
+def test_apply_at_an_inner_stage_is_apply_local(rng):
+    x = torch.randn(6, 3, 4, 5, generator=rng)
+    plan = MetaMixer(stages=("a",), generator=seeded(rng)).sample(
+        torch.randint(0, 2, (6,), generator=rng))
+    torch.testing.assert_close(plan.apply(x), plan.apply_local(x), rtol=0, atol=0)
 
 
 class Twice(nn.Module):
