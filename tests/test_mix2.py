@@ -34,10 +34,12 @@ def test_mix2_equals_two_calls(mix_backend, dtype, layout, rng):
     assert_blend_close(out, lambda dt: reference.mix2(x.to(dt), src, wt, box, src2, w2), dtype)
 
 
-@pytest.mark.parametrize("shape", [(1, 3, 7, 13), (3, 2, 1, 9), (3, 5, 11, 1), (2, 1, 3, 5000)])
-def test_mix2_odd_shapes(mix_backend, shape, rng):
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+@pytest.mark.parametrize("shape", [(1, 3, 7, 13), (3, 2, 1, 9), (3, 5, 11, 1), (2, 1, 3, 5000),
+                                   (7, 3, 32, 32), (4, 2, 9, 33)])
+def test_mix2_odd_shapes(mix_backend, shape, dtype, rng):
     n, _, h, w = shape
-    x = make_x(rng, shape, torch.uint8, "nchw")
+    x = make_x(rng, shape, dtype, "nchw")
     src, wt, box = make_plan(rng, n, h, w)
     src2, w2 = torch.randint(0, n, (n,), generator=rng), torch.rand(n, generator=rng)
     assert torch.equal(mf.mix2(x, src, wt, box, src2, w2), reference.mix2(x, src, wt, box, src2, w2))

@@ -18,8 +18,9 @@
 // Arithmetic. The blend runs in Compute<T> = float for uint8/fp16/bf16 and T for float/double,
 // as three separately rounded operations (w*a, (1-w)*b, their sum), exactly like the eager
 // reference; no FMA instruction is ever enabled for this code, so nothing is contracted.
-// uint8 rounds half to even and clamps to [0, 255] (an SSE2 path does 16 pixels at a time;
-// w = 0 or 1 is a memcpy for uint8, where it is exact). Copies (outside the box) are memcpy.
+// uint8 rounds half to even and clamps to [0, 255] (SSE2, AVX2 or AVX-512 does 16 pixels at a
+// time; w = 0 or 1 is a memcpy for uint8, where it is exact); float blends take AVX2 or
+// AVX-512 where the CPU has it (picked at run time). Copies (outside the box) are memcpy.
 //
 // Fused op: mix2_forward_planes computes mix(mix(x, src, w, box), src2, w2, None) in one pass
 // (see there), bit for bit equal to the two calls.
@@ -41,6 +42,16 @@
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
+
+// GCC 12's AVX-512 intrinsics read a self-initialised "undefined" vector, which -Wuninitialized
+// reports wherever they are inlined (GCC bug 105593, fixed in GCC 13).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+#include "mix_avx512.h"
 
 namespace metamixer::core {
 
@@ -211,6 +222,60 @@ inline bool cpu_has_avx2() {
   static const bool has = __builtin_cpu_supports("avx2");
   return has;
 }
+inline bool cpu_has_avx512f() {
+  static const bool has = __builtin_cpu_supports("avx512f");
+  return has;
+}
+
+// The uint8 blend 16 pixels per 512-bit float vector. AVX-512F has FMA instructions, and GCC
+// implements _mm512_mul_ps as plain vector arithmetic that -ffp-contract may fuse, so the
+// products and the sum use the explicitly rounded (_round_) forms, which are never contracted.
+// cvtps rounds to nearest even like cvtps2dq; max(., 0) and the unsigned saturating narrow
+// are the clamp to [0, 255].
+__attribute__((target("avx512f"))) inline int64_t blend_u8_avx512(const uint8_t* a, const uint8_t* b,
+                                                                  uint8_t* out, int64_t len, float w) {
+  constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  const __m512 wv = _mm512_set1_ps(w), vv = _mm512_set1_ps(1.0f - w);
+  const __m512i zero = _mm512_setzero_si512();
+  int64_t c = 0;
+  for (; c + 16 <= len; c += 16) {
+    const __m128i a8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a + c));
+    const __m128i b8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + c));
+    const __m512 lhs = _mm512_mul_round_ps(wv, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(a8)), kRound);
+    const __m512 rhs = _mm512_mul_round_ps(vv, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b8)), kRound);
+    const __m512i q = _mm512_max_epi32(_mm512_cvtps_epi32(_mm512_add_round_ps(lhs, rhs, kRound)), zero);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + c), _mm512_cvtusepi32_epi8(q));
+  }
+  return c;
+}
+
+// float blends, w*a + (1-w)*b with both products and the sum rounded separately: 16 lanes
+// (explicitly rounded forms, see above) or 8 lanes (AVX2 without FMA, nothing to contract).
+// The baseline is GCC's SSE2 vectorization of the scalar loop.
+__attribute__((target("avx512f"))) inline int64_t blend_f32_avx512(const float* a, const float* b,
+                                                                   float* out, int64_t len, float w) {
+  constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  const __m512 wv = _mm512_set1_ps(w), vv = _mm512_set1_ps(1.0f - w);
+  int64_t c = 0;
+  for (; c + 16 <= len; c += 16) {
+    const __m512 lhs = _mm512_mul_round_ps(wv, _mm512_loadu_ps(a + c), kRound);
+    const __m512 rhs = _mm512_mul_round_ps(vv, _mm512_loadu_ps(b + c), kRound);
+    _mm512_storeu_ps(out + c, _mm512_add_round_ps(lhs, rhs, kRound));
+  }
+  return c;
+}
+
+__attribute__((target("avx2"))) inline int64_t blend_f32_avx2(const float* a, const float* b,
+                                                              float* out, int64_t len, float w) {
+  const __m256 wv = _mm256_set1_ps(w), vv = _mm256_set1_ps(1.0f - w);
+  int64_t c = 0;
+  for (; c + 8 <= len; c += 8) {
+    const __m256 lhs = _mm256_mul_ps(wv, _mm256_loadu_ps(a + c));
+    const __m256 rhs = _mm256_mul_ps(vv, _mm256_loadu_ps(b + c));
+    _mm256_storeu_ps(out + c, _mm256_add_ps(lhs, rhs));
+  }
+  return c;
+}
 #endif
 
 template <typename T>
@@ -224,13 +289,26 @@ void blend_span(const T* a, const T* b, T* out, int64_t len, compute_t<T> w) {
       return;
     }
 #if defined(METAMIXER_HAVE_AVX2_PATH)
-    if (cpu_has_avx2()) blend_u8_avx2(a, b, out, len, w, &c);
+    if (cpu_has_avx512f()) {
+      c = blend_u8_avx512(a, b, out, len, w);
+    } else if (cpu_has_avx2()) {
+      blend_u8_avx2(a, b, out, len, w, &c);
+    }
 #endif
 #if defined(__SSE2__)
     const __m128 wv = _mm_set1_ps(w), vv = _mm_set1_ps(1.0f - w);
     for (; c + 16 <= len; c += 16) blend16_u8(a + c, b + c, out + c, wv, vv);
 #endif
   }
+#if defined(METAMIXER_HAVE_AVX2_PATH)
+  if constexpr (std::is_same_v<T, float>) {
+    if (cpu_has_avx512f()) {
+      c = blend_f32_avx512(a, b, out, len, w);
+    } else if (cpu_has_avx2()) {
+      c = blend_f32_avx2(a, b, out, len, w);
+    }
+  }
+#endif
   const compute_t<T> v = compute_t<T>(1) - w;
   for (; c < len; ++c) {
     const compute_t<T> lhs = w * C::load(a[c]);
@@ -295,15 +373,55 @@ void mix_forward_planes(const T* x, T* out, const int64_t* src, const compute_t<
 // Runs of rows outside both box_i and box_k have u = x there, so they are one blend of x_i and
 // x_k. A row crossing a box gets u_i (and/or u_k) formed a window at a time in the caller's
 // scratch (2 * kWindow elements, cache-resident), rounded to T exactly as the first call's
-// output would be, then blended.
+// output would be, then blended. On CPUs with AVX-512, float and uint8 take mix2_planes_avx512:
+// short spans cost more than the arithmetic on 32-wide rows, and lane masks avoid them.
 // Bytes: reads x_i, x_k (and their local partners inside the boxes), writes out once.
 inline bool crosses_box(const int64_t* box, int64_t y) { return box[2] < box[3] && row_in_box(box, y); }
+
+#if defined(METAMIXER_HAVE_AVX512_MIX2)
+// mix2_forward_planes for float and uint8 with the AVX-512 row kernel (mix_avx512.h); runs of
+// rows outside both boxes are one long row.
+template <typename T>
+void mix2_planes_avx512(const T* x, T* out, const int64_t* src, const float* w, const int64_t* boxes,
+                        const int64_t* src2, const float* w2, const MixLayout& L, int64_t begin,
+                        int64_t end) {
+  const int64_t S = L.sample_size(), len = L.row_len, plane = L.rows * len;
+  for (int64_t u = begin; u < end; ++u) {
+    const int64_t i = u / L.planes, k = src2[i], in_off = (u % L.planes) * plane;
+    const int64_t *bi = boxes + 4 * i, *bk = boxes + 4 * k;
+    const T* xi = x + i * S + in_off;
+    const T* xsi = x + src[i] * S + in_off;
+    const T* xk = x + k * S + in_off;
+    const T* xsk = x + src[k] * S + in_off;
+    T* o = out + i * S + in_off;
+    for (int64_t y = 0; y < L.rows;) {
+      const int64_t at = y * len;
+      const bool in_i = crosses_box(bi, y), in_k = crosses_box(bk, y);
+      int64_t ye = y + 1;
+      if (!in_i && !in_k)
+        while (ye < L.rows && !crosses_box(bi, ye) && !crosses_box(bk, ye)) ++ye;
+      avx512::mix2_row(xi + at, xsi + at, xk + at, xsk + at, o + at, (ye - y) * len,
+                       in_i ? bi[2] : 0, in_i ? bi[3] : 0, w[i], in_k ? bk[2] : 0, in_k ? bk[3] : 0,
+                       w[k], w2[i]);
+      y = ye;
+    }
+  }
+}
+#endif
 
 template <typename T>
 void mix2_forward_planes(const T* x, T* out, const int64_t* src, const compute_t<T>* w,
                          const int64_t* boxes, const int64_t* src2, const compute_t<T>* w2,
                          const MixLayout& L, T* scratch, int64_t begin, int64_t end) {
   const int64_t S = L.sample_size(), len = L.row_len, plane = L.rows * len;
+#if defined(METAMIXER_HAVE_AVX512_MIX2)
+  if constexpr (std::is_same_v<T, float>) {
+    if (avx512::cpu_has_avx512bw() && plane < (int64_t{1} << 31)) {
+      mix2_planes_avx512(x, out, src, w, boxes, src2, w2, L, begin, end);
+      return;
+    }
+  }
+#endif
   T* ua = scratch;
   T* ub = scratch + kWindow;
   for (int64_t u = begin; u < end; ++u) {
@@ -416,3 +534,7 @@ void reduce_dw_rows(const A* dw_rows, const MixLayout& L, A* dw) {
 }
 
 }  // namespace metamixer::core
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif

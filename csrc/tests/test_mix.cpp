@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "core/mix.h"
@@ -173,9 +174,49 @@ void test_dw_inside_box_only() {
   expect(dx[19 + 5] == 0.5f && dx[38 + 19 + 5] == 1.5f && dx[0] == 1.0f, "dx box");
 }
 
+// mix2_forward_planes (AVX-512 row kernel for float where the CPU has it, else the generic
+// windows) equals two mix_forward_planes calls bit for bit: widths around the 16-lane step,
+// boxes with edges anywhere (empty, full, one column), repeated partners, w in {0, 1, other},
+// and special values (inf, NaN, -0) that an exact select would get wrong.
+template <typename T>
+void check_mix2_equals_two_calls(int64_t width) {
+  core::MixLayout L;
+  L.n = 5, L.planes = 2, L.rows = 6, L.row_len = width;
+  std::vector<T> x(L.n * L.sample_size());
+  uint32_t state = 12345u + static_cast<uint32_t>(width);
+  auto next = [&state] { return state = state * 1664525u + 1013904223u; };
+  for (auto& v : x) v = static_cast<T>(next() % 251);
+  if constexpr (std::is_same_v<T, float>) {
+    x[3] = INFINITY, x[width + 1] = NAN, x[2 * width] = -0.0f;
+  }
+  const std::vector<int64_t> src = {1, 0, 0, 4, 2}, src2 = {2, 2, 0, 1, 3};
+  const std::vector<core::compute_t<T>> w = {0.0f, 1.0f, 0.3f, 0.0f, 0.7f};
+  const std::vector<core::compute_t<T>> w2 = {0.25f, 0.6f, 1.0f, 0.0f, 0.9f};
+  const int64_t c = std::max<int64_t>(width - 1, 1);
+  const std::vector<int64_t> boxes = {1, 5, 1, c, 0, 6, 0, width, 2, 3, 3 % width, 4 % width + 1,
+                                      0, 0, 0, 0, 3, 6, width / 2, width};
+  const auto u = forward<T>(x, src, w, boxes, L);
+  std::vector<int64_t> whole;
+  for (int64_t i = 0; i < L.n; ++i) whole.insert(whole.end(), {0, L.rows, 0, width});
+  const auto want = forward<T>(u, src2, w2, whole, L);
+  std::vector<T> got(x.size()), scratch(2 * core::kWindow);
+  core::mix2_forward_planes(x.data(), got.data(), src.data(), w.data(), boxes.data(), src2.data(),
+                            w2.data(), L, scratch.data(), 0, L.n * L.planes);
+  expect(std::memcmp(got.data(), want.data(), sizeof(T) * got.size()) == 0, "mix2 == two mix calls");
+}
+
+void test_mix2_equals_two_calls() {
+  for (int64_t width : {1, 5, 15, 16, 17, 32, 33, 50}) {
+    check_mix2_equals_two_calls<float>(width);
+    check_mix2_equals_two_calls<uint8_t>(width);
+    check_mix2_equals_two_calls<double>(width);
+  }
+}
+
 }  // namespace
 
 int main() {
+  test_mix2_equals_two_calls();
   test_cutmix_copies_exactly();
   test_uint8_rounds_half_to_even();
   test_uint8_simd_equals_scalar();
