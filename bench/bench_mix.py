@@ -9,6 +9,8 @@ Rows, per case (threads fixed by --threads, default 2):
   input stage, forward - the batch x [N, C, H, W] gets a CutMix box from a local partner, then a
   whole-sample blend with a global partner:
     clone           one x.clone(): the floor (reads and writes the batch once)
+    add             torch.add of x and a second batch: the floor of any op that, like the
+                    global blend, reads two samples for every sample it writes
     mix x2          metamixer::mix twice (box call, then blend call), as two separate ops
     mix2 fused      metamixer::mix2: both stages in one pass
     mix2 + plan     mix2 plus drawing the plan (partners, Beta weights, boxes) with torch ops,
@@ -90,8 +92,10 @@ def input_rows(x: Tensor) -> dict[str, Callable[[], object] | str]:
     n, _, h, w = x.shape
     sigma, boxes, pi, mu = sample_plan(n, h, w, torch.Generator().manual_seed(0))
     zeros = torch.zeros(n)
+    other = x.flip(0).clone()
     rows: dict[str, Callable[[], object] | str] = {
         "clone": lambda: x.clone(),
+        "add": lambda: torch.add(x, other),
         "mix x2": lambda: mf.mix(mf.mix(x, sigma, zeros, boxes), pi, mu),
         "mix2 fused": lambda: mf.mix2(x, sigma, zeros, boxes, pi, mu),
         "mix2 + plan": lambda: mf.mix2(x, *_plan_for_mix2(n, h, w)),
@@ -205,7 +209,7 @@ def markdown(result: dict) -> str:
         ours = rows.get("mix2 fused", rows.get("mix fwd+bwd"))["median_ms"]
         for row, v in rows.items():
             t, tmin = v["median_ms"], v["min_ms"]
-            faster = "" if row in ("clone", "mix2 fused", "mix fwd+bwd") else f"{t / ours:.1f}"
+            faster = "" if row in ("clone", "add", "mix2 fused", "mix fwd+bwd") else f"{t / ours:.1f}"
             lines.append(f"| {case} | {row} | {t:.2f} | {tmin:.2f} | {t / clone:.2f} | "
                          f"{tmin / clone_min:.2f} | {faster} |")
     for row, why in result["skipped"].items():
@@ -219,7 +223,7 @@ def _pytest_params() -> list:
     params = []
     for case, (shape, dtype) in {**INPUT_CASES, **FEATURE_CASES}.items():
         kind = "features" if case in FEATURE_CASES else "input"
-        names = ["clone", "mix x2", "mix2 fused", "mix2 + plan", "reference x2",
+        names = ["clone", "add", "mix x2", "mix2 fused", "mix2 + plan", "reference x2",
                  "kornia CutMixV2+MixUpV2"] if kind == "input" else [
             "clone", "mix fwd+bwd", "reference fwd+bwd", "kornia MixUpV2 fwd+bwd"]
         params += [pytest.param(case, shape, dtype, kind, row, id=f"{case}-{row}") for row in names]

@@ -10,7 +10,8 @@ and DML distillation. Data loading is excluded from both: each step gets a ready
 - ``ours``: ``metamixer_fast.train.Run.train_step``: MetaMixer plan + fused ``mix`` and
   ``mixed_kd_loss`` ops, one foreach SGD over all peers, channels_last.
 - ``ours --amp bf16``: the same under bfloat16 autocast (oneDNN uses AMX/AVX-512-BF16 where the
-  CPU has them); a different precision from the fp32 rows, so compare it as such.
+  CPU has them); a different precision from the fp32 rows, so compare it with
+  ``naive --amp bf16``, the naive loop with its forward under the same autocast.
 - ``ours+compile``: the fp32 loop with ``torch.compile`` of the peers' forward.
 
 Run: ``python bench/bench_train_step.py [--arch resnet20] [--batch-size 128] [--steps 20]``; it
@@ -39,7 +40,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def naive_step(peers: list[nn.Module], optimizers: list[torch.optim.Optimizer], x: Tensor,
-               y: Tensor, num_classes: int, temperature: float, g: torch.Generator) -> None:
+               y: Tensor, num_classes: int, temperature: float, g: torch.Generator,
+               bf16: bool = False) -> None:
     n, _, h, w = x.shape
     # local mixing: a random box per sample pasted from a same-batch partner (clone/mask/where)
     sigma = torch.randperm(n, generator=g)
@@ -62,7 +64,8 @@ def naive_step(peers: list[nn.Module], optimizers: list[torch.optim.Optimizer], 
     local_soft = lam[:, None] * one_hot + (1 - lam[:, None]) * one_hot[sigma]
     soft = mu * local_soft + (1 - mu) * local_soft[pi]
 
-    outputs = [peer(x_mix) for peer in peers]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):  # the usual AMP recipe
+        outputs = [peer(x_mix).float() for peer in peers]
     for i, opt in enumerate(optimizers):
         ce = -(soft * F.log_softmax(outputs[i], dim=1)).sum(1).mean()
         kl = 0.0
@@ -107,6 +110,12 @@ def measure(arch: str, batch_size: int, steps: int, warmup: int, with_compile: b
                                   weight_decay=5e-4) for p in peers]
     results = {"naive": time_steps(lambda x, y: naive_step(peers, optimizers, x, y, num_classes,
                                                            run.cfg.temperature, g), batches, warmup)}
+    peers_bf16 = [copy.deepcopy(p) for p in run.group.peers]
+    optimizers_bf16 = [torch.optim.SGD(p.parameters(), lr=0.1, momentum=0.9, nesterov=True,
+                                       weight_decay=5e-4) for p in peers_bf16]
+    results["naive --amp bf16"] = time_steps(
+        lambda x, y: naive_step(peers_bf16, optimizers_bf16, x, y, num_classes, run.cfg.temperature,
+                                g, bf16=True), batches, warmup)
     batches_cl = [(x.contiguous(memory_format=torch.channels_last), y) for x, y in batches]
     results["ours"] = time_steps(run.train_step, batches_cl, warmup)
     results["ours --amp bf16"] = time_steps(make_run(arch, batch_size, False, "bf16").train_step,
