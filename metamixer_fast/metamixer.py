@@ -155,6 +155,10 @@ class MetaMixer(_Sampler):
 
     Where the batch has no partner satisfying a pairing rule for a sample (a class alone in the
     batch, a batch of one class) that sample gets a random partner, counted in ``stats``.
+
+    The pairing defaults are the ones the accuracy study (docs/study.md) supports: same_class /
+    other_class beat random / random on every seed. ``stages`` defaults to the input because
+    only the input exists in every model; name your model's stages to blend features too.
     """
 
     name = "MetaMixer"
