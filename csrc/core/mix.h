@@ -373,36 +373,49 @@ void mix_forward_planes(const T* x, T* out, const int64_t* src, const compute_t<
 // Runs of rows outside both box_i and box_k have u = x there, so they are one blend of x_i and
 // x_k. A row crossing a box gets u_i (and/or u_k) formed a window at a time in the caller's
 // scratch (2 * kWindow elements, cache-resident), rounded to T exactly as the first call's
-// output would be, then blended. On CPUs with AVX-512, float and uint8 take mix2_planes_avx512:
-// short spans cost more than the arithmetic on 32-wide rows, and lane masks avoid them.
+// output would be, then blended. On CPUs with AVX-512, float takes mix2_planes_avx512: short
+// spans cost more than the arithmetic on 32-wide rows, and lane masks avoid them. (uint8 keeps
+// this path: an AVX-512 uint8 row kernel measured slower, bound by its widening and narrowing.)
 // Bytes: reads x_i, x_k (and their local partners inside the boxes), writes out once.
 inline bool crosses_box(const int64_t* box, int64_t y) { return box[2] < box[3] && row_in_box(box, y); }
 
-#if defined(METAMIXER_HAVE_AVX512_MIX2)
-// mix2_forward_planes for float and uint8 with the AVX-512 row kernel (mix_avx512.h); runs of
-// rows outside both boxes are one long row.
+// The pointers of one (sample, plane) unit u of the fused forward: sample i, its global partner
+// k = src2_i, both local partners, both boxes, and the output plane.
 template <typename T>
-void mix2_planes_avx512(const T* x, T* out, const int64_t* src, const float* w, const int64_t* boxes,
-                        const int64_t* src2, const float* w2, const MixLayout& L, int64_t begin,
-                        int64_t end) {
-  const int64_t S = L.sample_size(), len = L.row_len, plane = L.rows * len;
+struct Mix2Unit {
+  int64_t i, k;
+  const int64_t *bi, *bk;
+  const T *xi, *xsi, *xk, *xsk;
+  T* o;
+};
+
+template <typename T>
+Mix2Unit<T> mix2_unit(const T* x, T* out, const int64_t* src, const int64_t* boxes,
+                      const int64_t* src2, const MixLayout& L, int64_t u) {
+  const int64_t S = L.sample_size(), i = u / L.planes, k = src2[i];
+  const int64_t in_off = (u % L.planes) * L.rows * L.row_len;
+  return {i, k, boxes + 4 * i, boxes + 4 * k, x + i * S + in_off, x + src[i] * S + in_off,
+          x + k * S + in_off, x + src[k] * S + in_off, out + i * S + in_off};
+}
+
+#if defined(METAMIXER_HAVE_AVX512_MIX2)
+// mix2_forward_planes for float with the AVX-512 row kernel (mix_avx512.h); runs of rows
+// outside both boxes are one long row.
+inline void mix2_planes_avx512(const float* x, float* out, const int64_t* src, const float* w,
+                               const int64_t* boxes, const int64_t* src2, const float* w2,
+                               const MixLayout& L, int64_t begin, int64_t end) {
+  const int64_t len = L.row_len;
   for (int64_t u = begin; u < end; ++u) {
-    const int64_t i = u / L.planes, k = src2[i], in_off = (u % L.planes) * plane;
-    const int64_t *bi = boxes + 4 * i, *bk = boxes + 4 * k;
-    const T* xi = x + i * S + in_off;
-    const T* xsi = x + src[i] * S + in_off;
-    const T* xk = x + k * S + in_off;
-    const T* xsk = x + src[k] * S + in_off;
-    T* o = out + i * S + in_off;
+    const Mix2Unit<float> p = mix2_unit(x, out, src, boxes, src2, L, u);
     for (int64_t y = 0; y < L.rows;) {
       const int64_t at = y * len;
-      const bool in_i = crosses_box(bi, y), in_k = crosses_box(bk, y);
+      const bool in_i = crosses_box(p.bi, y), in_k = crosses_box(p.bk, y);
       int64_t ye = y + 1;
       if (!in_i && !in_k)
-        while (ye < L.rows && !crosses_box(bi, ye) && !crosses_box(bk, ye)) ++ye;
-      avx512::mix2_row(xi + at, xsi + at, xk + at, xsk + at, o + at, (ye - y) * len,
-                       in_i ? bi[2] : 0, in_i ? bi[3] : 0, w[i], in_k ? bk[2] : 0, in_k ? bk[3] : 0,
-                       w[k], w2[i]);
+        while (ye < L.rows && !crosses_box(p.bi, ye) && !crosses_box(p.bk, ye)) ++ye;
+      avx512::mix2_row(p.xi + at, p.xsi + at, p.xk + at, p.xsk + at, p.o + at, (ye - y) * len,
+                       in_i ? p.bi[2] : 0, in_i ? p.bi[3] : 0, w[p.i], in_k ? p.bk[2] : 0,
+                       in_k ? p.bk[3] : 0, w[p.k], w2[p.i]);
       y = ye;
     }
   }
@@ -413,10 +426,10 @@ template <typename T>
 void mix2_forward_planes(const T* x, T* out, const int64_t* src, const compute_t<T>* w,
                          const int64_t* boxes, const int64_t* src2, const compute_t<T>* w2,
                          const MixLayout& L, T* scratch, int64_t begin, int64_t end) {
-  const int64_t S = L.sample_size(), len = L.row_len, plane = L.rows * len;
+  const int64_t len = L.row_len, plane = L.rows * len;
 #if defined(METAMIXER_HAVE_AVX512_MIX2)
   if constexpr (std::is_same_v<T, float>) {
-    if (avx512::cpu_has_avx512bw() && plane < (int64_t{1} << 31)) {
+    if (cpu_has_avx512f() && plane < (int64_t{1} << 31)) {
       mix2_planes_avx512(x, out, src, w, boxes, src2, w2, L, begin, end);
       return;
     }
@@ -425,13 +438,7 @@ void mix2_forward_planes(const T* x, T* out, const int64_t* src, const compute_t
   T* ua = scratch;
   T* ub = scratch + kWindow;
   for (int64_t u = begin; u < end; ++u) {
-    const int64_t i = u / L.planes, k = src2[i], in_off = (u % L.planes) * plane;
-    const int64_t *bi = boxes + 4 * i, *bk = boxes + 4 * k;
-    const T* xi = x + i * S + in_off;
-    const T* xsi = x + src[i] * S + in_off;
-    const T* xk = x + k * S + in_off;
-    const T* xsk = x + src[k] * S + in_off;
-    T* o = out + i * S + in_off;
+    const auto [i, k, bi, bk, xi, xsi, xk, xsk, o] = mix2_unit(x, out, src, boxes, src2, L, u);
     for (int64_t y = 0; y < L.rows;) {
       const int64_t at = y * len;
       const bool in_i = crosses_box(bi, y), in_k = crosses_box(bk, y);
