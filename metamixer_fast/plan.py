@@ -181,17 +181,25 @@ class MixPlan:
             raise ValueError(f"MixPlan: {what} is on {t.device} but the plan is on {self.device}; "
                              f"sample with device={str(t.device)!r} or use plan.to(device)")
 
+    def _prepare_images(self, x: Tensor, caller: str) -> None:
+        """Check the images against the plan and fix the CutMix boxes for their size."""
+        self._check_batch(x, "the images 'x'")
+        if self.cut is not None:
+            if x.dim() != 4:
+                raise ValueError(f"MixPlan.{caller}: CutMix boxes need [N, C, H, W] images, got "
+                                 f"shape {list(x.shape)}")
+            self.resolve(x.shape[-2:])
+
+    def _mu_for(self, t: Tensor) -> Tensor:
+        """mu as the blend weight for ``t``: float32, or float64 for float64 tensors."""
+        return self.mu.double() if t.dtype == torch.float64 else self.mu
+
     def apply_local(self, x: Tensor) -> Tensor:
         """u = the locally mixed batch (one ``mix`` call). Returns ``x`` itself, uncopied, for an
         identity plan. ``x``: [N, C, H, W] images ([N, D] also works for a Mixup-only plan)."""
         if not self.mixed:
             return x
-        self._check_batch(x, "the images 'x'")
-        if self.cut is not None:
-            if x.dim() != 4:
-                raise ValueError(f"MixPlan.apply_local: CutMix boxes need [N, C, H, W] images, got "
-                                 f"shape {list(x.shape)}")
-            self.resolve(x.shape[-2:])
+        self._prepare_images(x, "apply_local")
         return mix(x, self.local_src, self.local_w, self.box)
 
     def apply(self, x: Tensor) -> Tensor:
@@ -205,14 +213,8 @@ class MixPlan:
         """
         if not self.mixed or self.stage != INPUT_STAGE or self.global_src is None:
             return self.apply_local(x)
-        self._check_batch(x, "the images 'x'")
-        if self.cut is not None:
-            if x.dim() != 4:
-                raise ValueError(f"MixPlan.apply: CutMix boxes need [N, C, H, W] images, got "
-                                 f"shape {list(x.shape)}")
-            self.resolve(x.shape[-2:])
-        mu = self.mu if x.dtype != torch.float64 else self.mu.double()
-        out = mix2(x, self.local_src, self.local_w, self.box, self.global_src, mu)
+        self._prepare_images(x, "apply")
+        out = mix2(x, self.local_src, self.local_w, self.box, self.global_src, self._mu_for(x))
         self._premixed = (out, out._version)
         return out
 
@@ -223,7 +225,7 @@ class MixPlan:
         if not self.mixed or self.global_src is None:
             return h
         self._check_batch(h, "the activation")
-        mu = self.mu if h.dtype != torch.float64 else self.mu.double()
+        mu = self._mu_for(h)
         if h.dim() in (2, 4):
             return mix(h, self.global_src, mu, None)
         return mix(h.reshape(h.shape[0], -1), self.global_src, mu, None).view(h.shape)
