@@ -227,44 +227,9 @@ inline bool cpu_has_avx512f() {
   return has;
 }
 
-// The uint8 blend 16 pixels per 512-bit float vector. AVX-512F has FMA instructions, and GCC
-// implements _mm512_mul_ps as plain vector arithmetic that -ffp-contract may fuse, so the
-// products and the sum use the explicitly rounded (_round_) forms, which are never contracted.
-// cvtps rounds to nearest even like cvtps2dq; max(., 0) and the unsigned saturating narrow
-// are the clamp to [0, 255].
-__attribute__((target("avx512f"))) inline int64_t blend_u8_avx512(const uint8_t* a, const uint8_t* b,
-                                                                  uint8_t* out, int64_t len, float w) {
-  constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-  const __m512 wv = _mm512_set1_ps(w), vv = _mm512_set1_ps(1.0f - w);
-  const __m512i zero = _mm512_setzero_si512();
-  int64_t c = 0;
-  for (; c + 16 <= len; c += 16) {
-    const __m128i a8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a + c));
-    const __m128i b8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + c));
-    const __m512 lhs = _mm512_mul_round_ps(wv, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(a8)), kRound);
-    const __m512 rhs = _mm512_mul_round_ps(vv, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b8)), kRound);
-    const __m512i q = _mm512_max_epi32(_mm512_cvtps_epi32(_mm512_add_round_ps(lhs, rhs, kRound)), zero);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + c), _mm512_cvtusepi32_epi8(q));
-  }
-  return c;
-}
-
-// float blends, w*a + (1-w)*b with both products and the sum rounded separately: 16 lanes
-// (explicitly rounded forms, see above) or 8 lanes (AVX2 without FMA, nothing to contract).
-// The baseline is GCC's SSE2 vectorization of the scalar loop.
-__attribute__((target("avx512f"))) inline int64_t blend_f32_avx512(const float* a, const float* b,
-                                                                   float* out, int64_t len, float w) {
-  constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-  const __m512 wv = _mm512_set1_ps(w), vv = _mm512_set1_ps(1.0f - w);
-  int64_t c = 0;
-  for (; c + 16 <= len; c += 16) {
-    const __m512 lhs = _mm512_mul_round_ps(wv, _mm512_loadu_ps(a + c), kRound);
-    const __m512 rhs = _mm512_mul_round_ps(vv, _mm512_loadu_ps(b + c), kRound);
-    _mm512_storeu_ps(out + c, _mm512_add_round_ps(lhs, rhs, kRound));
-  }
-  return c;
-}
-
+// float blends, w*a + (1-w)*b with both products and the sum rounded separately: 8 lanes with
+// AVX2 (no FMA enabled, nothing to contract); 16 with avx512::blend_f32. The baseline is GCC's
+// SSE2 vectorization of the scalar loop.
 __attribute__((target("avx2"))) inline int64_t blend_f32_avx2(const float* a, const float* b,
                                                               float* out, int64_t len, float w) {
   const __m256 wv = _mm256_set1_ps(w), vv = _mm256_set1_ps(1.0f - w);
@@ -290,7 +255,7 @@ void blend_span(const T* a, const T* b, T* out, int64_t len, compute_t<T> w) {
     }
 #if defined(METAMIXER_HAVE_AVX2_PATH)
     if (cpu_has_avx512f()) {
-      c = blend_u8_avx512(a, b, out, len, w);
+      c = avx512::blend_u8(a, b, out, len, w);
     } else if (cpu_has_avx2()) {
       blend_u8_avx2(a, b, out, len, w, &c);
     }
@@ -303,7 +268,7 @@ void blend_span(const T* a, const T* b, T* out, int64_t len, compute_t<T> w) {
 #if defined(METAMIXER_HAVE_AVX2_PATH)
   if constexpr (std::is_same_v<T, float>) {
     if (cpu_has_avx512f()) {
-      c = blend_f32_avx512(a, b, out, len, w);
+      c = avx512::blend_f32(a, b, out, len, w);
     } else if (cpu_has_avx2()) {
       c = blend_f32_avx2(a, b, out, len, w);
     }

@@ -1,5 +1,12 @@
-// AVX-512 row kernel of the fused local + global mix (core::mix2_forward_planes) for float
-// images. One output row, 16 elements per step, everything in registers:
+// AVX-512 kernels of the mix core, float arithmetic throughout: the whole-span blends
+// (blend_f32, blend_u8) and the row kernel of the fused local + global mix
+// (core::mix2_forward_planes) for float images. Every product and sum is rounded separately:
+// AVX-512F has FMA instructions, and GCC implements _mm512_mul_ps as plain vector arithmetic
+// that -ffp-contract may fuse, so `blend` uses the explicitly rounded (_round_) forms, which are
+// never contracted. Results are bit for bit those of the scalar formulas in mix.h. Needs
+// AVX-512F; callers check core::cpu_has_avx512f() at run time.
+//
+// mix2_row computes one output row, 16 elements per step, everything in registers:
 //
 //   u_i = in box_i ? w_i x_i + (1 - w_i) x_src_i : x_i      (the local mix of sample i)
 //   u_k = in box_k ? w_k x_k + (1 - w_k) x_src_k : x_k      (the same for k = src2_i)
@@ -7,11 +14,9 @@
 //
 // where "in box" is a lane mask from the column range, so a 32-wide row with a box edge in the
 // middle costs two vector steps instead of several short copies and blends. The partners x_src
-// are loaded only under the box mask. Each product and sum is rounded separately (the _round_
-// forms, which the compiler never contracts into an FMA), and the box lanes blend even for
-// w = 0 or 1 (0 * inf and signed zeros must come out as the reference's arithmetic gives them),
-// so the result is bit for bit that of the two mix calls. Needs AVX-512F; callers check
-// core::cpu_has_avx512f() at run time.
+// are loaded only under the box mask, and the box lanes blend even for w = 0 or 1 (0 * inf and
+// signed zeros must come out as the reference's arithmetic gives them), so the result is bit
+// for bit that of the two mix calls.
 #pragma once
 
 #include <cstdint>
@@ -35,6 +40,34 @@ METAMIXER_AVX512 inline void store16(float* p, __mmask16 m, __m512 v) {
 
 METAMIXER_AVX512 inline __m512 blend(__m512 w, __m512 v, __m512 a, __m512 b) {
   return _mm512_add_round_ps(_mm512_mul_round_ps(w, a, kRound), _mm512_mul_round_ps(v, b, kRound), kRound);
+}
+
+// out[c] = w a[c] + (1 - w) b[c] for c < (len rounded down to 16); returns that count.
+METAMIXER_AVX512 inline int64_t blend_f32(const float* a, const float* b, float* out, int64_t len,
+                                          float w) {
+  const __m512 wv = _mm512_set1_ps(w), vv = _mm512_set1_ps(1.0f - w);
+  int64_t c = 0;
+  for (; c + 16 <= len; c += 16)
+    _mm512_storeu_ps(out + c, blend(wv, vv, _mm512_loadu_ps(a + c), _mm512_loadu_ps(b + c)));
+  return c;
+}
+
+METAMIXER_AVX512 inline __m512 widen(const uint8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+// The same for uint8 pixels, widened to float: cvtps rounds to nearest even like cvtps2dq,
+// and max(., 0) with the unsigned saturating narrow is the clamp to [0, 255].
+METAMIXER_AVX512 inline int64_t blend_u8(const uint8_t* a, const uint8_t* b, uint8_t* out, int64_t len,
+                                         float w) {
+  const __m512 wv = _mm512_set1_ps(w), vv = _mm512_set1_ps(1.0f - w);
+  const __m512i zero = _mm512_setzero_si512();
+  int64_t c = 0;
+  for (; c + 16 <= len; c += 16) {
+    const __m512i q = _mm512_max_epi32(_mm512_cvtps_epi32(blend(wv, vv, widen(a + c), widen(b + c))), zero);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + c), _mm512_cvtusepi32_epi8(q));
+  }
+  return c;
 }
 
 // The lanes whose column (`lanes`) lies in [c0, c1).

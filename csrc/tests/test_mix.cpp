@@ -91,6 +91,39 @@ void test_uint8_simd_equals_scalar() {
   }
 }
 
+#if defined(METAMIXER_HAVE_AVX2_PATH)
+// Each wide path the CPU has, called directly (blend_span dispatches to only the widest one),
+// equals the scalar formula bit for bit, special float values included.
+void test_wide_blend_paths_equal_scalar() {
+  const int64_t len = 16 * 40 + 7;
+  std::vector<float> a(len), b(len), want(len), got(len);
+  std::vector<uint8_t> a8(len), b8(len), want8(len), got8(len);
+  for (int64_t i = 0; i < len; ++i) {
+    a[i] = std::sin(0.37f * i) * 1e3f, b[i] = std::cos(0.11f * i) * 1e-3f;
+    a8[i] = static_cast<uint8_t>(i * 7), b8[i] = static_cast<uint8_t>(255 - i * 3);
+  }
+  a[3] = INFINITY, b[5] = NAN, a[9] = -0.0f, b[9] = -0.0f, b[17] = 1e-40f;
+  for (float w : {0.0f, 1.0f, 0.3f, 0.999f}) {
+    for (int64_t i = 0; i < len; ++i) {
+      want[i] = w * a[i] + (1.0f - w) * b[i];
+      want8[i] = core::Compute<uint8_t>::store(w * float(a8[i]) + (1.0f - w) * float(b8[i]));
+    }
+    auto same = [&](int64_t n) { return std::memcmp(got.data(), want.data(), sizeof(float) * n) == 0; };
+    if (core::cpu_has_avx2()) {
+      expect(same(core::blend_f32_avx2(a.data(), b.data(), got.data(), len, w)), "float avx2 == scalar");
+      int64_t n8 = 0;
+      core::blend_u8_avx2(a8.data(), b8.data(), got8.data(), len, w, &n8);
+      expect(std::equal(got8.begin(), got8.begin() + n8, want8.begin()), "uint8 avx2 == scalar");
+    }
+    if (core::cpu_has_avx512f()) {
+      expect(same(core::avx512::blend_f32(a.data(), b.data(), got.data(), len, w)), "float avx512 == scalar");
+      const int64_t n8 = core::avx512::blend_u8(a8.data(), b8.data(), got8.data(), len, w);
+      expect(n8 > 0 && std::equal(got8.begin(), got8.begin() + n8, want8.begin()), "uint8 avx512 == scalar");
+    }
+  }
+}
+#endif
+
 // channels_last view: rows = H, row_len = W*C, columns scaled by C.
 void test_channels_last_box() {
   const int C = 3, H = 2, W = 3;
@@ -217,6 +250,9 @@ void test_mix2_equals_two_calls() {
 
 int main() {
   test_mix2_equals_two_calls();
+#if defined(METAMIXER_HAVE_AVX2_PATH)
+  test_wide_blend_paths_equal_scalar();
+#endif
   test_cutmix_copies_exactly();
   test_uint8_rounds_half_to_even();
   test_uint8_simd_equals_scalar();
