@@ -23,6 +23,9 @@ ENV_VAR = "METAMIXER_BACKEND"
 
 _kernels: dict[tuple[str, str], Callable] = {}
 _eager: dict[tuple[str, str], Callable] = {}
+# (op, device type) -> the automatic choice. It depends only on what is registered and built,
+# so it is worked out once (a registration clears it); the forced choice is read every call.
+_automatic: dict[tuple[str, str], str] = {}
 
 
 def register_kernel(op: str, backend: str, fn: Callable) -> None:
@@ -30,6 +33,7 @@ def register_kernel(op: str, backend: str, fn: Callable) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     _kernels[(op, backend)] = fn
+    _automatic.clear()
 
 
 @functools.cache
@@ -55,8 +59,8 @@ def triton_interpreted() -> bool:
 
 
 def forced_backend() -> str | None:
-    forced = os.environ.get(ENV_VAR, "").strip().lower()
-    if not forced:
+    forced = os.environ.get(ENV_VAR)
+    if not forced or not (forced := forced.strip().lower()):
         return None
     if forced not in BACKENDS:
         raise ValueError(f"{ENV_VAR}={forced!r} is not a backend; use one of {', '.join(BACKENDS)} "
@@ -97,10 +101,12 @@ def backend_for(op: str, device: torch.device) -> str:
         if why is not None:
             raise RuntimeError(f"{ENV_VAR}={forced} cannot run metamixer::{op}: {why}")
         return forced
-    for backend in _preferred(device):
-        if (op, backend) in _kernels and _usable(backend, device) is None:
-            return backend
-    return "reference"
+    choice = _automatic.get((op, device.type))
+    if choice is None:
+        choice = next((b for b in _preferred(device)
+                       if (op, b) in _kernels and _usable(b, device) is None), "reference")
+        _automatic[(op, device.type)] = choice
+    return choice
 
 
 def kernel(op: str, device: torch.device) -> Callable:
@@ -115,11 +121,36 @@ def register_eager(op: str, backend: str, fn: Callable) -> None:
     _eager[(op, backend)] = fn
 
 
+def _traced(x: torch.Tensor) -> bool:
+    """True while something must see the custom op itself: torch.compile tracing, a dispatch or
+    function mode (make_fx, FakeTensorMode, user modes), a tensor subclass or a torch.func
+    transform (functorch-wrapped tensors)."""
+    return (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+            or torch._C._is_torch_function_mode_enabled() or type(x) is not torch.Tensor
+            or torch._C._functorch.is_functorch_wrapped_tensor(x))
+
+
 def eager_kernel(op: str, x: torch.Tensor) -> Callable | None:
     """The eager entry point of the backend ``op`` uses for tensors like ``x``, or None: then
     call the custom op. None while tracing (torch.compile, a dispatch mode such as make_fx) or
     under torch.func transforms, which need the custom op's fake impl and registered autograd."""
-    if (not _eager or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
-            or torch._C._functorch.is_functorch_wrapped_tensor(x)):
+    if not _eager or _traced(x):
         return None
     return _eager.get((op, backend_for(op, x.device)))
+
+
+def runs_without_dispatcher(*tensors: torch.Tensor | None) -> bool:
+    """True when an eager call of a custom op on ``tensors`` may run the op's body directly.
+
+    The custom op's Python dispatch (autograd wrapper, redispatch, aliasing check) costs tens of
+    microseconds a call, and several times that right after a kernel has streamed a large batch
+    through the caches; for a no-grad call it does nothing the body does not. So: no input needs
+    a gradient and nothing is tracing (``_traced``), otherwise the op must see the call.
+    """
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+            or torch._C._is_torch_function_mode_enabled()):
+        return False
+    grad = torch.is_grad_enabled()
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return all(t is None or (type(t) is torch.Tensor and not (grad and t.requires_grad)
+                             and not wrapped(t)) for t in tensors)

@@ -28,8 +28,8 @@ def _check_global_args(x: Tensor, src2: Tensor, w2: Tensor) -> None:
                          f"on {x.device}, got a {_describe(w2)}")
 
 
-@torch.library.custom_op("metamixer::mix2", mutates_args=())
-def _mix2(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None, src2: Tensor, w2: Tensor) -> Tensor:
+def _mix2_forward(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None, src2: Tensor,
+                  w2: Tensor) -> Tensor:
     check_mix_args(x, src, w, box)
     _check_global_args(x, src2, w2)
     run = _backend.kernel("mix2", x.device)
@@ -40,6 +40,9 @@ def _mix2(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None, src2: Tensor, w
                      f"mix: 'src2' must hold sample indices in [0, N={n})")
         _value_check(((w2 >= 0) & (w2 <= 1)).all(), "mix: 'w2' must lie in [0, 1] (and not be NaN)")
     return run(x, src, w, box, src2, w2)
+
+
+_mix2 = torch.library.custom_op("metamixer::mix2", _mix2_forward, mutates_args=())
 
 
 @_mix2.register_fake
@@ -80,4 +83,6 @@ def mix2(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None, src2: Tensor, w2
     MetaMixer at the input is ``mix2(x, sigma, zeros, boxes, pi, mu)``: CutMix boxes from the
     local partners sigma, then a whole-sample blend with the global partners pi.
     """
+    if _backend.runs_without_dispatcher(x, src, w, box, src2, w2):
+        return _mix2_forward(x, src, w, box, src2, w2)  # the op's own body, as in ops.mix
     return torch.ops.metamixer.mix2(x, src, w, box, src2, w2)

@@ -158,13 +158,15 @@ def mixed_kd_loss(logits: Tensor | Sequence[Tensor], labels: Tensor, weights: Te
 
 # ----------------------------------------------------------------------------------------- mix
 
-@torch.library.custom_op("metamixer::mix", mutates_args=())
-def _mix(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None) -> Tensor:
+def _mix_forward(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None) -> Tensor:
     check_mix_args(x, src, w, box)
     run = _backend.kernel("mix", x.device)
     if not getattr(run, "checks_values", False):  # a kernel may check values itself, faster
         check_mix_values(x, src, w, box)
     return run(x, src, w, box)
+
+
+_mix = torch.library.custom_op("metamixer::mix", _mix_forward, mutates_args=())
 
 
 @_mix.register_fake
@@ -221,4 +223,6 @@ def mix(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None = None) -> Tensor:
     [0, 1]; ``box``: [N, 4] ints (y0, y1, x0, x1), half-open, or None for the whole sample.
     CutMix is a box with w = 0; Mixup is no box with w = lam.
     """
+    if _backend.runs_without_dispatcher(x, src, w, box):
+        return _mix_forward(x, src, w, box)  # the op's own body: same checks, same kernel
     return torch.ops.metamixer.mix(x, src, w, box)

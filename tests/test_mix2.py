@@ -10,9 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 from test_mix_kernels import DTYPES, LAYOUTS, assert_blend_close, make_plan, make_x
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.overrides import TorchFunctionMode
 
 import metamixer_fast as mf
-from metamixer_fast import reference
+from metamixer_fast import _backend, reference
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -76,3 +78,42 @@ def test_mix2_bad_input_names_the_argument(mix_backend):
         mf.mix2(x, src, wt, box, src, torch.tensor([0.0, 2.0, 0.5]))
     with pytest.raises(ValueError, match="'src2'"):
         mf.mix2(x, src, wt, box, src.int(), wt)
+
+
+class _SeenOps(TorchFunctionMode):
+    """Records the custom ops a call goes through (a function mode sees torch.ops calls)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_plain_no_grad_calls_run_the_op_body_and_the_rest_see_the_op(mix_backend, rng):
+    """mix and mix2 skip the custom op's Python dispatch only for plain eager calls that need
+    no gradient; autograd, modes, fake tensors and torch.func still go through the op."""
+    x = make_x(rng, (4, 3, 5, 6), torch.float32, "nchw")
+    src, wt, box = make_plan(rng, 4, 5, 6)
+    src2, w2 = torch.randint(0, 4, (4,), generator=rng), torch.rand(4, generator=rng)
+    assert _backend.runs_without_dispatcher(x, src, wt, box, src2, w2)
+    assert torch.equal(mf.mix2(x, src, wt, box, src2, w2),
+                       torch.ops.metamixer.mix2(x, src, wt, box, src2, w2))
+    assert torch.equal(mf.mix(x, src, wt, box), torch.ops.metamixer.mix(x, src, wt, box))
+
+    xg = x.clone().requires_grad_(True)
+    assert not _backend.runs_without_dispatcher(x, src, wt.requires_grad_(True), box)
+    assert not _backend.runs_without_dispatcher(xg, src, wt, box)
+    with torch.no_grad():
+        assert _backend.runs_without_dispatcher(xg, src, wt, box)
+    out = mf.mix2(xg, src, wt.detach(), box, src2, w2)
+    assert out.grad_fn is not None and "mix2" in out.grad_fn.name()
+    with _SeenOps() as seen:
+        mf.mix2(x, src, wt.detach(), box, src2, w2)
+        mf.mix(x, src, wt.detach(), box)
+    assert seen.ops.count("metamixer.mix2") == 1 and seen.ops.count("metamixer.mix") == 1
+    with FakeTensorMode() as mode:
+        assert not _backend.runs_without_dispatcher(mode.from_tensor(x))
+    assert not torch.vmap(lambda t: torch.tensor(_backend.runs_without_dispatcher(t)))(x).any()
