@@ -72,15 +72,20 @@ std::vector<CT> checked_partners(const at::Tensor& src, const at::Tensor& w, int
   for (int64_t i = 0; i < n; ++i)
     TORCH_CHECK_VALUE(sp[i] >= 0 && sp[i] < n, "mix: '", src_name,
                       "' must hold sample indices in [0, N=", n, ")");
-  // the original w is checked (a float64 w of 1 + 1e-12 would round to 1 in float32)
-  const at::Tensor w64 = w.to(at::kDouble).contiguous();
-  for (int64_t i = 0; i < n; ++i) {
-    const double v = w64.const_data_ptr<double>()[i];
-    TORCH_CHECK_VALUE(v >= 0.0 && v <= 1.0, "mix: '", w_name,
-                      "' must lie in [0, 1] (and not be NaN)");
-  }
-  const at::Tensor wd = w.to(at::CppTypeToScalarType<CT>::value).contiguous();
-  return std::vector<CT>(wd.const_data_ptr<CT>(), wd.const_data_ptr<CT>() + n);
+  // the original w is checked (a float64 w of 1 + 1e-12 would round to 1 in float32), then
+  // converted with the static_cast that w.to(CT) applies
+  std::vector<CT> out(n);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "mix weights", [&] {
+    const at::Tensor wc = w.contiguous();
+    const scalar_t* wp = wc.const_data_ptr<scalar_t>();
+    for (int64_t i = 0; i < n; ++i) {
+      const double v = static_cast<double>(wp[i]);
+      TORCH_CHECK_VALUE(v >= 0.0 && v <= 1.0, "mix: '", w_name,
+                        "' must lie in [0, 1] (and not be NaN)");
+      out[i] = static_cast<CT>(wp[i]);
+    }
+  });
+  return out;
 }
 
 template <typename CT>
