@@ -14,8 +14,12 @@ and DML distillation. Data loading is excluded from both: each step gets a ready
   ``naive --amp bf16``, the naive loop with its forward under the same autocast.
 - ``ours+compile``: the fp32 loop with ``torch.compile`` of the peers' forward.
 
+A second table gives the fp32 convolution time per step of both loops (torch.profiler) and
+the ceiling it implies: naive step time / our convolution time, the speed-up if everything else
+in our step took no time at all.
+
 Run: ``python bench/bench_train_step.py [--arch resnet20] [--batch-size 128] [--steps 20]``; it
-prints a markdown table (median images/s over the timed steps) and writes JSON under
+prints markdown tables (median images/s over the timed steps) and writes JSON under
 bench/results/. Under pytest-benchmark: ``pytest bench/bench_train_step.py``.
 """
 
@@ -98,6 +102,18 @@ def time_steps(step, batches: list[tuple[Tensor, Tensor]], warmup: int) -> list[
     return rates
 
 
+def convolution_ms(step, batches: list[tuple[Tensor, Tensor]]) -> float:
+    """Milliseconds per step spent inside convolution kernels (forward and backward), from
+    torch.profiler's self time of the aten convolution ops: the part of a step that the loop
+    around the peers cannot change at a given precision."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for x, y in batches:
+            step(x, y)
+    us = sum(e.self_cpu_time_total for e in prof.key_averages()
+             if e.key.startswith(("aten::mkldnn_convolution", "aten::convolution_backward")))
+    return us / 1e3 / len(batches)
+
+
 def measure(arch: str, batch_size: int, steps: int, warmup: int, with_compile: bool) -> dict:
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
@@ -123,7 +139,11 @@ def measure(arch: str, batch_size: int, steps: int, warmup: int, with_compile: b
     if with_compile:
         compiled = make_run(arch, batch_size, compile_peers=True)
         results["ours+compile"] = time_steps(compiled.train_step, batches_cl, warmup + 2)
-    return {name: statistics.median(r) for name, r in results.items()}
+    rates = {name: statistics.median(r) for name, r in results.items()}
+    conv = {"naive": convolution_ms(lambda x, y: naive_step(peers, optimizers, x, y, num_classes,
+                                                            run.cfg.temperature, g), batches[:3]),
+            "ours": convolution_ms(run.train_step, batches_cl[:3])}
+    return {"images_per_s_median": rates, "convolution_ms_per_step": conv}
 
 
 
@@ -135,15 +155,24 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
     args = parser.parse_args()
-    rates = measure(args.arch, args.batch_size, args.steps, args.warmup, not args.no_compile)
+    measured = measure(args.arch, args.batch_size, args.steps, args.warmup, not args.no_compile)
+    rates, conv = measured["images_per_s_median"], measured["convolution_ms_per_step"]
     meta = {"arch": args.arch, "peers": 2, "batch_size": args.batch_size, "image": "3x32x32",
             "threads": torch.get_num_threads(), "torch": torch.__version__, "commit": commit(),
-            "images_per_s_median": rates}
+            **measured}
     print(f"2 x {args.arch}, batch {args.batch_size}, 3x32x32, CPU, {meta['threads']} threads, "
           f"commit {meta['commit']}; median images/s over {args.steps} steps\n")
     print("| loop | images/s | vs naive |\n|---|---:|---:|")
     for name, rate in rates.items():
         print(f"| {name} | {rate:.1f} | {rate / rates['naive']:.2f}x |")
+    # if everything but the convolutions took no time, ours would run at batch / conv time
+    naive_ms = 1e3 * args.batch_size / rates["naive"]
+    print("\nfp32 convolution time per step (torch.profiler, 3 steps): the loop's ceiling\n")
+    print("| loop | step ms | convolution ms | share | ceiling vs naive |\n|---|---:|---:|---:|---:|")
+    for name in ("naive", "ours"):
+        step_ms = 1e3 * args.batch_size / rates[name]
+        print(f"| {name} | {step_ms:.1f} | {conv[name]:.1f} | {conv[name] / step_ms:.0%} | "
+              f"{naive_ms / conv[name]:.2f}x |")
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"train_step_{args.arch}_b{args.batch_size}.json"
     out.write_text(json.dumps(meta, indent=2) + "\n")
