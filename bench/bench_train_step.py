@@ -6,7 +6,10 @@ and DML distillation. Data loading is excluded from both: each step gets a ready
 
 - ``naive``: eager; mixing by clone + per-sample box masks + where, a soft label matrix [B, C];
   a Python loop over peer pairs of log_softmax/softmax/kl_div; one optimizer and one backward
-  per peer (the DML reference structure).
+  per peer (the DML reference structure); peers and batches in PyTorch's default memory format,
+  as research code has them.
+- ``naive, channels_last``: the same loop with peers and batches in channels_last, the memory
+  format our loop uses, to show how much of the difference that choice alone makes.
 - ``ours``: ``metamixer_fast.train.Run.train_step``: MetaMixer plan + fused ``mix`` and
   ``mixed_kd_loss`` ops, one foreach SGD over all peers, channels_last.
 - ``ours --amp bf16``: the same under bfloat16 autocast (oneDNN uses AMX/AVX-512-BF16 where the
@@ -114,6 +117,18 @@ def convolution_ms(step, batches: list[tuple[Tensor, Tensor]]) -> float:
     return us / 1e3 / len(batches)
 
 
+def naive_loop(run: Run, memory_format: torch.memory_format, g: torch.Generator,
+               bf16: bool = False):
+    """A naive_step closure over its own copies of run's peers (same initial weights) in
+    ``memory_format``, with one SGD per peer."""
+    peers = [copy.deepcopy(p).to(memory_format=memory_format) for p in run.group.peers]
+    optimizers = [torch.optim.SGD(p.parameters(), lr=0.1, momentum=0.9, nesterov=True,
+                                  weight_decay=5e-4) for p in peers]
+    num_classes = run.train_batches.dataset.num_classes
+    return lambda x, y: naive_step(peers, optimizers, x, y, num_classes, run.cfg.temperature, g,
+                                   bf16=bf16)
+
+
 def measure(arch: str, batch_size: int, steps: int, warmup: int, with_compile: bool) -> dict:
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
@@ -121,18 +136,15 @@ def measure(arch: str, batch_size: int, steps: int, warmup: int, with_compile: b
     num_classes = run.train_batches.dataset.num_classes
     batches = [(torch.randn(batch_size, 3, 32, 32, generator=g),
                 torch.randint(0, num_classes, (batch_size,), generator=g)) for _ in range(steps + warmup)]
-    peers = [copy.deepcopy(p) for p in run.group.peers]  # same initial weights for the naive loop
-    optimizers = [torch.optim.SGD(p.parameters(), lr=0.1, momentum=0.9, nesterov=True,
-                                  weight_decay=5e-4) for p in peers]
-    results = {"naive": time_steps(lambda x, y: naive_step(peers, optimizers, x, y, num_classes,
-                                                           run.cfg.temperature, g), batches, warmup)}
-    peers_bf16 = [copy.deepcopy(p) for p in run.group.peers]
-    optimizers_bf16 = [torch.optim.SGD(p.parameters(), lr=0.1, momentum=0.9, nesterov=True,
-                                       weight_decay=5e-4) for p in peers_bf16]
-    results["naive --amp bf16"] = time_steps(
-        lambda x, y: naive_step(peers_bf16, optimizers_bf16, x, y, num_classes, run.cfg.temperature,
-                                g, bf16=True), batches, warmup)
     batches_cl = [(x.contiguous(memory_format=torch.channels_last), y) for x, y in batches]
+    # research code keeps PyTorch's default memory format; channels_last is one of our loop's
+    # choices, so the naive loop also runs with it in a row of its own
+    naive = naive_loop(run, torch.contiguous_format, g)
+    results = {"naive": time_steps(naive, batches, warmup),
+               "naive, channels_last": time_steps(naive_loop(run, torch.channels_last, g),
+                                                  batches_cl, warmup),
+               "naive --amp bf16": time_steps(naive_loop(run, torch.contiguous_format, g, True),
+                                              batches, warmup)}
     results["ours"] = time_steps(run.train_step, batches_cl, warmup)
     results["ours --amp bf16"] = time_steps(make_run(arch, batch_size, False, "bf16").train_step,
                                             batches_cl, warmup)
@@ -140,8 +152,7 @@ def measure(arch: str, batch_size: int, steps: int, warmup: int, with_compile: b
         compiled = make_run(arch, batch_size, compile_peers=True)
         results["ours+compile"] = time_steps(compiled.train_step, batches_cl, warmup + 2)
     rates = {name: statistics.median(r) for name, r in results.items()}
-    conv = {"naive": convolution_ms(lambda x, y: naive_step(peers, optimizers, x, y, num_classes,
-                                                            run.cfg.temperature, g), batches[:3]),
+    conv = {"naive": convolution_ms(naive, batches[:3]),
             "ours": convolution_ms(run.train_step, batches_cl[:3])}
     return {"images_per_s_median": rates, "convolution_ms_per_step": conv}
 
