@@ -15,7 +15,8 @@ and DML distillation. Data loading is excluded from both: each step gets a ready
 - ``ours --amp bf16``: the same under bfloat16 autocast (oneDNN uses AMX/AVX-512-BF16 where the
   CPU has them); a different precision from the fp32 rows, so compare it with
   ``naive --amp bf16``, the naive loop with its forward under the same autocast.
-- ``ours+compile``: the fp32 loop with ``torch.compile`` of the peers' forward.
+- ``ours+compile``: the fp32 loop with ``torch.compile`` of the peers' forward;
+  ``ours+compile --amp bf16`` the same under bfloat16 autocast.
 
 A second table gives the fp32 convolution time per step of both loops (torch.profiler) and
 the ceiling it implies: naive step time / our convolution time, the speed-up if everything else
@@ -151,6 +152,9 @@ def measure(arch: str, batch_size: int, steps: int, warmup: int, with_compile: b
     if with_compile:
         compiled = make_run(arch, batch_size, compile_peers=True)
         results["ours+compile"] = time_steps(compiled.train_step, batches_cl, warmup + 2)
+        compiled_bf16 = make_run(arch, batch_size, compile_peers=True, amp="bf16")
+        results["ours+compile --amp bf16"] = time_steps(compiled_bf16.train_step, batches_cl,
+                                                        warmup + 2)
     rates = {name: statistics.median(r) for name, r in results.items()}
     conv = {"naive": convolution_ms(naive, batches[:3]),
             "ours": convolution_ms(run.train_step, batches_cl[:3])}
