@@ -18,6 +18,11 @@ and DML distillation. Data loading is excluded from both: each step gets a ready
 - ``ours+compile``: the fp32 loop with ``torch.compile`` of the peers' forward;
   ``ours+compile --amp bf16`` the same under bfloat16 autocast.
 
+Every row also reports the minor page faults per step. Our runs set ``retain_memory`` (malloc
+keeps freed blocks instead of unmapping them, ``metamixer_fast.memory``); that setting is
+process-wide, so the naive rows of the same run get it too. ``--retain-memory off`` runs every
+row with the C library's defaults.
+
 A second table gives the fp32 convolution time per step of both loops (torch.profiler) and
 the ceiling it implies: naive step time / our convolution time, the speed-up if everything else
 in our step took no time at all.
@@ -32,6 +37,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -88,22 +94,32 @@ def naive_step(peers: list[nn.Module], optimizers: list[torch.optim.Optimizer], 
         opt.step()
 
 
-def make_run(arch: str, batch_size: int, compile_peers: bool, amp: str = "none") -> Run:
+def make_run(arch: str, batch_size: int, compile_peers: bool, amp: str = "none",
+             retain_memory: bool = True) -> Run:
     cfg = from_mapping({"dataset": "synthetic", "synthetic_size": batch_size, "arch": arch,
                         "batch_size": batch_size, "method": "metamixer", "stages": "input",
-                        "compile": compile_peers, "amp": amp, "progress": False, "out": "/tmp/unused"})
+                        "compile": compile_peers, "amp": amp, "retain_memory": retain_memory,
+                        "progress": False, "out": "/tmp/unused"})
     return Run(cfg.validate())
 
 
 def time_steps(step, batches: list[tuple[Tensor, Tensor]], warmup: int) -> list[float]:
+    """Images/s of each step after ``warmup``; appends the timed steps' minor page faults per
+    step (the process's count, so other threads' faults are in it) to ``FAULTS``."""
     rates = []
     for i, (x, y) in enumerate(batches):
+        if i == warmup:
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         start = time.perf_counter()
         step(x, y)
         elapsed = time.perf_counter() - start
         if i >= warmup:
             rates.append(x.shape[0] / elapsed)
+    FAULTS.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / len(rates))
     return rates
+
+
+FAULTS: list[float] = []
 
 
 def convolution_ms(step, batches: list[tuple[Tensor, Tensor]]) -> float:
@@ -130,36 +146,54 @@ def naive_loop(run: Run, memory_format: torch.memory_format, g: torch.Generator,
                                    bf16=bf16)
 
 
-def measure(arch: str, batch_size: int, steps: int, warmup: int, with_compile: bool) -> dict:
+ROWS = ("naive", "naive, channels_last", "naive --amp bf16", "ours", "ours --amp bf16",
+        "ours+compile", "ours+compile --amp bf16")
+
+
+def measure(arch: str, batch_size: int, steps: int, warmup: int, rows: tuple[str, ...],
+            retain_memory: bool) -> dict:
+    """Times ``rows`` (in ROWS order) on the same batches; with both "naive" and "ours" among
+    them, also their fp32 convolution time."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
-    run = make_run(arch, batch_size, compile_peers=False)
-    num_classes = run.train_batches.dataset.num_classes
+    FAULTS.clear()
+    num_classes = 10  # the synthetic dataset's
     batches = [(torch.randn(batch_size, 3, 32, 32, generator=g),
                 torch.randint(0, num_classes, (batch_size,), generator=g)) for _ in range(steps + warmup)]
     batches_cl = [(x.contiguous(memory_format=torch.channels_last), y) for x, y in batches]
-    # research code keeps PyTorch's default memory format; channels_last is one of our loop's
-    # choices, so the naive loop also runs with it in a row of its own
-    naive = naive_loop(run, torch.contiguous_format, g)
-    results = {"naive": time_steps(naive, batches, warmup),
-               "naive, channels_last": time_steps(naive_loop(run, torch.channels_last, g),
-                                                  batches_cl, warmup),
-               "naive --amp bf16": time_steps(naive_loop(run, torch.contiguous_format, g, True),
-                                              batches, warmup)}
-    results["ours"] = time_steps(run.train_step, batches_cl, warmup)
-    results["ours --amp bf16"] = time_steps(make_run(arch, batch_size, False, "bf16").train_step,
-                                            batches_cl, warmup)
-    if with_compile:
-        compiled = make_run(arch, batch_size, compile_peers=True)
-        results["ours+compile"] = time_steps(compiled.train_step, batches_cl, warmup + 2)
-        compiled_bf16 = make_run(arch, batch_size, compile_peers=True, amp="bf16")
-        results["ours+compile --amp bf16"] = time_steps(compiled_bf16.train_step, batches_cl,
-                                                        warmup + 2)
-    rates = {name: statistics.median(r) for name, r in results.items()}
-    conv = {"naive": convolution_ms(naive, batches[:3]),
-            "ours": convolution_ms(run.train_step, batches_cl[:3])}
-    return {"images_per_s_median": rates, "convolution_ms_per_step": conv}
+    runs: dict[tuple[bool, str], Run] = {}
 
+    def ours(compile_peers: bool, amp: str) -> Run:
+        if (compile_peers, amp) not in runs:
+            runs[(compile_peers, amp)] = make_run(arch, batch_size, compile_peers, amp,
+                                                  retain_memory)
+        return runs[(compile_peers, amp)]
+
+    # research code keeps PyTorch's default memory format; channels_last is one of our loop's
+    # choices, so the naive loop also runs with it in a row of its own. The naive peers are
+    # copies of our fp32 run's peers (same initial weights).
+    contiguous, cl = torch.contiguous_format, torch.channels_last
+    setups = {
+        "naive": lambda: (naive_loop(ours(False, "none"), contiguous, g), batches, warmup),
+        "naive, channels_last": lambda: (naive_loop(ours(False, "none"), cl, g), batches_cl, warmup),
+        "naive --amp bf16": lambda: (naive_loop(ours(False, "none"), contiguous, g, True), batches,
+                                     warmup),
+        "ours": lambda: (ours(False, "none").train_step, batches_cl, warmup),
+        "ours --amp bf16": lambda: (ours(False, "bf16").train_step, batches_cl, warmup),
+        "ours+compile": lambda: (ours(True, "none").train_step, batches_cl, warmup + 2),
+        "ours+compile --amp bf16": lambda: (ours(True, "bf16").train_step, batches_cl, warmup + 2),
+    }
+    rates = {}
+    for name in (r for r in ROWS if r in rows):
+        step, data, skip = setups[name]()
+        rates[name] = statistics.median(time_steps(step, data, skip))
+    result = {"images_per_s_median": rates, "page_faults_per_step": dict(zip(rates, FAULTS))}
+    if "naive" in rates and "ours" in rates:
+        naive = naive_loop(ours(False, "none"), contiguous, g)
+        result["convolution_ms_per_step"] = {
+            "naive": convolution_ms(naive, batches[:3]),
+            "ours": convolution_ms(ours(False, "none").train_step, batches_cl[:3])}
+    return result
 
 
 def main() -> None:
@@ -168,30 +202,56 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=20, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    parser.add_argument("--rows", default=",".join(ROWS),
+                        help="comma-separated rows to run, in the order of the default (all: "
+                             f"{', '.join(ROWS)}); one row alone runs in a fresh process, as "
+                             "the CLI's training would")
+    parser.add_argument("--retain-memory", choices=("on", "off"), default="on",
+                        help="our runs' retain_memory option (malloc keeps freed blocks); it is "
+                             "process-wide, so with 'on' the naive rows get it too")
     args = parser.parse_args()
-    measured = measure(args.arch, args.batch_size, args.steps, args.warmup, not args.no_compile)
-    rates, conv = measured["images_per_s_median"], measured["convolution_ms_per_step"]
+    retain = args.retain_memory == "on"
+    rows = tuple(r.strip() for r in args.rows.split(",") if r.strip())
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        parser.error(f"--rows: unknown {unknown}; choose from {list(ROWS)}")
+    if args.no_compile:
+        rows = tuple(r for r in rows if "compile" not in r)
+    measured = measure(args.arch, args.batch_size, args.steps, args.warmup, rows, retain)
+    rates, conv = measured["images_per_s_median"], measured.get("convolution_ms_per_step")
+    faults = measured["page_faults_per_step"]
     meta = {"arch": args.arch, "peers": 2, "batch_size": args.batch_size, "image": "3x32x32",
             "threads": torch.get_num_threads(), "torch": torch.__version__, "commit": commit(),
-            **measured}
+            "retain_memory": retain, **measured}
     print(f"2 x {args.arch}, batch {args.batch_size}, 3x32x32, CPU, {meta['threads']} threads, "
-          f"commit {meta['commit']}; median images/s over {args.steps} steps\n")
-    print("| loop | images/s | vs naive |\n|---|---:|---:|")
+          f"retain_memory {args.retain_memory}, commit {meta['commit']}; median images/s over "
+          f"{args.steps} steps\n")
+    base = rates.get("naive")
+    print("| loop | images/s | vs naive | page faults / step |\n|---|---:|---:|---:|")
     for name, rate in rates.items():
-        print(f"| {name} | {rate:.1f} | {rate / rates['naive']:.2f}x |")
-    # if everything but the convolutions took no time, ours would run at batch / conv time
-    naive_ms = 1e3 * args.batch_size / rates["naive"]
+        vs = f"{rate / base:.2f}x" if base else "-"
+        print(f"| {name} | {rate:.1f} | {vs} | {faults[name]:.0f} |")
+    if conv is not None:
+        print_ceiling(rates, conv, args.batch_size)
+    RESULTS.mkdir(exist_ok=True)
+    suffix = "" if set(rows) == set(ROWS) else "_" + "_".join(r.replace(" ", "").replace(",", "")
+                                                              for r in rows)
+    suffix += "" if retain else "_retain-memory-off"
+    out = RESULTS / f"train_step_{args.arch}_b{args.batch_size}{suffix}.json"
+    out.write_text(json.dumps(meta, indent=2) + "\n")
+    print(f"\nwrote {out}")
+
+
+def print_ceiling(rates: dict, conv: dict, batch_size: int) -> None:
+    # if everything but the convolutions took no time, a loop would run at batch / conv time
+    naive_ms = 1e3 * batch_size / rates["naive"]
     print("\nfp32 convolution time per step (torch.profiler, 3 steps): the loop's ceiling\n")
     print("| loop | step ms | convolution ms | share | ceiling vs naive |\n|---|---:|---:|---:|---:|")
     for name in ("naive", "ours"):
-        step_ms = 1e3 * args.batch_size / rates[name]
+        step_ms = 1e3 * batch_size / rates[name]
         print(f"| {name} | {step_ms:.1f} | {conv[name]:.1f} | {conv[name] / step_ms:.0%} | "
               f"{naive_ms / conv[name]:.2f}x |")
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"train_step_{args.arch}_b{args.batch_size}.json"
-    out.write_text(json.dumps(meta, indent=2) + "\n")
-    print(f"\nwrote {out}")
 
 
 def test_train_step_ours(benchmark) -> None:

@@ -69,6 +69,8 @@ class TrainConfig:
     channels_last: bool = _opt(True, "store images and activations channels_last")
     compile: bool = _opt(False, "torch.compile the peers' forward (helps on GPU; measure on CPU)")
     threads: int = _opt(0, "CPU threads for torch (0: leave torch's default)")
+    retain_memory: bool = _opt(True, "CPU: keep freed memory in the process between steps instead "
+                                     "of returning it to the OS (saves page faults; glibc only)")
     # bookkeeping
     seed: int = _opt(0, "random seed (model init, data order, mixing)")
     deterministic: bool = _opt(False, "use deterministic algorithms only")

@@ -29,14 +29,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from . import checkpoint
+from . import checkpoint, memory
 from .config import ConfigError, TrainConfig, add_arguments, from_args, from_mapping
 from .data import DatasetError
 from .loss import MixedKDLoss
 
 # Options that may differ between a checkpoint and the --resume invocation: they do not change
 # what is computed. Everything else must match, or the resumed run would not be the same run.
-RESUME_MUTABLE = ("progress", "stop_after_epochs", "eval_batch_size", "out")
+RESUME_MUTABLE = ("progress", "stop_after_epochs", "eval_batch_size", "out", "retain_memory")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -166,6 +166,8 @@ class Run:
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True)
         self.device = resolve_device(cfg, int(os.environ.get("LOCAL_RANK", "0")))
+        if cfg.retain_memory and self.device.type == "cpu":
+            memory.retain_freed_memory()
         self.rank, self.world = init_distributed(self.device)
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)

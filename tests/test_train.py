@@ -128,3 +128,14 @@ def test_amp_runs(tmp_path, amp):
     state = checkpoint.load(tmp_path / "run")
     if amp == "fp16":  # the GradScaler's state is part of the checkpoint
         assert state["scaler"]["scale"] > 0
+
+
+@pytest.mark.parametrize("retain", [True, False])
+def test_cpu_runs_retain_freed_memory_unless_told_not_to(tmp_path, monkeypatch, retain):
+    from metamixer_fast import memory, train
+
+    calls = []
+    monkeypatch.setattr(memory, "retain_freed_memory", lambda: calls.append(1) or True)
+    train.Run(_cfg(tmp_path, retain_memory=retain))
+    assert calls == ([1] if retain else [])
+    assert "retain_memory" in train.RESUME_MUTABLE  # it changes speed, not results
