@@ -8,7 +8,7 @@ and DML distillation. Data loading is excluded from both: each step gets a ready
   a Python loop over peer pairs of log_softmax/softmax/kl_div; one optimizer and one backward
   per peer (the DML reference structure); peers and batches in PyTorch's default memory format,
   as research code has them.
-- ``naive, channels_last``: the same loop with peers and batches in channels_last, the memory
+- ``naive channels_last``: the same loop with peers and batches in channels_last, the memory
   format our loop uses, to show how much of the difference that choice alone makes.
 - ``ours``: ``metamixer_fast.train.Run.train_step``: MetaMixer plan + fused ``mix`` and
   ``mixed_kd_loss`` ops, one foreach SGD over all peers, channels_last.
@@ -22,6 +22,11 @@ Every row also reports the minor page faults per step. Our runs set ``retain_mem
 keeps freed blocks instead of unmapping them, ``metamixer_fast.memory``); that setting is
 process-wide, so the naive rows of the same run get it too. ``--retain-memory off`` runs every
 row with the C library's defaults.
+
+``--fresh-processes ROUNDS`` runs every row alone in a new interpreter instead, rows interleaved
+round by round, and reports each row's median over the rounds: that is how a training job meets
+the allocator (the naive rows with the C library's defaults, as research code runs, ours with
+``retain_memory``), but it has no convolution table.
 
 A second table gives the fp32 convolution time per step of both loops (torch.profiler) and
 the ceiling it implies: naive step time / our convolution time, the speed-up if everything else
@@ -39,6 +44,8 @@ import copy
 import json
 import resource
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -146,7 +153,7 @@ def naive_loop(run: Run, memory_format: torch.memory_format, g: torch.Generator,
                                    bf16=bf16)
 
 
-ROWS = ("naive", "naive, channels_last", "naive --amp bf16", "ours", "ours --amp bf16",
+ROWS = ("naive", "naive channels_last", "naive --amp bf16", "ours", "ours --amp bf16",
         "ours+compile", "ours+compile --amp bf16")
 
 
@@ -175,7 +182,7 @@ def measure(arch: str, batch_size: int, steps: int, warmup: int, rows: tuple[str
     contiguous, cl = torch.contiguous_format, torch.channels_last
     setups = {
         "naive": lambda: (naive_loop(ours(False, "none"), contiguous, g), batches, warmup),
-        "naive, channels_last": lambda: (naive_loop(ours(False, "none"), cl, g), batches_cl, warmup),
+        "naive channels_last": lambda: (naive_loop(ours(False, "none"), cl, g), batches_cl, warmup),
         "naive --amp bf16": lambda: (naive_loop(ours(False, "none"), contiguous, g, True), batches,
                                      warmup),
         "ours": lambda: (ours(False, "none").train_step, batches_cl, warmup),
@@ -209,7 +216,12 @@ def main() -> None:
                              "the CLI's training would")
     parser.add_argument("--retain-memory", choices=("on", "off"), default="on",
                         help="our runs' retain_memory option (malloc keeps freed blocks); it is "
-                             "process-wide, so with 'on' the naive rows get it too")
+                             "process-wide, so with 'on' the naive rows of one process get it too")
+    parser.add_argument("--fresh-processes", type=int, default=0, metavar="ROUNDS",
+                        help="run every row alone in a fresh process, ROUNDS times, rows "
+                             "interleaved round by round; the naive rows then keep the C "
+                             "library's allocator defaults, as research code does")
+    parser.add_argument("--emit-json", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     retain = args.retain_memory == "on"
     rows = tuple(r.strip() for r in args.rows.split(",") if r.strip())
@@ -218,15 +230,23 @@ def main() -> None:
         parser.error(f"--rows: unknown {unknown}; choose from {list(ROWS)}")
     if args.no_compile:
         rows = tuple(r for r in rows if "compile" not in r)
-    measured = measure(args.arch, args.batch_size, args.steps, args.warmup, rows, retain)
+    if args.fresh_processes:
+        measured = measure_in_fresh_processes(args, rows)
+    else:
+        measured = measure(args.arch, args.batch_size, args.steps, args.warmup, rows, retain)
+    if args.emit_json:
+        print(json.dumps(measured))
+        return
     rates, conv = measured["images_per_s_median"], measured.get("convolution_ms_per_step")
     faults = measured["page_faults_per_step"]
     meta = {"arch": args.arch, "peers": 2, "batch_size": args.batch_size, "image": "3x32x32",
             "threads": torch.get_num_threads(), "torch": torch.__version__, "commit": commit(),
-            "retain_memory": retain, **measured}
+            "retain_memory": retain, "fresh_processes": args.fresh_processes, **measured}
+    how = (f"each row alone in a fresh process, median of {args.fresh_processes} rounds of"
+           if args.fresh_processes else "all rows in one process,")
     print(f"2 x {args.arch}, batch {args.batch_size}, 3x32x32, CPU, {meta['threads']} threads, "
-          f"retain_memory {args.retain_memory}, commit {meta['commit']}; median images/s over "
-          f"{args.steps} steps\n")
+          f"retain_memory {args.retain_memory}, commit {meta['commit']}; {how} median images/s "
+          f"over {args.steps} steps\n")
     base = rates.get("naive")
     print("| loop | images/s | vs naive | page faults / step |\n|---|---:|---:|---:|")
     for name, rate in rates.items():
@@ -238,9 +258,25 @@ def main() -> None:
     suffix = "" if set(rows) == set(ROWS) else "_" + "_".join(r.replace(" ", "").replace(",", "")
                                                               for r in rows)
     suffix += "" if retain else "_retain-memory-off"
+    suffix += "_fresh-processes" if args.fresh_processes else ""
     out = RESULTS / f"train_step_{args.arch}_b{args.batch_size}{suffix}.json"
     out.write_text(json.dumps(meta, indent=2) + "\n")
     print(f"\nwrote {out}")
+
+
+def measure_in_fresh_processes(args: argparse.Namespace, rows: tuple[str, ...]) -> dict:
+    """Each row alone in a new interpreter (``--rows ROW --emit-json``), round after round."""
+    runs: dict[str, list[dict]] = {row: [] for row in rows}
+    for _ in range(args.fresh_processes):
+        for row in rows:
+            retain = "off" if row.startswith("naive") else args.retain_memory
+            cmd = [sys.executable, __file__, "--arch", args.arch, "--batch-size",
+                   str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
+                   "--rows", row, "--retain-memory", retain, "--emit-json"]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+            runs[row].append(json.loads(out.strip().splitlines()[-1]))
+    return {key: {row: statistics.median(r[key][row] for r in runs[row]) for row in rows}
+            for key in ("images_per_s_median", "page_faults_per_step")}
 
 
 def print_ceiling(rates: dict, conv: dict, batch_size: int) -> None:
