@@ -247,11 +247,7 @@ def main() -> None:
     print(f"2 x {args.arch}, batch {args.batch_size}, 3x32x32, CPU, {meta['threads']} threads, "
           f"retain_memory {args.retain_memory}, commit {meta['commit']}; {how} median images/s "
           f"over {args.steps} steps\n")
-    base = rates.get("naive")
-    print("| loop | images/s | vs naive | page faults / step |\n|---|---:|---:|---:|")
-    for name, rate in rates.items():
-        vs = f"{rate / base:.2f}x" if base else "-"
-        print(f"| {name} | {rate:.1f} | {vs} | {faults[name]:.0f} |")
+    print_rates(rates, faults)
     if conv is not None:
         print_ceiling(rates, conv, args.batch_size)
     RESULTS.mkdir(exist_ok=True)
@@ -277,6 +273,14 @@ def measure_in_fresh_processes(args: argparse.Namespace, rows: tuple[str, ...]) 
             runs[row].append(json.loads(out.strip().splitlines()[-1]))
     return {key: {row: statistics.median(r[key][row] for r in runs[row]) for row in rows}
             for key in ("images_per_s_median", "page_faults_per_step")}
+
+
+def print_rates(rates: dict, faults: dict) -> None:
+    base = rates.get("naive")
+    print("| loop | images/s | vs naive | page faults / step |\n|---|---:|---:|---:|")
+    for name, rate in rates.items():
+        vs = f"{rate / base:.2f}x" if base else "-"
+        print(f"| {name} | {rate:.1f} | {vs} | {faults[name]:.0f} |")
 
 
 def print_ceiling(rates: dict, conv: dict, batch_size: int) -> None:

@@ -59,8 +59,8 @@ def triton_interpreted() -> bool:
 
 
 def forced_backend() -> str | None:
-    forced = os.environ.get(ENV_VAR)
-    if not forced or not (forced := forced.strip().lower()):
+    forced = os.environ.get(ENV_VAR, "").strip().lower()
+    if not forced:
         return None
     if forced not in BACKENDS:
         raise ValueError(f"{ENV_VAR}={forced!r} is not a backend; use one of {', '.join(BACKENDS)} "
@@ -121,20 +121,23 @@ def register_eager(op: str, backend: str, fn: Callable) -> None:
     _eager[(op, backend)] = fn
 
 
-def _traced(x: torch.Tensor) -> bool:
-    """True while something must see the custom op itself: torch.compile tracing, a dispatch or
-    function mode (make_fx, FakeTensorMode, user modes), a tensor subclass or a torch.func
-    transform (functorch-wrapped tensors)."""
+def _tracing() -> bool:
+    """True while something must see every custom op call: torch.compile tracing, or a dispatch
+    or function mode (make_fx, FakeTensorMode, user modes)."""
     return (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
-            or torch._C._is_torch_function_mode_enabled() or type(x) is not torch.Tensor
-            or torch._C._functorch.is_functorch_wrapped_tensor(x))
+            or torch._C._is_torch_function_mode_enabled())
+
+
+def _plain(x: torch.Tensor) -> bool:
+    """A plain tensor: not a subclass (FakeTensor, ...) nor wrapped by a torch.func transform."""
+    return type(x) is torch.Tensor and not torch._C._functorch.is_functorch_wrapped_tensor(x)
 
 
 def eager_kernel(op: str, x: torch.Tensor) -> Callable | None:
     """The eager entry point of the backend ``op`` uses for tensors like ``x``, or None: then
     call the custom op. None while tracing (torch.compile, a dispatch mode such as make_fx) or
     under torch.func transforms, which need the custom op's fake impl and registered autograd."""
-    if not _eager or _traced(x):
+    if not _eager or _tracing() or not _plain(x):
         return None
     return _eager.get((op, backend_for(op, x.device)))
 
@@ -145,12 +148,10 @@ def runs_without_dispatcher(*tensors: torch.Tensor | None) -> bool:
     The custom op's Python dispatch (autograd wrapper, redispatch, aliasing check) costs tens of
     microseconds a call, and several times that right after a kernel has streamed a large batch
     through the caches; for a no-grad call it does nothing the body does not. So: no input needs
-    a gradient and nothing is tracing (``_traced``), otherwise the op must see the call.
+    a gradient, nothing is tracing and every input is a plain tensor; otherwise the op must see
+    the call.
     """
-    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
-            or torch._C._is_torch_function_mode_enabled()):
+    if _tracing():
         return False
     grad = torch.is_grad_enabled()
-    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-    return all(t is None or (type(t) is torch.Tensor and not (grad and t.requires_grad)
-                             and not wrapped(t)) for t in tensors)
+    return all(t is None or (_plain(t) and not (grad and t.requires_grad)) for t in tensors)

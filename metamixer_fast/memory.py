@@ -4,9 +4,11 @@ PyTorch's CPU allocator is the C library's ``malloc``. With glibc's defaults, la
 activation of a CIFAR batch is 4-8 MB) are mapped fresh from the kernel and unmapped again when
 freed, or the top of the heap is trimmed back, so every step touches its activations' pages for
 the first time again: tens of thousands of page faults a step, on the CPU the step runs on. For
-2 ResNet-20 peers at batch 128 that was 8-42 thousand faults and up to a fifth of the step time
-(``bench/bench_train_step.py``). A training loop allocates the same sizes every step, so it is
-better served by keeping them, as the CUDA caching allocator does on GPUs.
+2 ResNet-20 peers at batch 128 that was 12-54 thousand faults a step, and a fresh
+``--compile --amp bf16`` run reached 602 images/s instead of 766 (``bench/bench_train_step.py
+--rows "ours+compile --amp bf16" --retain-memory off|on``). A training loop allocates the
+same sizes every step, so it is better served by keeping them, as the CUDA caching allocator
+does on GPUs.
 
 ``retain_freed_memory()`` sets glibc's ``M_MMAP_THRESHOLD`` to its 64-bit ceiling (blocks up to
 32 MiB come from the heap; setting it also stops glibc from moving the threshold itself) and
