@@ -28,9 +28,10 @@ round by round, and reports each row's median over the rounds: that is how a tra
 the allocator (the naive rows with the C library's defaults, as research code runs, ours with
 ``retain_memory``), but it has no convolution table.
 
-A second table gives the fp32 convolution time per step of both loops (torch.profiler) and
-the ceiling it implies: naive step time / our convolution time, the speed-up if everything else
-in our step took no time at all.
+A second table gives our fp32 loop's convolution time per step, eager and compiled
+(torch.profiler), their FLOP rate (torch.utils.flop_counter) and the ceiling it implies: naive
+step time / our convolution time, the speed-up if everything else in our step took no time.
+(The naive loop's own profile is left out: it scattered from 0.7x to 1.5x of its timed step.)
 
 Run: ``python bench/bench_train_step.py [--arch resnet20] [--batch-size 128] [--steps 20]``; it
 prints markdown tables (median images/s over the timed steps) and writes JSON under
@@ -53,6 +54,7 @@ import torch
 import torch.nn.functional as F
 from _meta import commit  # bench/ is on sys.path (script or pytest)
 from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from metamixer_fast.config import from_mapping
 from metamixer_fast.train import Run
@@ -111,8 +113,9 @@ def make_run(arch: str, batch_size: int, compile_peers: bool, amp: str = "none",
 
 
 def time_steps(step, batches: list[tuple[Tensor, Tensor]], warmup: int) -> list[float]:
-    """Images/s of each step after ``warmup``; appends the timed steps' minor page faults per
-    step (the process's count, so other threads' faults are in it) to ``FAULTS``."""
+    """Images/s of each step after ``warmup``. Appends to ``STATS`` the timed steps' minor page
+    faults per step (the process's count, so other threads' faults are in it) and the seconds
+    of the first step (where ``torch.compile`` compiles)."""
     rates = []
     for i, (x, y) in enumerate(batches):
         if i == warmup:
@@ -120,25 +123,30 @@ def time_steps(step, batches: list[tuple[Tensor, Tensor]], warmup: int) -> list[
         start = time.perf_counter()
         step(x, y)
         elapsed = time.perf_counter() - start
+        if i == 0:
+            first = elapsed
         if i >= warmup:
             rates.append(x.shape[0] / elapsed)
-    FAULTS.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / len(rates))
+    STATS.append({"faults": (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
+                  / len(rates), "first_step_s": first})
     return rates
 
 
-FAULTS: list[float] = []
+STATS: list[dict] = []
 
 
 def convolution_ms(step, batches: list[tuple[Tensor, Tensor]]) -> float:
     """Milliseconds per step spent inside convolution kernels (forward and backward), from
     torch.profiler's self time of the aten convolution ops: the part of a step that the loop
-    around the peers cannot change at a given precision."""
+    around the peers cannot change at a given precision. The first batch is a warm-up step,
+    unprofiled (a fresh loop's first step also creates its oneDNN primitives)."""
+    step(*batches[0])
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        for x, y in batches:
+        for x, y in batches[1:]:
             step(x, y)
     us = sum(e.self_cpu_time_total for e in prof.key_averages()
              if e.key.startswith(("aten::mkldnn_convolution", "aten::convolution_backward")))
-    return us / 1e3 / len(batches)
+    return us / 1e3 / (len(batches) - 1)
 
 
 def naive_loop(run: Run, memory_format: torch.memory_format, g: torch.Generator,
@@ -163,7 +171,7 @@ def measure(arch: str, batch_size: int, steps: int, warmup: int, rows: tuple[str
     them, also their fp32 convolution time."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
-    FAULTS.clear()
+    STATS.clear()
     num_classes = 10  # the synthetic dataset's
     batches = [(torch.randn(batch_size, 3, 32, 32, generator=g),
                 torch.randint(0, num_classes, (batch_size,), generator=g)) for _ in range(steps + warmup)]
@@ -194,12 +202,17 @@ def measure(arch: str, batch_size: int, steps: int, warmup: int, rows: tuple[str
     for name in (r for r in ROWS if r in rows):
         step, data, skip = setups[name]()
         rates[name] = statistics.median(time_steps(step, data, skip))
-    result = {"images_per_s_median": rates, "page_faults_per_step": dict(zip(rates, FAULTS))}
+    result = {"images_per_s_median": rates,
+              "page_faults_per_step": {r: st["faults"] for r, st in zip(rates, STATS)},
+              "first_step_s": {r: st["first_step_s"] for r, st in zip(rates, STATS)}}
     if "naive" in rates and "ours" in rates:
-        naive = naive_loop(ours(False, "none"), contiguous, g)
-        result["convolution_ms_per_step"] = {
-            "naive": convolution_ms(naive, batches[:3]),
-            "ours": convolution_ms(ours(False, "none").train_step, batches_cl[:3])}
+        conv = {"ours": convolution_ms(ours(False, "none").train_step, batches_cl[:4])}
+        if "ours+compile" in rates:
+            conv["ours+compile"] = convolution_ms(ours(True, "none").train_step, batches_cl[:4])
+        result["convolution_ms_per_step"] = conv
+        with FlopCounterMode(display=False) as counter:
+            ours(False, "none").train_step(*batches_cl[0])
+        result["gflop_per_step"] = counter.get_total_flops() / 1e9
     return result
 
 
@@ -238,7 +251,6 @@ def main() -> None:
         print(json.dumps(measured))
         return
     rates, conv = measured["images_per_s_median"], measured.get("convolution_ms_per_step")
-    faults = measured["page_faults_per_step"]
     meta = {"arch": args.arch, "peers": 2, "batch_size": args.batch_size, "image": "3x32x32",
             "threads": torch.get_num_threads(), "torch": torch.__version__, "commit": commit(),
             "retain_memory": retain, "fresh_processes": args.fresh_processes, **measured}
@@ -247,9 +259,9 @@ def main() -> None:
     print(f"2 x {args.arch}, batch {args.batch_size}, 3x32x32, CPU, {meta['threads']} threads, "
           f"retain_memory {args.retain_memory}, commit {meta['commit']}; {how} median images/s "
           f"over {args.steps} steps\n")
-    print_rates(rates, faults)
+    print_rates(rates, measured["page_faults_per_step"], measured["first_step_s"])
     if conv is not None:
-        print_ceiling(rates, conv, args.batch_size)
+        print_ceiling(rates, conv, args.batch_size, measured["gflop_per_step"])
     RESULTS.mkdir(exist_ok=True)
     suffix = "" if set(rows) == set(ROWS) else "_" + "_".join(r.replace(" ", "").replace(",", "")
                                                               for r in rows)
@@ -272,26 +284,29 @@ def measure_in_fresh_processes(args: argparse.Namespace, rows: tuple[str, ...]) 
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             runs[row].append(json.loads(out.strip().splitlines()[-1]))
     return {key: {row: statistics.median(r[key][row] for r in runs[row]) for row in rows}
-            for key in ("images_per_s_median", "page_faults_per_step")}
+            for key in ("images_per_s_median", "page_faults_per_step", "first_step_s")}
 
 
-def print_rates(rates: dict, faults: dict) -> None:
+def print_rates(rates: dict, faults: dict, first: dict) -> None:
     base = rates.get("naive")
-    print("| loop | images/s | vs naive | page faults / step |\n|---|---:|---:|---:|")
+    print("| loop | images/s | vs naive | page faults / step | first step s |\n"
+          "|---|---:|---:|---:|---:|")
     for name, rate in rates.items():
         vs = f"{rate / base:.2f}x" if base else "-"
-        print(f"| {name} | {rate:.1f} | {vs} | {faults[name]:.0f} |")
+        print(f"| {name} | {rate:.1f} | {vs} | {faults[name]:.0f} | {first[name]:.1f} |")
 
 
-def print_ceiling(rates: dict, conv: dict, batch_size: int) -> None:
+def print_ceiling(rates: dict, conv: dict, batch_size: int, gflop: float) -> None:
     # if everything but the convolutions took no time, a loop would run at batch / conv time
     naive_ms = 1e3 * batch_size / rates["naive"]
-    print("\nfp32 convolution time per step (torch.profiler, 3 steps): the loop's ceiling\n")
-    print("| loop | step ms | convolution ms | share | ceiling vs naive |\n|---|---:|---:|---:|---:|")
-    for name in ("naive", "ours"):
+    print(f"\nfp32 convolution time per step (torch.profiler, 3 steps; {gflop:.1f} GFLOP a step "
+          "by torch.utils.flop_counter): the loop's ceiling\n")
+    print("| loop | step ms | convolution ms | convolution GFLOP/s | share | rest ms | "
+          "ceiling vs naive |\n|---|---:|---:|---:|---:|---:|---:|")
+    for name, conv_ms in conv.items():
         step_ms = 1e3 * batch_size / rates[name]
-        print(f"| {name} | {step_ms:.1f} | {conv[name]:.1f} | {conv[name] / step_ms:.0%} | "
-              f"{naive_ms / conv[name]:.2f}x |")
+        print(f"| {name} | {step_ms:.1f} | {conv_ms:.1f} | {gflop / conv_ms * 1e3:.0f} | "
+              f"{conv_ms / step_ms:.0%} | {step_ms - conv_ms:.1f} | {naive_ms / conv_ms:.2f}x |")
 
 
 def test_train_step_ours(benchmark) -> None:
