@@ -42,8 +42,18 @@ def cpp_build_setup() -> dict:
             except Exception as exc:  # any compiler/linker failure
                 if REQUIRE_CPP:
                     raise
+                self._remove_stale_extensions()
                 _warn(f"building metamixer_fast._C failed ({exc}); the package will use the "
                       f"pure-PyTorch reference. Set METAMIXER_REQUIRE_CPP=1 to make this fatal.")
+
+        def _remove_stale_extensions(self) -> None:
+            # An editable install keeps the last good build in the source tree; left there, it
+            # would be imported as if this (failed) build had produced it.
+            for ext in self.extensions:
+                stale = os.path.join(ROOT, self.get_ext_filename(ext.name))
+                if os.path.exists(stale):
+                    os.remove(stale)
+                    _warn(f"removed {os.path.relpath(stale, ROOT)}, built from older sources")
 
     sources = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))
     extension = CppExtension(
