@@ -193,11 +193,80 @@ core::LossArgs<T> make_args(const Peers& p, const Plan& plan, std::vector<const 
   return a;
 }
 
+// Gradients like the inputs (dtype, form, dense layout), with per-peer row pointers for the
+// kernel: class dim contiguous, else a contiguous temporary that copy_back() copies over.
+struct GradBuffers {
+  std::vector<Tensor> grads;    // what the backward returns: one [K, B, C] or K [B, C]
+  std::vector<Tensor> targets;  // per peer: the [B, C] the kernel writes
+  std::vector<void*> out;
+  std::vector<int64_t> stride;
+  bool in_place = true;  // every target is a view of grads (no temporaries)
+
+  static GradBuffers like(TensorList logits, int64_t K, int64_t C) {
+    std::vector<Tensor> g;
+    for (const Tensor& z : logits) g.push_back(at::empty_like(z));
+    return GradBuffers(std::move(g), K, C);
+  }
+  GradBuffers(std::vector<Tensor> g, int64_t K, int64_t C) : grads(std::move(g)) {
+    for (int64_t k = 0; k < K; ++k) {
+      Tensor g = peer_grad(k);
+      if (g.stride(1) != 1 && C > 1) g = at::empty(g.sizes(), g.options()), in_place = false;
+      targets.push_back(g);
+      out.push_back(g.data_ptr());
+      stride.push_back(g.stride(0));
+    }
+  }
+  Tensor peer_grad(int64_t k) const { return grads.size() == 1 ? grads[0].select(0, k) : grads[k]; }
+  void copy_back() {
+    for (size_t k = 0; k < targets.size(); ++k) {
+      Tensor g = peer_grad(static_cast<int64_t>(k));
+      if (g.data_ptr() != targets[k].data_ptr()) g.copy_(targets[k]);
+    }
+  }
+};
+
+// The eager autograd path on float32 logits keeps the forward's exponentials in the
+// gradient buffers (LossArgs::chunk_scale): the backward then skips its exponential and
+// overwrites them with the gradient. Costs no memory beyond the gradient itself, which
+// merely exists from the forward on instead of from the backward on.
+struct StoredExp {
+  GradBuffers buffers;
+  Tensor chunk_scale;  // [K, B, ceil(C / 512)]
+};
+
+int64_t n_chunks(int64_t C) { return (C + 511) / 512; }
+
+// Stored exponentials exist for float and double logits only (half types recompute: storing
+// them rounded would cost the gradient accuracy).
+template <typename T>
+void set_chunk_scale(core::LossArgs<T>& a, const Tensor& scale) {
+  if constexpr (std::is_same_v<T, core::acc_t<T>>) {
+    a.chunk_scale = scale.data_ptr<T>();
+  } else {
+    TORCH_CHECK(false, "mixed_kd_loss: stored exponentials need float or double logits");
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor> forward_impl(TensorList logits, const Tensor& labels,
+                                                const Tensor& weights, double temperature,
+                                                double label_smoothing, c10::string_view mode,
+                                                const std::optional<Tensor>& peer_matrix,
+                                                bool detach_targets, StoredExp* keep);
+
 std::tuple<Tensor, Tensor, Tensor> mixed_kd_loss_fwd(TensorList logits, const Tensor& labels,
                                                      const Tensor& weights, double temperature,
                                                      double label_smoothing, c10::string_view mode,
                                                      const std::optional<Tensor>& peer_matrix,
                                                      bool detach_targets) {
+  return forward_impl(logits, labels, weights, temperature, label_smoothing, mode, peer_matrix,
+                      detach_targets, nullptr);
+}
+
+std::tuple<Tensor, Tensor, Tensor> forward_impl(TensorList logits, const Tensor& labels,
+                                                     const Tensor& weights, double temperature,
+                                                     double label_smoothing, c10::string_view mode,
+                                                const std::optional<Tensor>& peer_matrix,
+                                                bool detach_targets, StoredExp* keep) {
   const Peers p = view_peers(logits);
   TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0,
                     "mixed_kd_loss: 'temperature' must be a finite number > 0");
@@ -211,6 +280,12 @@ std::tuple<Tensor, Tensor, Tensor> mixed_kd_loss_fwd(TensorList logits, const Te
     core::LossArgs<T> a = make_args<T>(p, plan, z, temperature, label_smoothing, mode, detach_targets);
     a.row_stats = stats.data_ptr<core::acc_t<T>>();
     a.ce_rows = ce_rows.data(), a.kd_rows = kd_rows.data();
+    std::vector<T*> dz;
+    if (keep) {  // (only float/double logits get here: see stored_exp_for)
+      for (void* o : keep->buffers.out) dz.push_back(static_cast<T*>(o));
+      a.dz = dz.data(), a.dz_stride = keep->buffers.stride.data();
+      set_chunk_scale(a, keep->chunk_scale);
+    }
     run_rows(a, false);
   });
   // Fixed-order reduction over rows: the result does not depend on the thread count.
@@ -234,11 +309,12 @@ std::vector<double> grad_values(const Tensor& g, int64_t K, const char* name) {
   return as_doubles(g);
 }
 
-std::vector<Tensor> mixed_kd_loss_bwd(const Tensor& grad_ce, const Tensor& grad_kd, TensorList logits,
-                                      const Tensor& labels, const Tensor& weights,
-                                      const Tensor& row_stats, double temperature,
-                                      double label_smoothing, c10::string_view mode,
-                                      const std::optional<Tensor>& peer_matrix, bool detach_targets) {
+std::vector<Tensor> backward_impl(const Tensor& grad_ce, const Tensor& grad_kd, TensorList logits,
+                                  const Tensor& labels, const Tensor& weights,
+                                  const Tensor& row_stats, double temperature,
+                                  double label_smoothing, c10::string_view mode,
+                                  const std::optional<Tensor>& peer_matrix, bool detach_targets,
+                                  StoredExp* stored) {
   const Peers p = view_peers(logits);
   const Plan plan = make_plan(logits, labels, weights, p.K, p.B, p.C, mode, peer_matrix);
   const auto odt = out_dtype(logits[0].scalar_type());
@@ -248,39 +324,35 @@ std::vector<Tensor> mixed_kd_loss_bwd(const Tensor& grad_ce, const Tensor& grad_
   const Tensor stats = row_stats.to(odt).contiguous();
   const std::vector<double> gce = grad_values(grad_ce, p.K, "grad_ce");
   const std::vector<double> gkd = grad_values(grad_kd, p.K, "grad_kd");
-  // Gradients like the inputs; written through per-peer row pointers (class dim contiguous,
-  // else into a contiguous temporary copied back).
-  std::vector<Tensor> grads, targets;
-  for (const Tensor& z : logits) grads.push_back(at::empty_like(z));
-  const bool stacked = logits.size() == 1;
-  std::vector<void*> out;
-  std::vector<int64_t> out_stride;
-  for (int64_t k = 0; k < p.K; ++k) {
-    Tensor g = stacked ? grads[0].select(0, k) : grads[k];
-    if (g.stride(1) != 1 && p.C > 1) g = at::empty(g.sizes(), g.options());
-    targets.push_back(g);
-    out.push_back(g.data_ptr());
-    out_stride.push_back(g.stride(0));
-  }
+  std::optional<GradBuffers> fresh;
+  GradBuffers& buf = stored ? stored->buffers : fresh.emplace(GradBuffers::like(logits, p.K, p.C));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits[0].scalar_type(), "mixed_kd_loss_backward", [&] {
     using T = typename CoreType<scalar_t>::type;
     std::vector<const T*> z;
     std::vector<T*> dz;
-    for (void* o : out) dz.push_back(static_cast<T*>(o));
+    for (void* o : buf.out) dz.push_back(static_cast<T*>(o));
     core::LossArgs<T> a = make_args<T>(p, plan, z, temperature, label_smoothing, mode, detach_targets);
     a.row_stats = const_cast<core::acc_t<T>*>(stats.data_ptr<core::acc_t<T>>());
     a.grad_ce = gce.data(), a.grad_kd = gkd.data();
-    a.dz = dz.data(), a.dz_stride = out_stride.data();
+    a.dz = dz.data(), a.dz_stride = buf.stride.data();
+    if (stored) set_chunk_scale(a, stored->chunk_scale);
     run_rows(a, true);
   });
-  for (int64_t k = 0; k < p.K; ++k) {
-    Tensor g = stacked ? grads[0].select(0, k) : grads[k];
-    if (g.data_ptr() != targets[k].data_ptr()) g.copy_(targets[k]);
-  }
-  return grads;
+  buf.copy_back();
+  return buf.grads;
 }
 
-// The eager path: autograd in C++ (saved: logits, labels, weights, row_stats, peer_matrix).
+std::vector<Tensor> mixed_kd_loss_bwd(const Tensor& grad_ce, const Tensor& grad_kd, TensorList logits,
+                                      const Tensor& labels, const Tensor& weights,
+                                      const Tensor& row_stats, double temperature,
+                                      double label_smoothing, c10::string_view mode,
+                                      const std::optional<Tensor>& peer_matrix, bool detach_targets) {
+  return backward_impl(grad_ce, grad_kd, logits, labels, weights, row_stats, temperature,
+                       label_smoothing, mode, peer_matrix, detach_targets, nullptr);
+}
+
+// The eager path: autograd in C++ (saved: logits, labels, weights, row_stats, peer_matrix, and
+// for float32 logits the gradient buffers holding the forward's exponentials).
 struct MixedKDLossFunction : public torch::autograd::Function<MixedKDLossFunction> {
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, TensorList logits,
                                                 const Tensor& labels, const Tensor& weights,
@@ -288,8 +360,9 @@ struct MixedKDLossFunction : public torch::autograd::Function<MixedKDLossFunctio
                                                 c10::string_view mode,
                                                 const std::optional<Tensor>& peer_matrix,
                                                 bool detach_targets) {
-    auto [ce, kd, stats] = mixed_kd_loss_fwd(logits, labels, weights, temperature, label_smoothing,
-                                             mode, peer_matrix, detach_targets);
+    std::optional<StoredExp> keep = stored_exp_for(logits);
+    auto [ce, kd, stats] = forward_impl(logits, labels, weights, temperature, label_smoothing, mode,
+                                        peer_matrix, detach_targets, keep ? &*keep : nullptr);
     std::vector<Tensor> saved(logits.begin(), logits.end());
     saved.push_back(labels);
     saved.push_back(weights);
@@ -302,7 +375,27 @@ struct MixedKDLossFunction : public torch::autograd::Function<MixedKDLossFunctio
     ctx->saved_data["label_smoothing"] = label_smoothing;
     ctx->saved_data["mode"] = std::string(mode);
     ctx->saved_data["detach"] = detach_targets;
+    if (keep) {
+      ctx->saved_data["stored_grads"] = keep->buffers.grads;
+      ctx->saved_data["chunk_scale"] = keep->chunk_scale;
+    }
     return {ce, kd};
+  }
+
+  // Gradient buffers for the forward to store its exponentials in, when the logits are float32,
+  // need a gradient and give class-contiguous gradient rows; else none. (Not for double: a
+  // backward from stored exponentials and one that recomputes them differ in the last bits,
+  // and gradcheck runs the backward twice and asks for identical results.)
+  static std::optional<StoredExp> stored_exp_for(TensorList logits) {
+    const Peers p = view_peers(logits);
+    const auto dtype = logits[0].scalar_type();
+    bool grad = false;
+    for (const Tensor& z : logits) grad = grad || z.requires_grad();
+    if (!grad || dtype != at::kFloat) return std::nullopt;
+    GradBuffers buffers = GradBuffers::like(logits, p.K, p.C);
+    if (!buffers.in_place) return std::nullopt;
+    Tensor scale = at::empty({p.K, p.B, n_chunks(p.C)}, logits[0].options());
+    return StoredExp{std::move(buffers), std::move(scale)};
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -313,10 +406,22 @@ struct MixedKDLossFunction : public torch::autograd::Function<MixedKDLossFunctio
     std::optional<Tensor> peer;
     if (ctx->saved_data["has_peer"].toBool()) peer = saved[n + 3];
     const std::string mode = ctx->saved_data["mode"].toStringRef();
-    std::vector<Tensor> dz = mixed_kd_loss_bwd(
+    // The stored exponentials serve one backward: they are overwritten with the gradient, and
+    // dropped from the context so that the gradient is the buffer's only owner (AccumulateGrad
+    // then takes it without a copy). A second backward (retain_graph) recomputes.
+    std::optional<StoredExp> stored;
+    if (auto it = ctx->saved_data.find("stored_grads"); it != ctx->saved_data.end()) {
+      const Peers p = view_peers(logits);
+      stored.emplace(StoredExp{GradBuffers(it->second.toTensorVector(), p.K, p.C),
+                               ctx->saved_data["chunk_scale"].toTensor()});
+      ctx->saved_data.erase("stored_grads");
+      ctx->saved_data.erase("chunk_scale");
+    }
+    std::vector<Tensor> dz = backward_impl(
         grads[0], grads[1], logits, saved[n], saved[n + 1], saved[n + 2],
         ctx->saved_data["temperature"].toDouble(), ctx->saved_data["label_smoothing"].toDouble(),
-        mode, peer, ctx->saved_data["detach"].toBool());
+        mode, peer, ctx->saved_data["detach"].toBool(), stored ? &*stored : nullptr);
+    stored.reset();
     dz.resize(n + 7);  // no gradient for labels, weights, the scalars and peer_matrix
     return dz;
   }

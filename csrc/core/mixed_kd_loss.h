@@ -13,11 +13,14 @@
 // stay in L1); per chunk and peer we take the chunk max, then exp-sums relative to it, then
 // merge into the row's running (max, sums) as an online softmax does. Writes row_stats
 // [K, B, 3] = (lse(z), lse(z/T), lse(E/T) or 0) and per-row ce/kd [K, B].
-// Backward: one pass writing dZ from row_stats; d ce/dz = Wsum s - eps Wsum/C - (1-eps) sum_m
+// Backward: one pass writing dZ from row_stats (or from the forward's stored exponentials,
+// which saves the backward its exponential: see LossArgs::chunk_scale); d ce/dz = Wsum s - eps Wsum/C - (1-eps) sum_m
 // W[m] onehot(L[m]); d KL(q || p_k)/dz_k = (p_k - q)/T; with detach_targets=false also
 // d KL(q || p)/d(target logits) = q (log q - log p - KL)/T, whose per-row KL needs one extra
 // read of the row (cache-resident) before the gradient pass.
 // Bytes: forward reads K*B*C logits once; backward reads them once and writes K*B*C gradients.
+// With stored exponentials the forward also writes K*B*C values and the backward reads those
+// (in place) instead of the logits.
 // No [K, B, C] temporary: scratch is a few chunks per thread.
 
 // ------------------------------------------------------------------ ISA-independent part
@@ -48,6 +51,12 @@ struct LossArgs {
   const double* grad_kd = nullptr;  // [K] backward input
   T* const* dz = nullptr;           // backward output, laid out like z
   const int64_t* dz_stride = nullptr;
+  // Optional, float and double logits only: the gradient buffer doubles as the store of the
+  // forward's exponentials. With chunk_scale set, the forward also writes e = exp((z - m)/T)
+  // (m: the max of the 512-class chunk) to dz and the factor that makes it p = softmax(z/T) to
+  // chunk_scale [K, B, ceil(C / 512)]; the backward then reads e from dz instead of
+  // recomputing it, and overwrites it with dZ in place.
+  acc_t<T>* chunk_scale = nullptr;
 };
 
 // Which build of the kernels this CPU runs: the AVX-512 one (csrc/mixed_kd_loss_avx512.cpp),

@@ -24,21 +24,44 @@ const acc_t<T>* chunk_view(const T* src, int64_t n, acc_t<T>* buf) {
   }
 }
 
-// Max of a chunk (ignoring NaN), and whether it holds a -inf (a masked class).
+// Max of a chunk (ignoring NaN), and whether it holds a -inf (a masked class). Four
+// independent max/min chains: one chain would wait on the max latency (4 cycles) every vector.
 template <typename A>
 A chunk_max(const A* p, int64_t n, bool* has_neg_inf = nullptr) {
   using V = typename VecOf<A>::type;
   constexpr int64_t W = VecOf<A>::lanes;
-  V m = splat<V>(static_cast<A>(kNegInf)), lo = splat<V>(static_cast<A>(-kNegInf));
-  const int64_t nv = n / W * W;
-  for (int64_t i = 0; i < nv; i += W) {
-    const V x = load<V>(p + i);
-    m = vmax(m, x);
-    lo = x < lo ? x : lo;
+  V m[4], lo[4];
+  for (int j = 0; j < 4; ++j) m[j] = splat<V>(static_cast<A>(kNegInf)), lo[j] = -m[j];
+  const int64_t nv = n / W * W, nv4 = n / (4 * W) * (4 * W);
+  for (int64_t i = 0; i < nv4; i += 4 * W) {
+    for (int j = 0; j < 4; ++j) {
+      const V x = load<V>(p + i + j * W);
+      m[j] = vmax(m[j], x);
+      lo[j] = x < lo[j] ? x : lo[j];
+    }
   }
-  A r = hmax(m), rl = -hmax(-lo);
+  for (int64_t i = nv4; i < nv; i += W) {
+    const V x = load<V>(p + i);
+    m[0] = vmax(m[0], x);
+    lo[0] = x < lo[0] ? x : lo[0];
+  }
+  for (int j = 1; j < 4; ++j) m[0] = vmax(m[0], m[j]), lo[0] = lo[j] < lo[0] ? lo[j] : lo[0];
+  A r = hmax(m[0]), rl = -hmax(-lo[0]);
   for (int64_t i = nv; i < n; ++i) r = vmax(r, p[i]), rl = p[i] < rl ? p[i] : rl;
   if (has_neg_inf) *has_neg_inf = rl == A(kNegInf);
+  return r;
+}
+
+// Sum of a chunk (the mean logit of label smoothing).
+template <typename A>
+double chunk_sum(const A* p, int64_t n) {
+  using V = typename VecOf<A>::type;
+  constexpr int64_t W = VecOf<A>::lanes;
+  V acc{};
+  const int64_t nv = n / W * W;
+  for (int64_t i = 0; i < nv; i += W) acc += load<V>(p + i);
+  double r = double(hsum(acc));
+  for (int64_t i = nv; i < n; ++i) r += double(p[i]);
   return r;
 }
 
@@ -88,16 +111,17 @@ inline U int_pow(const U& x, int n) {
   return x2 * x2;
 }
 
-// Column sums of target t over [i0, i1): exp(z_t - ref), exp((z_t - ref)/T), z_t, and for every
+// Column sums of target t over [i0, i1): exp(z_t - ref), exp((z_t - ref)/T), and for every
 // other peer s (pairwise mode) y[s] += e_T (z_t - z_s) where e_T > 0 (the test is needed only
 // when z_t has -inf, where 0 * -inf would give NaN: Masked). KC: K if known, else 0.
+// With eo set, e_T is also stored to eo[i] (the stored exponentials, LossArgs::chunk_scale).
 template <int KC, bool Masked, typename U, typename A>
 void target_cols(const A* const* zc, int64_t K_rt, int64_t t, int64_t i0, int64_t i1, A ref, A invT,
-                 TempPow tp, bool pairs, U* y, U& s1, U& sT, U& sz) {
+                 TempPow tp, bool pairs, U* y, U& s1, U& sT, A* eo) {
   constexpr int64_t W = sizeof(U) / sizeof(A);
   const int64_t K = KC > 0 ? KC : K_rt;
   const U zero{};
-  U l1{}, lT{}, lz{}, yl[KC > 0 ? KC : 1];
+  U l1{}, lT{}, yl[KC > 0 ? KC : 1];
   for (auto& v : yl) v = zero;
   U* yp = KC > 0 ? yl : y;
   const A* zt = zc[t];
@@ -111,9 +135,9 @@ void target_cols(const A* const* zc, int64_t K_rt, int64_t t, int64_t i0, int64_
       eT = vexp(d * invT);
       e1 = tp.n ? int_pow(eT, tp.n) : vexp(d);
     }
+    if (eo) store(eo + i, eT);
     l1 += e1;
     lT += eT;
-    lz += z;
     if (!pairs) continue;
     for (int64_t s = 0; s < K; ++s) {
       if (s == t) continue;
@@ -121,7 +145,7 @@ void target_cols(const A* const* zc, int64_t K_rt, int64_t t, int64_t i0, int64_
       yp[s] += Masked ? select(eT > zero, term, zero) : term;
     }
   }
-  s1 += l1, sT += lT, sz += lz;
+  s1 += l1, sT += lT;
   if (KC > 0)
     for (int64_t s = 0; s < K; ++s) y[s] += yl[s];
 }
@@ -174,9 +198,18 @@ struct RowScratch {
   std::vector<const A*> zc;
   V *v1, *v2, *v3, *v4;  // per-peer vector accumulators / column values (v1: K*K)
   A *s1, *s2, *s3, *s4;  // the same for the scalar tail
+  // The last, partial vector of every peer's chunk, padded to a whole vector (a scalar tail
+  // would cost ~15% of a 1000-class row), and the gradient lanes computed from it.
+  static constexpr int64_t W = VecOf<A>::lanes;
+  std::vector<A> tail_z, tail_e, tail_g;
+  std::vector<const A*> tz, te;
+  std::vector<A*> tg;
   RowScratch(const LossArgs<T>& a, bool grad)
       : K(a.K), zbuf(std::is_same_v<T, A> ? 0 : a.K * kChunk), ebuf(kChunk),
-        gbuf(grad && !std::is_same_v<T, A> ? a.K * kChunk : 0), coef(a.K * a.K), zc(a.K) {
+        gbuf(grad && !std::is_same_v<T, A> ? a.K * kChunk : 0), coef(a.K * a.K), zc(a.K),
+        tail_z(a.K * W), tail_e(a.K * W), tail_g(a.K * W), tz(a.K), te(a.K), tg(a.K) {
+    for (int64_t k = 0; k < K; ++k)
+      tz[k] = tail_z.data() + k * W, te[k] = tail_e.data() + k * W, tg[k] = tail_g.data() + k * W;
     V* v = vector_slots<V>(store_v, K * K + 3 * K);
     v1 = v, v2 = v + K * K, v3 = v2 + K, v4 = v3 + K;
     store_s.assign(K * K + 3 * K, A(0));
@@ -188,6 +221,14 @@ struct RowScratch {
     for (int64_t k = 0; k < K; ++k)
       zc[k] = chunk_view(a.z[k] + b * a.z_stride[k] + c0, n,
                          zbuf.empty() ? nullptr : zbuf.data() + k * kChunk);
+  }
+  // dst[k * W ...] = the columns [nv, n) of src[k], then `pad` up to a whole vector.
+  template <typename P>
+  void pad_tail(const P* src, std::vector<A>& dst, int64_t nv, int64_t n, A pad) {
+    for (int64_t k = 0; k < K; ++k) {
+      std::fill(dst.begin() + k * W, dst.begin() + (k + 1) * W, pad);
+      std::copy(src[k] + nv, src[k] + n, dst.begin() + k * W);
+    }
   }
 };
 
@@ -205,6 +246,10 @@ void forward_rows(const LossArgs<T>& a, int64_t b_begin, int64_t b_end) {
   // Per-row running state: max, sum exp(z - max), sum exp((z - max)/T), sum z, pair sums
   // Y[t*K + s] (scaled like the T-sum of t), and the ensemble target's max and sums.
   std::vector<double> M(K), S1(K), ST(K), SZ(K), Y(K * K), ME(K), SE(K), DE(K), LT(K);
+  // Stored exponentials (LossArgs::chunk_scale): each chunk's max per peer, for its scale.
+  const bool keep = std::is_same_v<T, A> && a.chunk_scale != nullptr;
+  const int64_t n_chunks = (C + kChunk - 1) / kChunk;
+  std::vector<A> chunk_max_of(keep ? K * n_chunks : 0);
   for (int64_t b = b_begin; b < b_end; ++b) {
     std::fill(M.begin(), M.end(), kNegInf);
     std::fill(ME.begin(), ME.end(), kNegInf);
@@ -212,32 +257,36 @@ void forward_rows(const LossArgs<T>& a, int64_t b_begin, int64_t b_end) {
     for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
       const int64_t n = std::min(kChunk, C - c0), nv = n / W * W;
       sc.load_chunk(a, b, c0, n);
+      // padding lanes: exp(-inf) = 0, and the masked path keeps their pair terms 0
+      if (nv < n) sc.pad_tail(sc.zc.data(), sc.tail_z, nv, n, A(kNegInf));
       for (int64_t t = 0; t < K; ++t) {
         bool masked = false;
         const A m = chunk_max(sc.zc[t], n, &masked);
         const A ref = m == A(kNegInf) ? A(0) : m;
-        V vs1{}, vsT{}, vsz{};
-        A ss1 = 0, ssT = 0, ssz = 0;
+        A* eo = nullptr;
+        if constexpr (std::is_same_v<T, A>)
+          if (keep) eo = a.dz[t] + b * a.dz_stride[t] + c0, chunk_max_of[t * n_chunks + c0 / kChunk] = m;
+        V vs1{}, vsT{};
         std::fill(sc.v2, sc.v2 + K, V{});
-        std::fill(sc.s2, sc.s2 + K, A(0));
         with_peers(K, [&](auto kc) {
           constexpr int KC = decltype(kc)::value;
-          if (masked) {
-            target_cols<KC, true, V>(sc.zc.data(), K, t, 0, nv, ref, invT, tp, pairs, sc.v2, vs1, vsT, vsz);
-            target_cols<KC, true, A>(sc.zc.data(), K, t, nv, n, ref, invT, tp, pairs, sc.s2, ss1, ssT, ssz);
-          } else {
-            target_cols<KC, false, V>(sc.zc.data(), K, t, 0, nv, ref, invT, tp, pairs, sc.v2, vs1, vsT, vsz);
-            target_cols<KC, false, A>(sc.zc.data(), K, t, nv, n, ref, invT, tp, pairs, sc.s2, ss1, ssT, ssz);
-          }
+          if (masked)
+            target_cols<KC, true, V>(sc.zc.data(), K, t, 0, nv, ref, invT, tp, pairs, sc.v2, vs1, vsT, eo);
+          else
+            target_cols<KC, false, V>(sc.zc.data(), K, t, 0, nv, ref, invT, tp, pairs, sc.v2, vs1, vsT, eo);
+          if (nv < n)
+            target_cols<KC, true, V>(sc.tz.data(), K, t, 0, W, ref, invT, tp, pairs, sc.v2, vs1, vsT,
+                                     eo ? sc.tg[t] : nullptr);
         });
+        if (eo && nv < n) std::copy(sc.tg[t], sc.tg[t] + (n - nv), eo + nv);
         const Rescale r(M[t], m, invT_d);
         M[t] = r.max;
-        S1[t] = S1[t] * r.row1 + (double(hsum(vs1)) + ss1) * r.chunk1;
-        ST[t] = ST[t] * r.rowT + (double(hsum(vsT)) + ssT) * r.chunkT;
-        SZ[t] += double(hsum(vsz)) + ssz;
+        S1[t] = S1[t] * r.row1 + double(hsum(vs1)) * r.chunk1;
+        ST[t] = ST[t] * r.rowT + double(hsum(vsT)) * r.chunkT;
+        if (eps > 0) SZ[t] += chunk_sum(sc.zc[t], n);
         if (pairs)
           for (int64_t s = 0; s < K; ++s)
-            Y[t * K + s] = Y[t * K + s] * r.rowT + (double(hsum(sc.v2[s])) + sc.s2[s]) * r.chunkT;
+            Y[t * K + s] = Y[t * K + s] * r.rowT + double(hsum(sc.v2[s])) * r.chunkT;
       }
       if (pairs) continue;
       for (int64_t k = 0; k < K; ++k) {
@@ -258,6 +307,14 @@ void forward_rows(const LossArgs<T>& a, int64_t b_begin, int64_t b_end) {
     const int64_t* lab = a.labels + b * a.M;
     const double* wts = a.weights + b * a.M;
     for (int64_t k = 0; k < K; ++k) LT[k] = M[k] * invT_d + std::log(ST[k]);
+    if (keep) {  // p = e * exp((m_chunk - M)/T) / ST; a chunk of -inf (e = 0) gets 0, not NaN
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t c = 0; c < n_chunks; ++c) {
+          const double m = chunk_max_of[k * n_chunks + c];
+          a.chunk_scale[(k * B + b) * n_chunks + c] =
+              static_cast<A>(m == kNegInf ? 0.0 : std::exp((m - M[k]) * invT_d) / ST[k]);
+        }
+    }
     for (int64_t k = 0; k < K; ++k) {
       const double lse1 = M[k] + std::log(S1[k]);
       const double lseT = LT[k];
@@ -322,10 +379,12 @@ struct GradRow {
 };
 
 // dZ over columns [i0, i1) of one chunk, before the label one-hot term. With T in {2, 3, 4},
-// s = exp(z - lse1) is taken as p^T exp(T lseT - lse1) = p^T cT.
+// s = exp(z - lse1) is taken as p^T exp(T lseT - lse1) = p^T cT. With ec set (the forward's
+// stored exponentials), p = ec * es[k] instead of an exponential, and z is read only where a
+// term needs it; ec may alias gc (in place: each column is read before it is written).
 template <int KC, typename U, typename A>
-void grad_cols(const GradRow<A>& g, const A* const* zc, A* const* gc, int64_t i0, int64_t i1,
-               U* zv_rt, U* pv_rt, U* gv_rt) {
+void grad_cols(const GradRow<A>& g, const A* const* zc, const A* const* ec, const A* es,
+               A* const* gc, int64_t i0, int64_t i1, U* zv_rt, U* pv_rt, U* gv_rt) {
   constexpr int64_t W = sizeof(U) / sizeof(A);
   const int64_t K = KC > 0 ? KC : g.K;
   const U zero{};
@@ -333,11 +392,15 @@ void grad_cols(const GradRow<A>& g, const A* const* zc, A* const* gc, int64_t i0
   U* zv = KC > 0 ? zl : zv_rt;
   U* pv = KC > 0 ? pl : pv_rt;
   U* gv = KC > 0 ? gl : gv_rt;
+  const bool need_z = !ec || g.targets || !g.pairs || g.tp.n == 0;
   for (int64_t i = i0; i < i1; i += W) {
     for (int64_t k = 0; k < K; ++k) {
-      const U z = load<U>(zc[k] + i);
+      const U z = need_z ? load<U>(zc[k] + i) : zero;
       U s, p;
-      if (g.tp.n == 1) {
+      if (ec) {
+        p = load<U>(ec[k] + i) * es[k];
+        s = g.tp.n == 1 ? p : g.tp.n ? int_pow(p, g.tp.n) * g.cT[k] : vexp(z - g.lse1[k]);
+      } else if (g.tp.n == 1) {
         s = p = vexp(z - g.lse1[k]);
       } else {
         p = vexp(z * g.invT - g.lseT[k]);
@@ -388,6 +451,10 @@ void backward_rows(const LossArgs<T>& a, int64_t b_begin, int64_t b_end) {
   std::vector<A> lse1(K), lseT(K), lseE(K), a1(K), a0(K), beta(K), H(K), cT(K);
   std::vector<double> alpha(K), Xd(K * K);
   std::vector<A*> gc(K);
+  std::vector<const A*> ec(K);
+  std::vector<A> es(K);  // this chunk's scale of the stored exponentials, per peer
+  const bool stored = std::is_same_v<T, A> && a.chunk_scale != nullptr;
+  const int64_t n_chunks = (C + kChunk - 1) / kChunk;
   bool any_kd = false;
   for (int64_t k = 0; k < K; ++k) {
     alpha[k] = a.grad_ce[k] / double(B);
@@ -438,14 +505,26 @@ void backward_rows(const LossArgs<T>& a, int64_t b_begin, int64_t b_end) {
     for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
       const int64_t n = std::min(kChunk, C - c0), nv = n / W * W;
       sc.load_chunk(a, b, c0, n);
-      for (int64_t k = 0; k < K; ++k)
+      for (int64_t k = 0; k < K; ++k) {
         gc[k] = sc.gbuf.empty() ? reinterpret_cast<A*>(a.dz[k] + b * a.dz_stride[k] + c0)
                                 : sc.gbuf.data() + k * kChunk;
+        ec[k] = gc[k];
+        if (stored) es[k] = a.chunk_scale[(k * B + b) * n_chunks + c0 / kChunk];
+      }
+      if (nv < n) {  // any finite padding: its lanes are not stored
+        sc.pad_tail(sc.zc.data(), sc.tail_z, nv, n, A(0));
+        if (stored) sc.pad_tail(ec.data(), sc.tail_e, nv, n, A(0));
+      }
       with_peers(K, [&](auto kc) {
         constexpr int KC = decltype(kc)::value;
-        grad_cols<KC, V>(g, sc.zc.data(), gc.data(), 0, nv, sc.v2, sc.v3, sc.v4);
-        grad_cols<KC, A>(g, sc.zc.data(), gc.data(), nv, n, sc.s2, sc.s3, sc.s4);
+        grad_cols<KC, V>(g, sc.zc.data(), stored ? ec.data() : nullptr, es.data(), gc.data(), 0, nv,
+                         sc.v2, sc.v3, sc.v4);
+        if (nv < n)
+          grad_cols<KC, V>(g, sc.tz.data(), stored ? sc.te.data() : nullptr, es.data(), sc.tg.data(),
+                           0, W, sc.v2, sc.v3, sc.v4);
       });
+      if (nv < n)
+        for (int64_t k = 0; k < K; ++k) std::copy(sc.tg[k], sc.tg[k] + (n - nv), gc[k] + nv);
       for (int64_t m = 0; m < a.M; ++m) {  // the one-hot term of the labels in this chunk
         const int64_t c = lab[m] - c0;
         if (c < 0 || c >= n) continue;

@@ -19,6 +19,10 @@
 #include <cstring>
 #include <limits>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>  // the AVX-512 vexp below; GCC declares every intrinsic whatever the target
+#endif
+
 namespace metamixer::core {
 
 // Storage types of half-precision logits (bit patterns; converted with to_acc/from_acc).
@@ -202,6 +206,37 @@ __attribute__((always_inline)) inline U vexp(U x) {
   return select(x < lo, U{}, select(x > hi, splat<U>(std::numeric_limits<float>::infinity()), y));
 }
 inline double vexp(double x) { return std::exp(x); }
+
+#if METAMIXER_SIMD_WIDTH == 64 && (defined(__x86_64__) || defined(__i386__))
+// The AVX-512 build (compiled under its target pragma): the same reduction and polynomial, but
+// vscalefps multiplies by 2^n, and it overflows to inf and underflows to subnormals and 0 by
+// itself, so the clamps shrink to one max and one min and the exponent-bit construction and the
+// final range selects go: 14 vector instructions instead of about 24, for a kernel that is
+// bound by them. The range widens to [-104, 89]: results below exp(-87) are subnormal instead
+// of 0 (below -103.9 they round to 0), exp(-inf) = 0, inf for x >= 88.73, NaN -> NaN.
+inline __m512 m512(vfloat v) { return reinterpret_cast<__m512>(v); }
+inline vfloat vexp(vfloat x) {
+  // vmaxps/vminps return their second operand when either is NaN, so a NaN lane stays NaN.
+  // The masked forms with every lane set: the unmasked intrinsics pass an undefined source
+  // that trips GCC 12's false -Wuninitialized (bug 105593); they compile to the same instructions.
+  constexpr __mmask16 all = 0xFFFF;
+  const __m512 lo = m512(splat<vfloat>(-104.0f)), hi = m512(splat<vfloat>(89.0f));
+  __m512 xc = _mm512_mask_max_ps(lo, all, lo, m512(x));
+  xc = _mm512_mask_min_ps(hi, all, hi, xc);
+  const vfloat xv = reinterpret_cast<vfloat>(xc);
+  const vfloat magic = splat<vfloat>(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  const vfloat n = (xv * 1.44269504088896341f + magic) - magic;
+  const vfloat r = xv - n * 0.693359375f - n * -2.12194440e-4f;
+  vfloat p = splat<vfloat>(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const __m512 er_ = m512(p * (r * r) + r + 1.0f);
+  return reinterpret_cast<vfloat>(_mm512_mask_scalef_ps(er_, all, er_, m512(n)));
+}
+#endif
 
 // ---- half-precision storage <-> accumulation type
 inline float to_acc(float v) { return v; }

@@ -37,6 +37,26 @@ void expect_close(const char* what, double got, double want, double rtol, double
 }
 
 // ------------------------------------------------------------------ exp and conversions
+// The AVX-512 vexp scales with vscalefps: its own range ends and special values.
+void test_exp_avx512_edges() {
+  const float inf = std::numeric_limits<float>::infinity();
+  const std::vector<float> x = {-inf, -1000.0f, -104.0f, -103.0f, -95.0f, -87.5f, 88.5f, 88.72f,
+                                88.73f, 89.0f, 100.0f, inf, std::nanf(""), 0.0f, -0.0f, 1.0f};
+  std::vector<float> y(x.size());
+  exp_avx512(x.data(), y.data(), static_cast<int64_t>(x.size()));
+  for (size_t i = 0; i < x.size(); ++i) {
+    const double want = std::exp(static_cast<double>(x[i]));
+    // subnormal results: within one unit of the smallest subnormal (2^-149) plus 3 ulp relative
+    const double tol = std::ldexp(1.0, -149) + 3.6e-7 * want;
+    const bool ok = std::isnan(x[i]) ? std::isnan(y[i])
+                    : std::isinf(static_cast<float>(want)) ? std::isinf(y[i]) && y[i] > 0
+                                                           : std::fabs(y[i] - want) <= tol;
+    expect(ok, "vexp avx512 at the range ends", y[i], want);
+  }
+  expect(y[0] == 0.0f && y[1] == 0.0f, "vexp avx512: exp(-inf) = exp(-1000) = 0", y[1], 0);
+  expect(y[4] > 0.0f, "vexp avx512: exp(-95) is a subnormal, not 0", y[4], std::exp(-95.0));
+}
+
 void test_exp() {
   double worst = 0;
   for (int i = 0; i <= 300000; ++i) {
@@ -58,6 +78,7 @@ void test_exp() {
       exp_avx512(x.data(), y.data(), static_cast<int64_t>(x.size()));
       for (size_t i = 0; i < x.size(); ++i)
         worst = std::max(worst, std::fabs(y[i] / std::exp(double(x[i])) - 1));
+      test_exp_avx512_edges();
     }
   }
   std::printf("vexp max relative error over [-87, 88]: %.3g\n", worst);
@@ -185,10 +206,12 @@ Problem make_problem(std::mt19937& gen, int K, int B, int C, int M, bool ensembl
   return p;
 }
 
-// Runs the kernel on the problem's logits stored as T; returns ce, kd, dz (as double).
+// Runs the kernel on the problem's logits stored as T; returns ce, kd, dz (as double). With
+// `stored` (float and double only) the forward keeps its exponentials in the gradient buffer
+// and the backward works from them in place (LossArgs::chunk_scale).
 template <typename T, typename Fwd, typename Bwd>
 void run_kernel(const Problem& p, Fwd fwd, Bwd bwd, std::vector<double>& ce, std::vector<double>& kd,
-                std::vector<double>& dz) {
+                std::vector<double>& dz, bool stored = false) {
   using A = acc_t<T>;
   const int K = p.K, B = p.B, C = p.C;
   std::vector<T> zt(p.z.size()), gt(p.z.size());
@@ -209,6 +232,8 @@ void run_kernel(const Problem& p, Fwd fwd, Bwd bwd, std::vector<double>& ce, std
   a.detach_targets = p.detach, a.row_stats = stats.data(), a.ce_rows = ce_rows.data();
   a.kd_rows = kd_rows.data(), a.grad_ce = p.gce.data(), a.grad_kd = p.gkd.data();
   a.dz = gp.data(), a.dz_stride = stride.data();
+  std::vector<A> chunk_scale(K * B * ((C + 511) / 512));
+  if (stored) a.chunk_scale = chunk_scale.data();
   fwd(a, 0, 1);  // two calls: rows are independent
   fwd(a, 1, B);
   bwd(a, 0, B);
@@ -234,6 +259,13 @@ void check_case(const char* name, Problem p, Fwd fwd, Bwd bwd, double rtol, bool
   run_kernel<T>(p, fwd, bwd, ce, kd, dz);
   naive_loss(p, p.z, p.z, &want_ce, &want_kd);
   char what[160];
+  std::vector<double> dz_stored;  // the backward from the forward's stored exponentials
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+    std::vector<double> ce2, kd2;
+    run_kernel<T>(p, fwd, bwd, ce2, kd2, dz_stored, true);
+    std::snprintf(what, sizeof what, "%s: storing the exponentials leaves ce/kd unchanged", name);
+    expect(ce2 == ce && kd2 == kd, what, ce2[0], ce[0]);
+  }
   for (int k = 0; k < p.K; ++k) {
     std::snprintf(what, sizeof what, "%s ce[%d]", name, k);
     expect_close(what, ce[k], want_ce[k], rtol, rtol);
@@ -262,6 +294,9 @@ void check_case(const char* name, Problem p, Fwd fwd, Bwd bwd, double rtol, bool
     if (!std::isfinite(p.z[i])) continue;
     std::snprintf(what, sizeof what, "%s dz[%zu]", name, i);
     expect_close(what, dz[i], fd[i], 0, rtol * scale + 1e-7);
+    if (dz_stored.empty()) continue;
+    std::snprintf(what, sizeof what, "%s dz[%zu] from stored exponentials", name, i);
+    expect_close(what, dz_stored[i], fd[i], 0, rtol * scale + 1e-7);
   }
 }
 
@@ -308,19 +343,23 @@ void test_loss_cases(const char* isa, Fwd16 fwd, Bwd16 bwd, std::mt19937& gen) {
     check_case<double>(name, p, fwd.d, bwd.d, 1e-7);
     check_case<float>(name, p, fwd.f, bwd.f, 2e-5);
     // masked gradients are exactly 0
-    std::vector<double> ce, kd, dz;
-    run_kernel<float>(p, fwd.f, bwd.f, ce, kd, dz);
-    for (size_t i = 0; i < p.z.size(); ++i)
-      if (!std::isfinite(p.z[i])) expect(dz[i] == 0, "masked class gradient", dz[i], 0);
+    for (bool stored : {false, true}) {
+      std::vector<double> ce, kd, dz;
+      run_kernel<float>(p, fwd.f, bwd.f, ce, kd, dz, stored);
+      for (size_t i = 0; i < p.z.size(); ++i)
+        if (!std::isfinite(p.z[i])) expect(dz[i] == 0, "masked class gradient", dz[i], 0);
+    }
   }
   // NaN in one logit: that row's losses and gradients are NaN, never a silent 0.
   {
     Problem p = make_problem(gen, 2, 2, 20, 1, false, true, 2.0, 0.0);
     p.z[5] = NAN;  // peer 0, row 0
-    std::vector<double> ce, kd, dz;
-    run_kernel<float>(p, fwd.f, bwd.f, ce, kd, dz);
-    expect(std::isnan(ce[0]) && std::isnan(kd[0]) && std::isnan(kd[1]), "NaN propagates to ce/kd", ce[0], NAN);
-    expect(std::isnan(dz[0]) && std::isnan(dz[2 * 20 + 3]), "NaN propagates to dz", dz[0], NAN);
+    for (bool stored : {false, true}) {
+      std::vector<double> ce, kd, dz;
+      run_kernel<float>(p, fwd.f, bwd.f, ce, kd, dz, stored);
+      expect(std::isnan(ce[0]) && std::isnan(kd[0]) && std::isnan(kd[1]), "NaN propagates to ce/kd", ce[0], NAN);
+      expect(std::isnan(dz[0]) && std::isnan(dz[2 * 20 + 3]), "NaN propagates to dz", dz[0], NAN);
+    }
   }
 }
 
