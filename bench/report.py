@@ -46,10 +46,14 @@ def time_interleaved(fns: dict, rounds: int, warmup: int) -> dict[str, float]:
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
-def loss_report(threads: int, rounds: int | None) -> dict:
+def loss_report(threads: int, rounds: int | None, retain_memory: bool = False) -> dict:
     import metamixer_fast as mf
     from bench.bench_mixed_kd_loss import SHAPES, contenders
+    from metamixer_fast.memory import retain_freed_memory
 
+    # Process-wide, so every contender runs under the same allocator: glibc's defaults (what a
+    # trainer that imports the loss has) or the training loop's retain_memory setting.
+    retained = retain_freed_memory() if retain_memory else False
     torch.set_num_threads(threads)
     # Warm up every shape first (compilation, allocator growth), then time shape by shape.
     prepared = []
@@ -72,7 +76,8 @@ def loss_report(threads: int, rounds: int | None) -> dict:
             "speedup_vs_dml_pair_loop": med["dml_pair_loop"] / fused if "dml_pair_loop" in med else None,
         })
     return {"benchmark": "mixed_kd_loss forward+backward (CPU)", "commit": commit(),
-            "threads": threads, "torch": torch.__version__, "cpu": cpu_name(),
+            "threads": threads, "retain_memory": retained, "torch": torch.__version__,
+            "cpu": cpu_name(),
             "backend": mf._backend.backend_for("mixed_kd_loss", torch.device("cpu")),
             "cpp_build": _build_info(), "rows": rows}
 
@@ -97,7 +102,8 @@ def loss_markdown(report: dict) -> str:
                      f"{dml} | {m['softmax_floor']:.3f} | {r['fused_over_softmax']:.2f}x | "
                      f"{r['speedup_vs_reference']:.1f}x | {r['speedup_vs_compiled_reference']:.1f}x | "
                      f"{vs_dml} |")
-    foot = (f"\nmedians of interleaved rounds after warm-up; {report['threads']} threads; "
+    memory = "retain_memory on" if report.get("retain_memory") else "glibc malloc defaults"
+    foot = (f"\nmedians of interleaved rounds after warm-up; {report['threads']} threads; {memory}; "
             f"backend {report['backend']}; torch {report['torch']}; {report['cpu']}; "
             f"commit {report['commit']}\n")
     return head + "\n".join(lines) + "\n" + foot
@@ -108,10 +114,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("which", choices=["loss"], help="which benchmark to report")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds per shape")
+    parser.add_argument("--retain-memory", choices=["on", "off"], default="off",
+                        help="glibc keeps freed memory mapped, as the training loop's "
+                             "retain_memory option does (default off: malloc's defaults)")
     args = parser.parse_args(argv)
-    report = loss_report(args.threads, args.rounds)
+    report = loss_report(args.threads, args.rounds, args.retain_memory == "on")
     print(loss_markdown(report))
-    out = ROOT / "bench" / "results" / f"mixed_kd_loss-{report['commit']}.json"
+    suffix = "-retain-memory" if report["retain_memory"] else ""
+    out = ROOT / "bench" / "results" / f"mixed_kd_loss-{report['commit']}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out.relative_to(ROOT)}")
