@@ -115,18 +115,21 @@ inline U int_pow(const U& x, int n) {
 // other peer s (pairwise mode) y[s] += e_T (z_t - z_s) where e_T > 0 (the test is needed only
 // when z_t has -inf, where 0 * -inf would give NaN: Masked). KC: K if known, else 0.
 // With eo set, e_T is also stored to eo[i] (the stored exponentials, LossArgs::chunk_scale).
+// With tail set, one more vector follows from tail (the chunk's ragged end, padded with -inf;
+// always masked), its e_T stored to eo_tail: one call per chunk, so short rows pay the
+// function's set-up once.
 template <int KC, bool Masked, typename U, typename A>
 void target_cols(const A* const* zc, int64_t K_rt, int64_t t, int64_t i0, int64_t i1, A ref, A invT,
-                 TempPow tp, bool pairs, U* y, U& s1, U& sT, A* eo) {
+                 TempPow tp, bool pairs, U* y, U& s1, U& sT, A* eo, const A* const* tail,
+                 A* eo_tail) {
   constexpr int64_t W = sizeof(U) / sizeof(A);
   const int64_t K = KC > 0 ? KC : K_rt;
   const U zero{};
   U l1{}, lT{}, yl[KC > 0 ? KC : 1];
   for (auto& v : yl) v = zero;
   U* yp = KC > 0 ? yl : y;
-  const A* zt = zc[t];
-  for (int64_t i = i0; i < i1; i += W) {
-    const U z = load<U>(zt + i);
+  const auto step = [&](const A* const* src, int64_t i, A* out, auto masked) {
+    const U z = load<U>(src[t] + i);
     const U d = z - ref;
     U e1, eT;
     if (tp.n == 1) {
@@ -135,16 +138,18 @@ void target_cols(const A* const* zc, int64_t K_rt, int64_t t, int64_t i0, int64_
       eT = vexp(d * invT);
       e1 = tp.n ? int_pow(eT, tp.n) : vexp(d);
     }
-    if (eo) store(eo + i, eT);
+    if (out) store(out + i, eT);
     l1 += e1;
     lT += eT;
-    if (!pairs) continue;
+    if (!pairs) return;
     for (int64_t s = 0; s < K; ++s) {
       if (s == t) continue;
-      const U term = eT * (z - load<U>(zc[s] + i));
-      yp[s] += Masked ? select(eT > zero, term, zero) : term;
+      const U term = eT * (z - load<U>(src[s] + i));
+      yp[s] += decltype(masked)::value ? select(eT > zero, term, zero) : term;
     }
-  }
+  };
+  for (int64_t i = i0; i < i1; i += W) step(zc, i, eo, std::bool_constant<Masked>{});
+  if (tail) step(tail, 0, eo_tail, std::true_type{});
   s1 += l1, sT += lT;
   if (KC > 0)
     for (int64_t s = 0; s < K; ++s) y[s] += yl[s];
@@ -270,13 +275,14 @@ void forward_rows(const LossArgs<T>& a, int64_t b_begin, int64_t b_end) {
         std::fill(sc.v2, sc.v2 + K, V{});
         with_peers(K, [&](auto kc) {
           constexpr int KC = decltype(kc)::value;
+          const A* const* tail = nv < n ? sc.tz.data() : nullptr;
+          A* eo_tail = eo ? sc.tg[t] : nullptr;
           if (masked)
-            target_cols<KC, true, V>(sc.zc.data(), K, t, 0, nv, ref, invT, tp, pairs, sc.v2, vs1, vsT, eo);
+            target_cols<KC, true, V>(sc.zc.data(), K, t, 0, nv, ref, invT, tp, pairs, sc.v2, vs1, vsT,
+                                     eo, tail, eo_tail);
           else
-            target_cols<KC, false, V>(sc.zc.data(), K, t, 0, nv, ref, invT, tp, pairs, sc.v2, vs1, vsT, eo);
-          if (nv < n)
-            target_cols<KC, true, V>(sc.tz.data(), K, t, 0, W, ref, invT, tp, pairs, sc.v2, vs1, vsT,
-                                     eo ? sc.tg[t] : nullptr);
+            target_cols<KC, false, V>(sc.zc.data(), K, t, 0, nv, ref, invT, tp, pairs, sc.v2, vs1, vsT,
+                                      eo, tail, eo_tail);
         });
         if (eo && nv < n) std::copy(sc.tg[t], sc.tg[t] + (n - nv), eo + nv);
         const Rescale r(M[t], m, invT_d);
@@ -345,7 +351,9 @@ void forward_rows(const LossArgs<T>& a, int64_t b_begin, int64_t b_end) {
 // Target-side sums for detach_targets=false over [i0, i1):
 // pairwise X[t*K + s] += p_t (z_t - z_s); ensemble X[k] += q_k (E_k - z_k) (where p, q > 0).
 template <typename U, typename A>
-void target_grad_sums(const A* const* zc, const A* coef, int64_t K,
+// With ec set, p = ec * es (the stored exponentials, as grad_cols takes them: the two must
+// agree, or the target terms that cancel exactly in exact arithmetic leave a residue).
+void target_grad_sums(const A* const* zc, const A* const* ec, const A* es, const A* coef, int64_t K,
                       bool pairs, int64_t i0, int64_t i1, A invT, const A* lseT, const A* lseE,
                       U* x, U* zv) {
   constexpr int64_t W = sizeof(U) / sizeof(A);
@@ -354,7 +362,7 @@ void target_grad_sums(const A* const* zc, const A* coef, int64_t K,
     for (int64_t k = 0; k < K; ++k) zv[k] = load<U>(zc[k] + i);
     for (int64_t t = 0; t < K; ++t) {
       if (pairs) {
-        const U p = vexp(zv[t] * invT - lseT[t]);
+        const U p = ec ? load<U>(ec[t] + i) * es[t] : vexp(zv[t] * invT - lseT[t]);
         for (int64_t s = 0; s < K; ++s)
           if (s != t) x[t * K + s] += select(p > zero, p * (zv[t] - zv[s]), zero);
       } else {
@@ -382,9 +390,19 @@ struct GradRow {
 // s = exp(z - lse1) is taken as p^T exp(T lseT - lse1) = p^T cT. With ec set (the forward's
 // stored exponentials), p = ec * es[k] instead of an exponential, and z is read only where a
 // term needs it; ec may alias gc (in place: each column is read before it is written).
+// Sources of one grad_cols step: logits, stored exponentials (or nullptr) and the output.
+template <typename A>
+struct GradCols {
+  const A* const* z;
+  const A* const* e;
+  A* const* out;
+};
+
+// Columns [i0, i1) of `main`, then (if tail.z is set) one vector of `tail`: the chunk's ragged
+// end, padded (its extra lanes are computed and not used).
 template <int KC, typename U, typename A>
-void grad_cols(const GradRow<A>& g, const A* const* zc, const A* const* ec, const A* es,
-               A* const* gc, int64_t i0, int64_t i1, U* zv_rt, U* pv_rt, U* gv_rt) {
+void grad_cols(const GradRow<A>& g, GradCols<A> main, GradCols<A> tail, const A* es, int64_t i0,
+               int64_t i1, U* zv_rt, U* pv_rt, U* gv_rt) {
   constexpr int64_t W = sizeof(U) / sizeof(A);
   const int64_t K = KC > 0 ? KC : g.K;
   const U zero{};
@@ -392,8 +410,10 @@ void grad_cols(const GradRow<A>& g, const A* const* zc, const A* const* ec, cons
   U* zv = KC > 0 ? zl : zv_rt;
   U* pv = KC > 0 ? pl : pv_rt;
   U* gv = KC > 0 ? gl : gv_rt;
-  const bool need_z = !ec || g.targets || !g.pairs || g.tp.n == 0;
-  for (int64_t i = i0; i < i1; i += W) {
+  const bool need_z = !main.e || g.targets || !g.pairs || g.tp.n == 0;
+  const auto step = [&](GradCols<A> src, int64_t i) {
+    const A* const* zc = src.z;
+    const A* const* ec = src.e;
     for (int64_t k = 0; k < K; ++k) {
       const U z = need_z ? load<U>(zc[k] + i) : zero;
       U s, p;
@@ -436,8 +456,10 @@ void grad_cols(const GradRow<A>& g, const A* const* zc, const A* const* ec, cons
         }
       }
     }
-    for (int64_t k = 0; k < K; ++k) store(gc[k] + i, gv[k]);
-  }
+    for (int64_t k = 0; k < K; ++k) store(src.out[k] + i, gv[k]);
+  };
+  for (int64_t i = i0; i < i1; i += W) step(main, i);
+  if (tail.z) step(tail, 0);
 }
 
 template <typename T>
@@ -455,6 +477,16 @@ void backward_rows(const LossArgs<T>& a, int64_t b_begin, int64_t b_end) {
   std::vector<A> es(K);  // this chunk's scale of the stored exponentials, per peer
   const bool stored = std::is_same_v<T, A> && a.chunk_scale != nullptr;
   const int64_t n_chunks = (C + kChunk - 1) / kChunk;
+  // The gradient rows of a chunk (or the half-precision staging buffer), and where the stored
+  // exponentials are (the same memory, before it is overwritten) with their scale.
+  const auto point_chunk = [&](int64_t b, int64_t c0) {
+    for (int64_t k = 0; k < K; ++k) {
+      gc[k] = sc.gbuf.empty() ? reinterpret_cast<A*>(a.dz[k] + b * a.dz_stride[k] + c0)
+                              : sc.gbuf.data() + k * kChunk;
+      ec[k] = gc[k];
+      if (stored) es[k] = a.chunk_scale[(k * B + b) * n_chunks + c0 / kChunk];
+    }
+  };
   bool any_kd = false;
   for (int64_t k = 0; k < K; ++k) {
     alpha[k] = a.grad_ce[k] / double(B);
@@ -481,12 +513,14 @@ void backward_rows(const LossArgs<T>& a, int64_t b_begin, int64_t b_end) {
       for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
         const int64_t n = std::min(kChunk, C - c0), nv = n / W * W;
         sc.load_chunk(a, b, c0, n);
+        point_chunk(b, c0);
         std::fill(sc.v1, sc.v1 + K * K, V{});
         std::fill(sc.s1, sc.s1 + K * K, A(0));
-        target_grad_sums<V>(sc.zc.data(), sc.coef.data(),
+        const A* const* e = stored ? ec.data() : nullptr;
+        target_grad_sums<V>(sc.zc.data(), e, es.data(), sc.coef.data(),
                             K, g.pairs, 0, nv, g.invT, lseT.data(), lseE.data(), sc.v1,
                             sc.v2);
-        target_grad_sums<A>(sc.zc.data(), sc.coef.data(),
+        target_grad_sums<A>(sc.zc.data(), e, es.data(), sc.coef.data(),
                             K, g.pairs, nv, n, g.invT, lseT.data(), lseE.data(), sc.s1,
                             sc.s2);
         for (int64_t i = 0; i < K * K; ++i) Xd[i] += double(hsum(sc.v1[i])) + sc.s1[i];
@@ -505,23 +539,17 @@ void backward_rows(const LossArgs<T>& a, int64_t b_begin, int64_t b_end) {
     for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
       const int64_t n = std::min(kChunk, C - c0), nv = n / W * W;
       sc.load_chunk(a, b, c0, n);
-      for (int64_t k = 0; k < K; ++k) {
-        gc[k] = sc.gbuf.empty() ? reinterpret_cast<A*>(a.dz[k] + b * a.dz_stride[k] + c0)
-                                : sc.gbuf.data() + k * kChunk;
-        ec[k] = gc[k];
-        if (stored) es[k] = a.chunk_scale[(k * B + b) * n_chunks + c0 / kChunk];
-      }
+      point_chunk(b, c0);
       if (nv < n) {  // any finite padding: its lanes are not stored
         sc.pad_tail(sc.zc.data(), sc.tail_z, nv, n, A(0));
         if (stored) sc.pad_tail(ec.data(), sc.tail_e, nv, n, A(0));
       }
+      const GradCols<A> main{sc.zc.data(), stored ? ec.data() : nullptr, gc.data()};
+      const GradCols<A> tail{nv < n ? sc.tz.data() : nullptr, stored ? sc.te.data() : nullptr,
+                             sc.tg.data()};
       with_peers(K, [&](auto kc) {
         constexpr int KC = decltype(kc)::value;
-        grad_cols<KC, V>(g, sc.zc.data(), stored ? ec.data() : nullptr, es.data(), gc.data(), 0, nv,
-                         sc.v2, sc.v3, sc.v4);
-        if (nv < n)
-          grad_cols<KC, V>(g, sc.tz.data(), stored ? sc.te.data() : nullptr, es.data(), sc.tg.data(),
-                           0, W, sc.v2, sc.v3, sc.v4);
+        grad_cols<KC, V>(g, main, tail, es.data(), 0, nv, sc.v2, sc.v3, sc.v4);
       });
       if (nv < n)
         for (int64_t k = 0; k < K; ++k) std::copy(sc.tg[k], sc.tg[k] + (n - nv), gc[k] + nv);
