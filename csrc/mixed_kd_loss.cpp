@@ -60,24 +60,36 @@ std::vector<double> as_doubles(const Tensor& t) {
 
 // Labels, weights (as double) and peer matrix, checked with the messages of _checks.py.
 struct Plan {
-  Tensor labels;  // contiguous int64 [B, M]
+  Tensor labels;  // contiguous int64 [B, M] (or [B] with M = 1)
+  int64_t M = 1;
   std::vector<double> weights, peer;
 };
 
-Plan make_plan(TensorList logits, const Tensor& labels, const Tensor& weights, int64_t K, int64_t B,
-               int64_t C, c10::string_view mode, const std::optional<Tensor>& peer_matrix) {
-  TORCH_CHECK_VALUE(labels.dim() == 2 && labels.size(0) == B && labels.scalar_type() == at::kLong &&
+// labels [B, M] with weights [B, M]; or, for the eager op, class indices [B] (or [B, 1]) with
+// no weights (each row one label of weight 1).
+Plan make_plan(const Tensor& labels, const Tensor& weights, int64_t K, int64_t B, int64_t C,
+               c10::string_view mode, const std::optional<Tensor>& peer_matrix,
+               double label_smoothing) {
+  TORCH_CHECK_VALUE((labels.dim() == 2 || (labels.dim() == 1 && !weights.defined())) &&
+                        labels.size(0) == B && labels.scalar_type() == at::kLong &&
                         labels.device().is_cpu(),
                     "mixed_kd_loss: 'labels' must be an int64 CPU tensor [B, M] with B=", B);
-  TORCH_CHECK_VALUE(weights.sizes() == labels.sizes() && weights.is_floating_point() &&
-                        weights.device().is_cpu(),
+  TORCH_CHECK_VALUE(!weights.defined() || (weights.sizes() == labels.sizes() &&
+                                           weights.is_floating_point() && weights.device().is_cpu()),
                     "mixed_kd_loss: 'weights' must be a floating CPU tensor shaped like labels");
+  TORCH_CHECK_VALUE(weights.defined() || labels.dim() == 1 || labels.size(1) == 1,
+                    "mixed_kd_loss: labels [B, M] with M > 1 need 'weights' of the same shape");
   TORCH_CHECK_VALUE(mode == "pairwise" || mode == "ensemble",
                     "mixed_kd_loss: 'mode' must be 'pairwise' or 'ensemble'");
+  TORCH_CHECK_VALUE(label_smoothing >= 0 && label_smoothing <= 1,
+                    "mixed_kd_loss: 'label_smoothing' must be in [0, 1]");
+  TORCH_CHECK_VALUE(mode == "ensemble" || !peer_matrix.has_value(),
+                    "mixed_kd_loss: 'peer_matrix' is used only with mode='ensemble'");
   Plan plan;
   plan.labels = labels.contiguous();
+  plan.M = labels.dim() == 2 ? labels.size(1) : 1;
   const int64_t* lab = plan.labels.data_ptr<int64_t>();
-  const int64_t n = plan.labels.numel(), M = labels.size(1);
+  const int64_t n = plan.labels.numel(), M = plan.M;
   int64_t lo = 0, hi = 0;
   for (int64_t i = 0; i < n; ++i) {
     lo = i == 0 ? lab[i] : std::min(lo, lab[i]);
@@ -85,20 +97,24 @@ Plan make_plan(TensorList logits, const Tensor& labels, const Tensor& weights, i
   }
   TORCH_CHECK_VALUE(n == 0 || (lo >= 0 && hi < C), "mixed_kd_loss: 'labels' must hold class indices in [0, ",
                     C, "); found values from ", lo, " to ", hi);
-  plan.weights = as_doubles(weights);
-  bool ok = true, sums = true;
-  for (int64_t b = 0; b < B; ++b) {
-    double s = 0;
-    for (int64_t m = 0; m < M; ++m) {
-      const double v = plan.weights[b * M + m];
-      ok = ok && std::isfinite(v) && v >= 0;
-      s += v;
+  if (!weights.defined()) {
+    plan.weights.assign(B, 1.0);
+  } else {
+    plan.weights = as_doubles(weights);
+    bool ok = true, sums = true;
+    for (int64_t b = 0; b < B; ++b) {
+      double s = 0;
+      for (int64_t m = 0; m < M; ++m) {
+        const double v = plan.weights[b * M + m];
+        ok = ok && std::isfinite(v) && v >= 0;
+        s += v;
+      }
+      sums = sums && std::abs(s - 1.0) <= 1e-3;
     }
-    sums = sums && std::abs(s - 1.0) <= 1e-3;
+    TORCH_CHECK_VALUE(ok, "mixed_kd_loss: 'weights' must be finite and >= 0 (a mixture of labels per row)");
+    TORCH_CHECK_VALUE(sums, "mixed_kd_loss: each row of 'weights' must sum to 1; normalise it with "
+                            "weights / weights.sum(1, keepdim=True)");
   }
-  TORCH_CHECK_VALUE(ok, "mixed_kd_loss: 'weights' must be finite and >= 0 (a mixture of labels per row)");
-  TORCH_CHECK_VALUE(sums, "mixed_kd_loss: each row of 'weights' must sum to 1; normalise it with "
-                          "weights / weights.sum(1, keepdim=True)");
   if (mode == "ensemble") {
     if (peer_matrix.has_value()) {
       const Tensor& a = *peer_matrix;
@@ -114,7 +130,6 @@ Plan make_plan(TensorList logits, const Tensor& labels, const Tensor& weights, i
       for (int64_t k = 0; k < K; ++k) plan.peer[k * K + k] = 0.0;
     }
   }
-  (void)logits;
   return plan;
 }
 
@@ -180,7 +195,7 @@ template <typename T>
 core::LossArgs<T> make_args(const Peers& p, const Plan& plan, std::vector<const T*>& z,
                             double temperature, double eps, c10::string_view mode, bool detach) {
   core::LossArgs<T> a;
-  a.K = p.K, a.B = p.B, a.C = p.C, a.M = plan.labels.size(1);
+  a.K = p.K, a.B = p.B, a.C = p.C, a.M = plan.M;
   for (const void* b : p.base) z.push_back(static_cast<const T*>(b));
   a.z = z.data();
   a.z_stride = p.stride.data();
@@ -270,7 +285,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(TensorList logits, const Tensor&
   const Peers p = view_peers(logits);
   TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0,
                     "mixed_kd_loss: 'temperature' must be a finite number > 0");
-  const Plan plan = make_plan(logits, labels, weights, p.K, p.B, p.C, mode, peer_matrix);
+  const Plan plan = make_plan(labels, weights, p.K, p.B, p.C, mode, peer_matrix, label_smoothing);
   const auto odt = out_dtype(logits[0].scalar_type());
   Tensor stats = at::empty({p.K, p.B, 3}, logits[0].options().dtype(odt));
   std::vector<double> ce_rows(p.K * p.B), kd_rows(p.K * p.B);
@@ -316,7 +331,7 @@ std::vector<Tensor> backward_impl(const Tensor& grad_ce, const Tensor& grad_kd, 
                                   const std::optional<Tensor>& peer_matrix, bool detach_targets,
                                   StoredExp* stored) {
   const Peers p = view_peers(logits);
-  const Plan plan = make_plan(logits, labels, weights, p.K, p.B, p.C, mode, peer_matrix);
+  const Plan plan = make_plan(labels, weights, p.K, p.B, p.C, mode, peer_matrix, label_smoothing);
   const auto odt = out_dtype(logits[0].scalar_type());
   TORCH_CHECK_VALUE(row_stats.dim() == 3 && row_stats.size(0) == p.K && row_stats.size(1) == p.B &&
                         row_stats.size(2) == 3,
@@ -355,17 +370,19 @@ std::vector<Tensor> mixed_kd_loss_bwd(const Tensor& grad_ce, const Tensor& grad_
 // for float32 logits the gradient buffers holding the forward's exponentials).
 struct MixedKDLossFunction : public torch::autograd::Function<MixedKDLossFunction> {
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, TensorList logits,
-                                                const Tensor& labels, const Tensor& weights,
+                                                const Tensor& labels,
+                                                const std::optional<Tensor>& weights,
                                                 double temperature, double label_smoothing,
                                                 c10::string_view mode,
                                                 const std::optional<Tensor>& peer_matrix,
                                                 bool detach_targets) {
     std::optional<StoredExp> keep = stored_exp_for(logits);
-    auto [ce, kd, stats] = forward_impl(logits, labels, weights, temperature, label_smoothing, mode,
+    const Tensor w = weights.value_or(Tensor());  // undefined: one label per row, weight 1
+    auto [ce, kd, stats] = forward_impl(logits, labels, w, temperature, label_smoothing, mode,
                                         peer_matrix, detach_targets, keep ? &*keep : nullptr);
     std::vector<Tensor> saved(logits.begin(), logits.end());
     saved.push_back(labels);
-    saved.push_back(weights);
+    saved.push_back(w);
     saved.push_back(stats);
     if (peer_matrix.has_value()) saved.push_back(*peer_matrix);
     ctx->save_for_backward(saved);
@@ -427,9 +444,12 @@ struct MixedKDLossFunction : public torch::autograd::Function<MixedKDLossFunctio
   }
 };
 
+// The eager op takes the labels as the user gave them: class indices [B] (weights None) or a
+// mixture [B, M] with weights, so the Python wrapper has nothing to build.
 std::tuple<Tensor, Tensor> mixed_kd_loss_autograd(TensorList logits, const Tensor& labels,
-                                                  const Tensor& weights, double temperature,
-                                                  double label_smoothing, c10::string_view mode,
+                                                  const std::optional<Tensor>& weights,
+                                                  double temperature, double label_smoothing,
+                                                  c10::string_view mode,
                                                   const std::optional<Tensor>& peer_matrix,
                                                   bool detach_targets) {
   auto out = MixedKDLossFunction::apply(logits, labels, weights, temperature, label_smoothing, mode,
@@ -438,12 +458,13 @@ std::tuple<Tensor, Tensor> mixed_kd_loss_autograd(TensorList logits, const Tenso
 }
 
 std::tuple<Tensor, Tensor> mixed_kd_loss_nograd(TensorList logits, const Tensor& labels,
-                                                const Tensor& weights, double temperature,
-                                                double label_smoothing, c10::string_view mode,
+                                                const std::optional<Tensor>& weights,
+                                                double temperature, double label_smoothing,
+                                                c10::string_view mode,
                                                 const std::optional<Tensor>& peer_matrix,
                                                 bool detach_targets) {
-  auto [ce, kd, stats] = mixed_kd_loss_fwd(logits, labels, weights, temperature, label_smoothing, mode,
-                                           peer_matrix, detach_targets);
+  auto [ce, kd, stats] = mixed_kd_loss_fwd(logits, labels, weights.value_or(Tensor()), temperature,
+                                           label_smoothing, mode, peer_matrix, detach_targets);
   return {ce, kd};
 }
 
@@ -457,7 +478,7 @@ TORCH_LIBRARY_FRAGMENT(metamixer_cpp, m) {
   m.def("mixed_kd_loss_bwd(Tensor grad_ce, Tensor grad_kd, Tensor[] logits, Tensor labels, "
         "Tensor weights, Tensor row_stats, float temperature, float label_smoothing, str mode, "
         "Tensor? peer_matrix, bool detach_targets) -> Tensor[]");
-  m.def("mixed_kd_loss(Tensor[] logits, Tensor labels, Tensor weights, float temperature, "
+  m.def("mixed_kd_loss(Tensor[] logits, Tensor labels, Tensor? weights, float temperature, "
         "float label_smoothing, str mode, Tensor? peer_matrix, bool detach_targets) -> (Tensor, Tensor)");
 }
 

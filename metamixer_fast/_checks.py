@@ -55,6 +55,22 @@ def logits_shape(logits: Sequence[Tensor]) -> tuple[int, int, int]:
     return k, b, c
 
 
+def as_label_plan(labels: Tensor, weights: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Plain class indices [B] become the one-label plan (labels[B, 1], weights = 1)."""
+    if labels.dim() == 1:
+        if weights is not None:
+            raise ValueError("mixed_kd_loss: 'weights' goes with labels [B, M]; for class "
+                             "indices [B] leave it out")
+        labels = labels.unsqueeze(1)
+        return labels, torch.ones(labels.shape, dtype=torch.float32, device=labels.device)
+    if weights is None:
+        if labels.dim() == 2 and labels.shape[1] == 1:
+            return labels, torch.ones(labels.shape, dtype=torch.float32, device=labels.device)
+        raise ValueError(f"mixed_kd_loss: labels of shape {list(labels.shape)} need 'weights' of "
+                         f"the same shape (rows summing to 1)")
+    return labels, weights
+
+
 def check_mixed_kd_loss_args(logits: Sequence[Tensor], labels: Tensor, weights: Tensor,
                              temperature: float, label_smoothing: float, mode: str,
                              peer_matrix: Tensor | None) -> tuple[int, int, int]:

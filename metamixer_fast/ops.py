@@ -20,6 +20,7 @@ from torch import Tensor
 
 from . import _backend, reference
 from ._checks import (
+    as_label_plan,
     check_mix_args,
     check_mix_values,
     check_mixed_kd_loss_args,
@@ -116,22 +117,6 @@ _backend.register_kernel("mixed_kd_loss", "reference", _reference_forward)
 _backend.register_kernel("mixed_kd_loss_backward", "reference", _reference_backward)
 
 
-def _as_label_plan(labels: Tensor, weights: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Plain class indices [B] become the one-label plan (labels[B, 1], weights = 1)."""
-    if labels.dim() == 1:
-        if weights is not None:
-            raise ValueError("mixed_kd_loss: 'weights' goes with labels [B, M]; for class "
-                             "indices [B] leave it out")
-        labels = labels.unsqueeze(1)
-        return labels, torch.ones(labels.shape, dtype=torch.float32, device=labels.device)
-    if weights is None:
-        if labels.dim() == 2 and labels.shape[1] == 1:
-            return labels, torch.ones(labels.shape, dtype=torch.float32, device=labels.device)
-        raise ValueError(f"mixed_kd_loss: labels of shape {list(labels.shape)} need 'weights' of "
-                         f"the same shape (rows summing to 1)")
-    return labels, weights
-
-
 def mixed_kd_loss(logits: Tensor | Sequence[Tensor], labels: Tensor, weights: Tensor | None = None,
                   *, temperature: float = 1.0, label_smoothing: float = 0.0,
                   mode: str = "pairwise", peer_matrix: Tensor | None = None,
@@ -145,11 +130,11 @@ def mixed_kd_loss(logits: Tensor | Sequence[Tensor], labels: Tensor, weights: Te
     z = [logits] if isinstance(logits, Tensor) else list(logits)
     if not isinstance(labels, Tensor):
         raise TypeError(f"mixed_kd_loss: 'labels' must be a tensor, got {type(labels).__name__}")
-    labels, weights = _as_label_plan(labels, weights)
     eager = _backend.eager_kernel("mixed_kd_loss", z[0]) if z and isinstance(z[0], Tensor) else None
     if eager is not None:  # e.g. the C++ op with C++ autograd: no Python on the backward path
         return eager(z, labels, weights, float(temperature), float(label_smoothing), mode,
                      peer_matrix, bool(detach_targets))
+    labels, weights = as_label_plan(labels, weights)
     ce, kd, _ = torch.ops.metamixer.mixed_kd_loss(z, labels, weights, float(temperature),
                                                   float(label_smoothing), mode, peer_matrix,
                                                   bool(detach_targets))
