@@ -390,19 +390,9 @@ struct GradRow {
 // s = exp(z - lse1) is taken as p^T exp(T lseT - lse1) = p^T cT. With ec set (the forward's
 // stored exponentials), p = ec * es[k] instead of an exponential, and z is read only where a
 // term needs it; ec may alias gc (in place: each column is read before it is written).
-// Sources of one grad_cols step: logits, stored exponentials (or nullptr) and the output.
-template <typename A>
-struct GradCols {
-  const A* const* z;
-  const A* const* e;
-  A* const* out;
-};
-
-// Columns [i0, i1) of `main`, then (if tail.z is set) one vector of `tail`: the chunk's ragged
-// end, padded (its extra lanes are computed and not used).
 template <int KC, typename U, typename A>
-void grad_cols(const GradRow<A>& g, GradCols<A> main, GradCols<A> tail, const A* es, int64_t i0,
-               int64_t i1, U* zv_rt, U* pv_rt, U* gv_rt) {
+void grad_cols(const GradRow<A>& g, const A* const* zc, const A* const* ec, const A* es,
+               A* const* gc, int64_t i0, int64_t i1, U* zv_rt, U* pv_rt, U* gv_rt) {
   constexpr int64_t W = sizeof(U) / sizeof(A);
   const int64_t K = KC > 0 ? KC : g.K;
   const U zero{};
@@ -410,10 +400,8 @@ void grad_cols(const GradRow<A>& g, GradCols<A> main, GradCols<A> tail, const A*
   U* zv = KC > 0 ? zl : zv_rt;
   U* pv = KC > 0 ? pl : pv_rt;
   U* gv = KC > 0 ? gl : gv_rt;
-  const bool need_z = !main.e || g.targets || !g.pairs || g.tp.n == 0;
-  const auto step = [&](GradCols<A> src, int64_t i) {
-    const A* const* zc = src.z;
-    const A* const* ec = src.e;
+  const bool need_z = !ec || g.targets || !g.pairs || g.tp.n == 0;
+  for (int64_t i = i0; i < i1; i += W) {
     for (int64_t k = 0; k < K; ++k) {
       const U z = need_z ? load<U>(zc[k] + i) : zero;
       U s, p;
@@ -456,10 +444,8 @@ void grad_cols(const GradRow<A>& g, GradCols<A> main, GradCols<A> tail, const A*
         }
       }
     }
-    for (int64_t k = 0; k < K; ++k) store(src.out[k] + i, gv[k]);
-  };
-  for (int64_t i = i0; i < i1; i += W) step(main, i);
-  if (tail.z) step(tail, 0);
+    for (int64_t k = 0; k < K; ++k) store(gc[k] + i, gv[k]);
+  }
 }
 
 template <typename T>
@@ -544,12 +530,13 @@ void backward_rows(const LossArgs<T>& a, int64_t b_begin, int64_t b_end) {
         sc.pad_tail(sc.zc.data(), sc.tail_z, nv, n, A(0));
         if (stored) sc.pad_tail(ec.data(), sc.tail_e, nv, n, A(0));
       }
-      const GradCols<A> main{sc.zc.data(), stored ? ec.data() : nullptr, gc.data()};
-      const GradCols<A> tail{nv < n ? sc.tz.data() : nullptr, stored ? sc.te.data() : nullptr,
-                             sc.tg.data()};
       with_peers(K, [&](auto kc) {
         constexpr int KC = decltype(kc)::value;
-        grad_cols<KC, V>(g, main, tail, es.data(), 0, nv, sc.v2, sc.v3, sc.v4);
+        grad_cols<KC, V>(g, sc.zc.data(), stored ? ec.data() : nullptr, es.data(), gc.data(), 0, nv,
+                         sc.v2, sc.v3, sc.v4);
+        if (nv < n)  // the ragged end, padded (its extra lanes are computed and not stored)
+          grad_cols<KC, V>(g, sc.tz.data(), stored ? sc.te.data() : nullptr, es.data(), sc.tg.data(),
+                           0, W, sc.v2, sc.v3, sc.v4);
       });
       if (nv < n)
         for (int64_t k = 0; k < K; ++k) std::copy(sc.tg[k], sc.tg[k] + (n - nv), gc[k] + nv);
