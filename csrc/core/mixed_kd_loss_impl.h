@@ -24,31 +24,21 @@ const acc_t<T>* chunk_view(const T* src, int64_t n, acc_t<T>* buf) {
   }
 }
 
-// Max of a chunk (ignoring NaN), and whether it holds a -inf (a masked class). Four
-// independent max/min chains: one chain would wait on the max latency (4 cycles) every vector.
+// Max of a chunk (ignoring NaN), with four independent max chains: one chain would wait on
+// the max latency (4 cycles) every vector.
 template <typename A>
-A chunk_max(const A* p, int64_t n, bool* has_neg_inf = nullptr) {
+A chunk_max(const A* p, int64_t n) {
   using V = typename VecOf<A>::type;
   constexpr int64_t W = VecOf<A>::lanes;
-  V m[4], lo[4];
-  for (int j = 0; j < 4; ++j) m[j] = splat<V>(static_cast<A>(kNegInf)), lo[j] = -m[j];
+  V m[4];
+  for (auto& v : m) v = splat<V>(static_cast<A>(kNegInf));
   const int64_t nv = n / W * W, nv4 = n / (4 * W) * (4 * W);
-  for (int64_t i = 0; i < nv4; i += 4 * W) {
-    for (int j = 0; j < 4; ++j) {
-      const V x = load<V>(p + i + j * W);
-      m[j] = vmax(m[j], x);
-      lo[j] = x < lo[j] ? x : lo[j];
-    }
-  }
-  for (int64_t i = nv4; i < nv; i += W) {
-    const V x = load<V>(p + i);
-    m[0] = vmax(m[0], x);
-    lo[0] = x < lo[0] ? x : lo[0];
-  }
-  for (int j = 1; j < 4; ++j) m[0] = vmax(m[0], m[j]), lo[0] = lo[j] < lo[0] ? lo[j] : lo[0];
-  A r = hmax(m[0]), rl = -hmax(-lo[0]);
-  for (int64_t i = nv; i < n; ++i) r = vmax(r, p[i]), rl = p[i] < rl ? p[i] : rl;
-  if (has_neg_inf) *has_neg_inf = rl == A(kNegInf);
+  for (int64_t i = 0; i < nv4; i += 4 * W)
+    for (int j = 0; j < 4; ++j) m[j] = vmax(m[j], load<V>(p + i + j * W));
+  for (int64_t i = nv4; i < nv; i += W) m[0] = vmax(m[0], load<V>(p + i));
+  for (int j = 1; j < 4; ++j) m[0] = vmax(m[0], m[j]);
+  A r = hmax(m[0]);
+  for (int64_t i = nv; i < n; ++i) r = vmax(r, p[i]);
   return r;
 }
 
@@ -133,10 +123,10 @@ void target_cols(const A* const* zc, int64_t K_rt, int64_t t, int64_t i0, int64_
     const U d = z - ref;
     U e1, eT;
     if (tp.n == 1) {
-      e1 = eT = vexp(d);
+      e1 = eT = vexp_bounded(d);
     } else {
-      eT = vexp(d * invT);
-      e1 = tp.n ? int_pow(eT, tp.n) : vexp(d);
+      eT = vexp_bounded(d * invT);
+      e1 = tp.n ? int_pow(eT, tp.n) : vexp_bounded(d);
     }
     if (out) store(out + i, eT);
     l1 += e1;
@@ -163,7 +153,7 @@ void ensemble_cols(const A* e, const A* zk, int64_t i0, int64_t i1, A ref, A inv
   U ls{}, ld{};
   for (int64_t i = i0; i < i1; i += W) {
     const U ev = load<U>(e + i);
-    const U x = vexp((ev - ref) * invT);
+    const U x = vexp_bounded((ev - ref) * invT);
     ls += x;
     ld += select(x > zero, x * (ev - load<U>(zk + i)), zero);
   }
@@ -265,25 +255,28 @@ void forward_rows(const LossArgs<T>& a, int64_t b_begin, int64_t b_end) {
       // padding lanes: exp(-inf) = 0, and the masked path keeps their pair terms 0
       if (nv < n) sc.pad_tail(sc.zc.data(), sc.tail_z, nv, n, A(kNegInf));
       for (int64_t t = 0; t < K; ++t) {
-        bool masked = false;
-        const A m = chunk_max(sc.zc[t], n, &masked);
+        const A m = chunk_max(sc.zc[t], n);
         const A ref = m == A(kNegInf) ? A(0) : m;
         A* eo = nullptr;
         if constexpr (std::is_same_v<T, A>)
           if (keep) eo = a.dz[t] + b * a.dz_stride[t] + c0, chunk_max_of[t * n_chunks + c0 / kChunk] = m;
         V vs1{}, vsT{};
-        std::fill(sc.v2, sc.v2 + K, V{});
-        with_peers(K, [&](auto kc) {
-          constexpr int KC = decltype(kc)::value;
-          const A* const* tail = nv < n ? sc.tz.data() : nullptr;
-          A* eo_tail = eo ? sc.tg[t] : nullptr;
-          if (masked)
-            target_cols<KC, true, V>(sc.zc.data(), K, t, 0, nv, ref, invT, tp, pairs, sc.v2, vs1, vsT,
-                                     eo, tail, eo_tail);
-          else
-            target_cols<KC, false, V>(sc.zc.data(), K, t, 0, nv, ref, invT, tp, pairs, sc.v2, vs1, vsT,
-                                      eo, tail, eo_tail);
-        });
+        const auto sums = [&](auto masked) {
+          vs1 = vsT = V{};
+          std::fill(sc.v2, sc.v2 + K, V{});
+          with_peers(K, [&](auto kc) {
+            target_cols<decltype(kc)::value, decltype(masked)::value, V>(
+                sc.zc.data(), K, t, 0, nv, ref, invT, tp, pairs, sc.v2, vs1, vsT, eo,
+                nv < n ? sc.tz.data() : nullptr, eo ? sc.tg[t] : nullptr);
+          });
+        };
+        sums(std::false_type{});
+        // A pair term 0 * -inf (a masked class, or an exponential that underflowed to 0 where
+        // the other peer has -inf) leaves NaN: then the masked pass, which skips the terms
+        // whose target probability is 0. (NaN logits give NaN either way.)
+        bool nan = false;
+        for (int64_t s = 0; s < K && pairs; ++s) nan = nan || std::isnan(hsum(sc.v2[s]));
+        if (nan) sums(std::true_type{});
         if (eo && nv < n) std::copy(sc.tg[t], sc.tg[t] + (n - nv), eo + nv);
         const Rescale r(M[t], m, invT_d);
         M[t] = r.max;
@@ -362,14 +355,14 @@ void target_grad_sums(const A* const* zc, const A* const* ec, const A* es, const
     for (int64_t k = 0; k < K; ++k) zv[k] = load<U>(zc[k] + i);
     for (int64_t t = 0; t < K; ++t) {
       if (pairs) {
-        const U p = ec ? load<U>(ec[t] + i) * es[t] : vexp(zv[t] * invT - lseT[t]);
+        const U p = ec ? load<U>(ec[t] + i) * es[t] : vexp_bounded(zv[t] * invT - lseT[t]);
         for (int64_t s = 0; s < K; ++s)
           if (s != t) x[t * K + s] += select(p > zero, p * (zv[t] - zv[s]), zero);
       } else {
         U e{};
         for (int64_t j = 0; j < K; ++j)
           if (coef[t * K + j] != A(0)) e += coef[t * K + j] * zv[j];
-        const U q = vexp(e * invT - lseE[t]);
+        const U q = vexp_bounded(e * invT - lseE[t]);
         x[t] += select(q > zero, q * (e - zv[t]), zero);
       }
     }
@@ -407,12 +400,12 @@ void grad_cols(const GradRow<A>& g, const A* const* zc, const A* const* ec, cons
       U s, p;
       if (ec) {
         p = load<U>(ec[k] + i) * es[k];
-        s = g.tp.n == 1 ? p : g.tp.n ? int_pow(p, g.tp.n) * g.cT[k] : vexp(z - g.lse1[k]);
+        s = g.tp.n == 1 ? p : g.tp.n ? int_pow(p, g.tp.n) * g.cT[k] : vexp_bounded(z - g.lse1[k]);
       } else if (g.tp.n == 1) {
-        s = p = vexp(z - g.lse1[k]);
+        s = p = vexp_bounded(z - g.lse1[k]);
       } else {
-        p = vexp(z * g.invT - g.lseT[k]);
-        s = g.tp.n ? int_pow(p, g.tp.n) * g.cT[k] : vexp(z - g.lse1[k]);
+        p = vexp_bounded(z * g.invT - g.lseT[k]);
+        s = g.tp.n ? int_pow(p, g.tp.n) * g.cT[k] : vexp_bounded(z - g.lse1[k]);
       }
       zv[k] = z;
       pv[k] = p;
@@ -435,7 +428,7 @@ void grad_cols(const GradRow<A>& g, const A* const* zc, const A* const* ec, cons
         U e{};
         for (int64_t j = 0; j < K; ++j)
           if (g.coef[k * K + j] != A(0)) e += g.coef[k * K + j] * zv[j];
-        const U q = vexp(e * g.invT - g.lseE[k]);
+        const U q = vexp_bounded(e * g.invT - g.lseE[k]);
         gv[k] += g.beta[k] * (pv[k] - q);
         if (g.targets) {  // through E into every peer j with A[k, j] != 0
           const U r = select(q > zero, g.beta[k] * q * ((e - zv[k]) * g.invT - g.H[k]), zero);

@@ -212,6 +212,12 @@ __attribute__((always_inline)) inline U vexp(U x) {
   return select(x < lo, U{}, select(x > hi, splat<U>(std::numeric_limits<float>::infinity()), y));
 }
 inline double vexp(double x) { return std::exp(x); }
+// exp(x) for x <= 88 or NaN, as the kernels take it (logits minus their max, or minus a
+// log-sum-exp): the AVX-512 version below then skips its upper clamp.
+template <typename U>
+__attribute__((always_inline)) inline U vexp_bounded(U x) {
+  return vexp(x);
+}
 
 #if METAMIXER_SIMD_WIDTH == 64 && (defined(__x86_64__) || defined(__i386__))
 // The AVX-512 build (compiled under its target pragma): the same reduction and polynomial, but
@@ -220,15 +226,18 @@ inline double vexp(double x) { return std::exp(x); }
 // final range selects go: 13 vector instructions instead of about 23, for a kernel that is
 // bound by them. The range widens to [-104, 89]: results below exp(-87) are subnormal instead
 // of 0 (below -103.9 they round to 0), exp(-inf) = 0, inf for x >= 88.73, NaN -> NaN.
+// Bounded: the caller guarantees x <= 88 or NaN, so the upper clamp (only there to keep +inf
+// and huge x out of the range reduction) goes.
 inline __m512 m512(vfloat v) { return reinterpret_cast<__m512>(v); }
-inline vfloat vexp(vfloat x) {
+template <bool Bounded>
+__attribute__((always_inline)) inline vfloat vexp512(vfloat x) {
   // vmaxps/vminps return their second operand when either is NaN, so a NaN lane stays NaN.
   // The masked forms with every lane set: the unmasked intrinsics pass an undefined source
   // that trips GCC 12's false -Wuninitialized (bug 105593); they compile to the same instructions.
   constexpr __mmask16 all = 0xFFFF;
   const __m512 lo = m512(splat<vfloat>(-104.0f)), hi = m512(splat<vfloat>(89.0f));
   __m512 xc = _mm512_mask_max_ps(lo, all, lo, m512(x));
-  xc = _mm512_mask_min_ps(hi, all, hi, xc);
+  if constexpr (!Bounded) xc = _mm512_mask_min_ps(hi, all, hi, xc);
   const vfloat xv = reinterpret_cast<vfloat>(xc);
   const vfloat magic = splat<vfloat>(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
   const vfloat n = (xv * 1.44269504088896341f + magic) - magic;
@@ -236,6 +245,8 @@ inline vfloat vexp(vfloat x) {
   const __m512 er_ = m512(exp_reduced(r));
   return reinterpret_cast<vfloat>(_mm512_mask_scalef_ps(er_, all, er_, m512(n)));
 }
+inline vfloat vexp(vfloat x) { return vexp512<false>(x); }
+inline vfloat vexp_bounded(vfloat x) { return vexp512<true>(x); }
 #endif
 
 // ---- half-precision storage <-> accumulation type
