@@ -262,27 +262,13 @@ void set_chunk_scale(core::LossArgs<T>& a, const Tensor& scale) {
   }
 }
 
-std::tuple<Tensor, Tensor, Tensor> forward_impl(TensorList logits, const Tensor& labels,
-                                                const Tensor& weights, double temperature,
-                                                double label_smoothing, c10::string_view mode,
-                                                const std::optional<Tensor>& peer_matrix,
-                                                bool detach_targets, StoredExp* keep);
-
-std::tuple<Tensor, Tensor, Tensor> mixed_kd_loss_fwd(TensorList logits, const Tensor& labels,
-                                                     const Tensor& weights, double temperature,
-                                                     double label_smoothing, c10::string_view mode,
-                                                     const std::optional<Tensor>& peer_matrix,
-                                                     bool detach_targets) {
-  return forward_impl(logits, labels, weights, temperature, label_smoothing, mode, peer_matrix,
-                      detach_targets, nullptr);
-}
-
-std::tuple<Tensor, Tensor, Tensor> forward_impl(TensorList logits, const Tensor& labels,
-                                                     const Tensor& weights, double temperature,
-                                                     double label_smoothing, c10::string_view mode,
+// The forward on peers p = view_peers(logits) (the callers have it already).
+std::tuple<Tensor, Tensor, Tensor> forward_impl(const Peers& p, TensorList logits,
+                                                const Tensor& labels, const Tensor& weights,
+                                                double temperature, double label_smoothing,
+                                                c10::string_view mode,
                                                 const std::optional<Tensor>& peer_matrix,
                                                 bool detach_targets, StoredExp* keep) {
-  const Peers p = view_peers(logits);
   TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0,
                     "mixed_kd_loss: 'temperature' must be a finite number > 0");
   const Plan plan = make_plan(labels, weights, p.K, p.B, p.C, mode, peer_matrix, label_smoothing);
@@ -296,7 +282,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(TensorList logits, const Tensor&
     a.row_stats = stats.data_ptr<core::acc_t<T>>();
     a.ce_rows = ce_rows.data(), a.kd_rows = kd_rows.data();
     std::vector<T*> dz;
-    if (keep) {  // (only float/double logits get here: see stored_exp_for)
+    if (keep) {  // (only float32 logits get here: see stored_exp_for)
       for (void* o : keep->buffers.out) dz.push_back(static_cast<T*>(o));
       a.dz = dz.data(), a.dz_stride = keep->buffers.stride.data();
       set_chunk_scale(a, keep->chunk_scale);
@@ -317,6 +303,15 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(TensorList logits, const Tensor&
   return {ce, kd, stats};
 }
 
+std::tuple<Tensor, Tensor, Tensor> mixed_kd_loss_fwd(TensorList logits, const Tensor& labels,
+                                                     const Tensor& weights, double temperature,
+                                                     double label_smoothing, c10::string_view mode,
+                                                     const std::optional<Tensor>& peer_matrix,
+                                                     bool detach_targets) {
+  return forward_impl(view_peers(logits), logits, labels, weights, temperature, label_smoothing,
+                      mode, peer_matrix, detach_targets, nullptr);
+}
+
 std::vector<double> grad_values(const Tensor& g, int64_t K, const char* name) {
   if (!g.defined()) return std::vector<double>(K, 0.0);
   TORCH_CHECK_VALUE(g.numel() == K && g.is_floating_point(), "mixed_kd_loss backward: '", name,
@@ -324,13 +319,13 @@ std::vector<double> grad_values(const Tensor& g, int64_t K, const char* name) {
   return as_doubles(g);
 }
 
-std::vector<Tensor> backward_impl(const Tensor& grad_ce, const Tensor& grad_kd, TensorList logits,
-                                  const Tensor& labels, const Tensor& weights,
+// The backward on peers p = view_peers(logits).
+std::vector<Tensor> backward_impl(const Peers& p, const Tensor& grad_ce, const Tensor& grad_kd,
+                                  TensorList logits, const Tensor& labels, const Tensor& weights,
                                   const Tensor& row_stats, double temperature,
                                   double label_smoothing, c10::string_view mode,
                                   const std::optional<Tensor>& peer_matrix, bool detach_targets,
                                   StoredExp* stored) {
-  const Peers p = view_peers(logits);
   const Plan plan = make_plan(labels, weights, p.K, p.B, p.C, mode, peer_matrix, label_smoothing);
   const auto odt = out_dtype(logits[0].scalar_type());
   TORCH_CHECK_VALUE(row_stats.dim() == 3 && row_stats.size(0) == p.K && row_stats.size(1) == p.B &&
@@ -362,8 +357,8 @@ std::vector<Tensor> mixed_kd_loss_bwd(const Tensor& grad_ce, const Tensor& grad_
                                       const Tensor& row_stats, double temperature,
                                       double label_smoothing, c10::string_view mode,
                                       const std::optional<Tensor>& peer_matrix, bool detach_targets) {
-  return backward_impl(grad_ce, grad_kd, logits, labels, weights, row_stats, temperature,
-                       label_smoothing, mode, peer_matrix, detach_targets, nullptr);
+  return backward_impl(view_peers(logits), grad_ce, grad_kd, logits, labels, weights, row_stats,
+                       temperature, label_smoothing, mode, peer_matrix, detach_targets, nullptr);
 }
 
 // The eager path: autograd in C++ (saved: logits, labels, weights, row_stats, peer_matrix, and
@@ -376,9 +371,10 @@ struct MixedKDLossFunction : public torch::autograd::Function<MixedKDLossFunctio
                                                 c10::string_view mode,
                                                 const std::optional<Tensor>& peer_matrix,
                                                 bool detach_targets) {
-    std::optional<StoredExp> keep = stored_exp_for(logits);
+    const Peers p = view_peers(logits);
+    std::optional<StoredExp> keep = stored_exp_for(p, logits);
     const Tensor w = weights.value_or(Tensor());  // undefined: one label per row, weight 1
-    auto [ce, kd, stats] = forward_impl(logits, labels, w, temperature, label_smoothing, mode,
+    auto [ce, kd, stats] = forward_impl(p, logits, labels, w, temperature, label_smoothing, mode,
                                         peer_matrix, detach_targets, keep ? &*keep : nullptr);
     std::vector<Tensor> saved(logits.begin(), logits.end());
     saved.push_back(labels);
@@ -403,8 +399,7 @@ struct MixedKDLossFunction : public torch::autograd::Function<MixedKDLossFunctio
   // need a gradient and give class-contiguous gradient rows; else none. (Not for double: a
   // backward from stored exponentials and one that recomputes them differ in the last bits,
   // and gradcheck runs the backward twice and asks for identical results.)
-  static std::optional<StoredExp> stored_exp_for(TensorList logits) {
-    const Peers p = view_peers(logits);
+  static std::optional<StoredExp> stored_exp_for(const Peers& p, TensorList logits) {
     const auto dtype = logits[0].scalar_type();
     bool grad = false;
     for (const Tensor& z : logits) grad = grad || z.requires_grad();
@@ -426,16 +421,16 @@ struct MixedKDLossFunction : public torch::autograd::Function<MixedKDLossFunctio
     // The stored exponentials serve one backward: they are overwritten with the gradient, and
     // dropped from the context so that the gradient is the buffer's only owner (AccumulateGrad
     // then takes it without a copy). A second backward (retain_graph) recomputes.
+    const Peers p = view_peers(logits);
     std::optional<StoredExp> stored;
     if (auto it = ctx->saved_data.find("stored_grads"); it != ctx->saved_data.end()) {
-      const Peers p = view_peers(logits);
       stored.emplace(StoredExp{GradBuffers(it->second.toTensorVector(), p.K, p.C),
                                ctx->saved_data["chunk_scale"].toTensor()});
       ctx->saved_data.erase("stored_grads");
       ctx->saved_data.erase("chunk_scale");
     }
     std::vector<Tensor> dz = backward_impl(
-        grads[0], grads[1], logits, saved[n], saved[n + 1], saved[n + 2],
+        p, grads[0], grads[1], logits, saved[n], saved[n + 1], saved[n + 2],
         ctx->saved_data["temperature"].toDouble(), ctx->saved_data["label_smoothing"].toDouble(),
         mode, peer, ctx->saved_data["detach"].toBool(), stored ? &*stored : nullptr);
     stored.reset();
