@@ -102,8 +102,9 @@ inline U int_pow(const U& x, int n) {
 }
 
 // Column sums of target t over [i0, i1): exp(z_t - ref), exp((z_t - ref)/T), and for every
-// other peer s (pairwise mode) y[s] += e_T (z_t - z_s) where e_T > 0 (the test is needed only
-// when z_t has -inf, where 0 * -inf would give NaN: Masked). KC: K if known, else 0.
+// other peer s (pairwise mode) y[s] += e_T (z_t - z_s) where e_T > 0 (the test, Masked, is
+// needed only where 0 * -inf would give NaN; the caller reruns masked when the unmasked sums
+// come out NaN). KC: K if known, else 0.
 // With eo set, e_T is also stored to eo[i] (the stored exponentials, LossArgs::chunk_scale).
 // With tail set, one more vector follows from tail (the chunk's ragged end, padded with -inf;
 // always masked), its e_T stored to eo_tail: one call per chunk, so short rows pay the
@@ -192,7 +193,7 @@ struct RowScratch {
   std::vector<A> zbuf, ebuf, gbuf, coef, store_v, store_s;
   std::vector<const A*> zc;
   V *v1, *v2, *v3, *v4;  // per-peer vector accumulators / column values (v1: K*K)
-  A *s1, *s2, *s3, *s4;  // the same for the scalar tail
+  A *s1, *s2;            // the scalar-tail accumulators of target_grad_sums (s1: K*K)
   // The last, partial vector of every peer's chunk, padded to a whole vector (a scalar tail
   // would cost ~15% of a 1000-class row), and the gradient lanes computed from it.
   static constexpr int64_t W = VecOf<A>::lanes;
@@ -207,8 +208,8 @@ struct RowScratch {
       tz[k] = tail_z.data() + k * W, te[k] = tail_e.data() + k * W, tg[k] = tail_g.data() + k * W;
     V* v = vector_slots<V>(store_v, K * K + 3 * K);
     v1 = v, v2 = v + K * K, v3 = v2 + K, v4 = v3 + K;
-    store_s.assign(K * K + 3 * K, A(0));
-    s1 = store_s.data(), s2 = s1 + K * K, s3 = s2 + K, s4 = s3 + K;
+    store_s.assign(K * K + K, A(0));
+    s1 = store_s.data(), s2 = s1 + K * K;
     if (a.ensemble)
       for (int64_t i = 0; i < K * K; ++i) coef[i] = static_cast<A>(a.peer[i]);
   }
@@ -343,9 +344,9 @@ void forward_rows(const LossArgs<T>& a, int64_t b_begin, int64_t b_end) {
 
 // Target-side sums for detach_targets=false over [i0, i1):
 // pairwise X[t*K + s] += p_t (z_t - z_s); ensemble X[k] += q_k (E_k - z_k) (where p, q > 0).
-template <typename U, typename A>
 // With ec set, p = ec * es (the stored exponentials, as grad_cols takes them: the two must
 // agree, or the target terms that cancel exactly in exact arithmetic leave a residue).
+template <typename U, typename A>
 void target_grad_sums(const A* const* zc, const A* const* ec, const A* es, const A* coef, int64_t K,
                       bool pairs, int64_t i0, int64_t i1, A invT, const A* lseT, const A* lseE,
                       U* x, U* zv) {
