@@ -17,16 +17,22 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 #include <c10/util/Exception.h>
-#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
 #include <cmath>
+#include <mutex>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
 
 #include "core/mixed_kd_loss.h"
+#include "eager.h"
 
 namespace metamixer {
 namespace {
@@ -58,18 +64,23 @@ std::vector<double> as_doubles(const Tensor& t) {
   return out;
 }
 
-// Labels, weights (as double) and peer matrix, checked with the messages of _checks.py.
+// Everything but the logits, checked with the messages of _checks.py: labels, weights (as
+// double), peer matrix and the scalar options.
 struct Plan {
   Tensor labels;  // contiguous int64 [B, M] (or [B] with M = 1)
   int64_t M = 1;
   std::vector<double> weights, peer;
+  double temperature = 1.0, label_smoothing = 0.0;
+  bool ensemble = false, detach_targets = true;
 };
 
 // labels [B, M] with weights [B, M]; or, for the eager op, class indices [B] (or [B, 1]) with
 // no weights (each row one label of weight 1).
 Plan make_plan(const Tensor& labels, const Tensor& weights, int64_t K, int64_t B, int64_t C,
-               c10::string_view mode, const std::optional<Tensor>& peer_matrix,
-               double label_smoothing) {
+               double temperature, double label_smoothing, c10::string_view mode,
+               const std::optional<Tensor>& peer_matrix, bool detach_targets) {
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0,
+                    "mixed_kd_loss: 'temperature' must be a finite number > 0");
   TORCH_CHECK_VALUE((labels.dim() == 2 || (labels.dim() == 1 && !weights.defined())) &&
                         labels.size(0) == B && labels.scalar_type() == at::kLong &&
                         labels.device().is_cpu(),
@@ -88,6 +99,8 @@ Plan make_plan(const Tensor& labels, const Tensor& weights, int64_t K, int64_t B
   Plan plan;
   plan.labels = labels.contiguous();
   plan.M = labels.dim() == 2 ? labels.size(1) : 1;
+  plan.temperature = temperature, plan.label_smoothing = label_smoothing;
+  plan.ensemble = mode == "ensemble", plan.detach_targets = detach_targets;
   const int64_t* lab = plan.labels.data_ptr<int64_t>();
   const int64_t n = plan.labels.numel(), M = plan.M;
   int64_t lo = 0, hi = 0;
@@ -192,8 +205,7 @@ void run_rows(const core::LossArgs<T>& args, bool backward) {
 }
 
 template <typename T>
-core::LossArgs<T> make_args(const Peers& p, const Plan& plan, std::vector<const T*>& z,
-                            double temperature, double eps, c10::string_view mode, bool detach) {
+core::LossArgs<T> make_args(const Peers& p, const Plan& plan, std::vector<const T*>& z) {
   core::LossArgs<T> a;
   a.K = p.K, a.B = p.B, a.C = p.C, a.M = plan.M;
   for (const void* b : p.base) z.push_back(static_cast<const T*>(b));
@@ -201,10 +213,10 @@ core::LossArgs<T> make_args(const Peers& p, const Plan& plan, std::vector<const 
   a.z_stride = p.stride.data();
   a.labels = plan.labels.data_ptr<int64_t>();
   a.weights = plan.weights.data();
-  a.temperature = temperature, a.label_smoothing = eps;
-  a.ensemble = mode == "ensemble";
+  a.temperature = plan.temperature, a.label_smoothing = plan.label_smoothing;
+  a.ensemble = plan.ensemble;
   a.peer = plan.peer.empty() ? nullptr : plan.peer.data();
-  a.detach_targets = detach;
+  a.detach_targets = plan.detach_targets;
   return a;
 }
 
@@ -262,23 +274,17 @@ void set_chunk_scale(core::LossArgs<T>& a, const Tensor& scale) {
   }
 }
 
-// The forward on peers p = view_peers(logits) (the callers have it already).
-std::tuple<Tensor, Tensor, Tensor> forward_impl(const Peers& p, TensorList logits,
-                                                const Tensor& labels, const Tensor& weights,
-                                                double temperature, double label_smoothing,
-                                                c10::string_view mode,
-                                                const std::optional<Tensor>& peer_matrix,
-                                                bool detach_targets, StoredExp* keep) {
-  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0,
-                    "mixed_kd_loss: 'temperature' must be a finite number > 0");
-  const Plan plan = make_plan(labels, weights, p.K, p.B, p.C, mode, peer_matrix, label_smoothing);
-  const auto odt = out_dtype(logits[0].scalar_type());
-  Tensor stats = at::empty({p.K, p.B, 3}, logits[0].options().dtype(odt));
+// The forward on peers p = view_peers(logits) with a checked plan.
+std::tuple<Tensor, Tensor, Tensor> forward_impl(const Peers& p, const Plan& plan, at::ScalarType dtype,
+                                                StoredExp* keep) {
+  const auto odt = out_dtype(dtype);
+  const auto opts = at::TensorOptions().dtype(odt);
+  Tensor stats = at::empty({p.K, p.B, 3}, opts);
   std::vector<double> ce_rows(p.K * p.B), kd_rows(p.K * p.B);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits[0].scalar_type(), "mixed_kd_loss", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "mixed_kd_loss", [&] {
     using T = typename CoreType<scalar_t>::type;
     std::vector<const T*> z;
-    core::LossArgs<T> a = make_args<T>(p, plan, z, temperature, label_smoothing, mode, detach_targets);
+    core::LossArgs<T> a = make_args<T>(p, plan, z);
     a.row_stats = stats.data_ptr<core::acc_t<T>>();
     a.ce_rows = ce_rows.data(), a.kd_rows = kd_rows.data();
     std::vector<T*> dz;
@@ -290,8 +296,9 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(const Peers& p, TensorList logit
     run_rows(a, false);
   });
   // Fixed-order reduction over rows: the result does not depend on the thread count.
-  const double kd_scale = temperature * temperature / (mode == "pairwise" ? double(p.K - 1) : 1.0);
-  Tensor ce = at::empty({p.K}, stats.options()), kd = at::empty({p.K}, stats.options());
+  const double t = plan.temperature;
+  const double kd_scale = t * t / (plan.ensemble ? 1.0 : double(p.K - 1));
+  Tensor ce = at::empty({p.K}, opts), kd = at::empty({p.K}, opts);
   AT_DISPATCH_FLOATING_TYPES(odt, "mixed_kd_loss_sum", [&] {
     for (int64_t k = 0; k < p.K; ++k) {
       double sc = 0, sk = 0;
@@ -308,8 +315,10 @@ std::tuple<Tensor, Tensor, Tensor> mixed_kd_loss_fwd(TensorList logits, const Te
                                                      double label_smoothing, c10::string_view mode,
                                                      const std::optional<Tensor>& peer_matrix,
                                                      bool detach_targets) {
-  return forward_impl(view_peers(logits), logits, labels, weights, temperature, label_smoothing,
-                      mode, peer_matrix, detach_targets, nullptr);
+  const Peers p = view_peers(logits);
+  const Plan plan = make_plan(labels, weights, p.K, p.B, p.C, temperature, label_smoothing, mode,
+                              peer_matrix, detach_targets);
+  return forward_impl(p, plan, logits[0].scalar_type(), nullptr);
 }
 
 std::vector<double> grad_values(const Tensor& g, int64_t K, const char* name) {
@@ -319,29 +328,26 @@ std::vector<double> grad_values(const Tensor& g, int64_t K, const char* name) {
   return as_doubles(g);
 }
 
-// The backward on peers p = view_peers(logits).
-std::vector<Tensor> backward_impl(const Peers& p, const Tensor& grad_ce, const Tensor& grad_kd,
-                                  TensorList logits, const Tensor& labels, const Tensor& weights,
-                                  const Tensor& row_stats, double temperature,
-                                  double label_smoothing, c10::string_view mode,
-                                  const std::optional<Tensor>& peer_matrix, bool detach_targets,
-                                  StoredExp* stored) {
-  const Plan plan = make_plan(labels, weights, p.K, p.B, p.C, mode, peer_matrix, label_smoothing);
-  const auto odt = out_dtype(logits[0].scalar_type());
+// The backward on peers p = view_peers(logits) with a checked plan: into `stored` (which holds
+// the forward's exponentials) or into fresh buffers like the logits.
+std::vector<Tensor> backward_impl(const Peers& p, const Plan& plan, TensorList logits,
+                                  const Tensor& row_stats, const Tensor& grad_ce,
+                                  const Tensor& grad_kd, StoredExp* stored) {
+  const auto dtype = logits[0].scalar_type();
   TORCH_CHECK_VALUE(row_stats.dim() == 3 && row_stats.size(0) == p.K && row_stats.size(1) == p.B &&
                         row_stats.size(2) == 3,
                     "mixed_kd_loss backward: 'row_stats' must be [K, B, 3]");
-  const Tensor stats = row_stats.to(odt).contiguous();
+  const Tensor stats = row_stats.to(out_dtype(dtype)).contiguous();
   const std::vector<double> gce = grad_values(grad_ce, p.K, "grad_ce");
   const std::vector<double> gkd = grad_values(grad_kd, p.K, "grad_kd");
   std::optional<GradBuffers> fresh;
   GradBuffers& buf = stored ? stored->buffers : fresh.emplace(GradBuffers::like(logits, p.K, p.C));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits[0].scalar_type(), "mixed_kd_loss_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "mixed_kd_loss_backward", [&] {
     using T = typename CoreType<scalar_t>::type;
     std::vector<const T*> z;
     std::vector<T*> dz;
     for (void* o : buf.out) dz.push_back(static_cast<T*>(o));
-    core::LossArgs<T> a = make_args<T>(p, plan, z, temperature, label_smoothing, mode, detach_targets);
+    core::LossArgs<T> a = make_args<T>(p, plan, z);
     a.row_stats = const_cast<core::acc_t<T>*>(stats.data_ptr<core::acc_t<T>>());
     a.grad_ce = gce.data(), a.grad_kd = gkd.data();
     a.dz = dz.data(), a.dz_stride = buf.stride.data();
@@ -349,7 +355,7 @@ std::vector<Tensor> backward_impl(const Peers& p, const Tensor& grad_ce, const T
     run_rows(a, true);
   });
   buf.copy_back();
-  return buf.grads;
+  return std::move(buf.grads);
 }
 
 std::vector<Tensor> mixed_kd_loss_bwd(const Tensor& grad_ce, const Tensor& grad_kd, TensorList logits,
@@ -357,99 +363,98 @@ std::vector<Tensor> mixed_kd_loss_bwd(const Tensor& grad_ce, const Tensor& grad_
                                       const Tensor& row_stats, double temperature,
                                       double label_smoothing, c10::string_view mode,
                                       const std::optional<Tensor>& peer_matrix, bool detach_targets) {
-  return backward_impl(view_peers(logits), grad_ce, grad_kd, logits, labels, weights, row_stats,
-                       temperature, label_smoothing, mode, peer_matrix, detach_targets, nullptr);
+  const Peers p = view_peers(logits);
+  const Plan plan = make_plan(labels, weights, p.K, p.B, p.C, temperature, label_smoothing, mode,
+                              peer_matrix, detach_targets);
+  return backward_impl(p, plan, logits, row_stats, grad_ce, grad_kd, nullptr);
 }
 
-// The eager path: autograd in C++ (saved: logits, labels, weights, row_stats, peer_matrix, and
-// for float32 logits the gradient buffers holding the forward's exponentials).
-struct MixedKDLossFunction : public torch::autograd::Function<MixedKDLossFunction> {
-  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, TensorList logits,
-                                                const Tensor& labels,
-                                                const std::optional<Tensor>& weights,
-                                                double temperature, double label_smoothing,
-                                                c10::string_view mode,
-                                                const std::optional<Tensor>& peer_matrix,
-                                                bool detach_targets) {
-    const Peers p = view_peers(logits);
-    std::optional<StoredExp> keep = stored_exp_for(p, logits);
-    const Tensor w = weights.value_or(Tensor());  // undefined: one label per row, weight 1
-    auto [ce, kd, stats] = forward_impl(p, logits, labels, w, temperature, label_smoothing, mode,
-                                        peer_matrix, detach_targets, keep ? &*keep : nullptr);
-    std::vector<Tensor> saved(logits.begin(), logits.end());
-    saved.push_back(labels);
-    saved.push_back(w);
-    saved.push_back(stats);
-    if (peer_matrix.has_value()) saved.push_back(*peer_matrix);
-    ctx->save_for_backward(saved);
-    ctx->saved_data["n"] = static_cast<int64_t>(logits.size());
-    ctx->saved_data["has_peer"] = peer_matrix.has_value();
-    ctx->saved_data["temperature"] = temperature;
-    ctx->saved_data["label_smoothing"] = label_smoothing;
-    ctx->saved_data["mode"] = std::string(mode);
-    ctx->saved_data["detach"] = detach_targets;
-    if (keep) {
-      ctx->saved_data["stored_grads"] = keep->buffers.grads;
-      ctx->saved_data["chunk_scale"] = keep->chunk_scale;
-    }
-    return {ce, kd};
-  }
+// Gradient buffers for the forward to store its exponentials in, when the logits are float32
+// and give class-contiguous gradient rows; else none. (Not for double: a backward from stored
+// exponentials and one that recomputes them differ in the last bits, and gradcheck runs the
+// backward twice and asks for identical results.)
+std::optional<StoredExp> stored_exp_for(const Peers& p, TensorList logits) {
+  if (logits[0].scalar_type() != at::kFloat) return std::nullopt;
+  GradBuffers buffers = GradBuffers::like(logits, p.K, p.C);
+  if (!buffers.in_place) return std::nullopt;
+  Tensor scale = at::empty({p.K, p.B, n_chunks(p.C)}, logits[0].options());
+  return StoredExp{std::move(buffers), std::move(scale)};
+}
 
-  // Gradient buffers for the forward to store its exponentials in, when the logits are float32,
-  // need a gradient and give class-contiguous gradient rows; else none. (Not for double: a
-  // backward from stored exponentials and one that recomputes them differ in the last bits,
-  // and gradcheck runs the backward twice and asks for identical results.)
-  static std::optional<StoredExp> stored_exp_for(const Peers& p, TensorList logits) {
-    const auto dtype = logits[0].scalar_type();
-    bool grad = false;
-    for (const Tensor& z : logits) grad = grad || z.requires_grad();
-    if (!grad || dtype != at::kFloat) return std::nullopt;
-    GradBuffers buffers = GradBuffers::like(logits, p.K, p.C);
-    if (!buffers.in_place) return std::nullopt;
-    Tensor scale = at::empty({p.K, p.B, n_chunks(p.C)}, logits[0].options());
-    return StoredExp{std::move(buffers), std::move(scale)};
-  }
+// The autograd node of the eager path, written directly against torch::autograd::Node (not
+// torch::autograd::Function): it keeps the forward's checked plan, peer views and row
+// statistics as C++ members, so a step builds no IValue map and the backward re-checks nothing.
+// Inputs: (grad_ce, grad_kd); outputs: one gradient per logits tensor.
+struct MixedKDLossBackward : public torch::autograd::Node {
+  std::vector<torch::autograd::SavedVariable> logits;  // unpacked for the in-place-change check
+  Peers peers;
+  Plan plan;
+  Tensor stats;
+  // The forward's exponentials serve one backward: they are overwritten with the gradient and
+  // dropped here, so that the gradient is the buffer's only owner (AccumulateGrad then takes
+  // it without a copy). A second backward (retain_graph) recomputes.
+  std::optional<StoredExp> stored;
 
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const int64_t n = ctx->saved_data["n"].toInt();
-    const std::vector<Tensor> logits(saved.begin(), saved.begin() + n);
-    std::optional<Tensor> peer;
-    if (ctx->saved_data["has_peer"].toBool()) peer = saved[n + 3];
-    const std::string mode = ctx->saved_data["mode"].toStringRef();
-    // The stored exponentials serve one backward: they are overwritten with the gradient, and
-    // dropped from the context so that the gradient is the buffer's only owner (AccumulateGrad
-    // then takes it without a copy). A second backward (retain_graph) recomputes.
-    const Peers p = view_peers(logits);
-    std::optional<StoredExp> stored;
-    if (auto it = ctx->saved_data.find("stored_grads"); it != ctx->saved_data.end()) {
-      stored.emplace(StoredExp{GradBuffers(it->second.toTensorVector(), p.K, p.C),
-                               ctx->saved_data["chunk_scale"].toTensor()});
-      ctx->saved_data.erase("stored_grads");
-      ctx->saved_data.erase("chunk_scale");
-    }
-    std::vector<Tensor> dz = backward_impl(
-        p, grads[0], grads[1], logits, saved[n], saved[n + 1], saved[n + 2],
-        ctx->saved_data["temperature"].toDouble(), ctx->saved_data["label_smoothing"].toDouble(),
-        mode, peer, ctx->saved_data["detach"].toBool(), stored ? &*stored : nullptr);
+  std::string name() const override { return "MixedKDLossBackward"; }
+
+  torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    std::vector<Tensor> z;
+    for (auto& saved : logits) z.push_back(saved.unpack());
+    std::optional<StoredExp> exps = std::move(stored);
     stored.reset();
-    dz.resize(n + 7);  // no gradient for labels, weights, the scalars and peer_matrix
-    return dz;
+    return backward_impl(peers, plan, z, stats, grads[0], grads[1], exps ? &*exps : nullptr);
+  }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto& saved : logits) saved.reset_data();
+    peers = Peers();
+    stats.reset();
+    stored.reset();
   }
 };
 
 // The eager op takes the labels as the user gave them: class indices [B] (weights None) or a
-// mixture [B, M] with weights, so the Python wrapper has nothing to build.
+// mixture [B, M] with weights, so the Python wrapper has nothing to build. Registered as the
+// op's Autograd kernel: it runs the forward below autograd and, when a gradient is needed, links
+// one MixedKDLossBackward node.
 std::tuple<Tensor, Tensor> mixed_kd_loss_autograd(TensorList logits, const Tensor& labels,
                                                   const std::optional<Tensor>& weights,
                                                   double temperature, double label_smoothing,
                                                   c10::string_view mode,
                                                   const std::optional<Tensor>& peer_matrix,
                                                   bool detach_targets) {
-  auto out = MixedKDLossFunction::apply(logits, labels, weights, temperature, label_smoothing, mode,
-                                        peer_matrix, detach_targets);
-  return {out[0], out[1]};
+  namespace ag = torch::autograd;
+  const bool grad = ag::compute_requires_grad(logits);
+  for (const Tensor& z : logits)
+    TORCH_CHECK(!z._fw_grad(/*level=*/0).defined(),
+                "mixed_kd_loss: forward-mode AD is not supported; use reverse mode (backward)");
+  c10::intrusive_ptr<MixedKDLossBackward> node;
+  Tensor ce, kd;
+  {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    Peers p = view_peers(logits);
+    Plan plan = make_plan(labels, weights.value_or(Tensor()), p.K, p.B, p.C, temperature,
+                          label_smoothing, mode, peer_matrix, detach_targets);
+    std::optional<StoredExp> keep = grad ? stored_exp_for(p, logits) : std::nullopt;
+    Tensor stats;
+    std::tie(ce, kd, stats) = forward_impl(p, plan, logits[0].scalar_type(), keep ? &*keep : nullptr);
+    if (grad) {
+      node = c10::make_intrusive<MixedKDLossBackward>();
+      node->peers = std::move(p);
+      node->plan = std::move(plan);
+      node->stats = std::move(stats);
+      node->stored = std::move(keep);
+    }
+  }
+  if (node) {
+    node->set_next_edges(ag::collect_next_edges(logits));
+    for (const Tensor& z : logits) node->logits.emplace_back(z, /*is_output=*/false);
+    ag::set_history(ce, node);
+    ag::set_history(kd, node);
+  }
+  return {ce, kd};
 }
 
 std::tuple<Tensor, Tensor> mixed_kd_loss_nograd(TensorList logits, const Tensor& labels,
@@ -464,6 +469,19 @@ std::tuple<Tensor, Tensor> mixed_kd_loss_nograd(TensorList logits, const Tensor&
 }
 
 }  // namespace
+
+std::tuple<Tensor, Tensor> mixed_kd_loss_eager(TensorList logits, const Tensor& labels,
+                                               const std::optional<Tensor>& weights,
+                                               double temperature, double label_smoothing,
+                                               std::string_view mode,
+                                               const std::optional<Tensor>& peer_matrix,
+                                               bool detach_targets) {
+  RECORD_FUNCTION("metamixer::mixed_kd_loss", std::vector<c10::IValue>());
+  return mixed_kd_loss_autograd(logits, labels, weights, temperature, label_smoothing,
+                                c10::string_view(mode.data(), mode.size()), peer_matrix,
+                                detach_targets);
+}
+
 }  // namespace metamixer
 
 TORCH_LIBRARY_FRAGMENT(metamixer_cpp, m) {

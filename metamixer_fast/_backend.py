@@ -22,7 +22,8 @@ BACKENDS = ("reference", "cpp", "triton")
 ENV_VAR = "METAMIXER_BACKEND"
 
 _kernels: dict[tuple[str, str], Callable] = {}
-_eager: dict[tuple[str, str], Callable] = {}
+# op -> its eager entry point (see register_eager), looked up on every eager call.
+eager_entries: dict[str, Callable] = {}
 # (op, device type) -> the automatic choice. It depends only on what is registered and built,
 # so it is worked out once (a registration clears it); the forced choice is read every call.
 _automatic: dict[tuple[str, str], str] = {}
@@ -113,12 +114,13 @@ def kernel(op: str, device: torch.device) -> Callable:
     return _kernels[(op, backend_for(op, device))]
 
 
-def register_eager(op: str, backend: str, fn: Callable) -> None:
-    """An eager entry point for ``op`` on ``backend`` that does its own autograd (e.g. a C++
-    autograd Function), used instead of the custom op outside ``torch.compile`` tracing."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-    _eager[(op, backend)] = fn
+def register_eager(op: str, fn: Callable) -> None:
+    """An eager entry point for ``op``, tried before the custom op outside ``torch.compile``
+    tracing: called with the op's arguments, it returns the op's result, doing its own autograd
+    (e.g. a C++ autograd node), or None when the call is not one it takes (another backend
+    forced or needed, a dispatch or torch-function mode, a tensor subclass, a torch.func
+    transform); then the custom op runs. It must decide that cheaply: it runs on every call."""
+    eager_entries[op] = fn
 
 
 def _tracing() -> bool:
@@ -131,15 +133,6 @@ def _tracing() -> bool:
 def _plain(x: torch.Tensor) -> bool:
     """A plain tensor: not a subclass (FakeTensor, ...) nor wrapped by a torch.func transform."""
     return type(x) is torch.Tensor and not torch._C._functorch.is_functorch_wrapped_tensor(x)
-
-
-def eager_kernel(op: str, x: torch.Tensor) -> Callable | None:
-    """The eager entry point of the backend ``op`` uses for tensors like ``x``, or None: then
-    call the custom op. None while tracing (torch.compile, a dispatch mode such as make_fx) or
-    under torch.func transforms, which need the custom op's fake impl and registered autograd."""
-    if not _eager or _tracing() or not _plain(x):
-        return None
-    return _eager.get((op, backend_for(op, x.device)))
 
 
 def runs_without_dispatcher(*tensors: torch.Tensor | None) -> bool:

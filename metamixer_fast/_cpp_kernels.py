@@ -5,13 +5,16 @@ Two routes reach the same C++ kernels:
 - ``torch.ops.metamixer.mixed_kd_loss`` (the Python custom op of ``ops.py``) calls
   ``metamixer_cpp::mixed_kd_loss_fwd`` / ``_bwd`` through ``_backend.register_kernel``. This is
   what ``torch.compile`` traces (fake impl, no graph break) and what opcheck tests.
-- ``metamixer_fast.mixed_kd_loss`` / ``MixedKDLoss`` in eager mode take the fast path registered
-  here with ``_backend.register_eager``: one call of ``metamixer_cpp::mixed_kd_loss`` with the
-  labels as given, whose Autograd kernel is a C++ autograd Function, so the backward never enters
-  Python. The custom-op machinery (~165 us per forward+backward at K=2, B=128, C=100) and the
-  Python checks are skipped: the C++ op checks shapes, labels, weights and the peer matrix
-  itself, and only when it rejects a call do the Python checks run, for their fuller message.
-  (At that shape, cold caches made the Python checks and label plan cost ~60 us a call.)
+- ``metamixer_fast.mixed_kd_loss`` / ``MixedKDLoss`` in eager mode first try
+  ``metamixer_fast._C.mixed_kd_loss``, registered here with ``_backend.register_eager``: a
+  CPython function that checks in C++ whether the call is one for it (plain CPU tensors, no
+  dispatch or torch-function mode, no other backend forced), runs the forward and links one C++
+  autograd node, so neither the forward nor the backward enters Python or the dispatcher's
+  boxed call path. The custom-op machinery (~165 us per forward+backward at K=2, B=128,
+  C=100) and the Python checks are skipped: the C++ code checks shapes, labels, weights and the
+  peer matrix itself, and only when it rejects a call do the Python checks run, for their
+  fuller message. (At that shape, with caches cold, each Python-level layer of a call costs
+  tens of microseconds.)
 
 Both routes give the same numbers: they run the same kernels on the same inputs.
 """
@@ -22,7 +25,7 @@ import torch
 from torch import Tensor
 
 from . import _backend
-from ._checks import as_label_plan, check_mixed_kd_loss_args
+from ._C import mixed_kd_loss as _eager_mixed_kd_loss
 
 
 def _forward(logits: list[Tensor], labels: Tensor, weights: Tensor, temperature: float,
@@ -41,23 +44,6 @@ def _backward(grad_ce: Tensor, grad_kd: Tensor, logits: list[Tensor], labels: Te
                                                      peer_matrix, detach_targets)
 
 
-def _eager(logits: list[Tensor], labels: Tensor, weights: Tensor | None, temperature: float,
-           label_smoothing: float, mode: str, peer_matrix: Tensor | None,
-           detach_targets: bool) -> tuple[Tensor, Tensor]:
-    """labels: class indices [B] (weights None) or a mixture [B, M] with weights [B, M]."""
-    try:
-        return torch.ops.metamixer_cpp.mixed_kd_loss(logits, labels, weights, temperature,
-                                                     label_smoothing, mode, peer_matrix,
-                                                     detach_targets)
-    except (RuntimeError, TypeError, ValueError):
-        # The C++ op checks everything it relies on, but tersely; the Python checks name the
-        # argument and the fix. Run them only now, off the hot path.
-        labels, weights = as_label_plan(labels, weights)
-        check_mixed_kd_loss_args(logits, labels, weights, temperature, label_smoothing, mode,
-                                 peer_matrix)
-        raise
-
-
 _backend.register_kernel("mixed_kd_loss", "cpp", _forward)
 _backend.register_kernel("mixed_kd_loss_backward", "cpp", _backward)
-_backend.register_eager("mixed_kd_loss", "cpp", _eager)
+_backend.register_eager("mixed_kd_loss", _eager_mixed_kd_loss)

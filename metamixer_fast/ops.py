@@ -29,6 +29,9 @@ from ._checks import (
 
 __all__ = ["mix", "mixed_kd_loss"]
 
+# Bound once: the eager path runs on every call, and dynamo folds this function when tracing.
+_is_compiling = torch.compiler.is_compiling
+
 
 # ----------------------------------------------------------------------------- mixed_kd_loss
 
@@ -117,6 +120,16 @@ _backend.register_kernel("mixed_kd_loss", "reference", _reference_forward)
 _backend.register_kernel("mixed_kd_loss_backward", "reference", _reference_backward)
 
 
+def _op_args(logits: Tensor | Sequence[Tensor], labels: Tensor,
+             weights: Tensor | None) -> tuple[list[Tensor], Tensor, Tensor]:
+    """(logits as a list, labels [B, M], weights [B, M]), as the custom op takes them."""
+    z = [logits] if isinstance(logits, Tensor) else list(logits)
+    if not isinstance(labels, Tensor):
+        raise TypeError(f"mixed_kd_loss: 'labels' must be a tensor, got {type(labels).__name__}")
+    labels, weights = as_label_plan(labels, weights)
+    return z, labels, weights
+
+
 def mixed_kd_loss(logits: Tensor | Sequence[Tensor], labels: Tensor, weights: Tensor | None = None,
                   *, temperature: float = 1.0, label_smoothing: float = 0.0,
                   mode: str = "pairwise", peer_matrix: Tensor | None = None,
@@ -127,14 +140,21 @@ def mixed_kd_loss(logits: Tensor | Sequence[Tensor], labels: Tensor, weights: Te
     ``labels``: class indices [B], or a label mixture [B, M] with ``weights`` [B, M].
     See ``metamixer_fast.reference.mixed_kd_loss`` for the exact formulas.
     """
-    z = [logits] if isinstance(logits, Tensor) else list(logits)
-    if not isinstance(labels, Tensor):
-        raise TypeError(f"mixed_kd_loss: 'labels' must be a tensor, got {type(labels).__name__}")
-    eager = _backend.eager_kernel("mixed_kd_loss", z[0]) if z and isinstance(z[0], Tensor) else None
-    if eager is not None:  # e.g. the C++ op with C++ autograd: no Python on the backward path
-        return eager(z, labels, weights, float(temperature), float(label_smoothing), mode,
-                     peer_matrix, bool(detach_targets))
-    labels, weights = as_label_plan(labels, weights)
+    eager = _backend.eager_entries.get("mixed_kd_loss")
+    if eager is not None and not _is_compiling():
+        try:
+            out = eager(logits, labels, weights, temperature, label_smoothing, mode, peer_matrix,
+                        detach_targets)
+        except (RuntimeError, TypeError, ValueError):
+            # The eager entry checks what it relies on, tersely; the Python checks name the
+            # argument and the fix. They run only now, off the hot path.
+            z, labels, weights = _op_args(logits, labels, weights)
+            check_mixed_kd_loss_args(z, labels, weights, float(temperature),
+                                     float(label_smoothing), mode, peer_matrix)
+            raise
+        if out is not None:  # e.g. the C++ op with its C++ autograd node
+            return out
+    z, labels, weights = _op_args(logits, labels, weights)
     ce, kd, _ = torch.ops.metamixer.mixed_kd_loss(z, labels, weights, float(temperature),
                                                   float(label_smoothing), mode, peer_matrix,
                                                   bool(detach_targets))
