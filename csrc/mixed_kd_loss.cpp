@@ -53,13 +53,16 @@ struct CoreType<at::Half> {
   using type = core::fp16;
 };
 
-// The entries of a small floating tensor as doubles (no temporary tensor for the usual dtypes).
+// The entries of a small floating tensor as doubles, in row-major order. A 1-D tensor is read
+// through its stride: the gradient of ce.sum() arrives expanded (stride 0), and copying it
+// contiguous would cost a dispatcher call and an allocation per backward.
 std::vector<double> as_doubles(const Tensor& t) {
-  const Tensor c = t.contiguous();
+  const Tensor c = t.dim() <= 1 ? t : t.contiguous();
+  const int64_t step = c.dim() == 1 ? c.stride(0) : 1;
   std::vector<double> out(c.numel());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "as_doubles", [&] {
-    const scalar_t* p = c.data_ptr<scalar_t>();
-    for (size_t i = 0; i < out.size(); ++i) out[i] = static_cast<double>(p[i]);
+    const scalar_t* p = c.const_data_ptr<scalar_t>();
+    for (size_t i = 0; i < out.size(); ++i) out[i] = static_cast<double>(p[i * step]);
   });
   return out;
 }
@@ -245,6 +248,7 @@ struct GradBuffers {
   }
   Tensor peer_grad(int64_t k) const { return grads.size() == 1 ? grads[0].select(0, k) : grads[k]; }
   void copy_back() {
+    if (in_place) return;
     for (size_t k = 0; k < targets.size(); ++k) {
       Tensor g = peer_grad(static_cast<int64_t>(k));
       if (g.data_ptr() != targets[k].data_ptr()) g.copy_(targets[k]);
@@ -330,14 +334,11 @@ std::vector<double> grad_values(const Tensor& g, int64_t K, const char* name) {
 
 // The backward on peers p = view_peers(logits) with a checked plan: into `stored` (which holds
 // the forward's exponentials) or into fresh buffers like the logits.
+// `stats`: the forward's row_stats, contiguous, in out_dtype of the logits' dtype.
 std::vector<Tensor> backward_impl(const Peers& p, const Plan& plan, TensorList logits,
-                                  const Tensor& row_stats, const Tensor& grad_ce,
+                                  const Tensor& stats, const Tensor& grad_ce,
                                   const Tensor& grad_kd, StoredExp* stored) {
   const auto dtype = logits[0].scalar_type();
-  TORCH_CHECK_VALUE(row_stats.dim() == 3 && row_stats.size(0) == p.K && row_stats.size(1) == p.B &&
-                        row_stats.size(2) == 3,
-                    "mixed_kd_loss backward: 'row_stats' must be [K, B, 3]");
-  const Tensor stats = row_stats.to(out_dtype(dtype)).contiguous();
   const std::vector<double> gce = grad_values(grad_ce, p.K, "grad_ce");
   const std::vector<double> gkd = grad_values(grad_kd, p.K, "grad_kd");
   std::optional<GradBuffers> fresh;
@@ -366,7 +367,11 @@ std::vector<Tensor> mixed_kd_loss_bwd(const Tensor& grad_ce, const Tensor& grad_
   const Peers p = view_peers(logits);
   const Plan plan = make_plan(labels, weights, p.K, p.B, p.C, temperature, label_smoothing, mode,
                               peer_matrix, detach_targets);
-  return backward_impl(p, plan, logits, row_stats, grad_ce, grad_kd, nullptr);
+  TORCH_CHECK_VALUE(row_stats.dim() == 3 && row_stats.size(0) == p.K && row_stats.size(1) == p.B &&
+                        row_stats.size(2) == 3,
+                    "mixed_kd_loss backward: 'row_stats' must be [K, B, 3]");
+  const Tensor stats = row_stats.to(out_dtype(logits[0].scalar_type())).contiguous();
+  return backward_impl(p, plan, logits, stats, grad_ce, grad_kd, nullptr);
 }
 
 // Gradient buffers for the forward to store its exponentials in, when the logits are float32
@@ -401,6 +406,7 @@ struct MixedKDLossBackward : public torch::autograd::Node {
     std::lock_guard<std::mutex> lock(mutex_);
     std::vector<Tensor> z;
     for (auto& saved : logits) z.push_back(saved.unpack());
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     std::optional<StoredExp> exps = std::move(stored);
     stored.reset();
     return backward_impl(peers, plan, z, stats, grads[0], grads[1], exps ? &*exps : nullptr);

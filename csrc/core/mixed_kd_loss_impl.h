@@ -242,6 +242,7 @@ void forward_rows(const LossArgs<T>& a, int64_t b_begin, int64_t b_end) {
   // Per-row running state: max, sum exp(z - max), sum exp((z - max)/T), sum z, pair sums
   // Y[t*K + s] (scaled like the T-sum of t), and the ensemble target's max and sums.
   std::vector<double> M(K), S1(K), ST(K), SZ(K), Y(K * K), ME(K), SE(K), DE(K), LT(K);
+  std::vector<A> ys(K);  // one target's pair sums of a chunk, reduced
   // Stored exponentials (LossArgs::chunk_scale): each chunk's max per peer, for its scale.
   const bool keep = std::is_same_v<T, A> && a.chunk_scale != nullptr;
   const int64_t n_chunks = (C + kChunk - 1) / kChunk;
@@ -276,8 +277,11 @@ void forward_rows(const LossArgs<T>& a, int64_t b_begin, int64_t b_end) {
         // the other peer has -inf) leaves NaN: then the masked pass, which skips the terms
         // whose target probability is 0. (NaN logits give NaN either way.)
         bool nan = false;
-        for (int64_t s = 0; s < K && pairs; ++s) nan = nan || std::isnan(hsum(sc.v2[s]));
-        if (nan) sums(std::true_type{});
+        for (int64_t s = 0; s < K && pairs; ++s) nan = nan || std::isnan(ys[s] = hsum(sc.v2[s]));
+        if (nan) {
+          sums(std::true_type{});
+          for (int64_t s = 0; s < K; ++s) ys[s] = hsum(sc.v2[s]);
+        }
         if (eo && nv < n) std::copy(sc.tg[t], sc.tg[t] + (n - nv), eo + nv);
         const Rescale r(M[t], m, invT_d);
         M[t] = r.max;
@@ -285,8 +289,7 @@ void forward_rows(const LossArgs<T>& a, int64_t b_begin, int64_t b_end) {
         ST[t] = ST[t] * r.rowT + double(hsum(vsT)) * r.chunkT;
         if (eps > 0) SZ[t] += chunk_sum(sc.zc[t], n);
         if (pairs)
-          for (int64_t s = 0; s < K; ++s)
-            Y[t * K + s] = Y[t * K + s] * r.rowT + double(hsum(sc.v2[s])) * r.chunkT;
+          for (int64_t s = 0; s < K; ++s) Y[t * K + s] = Y[t * K + s] * r.rowT + double(ys[s]) * r.chunkT;
       }
       if (pairs) continue;
       for (int64_t k = 0; k < K; ++k) {
@@ -310,9 +313,9 @@ void forward_rows(const LossArgs<T>& a, int64_t b_begin, int64_t b_end) {
     if (keep) {  // p = e * exp((m_chunk - M)/T) / ST; a chunk of -inf (e = 0) gets 0, not NaN
       for (int64_t k = 0; k < K; ++k)
         for (int64_t c = 0; c < n_chunks; ++c) {
-          const double m = chunk_max_of[k * n_chunks + c];
-          a.chunk_scale[(k * B + b) * n_chunks + c] =
-              static_cast<A>(m == kNegInf ? 0.0 : std::exp((m - M[k]) * invT_d) / ST[k]);
+          const double m = chunk_max_of[k * n_chunks + c];  // (the row's max: exp(0) = 1)
+          const double rel = m == M[k] ? 1.0 : std::exp((m - M[k]) * invT_d);
+          a.chunk_scale[(k * B + b) * n_chunks + c] = static_cast<A>(m == kNegInf ? 0.0 : rel / ST[k]);
         }
     }
     for (int64_t k = 0; k < K; ++k) {
