@@ -126,6 +126,18 @@ inline void store(float* p, const vfloat& v) { std::memcpy(p, &v, sizeof(v)); }
 inline void store(float* p, float v) { *p = v; }
 inline void store(double* p, double v) { *p = v; }
 
+// {0, 1, 2, ...} in the lanes of U (the lane mask of a padded vector is lane_index < count).
+template <typename U>
+inline U lane_index() {
+  U v{};
+  for (int i = 0; i < int(sizeof(U) / sizeof(v[0])); ++i) v[i] = static_cast<decltype(v[0] + 0)>(i);
+  return v;
+}
+template <>
+inline double lane_index<double>() { return 0.0; }
+template <>
+inline float lane_index<float>() { return 0.0f; }
+
 // Lane-wise cond ? a : b, for vectors (cond is a lane mask) and scalars (cond is a bool).
 template <typename M, typename U>
 inline U select(const M& cond, const U& a, const U& b) {
