@@ -3,11 +3,13 @@
 // Ops in the `metamixer_cpp` namespace:
 //   mixed_kd_loss_fwd(...) -> (ce[K], kd[K], row_stats[K, B, 3])   CPU kernel
 //   mixed_kd_loss_bwd(grad_ce, grad_kd, ..., row_stats, ...) -> dZ  CPU kernel
-//   mixed_kd_loss(...) -> (ce, kd)   CPU kernel + an Autograd kernel (a C++ autograd Function)
+//   mixed_kd_loss(...) -> (ce, kd)   CPU kernel + an Autograd kernel (MixedKDLossBackward below)
 // The first two are the "cpp" backend of the Python custom op metamixer::mixed_kd_loss (the
-// path torch.compile traces). The third is the eager fast path of metamixer_fast.mixed_kd_loss:
-// one dispatcher call forward, the backward runs in C++ from the autograd engine, so the eager
-// step skips the Python custom-op machinery (~165 us per fwd+bwd at small shapes).
+// path torch.compile traces). The third's Autograd kernel is also mixed_kd_loss_eager (eager.h),
+// the eager fast path of metamixer_fast.mixed_kd_loss, which metamixer_fast._C.mixed_kd_loss
+// (binding.cpp) calls without the dispatcher: the forward and one autograd node, whose backward
+// runs in C++ from the autograd engine, so the eager step skips the Python custom-op machinery
+// (~165 us per fwd+bwd at small shapes).
 //
 // Logits arrive as one [K, B, C] tensor or K [B, C] tensors and are read in place through
 // per-peer row pointers and strides (no stacking copy); only a peer whose class dim is not
@@ -387,12 +389,13 @@ std::optional<StoredExp> stored_exp_for(const Peers& p, TensorList logits) {
 }
 
 // The autograd node of the eager path, written directly against torch::autograd::Node (not
-// torch::autograd::Function): it keeps the forward's checked plan, peer views and row
-// statistics as C++ members, so a step builds no IValue map and the backward re-checks nothing.
+// torch::autograd::Function): it keeps the forward's checked plan and row statistics as C++
+// members, so a step builds no IValue map and the backward re-checks nothing.
 // Inputs: (grad_ce, grad_kd); outputs: one gradient per logits tensor.
 struct MixedKDLossBackward : public torch::autograd::Node {
-  std::vector<torch::autograd::SavedVariable> logits;  // unpacked for the in-place-change check
-  Peers peers;
+  // The logits, through SavedVariable: the backward sees them as saved-tensor hooks (offloading,
+  // checkpointing) give them back, and unpacking checks that they were not changed in place.
+  std::vector<torch::autograd::SavedVariable> logits;
   Plan plan;
   Tensor stats;
   // The forward's exponentials serve one backward: they are overwritten with the gradient and
@@ -402,6 +405,14 @@ struct MixedKDLossBackward : public torch::autograd::Node {
 
   std::string name() const override { return "MixedKDLossBackward"; }
 
+  // Compiled autograd cannot trace this C++ backward; say what works instead.
+  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& /*args*/) const override {
+    TORCH_CHECK_NOT_IMPLEMENTED(
+        false, "mixed_kd_loss: compiled autograd cannot trace the backward of an eager "
+               "mixed_kd_loss call; call it inside the torch.compile'd function (which uses the "
+               "metamixer::mixed_kd_loss custom op), or run this backward without compiled autograd");
+  }
+
   torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
     std::lock_guard<std::mutex> lock(mutex_);
     std::vector<Tensor> z;
@@ -409,13 +420,12 @@ struct MixedKDLossBackward : public torch::autograd::Node {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     std::optional<StoredExp> exps = std::move(stored);
     stored.reset();
-    return backward_impl(peers, plan, z, stats, grads[0], grads[1], exps ? &*exps : nullptr);
+    return backward_impl(view_peers(z), plan, z, stats, grads[0], grads[1], exps ? &*exps : nullptr);
   }
 
   void release_variables() override {
     std::lock_guard<std::mutex> lock(mutex_);
     for (auto& saved : logits) saved.reset_data();
-    peers = Peers();
     stats.reset();
     stored.reset();
   }
@@ -448,7 +458,6 @@ std::tuple<Tensor, Tensor> mixed_kd_loss_autograd(TensorList logits, const Tenso
     std::tie(ce, kd, stats) = forward_impl(p, plan, logits[0].scalar_type(), keep ? &*keep : nullptr);
     if (grad) {
       node = c10::make_intrusive<MixedKDLossBackward>();
-      node->peers = std::move(p);
       node->plan = std::move(plan);
       node->stats = std::move(stats);
       node->stored = std::move(keep);

@@ -286,3 +286,50 @@ def test_cpp_custom_op_checks_values(monkeypatch):
     with pytest.raises(ValueError, match="'peer_matrix' has NaN"):
         op([z], torch.zeros(4, 1, dtype=torch.long), ones, 1.0, 0.0, "ensemble",
            torch.full((2, 2), float("inf")), True)
+
+
+def test_eager_path_keeps_autograd_contracts(rng):
+    """The eager C++ path's autograd node behaves like any autograd node: saved-tensor hooks see
+    the logits, an in-place change of them is caught, a second backward without retain_graph is
+    refused, and under compiled autograd (which cannot trace it) the error names the way out,
+    which then works."""
+    if mf._backend.eager_entries.get("mixed_kd_loss") is None:
+        pytest.skip("the C++ extension is not built")
+    from torch._dynamo import compiled_autograd
+
+    z = _logits(3, 6, 10, rng).float().requires_grad_(True)
+    labels = torch.randint(0, 10, (6,), generator=rng)
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t.clone(),
+                                                  lambda t: t):
+        ce, kd = mf.mixed_kd_loss(z, labels, temperature=3.0)
+    assert ce.grad_fn.name() == "MixedKDLossBackward" and [p.shape for p in packed] == [z.shape]
+    loss = ce.sum() + kd.sum()
+    loss.backward()
+    want = z.grad.clone()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        loss.backward()
+
+    y = z * 1.0
+    ce, kd = mf.mixed_kd_loss(y, labels, temperature=3.0)
+    with torch.no_grad():
+        y.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (ce.sum() + kd.sum()).backward()
+
+    z.grad = None
+    ce, kd = mf.mixed_kd_loss(z, labels, temperature=3.0)
+    with compiled_autograd._enable(torch.compile(backend="eager")):
+        with pytest.raises(NotImplementedError, match=r"call it inside the torch\.compile'd function"):
+            (ce.sum() + kd.sum()).backward()
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def compiled_loss(logits):
+        ce, kd = mf.mixed_kd_loss(logits, labels, temperature=3.0)
+        return ce.sum() + kd.sum()
+
+    z.grad = None
+    loss = compiled_loss(z)
+    with compiled_autograd._enable(torch.compile(backend="eager")):
+        loss.backward()
+    assert_fp32_close(z.grad, want.double(), rtol=1e-6)
