@@ -264,10 +264,8 @@ struct GradBuffers {
 // merely exists from the forward on instead of from the backward on.
 struct StoredExp {
   GradBuffers buffers;
-  Tensor chunk_scale;  // [K, B, ceil(C / 512)]
+  Tensor chunk_scale;  // [K, B, core::stored_slots(C)]
 };
-
-int64_t n_chunks(int64_t C) { return (C + 511) / 512; }
 
 // Stored exponentials exist for float and double logits only (half types recompute: storing
 // them rounded would cost the gradient accuracy).
@@ -384,7 +382,7 @@ std::optional<StoredExp> stored_exp_for(const Peers& p, TensorList logits) {
   if (logits[0].scalar_type() != at::kFloat) return std::nullopt;
   GradBuffers buffers = GradBuffers::like(logits, p.K, p.C);
   if (!buffers.in_place) return std::nullopt;
-  Tensor scale = at::empty({p.K, p.B, n_chunks(p.C)}, logits[0].options());
+  Tensor scale = at::empty({p.K, p.B, core::stored_slots(p.C)}, logits[0].options());
   return StoredExp{std::move(buffers), std::move(scale)};
 }
 

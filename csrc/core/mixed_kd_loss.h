@@ -53,11 +53,16 @@ struct LossArgs {
   const int64_t* dz_stride = nullptr;
   // Optional, float and double logits only: the gradient buffer doubles as the store of the
   // forward's exponentials. With chunk_scale set, the forward also writes e = exp((z - m)/T)
-  // (m: the max of the 512-class chunk) to dz and the factor that makes it p = softmax(z/T) to
-  // chunk_scale [K, B, ceil(C / 512)]; the backward then reads e from dz instead of
-  // recomputing it, and overwrites it with dZ in place.
+  // (m: the max of the 512-class chunk) to dz and, per peer and row, stored_slots(C) values to
+  // chunk_scale [K, B, stored_slots(C)]: per chunk the factor that makes e p = softmax(z/T),
+  // then cT = exp(T lse(z/T) - lse(z)) = ST^T / S1 (the row's sums; used for T in {2, 3, 4},
+  // where s = p^T cT). The backward then reads e from dz instead of recomputing it, and
+  // overwrites it with dZ in place.
   acc_t<T>* chunk_scale = nullptr;
 };
+
+// Values per peer and row in LossArgs::chunk_scale: one per 512-class chunk, then cT.
+inline int64_t stored_slots(int64_t C) { return (C + 511) / 512 + 1; }
 
 // Which build of the kernels this CPU runs: the AVX-512 one (csrc/mixed_kd_loss_avx512.cpp),
 // the AVX2+FMA one (csrc/mixed_kd_loss_avx2.cpp) or the baseline (SSE2) one.

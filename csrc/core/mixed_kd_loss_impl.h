@@ -318,12 +318,17 @@ void forward_rows(const LossArgs<T>& a, int64_t b_begin, int64_t b_end) {
     const double* wts = a.weights + b * a.M;
     for (int64_t k = 0; k < K; ++k) LT[k] = M[k] * invT_d + std::log(ST[k]);
     if (keep) {  // p = e * exp((m_chunk - M)/T) / ST; a chunk of -inf (e = 0) gets 0, not NaN
-      for (int64_t k = 0; k < K; ++k)
+      for (int64_t k = 0; k < K; ++k) {
+        A* out = a.chunk_scale + (k * B + b) * (n_chunks + 1);
         for (int64_t c = 0; c < n_chunks; ++c) {
           const double m = chunk_max_of[k * n_chunks + c];  // (the row's max: exp(0) = 1)
           const double rel = m == M[k] ? 1.0 : std::exp((m - M[k]) * invT_d);
-          a.chunk_scale[(k * B + b) * n_chunks + c] = static_cast<A>(m == kNegInf ? 0.0 : rel / ST[k]);
+          out[c] = static_cast<A>(m == kNegInf ? 0.0 : rel / ST[k]);
         }
+        // cT from the sums in double (the backward would take an exponential of two rounded
+        // row stats); S1 sums the T-th powers of the T-sum's terms for T in {2, 3, 4}
+        out[n_chunks] = static_cast<A>(tp.n > 1 ? int_pow(ST[k], tp.n) / S1[k] : 1.0);
+      }
     }
     for (int64_t k = 0; k < K; ++k) {
       const double lse1 = M[k] + std::log(S1[k]);
@@ -474,7 +479,7 @@ void backward_rows(const LossArgs<T>& a, int64_t b_begin, int64_t b_end) {
       gc[k] = sc.gbuf.empty() ? reinterpret_cast<A*>(a.dz[k] + b * a.dz_stride[k] + c0)
                               : sc.gbuf.data() + k * kChunk;
       ec[k] = gc[k];
-      if (stored) es[k] = a.chunk_scale[(k * B + b) * n_chunks + c0 / kChunk];
+      if (stored) es[k] = a.chunk_scale[(k * B + b) * (n_chunks + 1) + c0 / kChunk];
     }
   };
   bool any_kd = false;
@@ -494,7 +499,8 @@ void backward_rows(const LossArgs<T>& a, int64_t b_begin, int64_t b_end) {
     for (int64_t k = 0; k < K; ++k) {
       const A* st = a.row_stats + (k * B + b) * 3;
       lse1[k] = st[0], lseT[k] = st[1], lseE[k] = st[2];
-      cT[k] = static_cast<A>(std::exp(double(st[1]) * T_ - double(st[0])));
+      cT[k] = stored ? a.chunk_scale[(k * B + b) * (n_chunks + 1) + n_chunks]
+                     : static_cast<A>(std::exp(double(st[1]) * T_ - double(st[0])));
       a1[k] = static_cast<A>(alpha[k] * wsum);
       a0[k] = static_cast<A>(eps > 0 ? alpha[k] * eps * wsum / double(C) : 0.0);
     }

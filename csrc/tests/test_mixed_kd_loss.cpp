@@ -232,7 +232,7 @@ void run_kernel(const Problem& p, Fwd fwd, Bwd bwd, std::vector<double>& ce, std
   a.detach_targets = p.detach, a.row_stats = stats.data(), a.ce_rows = ce_rows.data();
   a.kd_rows = kd_rows.data(), a.grad_ce = p.gce.data(), a.grad_kd = p.gkd.data();
   a.dz = gp.data(), a.dz_stride = stride.data();
-  std::vector<A> chunk_scale(K * B * ((C + 511) / 512));
+  std::vector<A> chunk_scale(K * B * stored_slots(C));
   if (stored) a.chunk_scale = chunk_scale.data();
   fwd(a, 0, 1);  // two calls: rows are independent
   fwd(a, 1, B);
