@@ -333,3 +333,42 @@ def test_eager_path_keeps_autograd_contracts(rng):
     with compiled_autograd._enable(torch.compile(backend="eager")):
         loss.backward()
     assert_fp32_close(z.grad, want.double(), rtol=1e-6)
+
+
+def test_eager_entry_declines_what_the_custom_op_must_see(monkeypatch, rng):
+    """metamixer_fast._C.mixed_kd_loss takes plain eager calls only: under a torch-function or
+    dispatch mode, for tensor subclasses, inside torch.func transforms and with another backend
+    forced it returns None, and mixed_kd_loss then runs the custom op."""
+    entry = mf._backend.eager_entries.get("mixed_kd_loss")
+    if entry is None:
+        pytest.skip("the C++ extension is not built")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.overrides import TorchFunctionMode
+
+    z = _logits(2, 5, 7, rng).float()
+    labels = torch.randint(0, 7, (5,), generator=rng)
+    args = (labels, None, 3.0, 0.0, "pairwise", None, True)
+    assert entry(z, *args) is not None and entry(list(z.unbind(0)), *args) is not None
+    with TorchFunctionMode():
+        assert entry(z, *args) is None
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(z)
+        assert entry(fake, *args) is None
+        ce, kd = mf.mixed_kd_loss(fake, mode.from_tensor(labels), temperature=3.0)
+        assert ce.shape == kd.shape == (2,)
+    assert entry(torch.nn.Parameter(z), *args) is not None  # a Parameter is a plain tensor here
+
+    declined = []
+
+    def wrapped(t):
+        declined.append(entry(t, *args) is None)  # t is functorch-wrapped here
+        return t.sum()
+
+    torch.func.grad(wrapped)(z)
+    torch.vmap(wrapped)(z)
+    assert declined == [True, True]
+
+    monkeypatch.setenv("METAMIXER_BACKEND", "reference")
+    assert entry(z, *args) is None
+    monkeypatch.setenv("METAMIXER_BACKEND", "cpp")
+    assert entry(z, *args) is not None
