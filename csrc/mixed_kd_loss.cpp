@@ -490,9 +490,8 @@ std::tuple<Tensor, Tensor> mixed_kd_loss_eager(TensorList logits, const Tensor& 
                                                const std::optional<Tensor>& peer_matrix,
                                                bool detach_targets) {
   RECORD_FUNCTION("metamixer::mixed_kd_loss", std::vector<c10::IValue>());
-  return mixed_kd_loss_autograd(logits, labels, weights, temperature, label_smoothing,
-                                c10::string_view(mode.data(), mode.size()), peer_matrix,
-                                detach_targets);
+  return mixed_kd_loss_autograd(logits, labels, weights, temperature, label_smoothing, mode,
+                                peer_matrix, detach_targets);
 }
 
 }  // namespace metamixer
