@@ -73,7 +73,12 @@ def test_mixed_kd_loss_matches_reference(loss_backend, seed, k, b, c, m, mode, t
     (want_dz,) = torch.autograd.grad((want_ce, want_kd), z64, (grad_ce, grad_kd))
     rtol, atol = FP_TOL[dtype]
     torch.testing.assert_close(ce.double(), want_ce, rtol=rtol, atol=atol)
-    torch.testing.assert_close(kd.double(), want_kd, rtol=rtol, atol=atol)
+    # KD is T^2 times a difference of cross-entropies (H(p, q) - H(p)); where the peers nearly
+    # agree it cancels to far below its terms, so it carries rounding of T^2 |log q|, not of
+    # its own size (the reference itself, run in float32, is off by 4e-5 relative there).
+    log_q = torch.log_softmax(z64.detach() / temperature, -1)
+    term_scale = temperature**2 * float(log_q[log_q.isfinite()].abs().max()) if log_q.numel() else 0.0
+    torch.testing.assert_close(kd.double(), want_kd, rtol=rtol, atol=atol + rtol * term_scale)
     scale = float(want_dz.abs().max()) if want_dz.numel() else 1.0
     torch.testing.assert_close(dz.double(), want_dz, rtol=rtol, atol=atol + rtol * scale)
 
