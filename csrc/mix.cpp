@@ -187,10 +187,11 @@ at::Tensor mix2_cpu(const at::Tensor& x_in, const at::Tensor& src, const at::Ten
     const T* xp = reinterpret_cast<const T*>(x.const_data_ptr<scalar_t>());
     T* op = reinterpret_cast<T*>(out.mutable_data_ptr<scalar_t>());
     const core_ns::MixLayout& L = plan.layout;
+    const std::vector<int64_t> order = core_ns::partner_chain_order(s2, L.n);
     at::parallel_for(0, L.n * L.planes, grain_planes(L, sizeof(T)), [&](int64_t b, int64_t e) {
       std::vector<T> scratch(2 * core_ns::kWindow);
       core_ns::mix2_forward_planes(xp, op, plan.src, plan.w.data(), plan.boxes.data(), s2,
-                                 w2c.data(), L, scratch.data(), b, e);
+                                 w2c.data(), order.data(), L, scratch.data(), b, e);
     });
   });
   return out;

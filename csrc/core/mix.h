@@ -341,7 +341,9 @@ void mix_forward_planes(const T* x, T* out, const int64_t* src, const compute_t<
 // output would be, then blended. On CPUs with AVX-512, float takes mix2_planes_avx512: short
 // spans cost more than the arithmetic on 32-wide rows, and lane masks avoid them. (uint8 keeps
 // this path: an AVX-512 uint8 row kernel measured slower, bound by its widening and narrowing.)
-// Bytes: reads x_i, x_k (and their local partners inside the boxes), writes out once.
+// Bytes: reads x_i, x_k (and their local partners inside the boxes), writes out once; samples
+// are taken in partner_chain_order, so x_k is read again from cache as the next x_i, and the
+// batch comes from memory about once.
 inline bool crosses_box(const int64_t* box, int64_t y) { return box[2] < box[3] && row_in_box(box, y); }
 
 // The pointers of one (sample, plane) unit u of the fused forward: sample i, its global partner
@@ -356,8 +358,8 @@ struct Mix2Unit {
 
 template <typename T>
 Mix2Unit<T> mix2_unit(const T* x, T* out, const int64_t* src, const int64_t* boxes,
-                      const int64_t* src2, const MixLayout& L, int64_t u) {
-  const int64_t S = L.sample_size(), i = u / L.planes, k = src2[i];
+                      const int64_t* src2, const int64_t* order, const MixLayout& L, int64_t u) {
+  const int64_t S = L.sample_size(), i = order[u / L.planes], k = src2[i];
   const int64_t in_off = (u % L.planes) * L.rows * L.row_len;
   return {i, k, boxes + 4 * i, boxes + 4 * k, x + i * S + in_off, x + src[i] * S + in_off,
           x + k * S + in_off, x + src[k] * S + in_off, out + i * S + in_off};
@@ -368,10 +370,10 @@ Mix2Unit<T> mix2_unit(const T* x, T* out, const int64_t* src, const int64_t* box
 // outside both boxes are one long row.
 inline void mix2_planes_avx512(const float* x, float* out, const int64_t* src, const float* w,
                                const int64_t* boxes, const int64_t* src2, const float* w2,
-                               const MixLayout& L, int64_t begin, int64_t end) {
+                               const int64_t* order, const MixLayout& L, int64_t begin, int64_t end) {
   const int64_t len = L.row_len;
   for (int64_t u = begin; u < end; ++u) {
-    const Mix2Unit<float> p = mix2_unit(x, out, src, boxes, src2, L, u);
+    const Mix2Unit<float> p = mix2_unit(x, out, src, boxes, src2, order, L, u);
     for (int64_t y = 0; y < L.rows;) {
       const int64_t at = y * len;
       const bool in_i = crosses_box(p.bi, y), in_k = crosses_box(p.bk, y);
@@ -390,12 +392,13 @@ inline void mix2_planes_avx512(const float* x, float* out, const int64_t* src, c
 template <typename T>
 void mix2_forward_planes(const T* x, T* out, const int64_t* src, const compute_t<T>* w,
                          const int64_t* boxes, const int64_t* src2, const compute_t<T>* w2,
-                         const MixLayout& L, T* scratch, int64_t begin, int64_t end) {
+                         const int64_t* order, const MixLayout& L, T* scratch, int64_t begin,
+                         int64_t end) {
   const int64_t len = L.row_len, plane = L.rows * len;
 #if defined(METAMIXER_HAVE_AVX512_MIX2)
   if constexpr (std::is_same_v<T, float>) {
     if (cpu_has_avx512f() && plane < (int64_t{1} << 31)) {
-      mix2_planes_avx512(x, out, src, w, boxes, src2, w2, L, begin, end);
+      mix2_planes_avx512(x, out, src, w, boxes, src2, w2, order, L, begin, end);
       return;
     }
   }
@@ -403,7 +406,7 @@ void mix2_forward_planes(const T* x, T* out, const int64_t* src, const compute_t
   T* ua = scratch;
   T* ub = scratch + kWindow;
   for (int64_t u = begin; u < end; ++u) {
-    const auto [i, k, bi, bk, xi, xsi, xk, xsk, o] = mix2_unit(x, out, src, boxes, src2, L, u);
+    const auto [i, k, bi, bk, xi, xsi, xk, xsk, o] = mix2_unit(x, out, src, boxes, src2, order, L, u);
     for (int64_t y = 0; y < L.rows;) {
       const int64_t at = y * len;
       const bool in_i = crosses_box(bi, y), in_k = crosses_box(bk, y);
@@ -423,6 +426,18 @@ void mix2_forward_planes(const T* x, T* out, const int64_t* src, const compute_t
       ++y;
     }
   }
+}
+
+// The fused forward's sample order: follow i -> src2_i, so that the global partner x_k that
+// out_i reads is the next output's own sample and is still in cache; each sample then comes
+// from memory about once instead of twice (once as itself, once as a partner).
+inline std::vector<int64_t> partner_chain_order(const int64_t* src2, int64_t n) {
+  std::vector<int64_t> order;
+  order.reserve(n);
+  std::vector<char> seen(n, 0);
+  for (int64_t s = 0; s < n; ++s)
+    for (int64_t i = s; !seen[i]; i = src2[i]) seen[i] = 1, order.push_back(i);
+  return order;
 }
 
 // Destination-major inverse of src: the samples j with src_j = k are

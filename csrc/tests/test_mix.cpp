@@ -161,6 +161,18 @@ void test_half_and_bfloat16_conversions() {
   expect(std::isnan(core::to_float(core::to_bfloat16(NAN))), "bf16 nan");
 }
 
+// The fused forward's order follows the partner chains and visits every sample exactly once,
+// also when src2 repeats partners or pairs a sample with itself.
+void test_partner_chain_order() {
+  const std::vector<int64_t> cycle = {3, 0, 4, 1, 2}, repeats = {2, 2, 0, 1, 3}, self = {0, 2, 1};
+  expect(core::partner_chain_order(cycle.data(), 5) == std::vector<int64_t>({0, 3, 1, 2, 4}),
+         "chain order follows i -> src2_i");
+  expect(core::partner_chain_order(repeats.data(), 5) == std::vector<int64_t>({0, 2, 1, 3, 4}),
+         "chain order with repeated partners");
+  expect(core::partner_chain_order(self.data(), 3) == std::vector<int64_t>({0, 1, 2}),
+         "chain order with a self-pair");
+}
+
 // Backward with repeated partners and a self-pair, features [N = 3, D = 2], whole boxes:
 // src = (1, 1, 2): dx_0 = w0 g0; dx_1 = w1 g1 + (1-w0) g0 + (1-w1) g1; dx_2 = w2 g2 + (1-w2) g2.
 void test_backward_gathers_repeats() {
@@ -233,8 +245,9 @@ void check_mix2_equals_two_calls(int64_t width) {
   for (int64_t i = 0; i < L.n; ++i) whole.insert(whole.end(), {0, L.rows, 0, width});
   const auto want = forward<T>(u, src2, w2, whole, L);
   std::vector<T> got(x.size()), scratch(2 * core::kWindow);
+  const std::vector<int64_t> order = core::partner_chain_order(src2.data(), L.n);
   core::mix2_forward_planes(x.data(), got.data(), src.data(), w.data(), boxes.data(), src2.data(),
-                            w2.data(), L, scratch.data(), 0, L.n * L.planes);
+                            w2.data(), order.data(), L, scratch.data(), 0, L.n * L.planes);
   expect(std::memcmp(got.data(), want.data(), sizeof(T) * got.size()) == 0, "mix2 == two mix calls");
 }
 
@@ -258,6 +271,7 @@ int main() {
   test_uint8_simd_equals_scalar();
   test_channels_last_box();
   test_half_and_bfloat16_conversions();
+  test_partner_chain_order();
   test_backward_gathers_repeats();
   test_dw_inside_box_only();
   if (failures) {
