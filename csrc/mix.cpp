@@ -163,8 +163,10 @@ at::Tensor mix_cpu(const at::Tensor& x_in, const at::Tensor& src, const at::Tens
     const T* xp = reinterpret_cast<const T*>(x.const_data_ptr<scalar_t>());
     T* op = reinterpret_cast<T*>(out.mutable_data_ptr<scalar_t>());
     const core_ns::MixLayout& L = plan.layout;
+    const std::vector<int64_t> order = core_ns::partner_chain_order(plan.src, L.n);
     at::parallel_for(0, L.n * L.planes, grain_planes(L, sizeof(T)), [&](int64_t b, int64_t e) {
-      core_ns::mix_forward_planes(xp, op, plan.src, plan.w.data(), plan.boxes.data(), L, b, e);
+      core_ns::mix_forward_planes(xp, op, plan.src, plan.w.data(), plan.boxes.data(), order.data(),
+                                  L, b, e);
     });
   });
   return out;

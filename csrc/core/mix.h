@@ -321,13 +321,27 @@ void mix_rows(const T* a, const T* b, T* out, int64_t len, const int64_t* box, i
   if (all > mid) std::memcpy(out + mid, a + mid, sizeof(T) * (all - mid));
 }
 
-// Forward over units [begin, end) of the flattened (sample, plane) index.
+// The forward's sample order: follow i -> partner_i, so that the partner an output reads is the
+// next output's own sample and is still in cache; each sample then comes from memory about
+// once instead of twice (once as itself, once as a partner).
+inline std::vector<int64_t> partner_chain_order(const int64_t* partner, int64_t n) {
+  std::vector<int64_t> order;
+  order.reserve(n);
+  std::vector<char> seen(n, 0);
+  for (int64_t s = 0; s < n; ++s)
+    for (int64_t i = s; !seen[i]; i = partner[i]) seen[i] = 1, order.push_back(i);
+  return order;
+}
+
+// Forward over units [begin, end) of the flattened (sample, plane) index, samples taken in
+// `order` (partner_chain_order of src: x_src_i, read inside box_i, is the next output's x_i).
 template <typename T>
 void mix_forward_planes(const T* x, T* out, const int64_t* src, const compute_t<T>* w,
-                        const int64_t* boxes, const MixLayout& L, int64_t begin, int64_t end) {
+                        const int64_t* boxes, const int64_t* order, const MixLayout& L,
+                        int64_t begin, int64_t end) {
   const int64_t S = L.sample_size(), plane = L.rows * L.row_len;
   for (int64_t u = begin; u < end; ++u) {
-    const int64_t i = u / L.planes, off = i * S + (u % L.planes) * plane;
+    const int64_t i = order[u / L.planes], off = i * S + (u % L.planes) * plane;
     const T* b = x + src[i] * S + (off - i * S);
     mix_rows(x + off, b, out + off, L.row_len, boxes + 4 * i, 0, L.rows, w[i]);
   }
@@ -426,18 +440,6 @@ void mix2_forward_planes(const T* x, T* out, const int64_t* src, const compute_t
       ++y;
     }
   }
-}
-
-// The fused forward's sample order: follow i -> src2_i, so that the global partner x_k that
-// out_i reads is the next output's own sample and is still in cache; each sample then comes
-// from memory about once instead of twice (once as itself, once as a partner).
-inline std::vector<int64_t> partner_chain_order(const int64_t* src2, int64_t n) {
-  std::vector<int64_t> order;
-  order.reserve(n);
-  std::vector<char> seen(n, 0);
-  for (int64_t s = 0; s < n; ++s)
-    for (int64_t i = s; !seen[i]; i = src2[i]) seen[i] = 1, order.push_back(i);
-  return order;
 }
 
 // Destination-major inverse of src: the samples j with src_j = k are

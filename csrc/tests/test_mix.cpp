@@ -30,8 +30,10 @@ std::vector<T> forward(const std::vector<T>& x, const std::vector<int64_t>& src,
   std::vector<T> out(x.size());
   // two halves, as two threads would split the (sample, plane) units
   const int64_t units = L.n * L.planes, mid = units / 2;
-  core::mix_forward_planes(x.data(), out.data(), src.data(), w.data(), boxes.data(), L, 0, mid);
-  core::mix_forward_planes(x.data(), out.data(), src.data(), w.data(), boxes.data(), L, mid, units);
+  const std::vector<int64_t> order = core::partner_chain_order(src.data(), L.n);
+  const int64_t* o = order.data();
+  core::mix_forward_planes(x.data(), out.data(), src.data(), w.data(), boxes.data(), o, L, 0, mid);
+  core::mix_forward_planes(x.data(), out.data(), src.data(), w.data(), boxes.data(), o, L, mid, units);
   return out;
 }
 
