@@ -227,11 +227,12 @@ std::tuple<at::Tensor, at::Tensor> mix_backward_cpu(const at::Tensor& grad_in,
     const T* gp = reinterpret_cast<const T*>(grad.const_data_ptr<scalar_t>());
     const T* xp = reinterpret_cast<const T*>(x.const_data_ptr<scalar_t>());
     T* dxp = reinterpret_cast<T*>(dx.mutable_data_ptr<scalar_t>());
+    const std::vector<int64_t> order = core_ns::partner_chain_order(plan.src, L.n);
     at::parallel_for(0, L.total_rows(), grain_rows(L, sizeof(T)), [&](int64_t b, int64_t e) {
       std::vector<CT> buf(core_ns::kWindow);
-      core_ns::mix_backward_rows(gp, xp, plan.src, plan.w.data(), plan.boxes.data(), L,
-                                 offsets.data(), list.data(), dxp, dw_rows.data(), buf.data(), b,
-                                 e);
+      core_ns::mix_backward_rows(gp, xp, plan.src, plan.w.data(), plan.boxes.data(), order.data(),
+                                 L, offsets.data(), list.data(), dxp, dw_rows.data(), buf.data(),
+                                 b, e);
     });
     at::Tensor dw_acc = at::empty({L.n}, w.options().dtype(at::CppTypeToScalarType<A>::value));
     core_ns::reduce_dw_rows(dw_rows.data(), L, dw_acc.mutable_data_ptr<A>());

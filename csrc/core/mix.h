@@ -468,20 +468,22 @@ acc_t<T> dot_diff(const T* g, const T* a, const T* b, int64_t len) {
   return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
 }
 
-// Backward over destination rows [begin, end): writes dx for those rows and the row's share
-// of dw (dw_rows[r]). Each row is done in windows of kWindow columns so that the accumulators
+// Backward over destination rows [begin, end) of samples taken in `order` (partner_chain_order
+// of src: with src a permutation, sample k reads x_src_k and g_j for src_j = k, and the next
+// sample, src_k, reads x_src_k again as its own x and g_k as its partner's gradient, both still
+// in cache): writes dx for those rows and the row's share of dw (dw_rows, indexed by sample). Each row is done in windows of kWindow columns so that the accumulators
 // (`buf`, kWindow of them, owned by the calling thread) and the g_k window stay in L1 while the
 // partners' gradients are gathered into them and dw's products are taken.
 template <typename T>
 void mix_backward_rows(const T* g, const T* x, const int64_t* src, const compute_t<T>* w,
-                       const int64_t* boxes, const MixLayout& L, const int64_t* inv_offsets,
-                       const int64_t* inv_list, T* dx, acc_t<T>* dw_rows, compute_t<T>* buf,
-                       int64_t begin, int64_t end) {
+                       const int64_t* boxes, const int64_t* order, const MixLayout& L,
+                       const int64_t* inv_offsets, const int64_t* inv_list, T* dx,
+                       acc_t<T>* dw_rows, compute_t<T>* buf, int64_t begin, int64_t end) {
   using C = Compute<T>;
   using CT = compute_t<T>;
   const int64_t per_sample = L.planes * L.rows, S = L.sample_size(), len = L.row_len;
   for (int64_t r = begin; r < end; ++r) {
-    const int64_t k = r / per_sample, y = r % L.rows;
+    const int64_t k = order[r / per_sample], y = r % L.rows;
     const int64_t in_off = (r % per_sample) * len;
     const int64_t* bk = boxes + 4 * k;
     const T* gk = g + k * S + in_off;
@@ -507,7 +509,7 @@ void mix_backward_rows(const T* g, const T* x, const int64_t* src, const compute
       for (int64_t c = cb; c < ce; ++c) out[c] = C::store(buf[c - cb]);
       if (c1 > c0) dw_share += dot_diff(gk + c0, xk + c0, xs + c0, c1 - c0);
     }
-    dw_rows[r] = dw_share;
+    dw_rows[k * per_sample + r % per_sample] = dw_share;
   }
 }
 

@@ -188,8 +188,9 @@ void test_backward_gathers_repeats() {
   expect(offsets == std::vector<int64_t>({0, 0, 2, 3}) && list == std::vector<int64_t>({0, 1, 2}),
          "inverse of src");
   std::vector<double> dx(6), dw_rows(3), dw(3), buf(core::kWindow);
-  core::mix_backward_rows(g.data(), x.data(), src.data(), w.data(), boxes.data(), L, offsets.data(),
-                          list.data(), dx.data(), dw_rows.data(), buf.data(), 0, 3);
+  const std::vector<int64_t> order = core::partner_chain_order(src.data(), 3);
+  core::mix_backward_rows(g.data(), x.data(), src.data(), w.data(), boxes.data(), order.data(), L,
+                          offsets.data(), list.data(), dx.data(), dw_rows.data(), buf.data(), 0, 3);
   core::reduce_dw_rows(dw_rows.data(), L, dw.data());
   for (int d = 0; d < 2; ++d) {
     expect(std::fabs(dx[d] - 0.25 * g[d]) < 1e-15, "dx_0");
@@ -211,8 +212,9 @@ void test_dw_inside_box_only() {
   std::vector<int64_t> offsets, list;
   core::invert_partners(src.data(), 2, offsets, list);
   std::vector<float> dx(76), dw_rows(4), dw(2), buf(core::kWindow);
-  core::mix_backward_rows(g.data(), x.data(), src.data(), w.data(), boxes.data(), L, offsets.data(),
-                          list.data(), dx.data(), dw_rows.data(), buf.data(), 0, 4);
+  const std::vector<int64_t> order = core::partner_chain_order(src.data(), 2);
+  core::mix_backward_rows(g.data(), x.data(), src.data(), w.data(), boxes.data(), order.data(), L,
+                          offsets.data(), list.data(), dx.data(), dw_rows.data(), buf.data(), 0, 4);
   core::reduce_dw_rows(dw_rows.data(), L, dw.data());
   float want = 0;
   for (int c = 2; c < 13; ++c) want += x[19 + c] - x[38 + 19 + c];
