@@ -1,12 +1,14 @@
 // metamixer_fast._C: Python module init, the `metamixer_cpp` op library with build_info() (the
-// kernels add their ops to it from csrc/mix.cpp and csrc/mixed_kd_loss.cpp), and one Python
-// function, mixed_kd_loss, the eager fast path of metamixer_fast.mixed_kd_loss.
+// kernels add their ops to it from csrc/mix.cpp and csrc/mixed_kd_loss.cpp), and three Python
+// functions, mixed_kd_loss, mix and mix2, the eager fast paths of the metamixer_fast functions
+// of the same names.
 //
 // The public ops (`metamixer::*`) are defined in Python (metamixer_fast/ops.py) so that the
 // package works without this module; their CPU bodies call the `metamixer_cpp::*` ops.
 #include <Python.h>
 
 #include <ATen/PythonTorchFunctionTLS.h>
+#include <ATen/core/grad_mode.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <pybind11/pybind11.h>
 #include <torch/csrc/Exceptions.h>
@@ -103,6 +105,50 @@ PyObject* mixed_kd_loss(PyObject* /*module*/, PyObject* const* args, Py_ssize_t 
   END_HANDLE_TH_ERRORS
 }
 
+// The tensors of an eager mix call, (x, src, w, box) or (x, src, w, box, src2, w2): true when
+// every one is a plain CPU tensor (box may be None) and none needs a gradient (autograd must
+// see such a call, through the custom op).
+bool eager_mix_args(PyObject* const* args, Py_ssize_t nargs,
+                    std::vector<std::optional<at::Tensor>>& t) {
+  if (!eager_path_open()) return false;
+  t.resize(nargs);
+  for (Py_ssize_t i = 0; i < nargs; ++i)
+    if (!optional_tensor(args[i], t[i]) || (i != 3 && !t[i].has_value())) return false;
+  if (at::GradMode::is_enabled())
+    for (const auto& v : t)
+      if (v.has_value() && v->requires_grad()) return false;
+  return true;
+}
+
+// mix(x, src, w, box) -> out and mix2(x, src, w, box, src2, w2) -> out, or None when the call
+// is not one for the eager path. Bad arguments raise with the C++ checks' messages.
+template <Py_ssize_t Args>
+PyObject* mix_entry(PyObject* const* args, Py_ssize_t nargs, const char* signature) {
+  HANDLE_TH_ERRORS
+  if (nargs != Args) {
+    PyErr_Format(PyExc_TypeError, "%s takes %d positional arguments", signature, int(Args));
+    return nullptr;
+  }
+  std::vector<std::optional<at::Tensor>> t;
+  if (!eager_mix_args(args, nargs, t)) Py_RETURN_NONE;
+  at::Tensor out;
+  {
+    pybind11::gil_scoped_release no_gil;
+    out = Args == 4 ? mix_eager(*t[0], *t[1], *t[2], t[3])
+                    : mix2_eager(*t[0], *t[1], *t[2], t[3], *t[4], *t[5]);
+  }
+  return THPVariable_Wrap(std::move(out));
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* mix(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  return mix_entry<4>(args, nargs, "mix(x, src, w, box)");
+}
+
+PyObject* mix2(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  return mix_entry<6>(args, nargs, "mix2(x, src, w, box, src2, w2)");
+}
+
 std::string build_info() {
   std::string info = "compiler=" + core::compiler_string();
   info += "; torch=" TORCH_VERSION;
@@ -118,6 +164,10 @@ std::string build_info() {
 PyMethodDef methods[] = {
     {"mixed_kd_loss", reinterpret_cast<PyCFunction>(reinterpret_cast<void*>(mixed_kd_loss)),
      METH_FASTCALL, "The eager fast path of metamixer_fast.mixed_kd_loss (returns None when not taken)."},
+    {"mix", reinterpret_cast<PyCFunction>(reinterpret_cast<void*>(mix)), METH_FASTCALL,
+     "The eager fast path of metamixer_fast.mix (returns None when not taken)."},
+    {"mix2", reinterpret_cast<PyCFunction>(reinterpret_cast<void*>(mix2)), METH_FASTCALL,
+     "The eager fast path of metamixer_fast.mix2 (returns None when not taken)."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

@@ -9,7 +9,8 @@
 // Python they cost several small torch ops per call. The forward splits (sample, plane) units,
 // the backward (sample, plane, row) rows across threads with at::parallel_for; every output
 // element is written by exactly one thread, and the backward gathers per destination, so
-// nothing races.
+// nothing races. mix_eager/mix2_eager (eager.h) are the same kernels for metamixer_fast._C's
+// eager entries, which call them without the dispatcher.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
@@ -19,6 +20,7 @@
 #include <vector>
 
 #include "core/mix.h"
+#include "eager.h"
 
 namespace metamixer {
 namespace {
@@ -66,8 +68,8 @@ std::vector<CT> checked_partners(const at::Tensor& src, const at::Tensor& w, int
   TORCH_CHECK_VALUE(src.scalar_type() == at::kLong && src.dim() == 1 && src.size(0) == n &&
                         src.is_contiguous() && src.device().is_cpu(),
                     "mix: '", src_name, "' must be a contiguous int64 CPU tensor [N] = [", n, "]");
-  TORCH_CHECK_VALUE(w.is_floating_point() && w.dim() == 1 && w.size(0) == n,
-                    "mix: '", w_name, "' must be a floating tensor [N] = [", n, "]");
+  TORCH_CHECK_VALUE(w.is_floating_point() && w.dim() == 1 && w.size(0) == n && w.device().is_cpu(),
+                    "mix: '", w_name, "' must be a floating CPU tensor [N] = [", n, "]");
   const int64_t* sp = src.const_data_ptr<int64_t>();
   for (int64_t i = 0; i < n; ++i)
     TORCH_CHECK_VALUE(sp[i] >= 0 && sp[i] < n, "mix: '", src_name,
@@ -92,6 +94,14 @@ template <typename CT>
 MixPlan<CT> make_plan(const at::Tensor& x, const at::Tensor& src, const at::Tensor& w,
                       const std::optional<at::Tensor>& box) {
   const int64_t n = x.size(0);
+  TORCH_CHECK_VALUE(n >= 1, "mix: 'x' must hold N >= 1 samples");
+  if (box.has_value()) {
+    TORCH_CHECK_VALUE(x.dim() == 4, "mix: 'box' must be None for [N, D] features");
+    const at::ScalarType t = box->scalar_type();
+    TORCH_CHECK_VALUE((t == at::kInt || t == at::kLong) && box->dim() == 2 && box->size(0) == n &&
+                          box->size(1) == 4 && box->device().is_cpu(),
+                      "mix: 'box' must be an int32/int64 CPU tensor [N, 4] = [", n, ", 4]");
+  }
   MixPlan<CT> plan;
   plan.w = checked_partners<CT>(src, w, n, "src", "w");
   plan.src = src.const_data_ptr<int64_t>();
@@ -111,7 +121,7 @@ MixPlan<CT> make_plan(const at::Tensor& x, const at::Tensor& src, const at::Tens
     L.row_len = x.size(3);
   }
   plan.boxes.resize(4 * n);
-  if (!box.has_value() || x.dim() == 2) {
+  if (!box.has_value() || x.dim() == 2) {  // (a box with [N, D] features was refused above)
     // the box is the whole sample: view each sample as one contiguous row
     L.row_len = L.planes * L.rows * L.row_len;
     L.planes = L.rows = 1;
@@ -242,6 +252,18 @@ std::tuple<at::Tensor, at::Tensor> mix_backward_cpu(const at::Tensor& grad_in,
 }
 
 }  // namespace
+
+at::Tensor mix_eager(const at::Tensor& x, const at::Tensor& src, const at::Tensor& w,
+                     const std::optional<at::Tensor>& box) {
+  return mix_cpu(x, src.contiguous(), w, box);
+}
+
+at::Tensor mix2_eager(const at::Tensor& x, const at::Tensor& src, const at::Tensor& w,
+                      const std::optional<at::Tensor>& box, const at::Tensor& src2,
+                      const at::Tensor& w2) {
+  return mix2_cpu(x, src.contiguous(), w, box, src2.contiguous(), w2);
+}
+
 }  // namespace metamixer
 
 TORCH_LIBRARY_FRAGMENT(metamixer_cpp, m) {

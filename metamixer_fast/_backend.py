@@ -123,6 +123,25 @@ def register_eager(op: str, fn: Callable) -> None:
     eager_entries[op] = fn
 
 
+# Bound once: the eager path runs on every call, and dynamo folds this function when tracing.
+_is_compiling = torch.compiler.is_compiling
+
+
+def eager_call(op: str, args: tuple, explain: Callable[..., object]) -> object | None:
+    """``op``'s eager entry (register_eager) run on ``args`` outside torch.compile tracing:
+    its result, or None when there is no entry or it declines the call. The entry checks what
+    it relies on, tersely; when it raises, ``explain(*args)`` runs first (the Python checks,
+    which name the argument and the fix), off the hot path."""
+    eager = eager_entries.get(op)
+    if eager is None or _is_compiling():
+        return None
+    try:
+        return eager(*args)
+    except (RuntimeError, TypeError, ValueError):
+        explain(*args)
+        raise
+
+
 def _tracing() -> bool:
     """True while something must see every custom op call: torch.compile tracing, or a dispatch
     or function mode (make_fx, FakeTensorMode, user modes)."""

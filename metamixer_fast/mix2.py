@@ -28,10 +28,15 @@ def _check_global_args(x: Tensor, src2: Tensor, w2: Tensor) -> None:
                          f"on {x.device}, got a {_describe(w2)}")
 
 
-def _mix2_forward(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None, src2: Tensor,
-                  w2: Tensor) -> Tensor:
+def _explain_mix2(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None, src2: Tensor,
+                  w2: Tensor) -> None:
     check_mix_args(x, src, w, box)
     _check_global_args(x, src2, w2)
+
+
+def _mix2_forward(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None, src2: Tensor,
+                  w2: Tensor) -> Tensor:
+    _explain_mix2(x, src, w, box, src2, w2)
     run = _backend.kernel("mix2", x.device)
     if not getattr(run, "checks_values", False):
         check_mix_values(x, src, w, box)
@@ -83,6 +88,9 @@ def mix2(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None, src2: Tensor, w2
     MetaMixer at the input is ``mix2(x, sigma, zeros, boxes, pi, mu)``: CutMix boxes from the
     local partners sigma, then a whole-sample blend with the global partners pi.
     """
+    out = _backend.eager_call("mix2", (x, src, w, box, src2, w2), _explain_mix2)
+    if out is not None:  # the C++ kernel, called without the dispatcher
+        return out  # type: ignore[return-value]
     if _backend.runs_without_dispatcher(x, src, w, box, src2, w2):
         return _mix2_forward(x, src, w, box, src2, w2)  # the op's own body, as in ops.mix
     return torch.ops.metamixer.mix2(x, src, w, box, src2, w2)

@@ -29,10 +29,6 @@ from ._checks import (
 
 __all__ = ["mix", "mixed_kd_loss"]
 
-# Bound once: the eager path runs on every call, and dynamo folds this function when tracing.
-_is_compiling = torch.compiler.is_compiling
-
-
 # ----------------------------------------------------------------------------- mixed_kd_loss
 
 @torch.library.custom_op("metamixer::mixed_kd_loss", mutates_args=())
@@ -130,6 +126,15 @@ def _op_args(logits: Tensor | Sequence[Tensor], labels: Tensor,
     return z, labels, weights
 
 
+def _explain_mixed_kd_loss(logits: Tensor | Sequence[Tensor], labels: Tensor,
+                           weights: Tensor | None, temperature: float, label_smoothing: float,
+                           mode: str, peer_matrix: Tensor | None, detach_targets: bool) -> None:
+    """The Python checks of mixed_kd_loss, run when the eager entry rejects a call."""
+    z, labels, weights = _op_args(logits, labels, weights)
+    check_mixed_kd_loss_args(z, labels, weights, float(temperature), float(label_smoothing), mode,
+                             peer_matrix)
+
+
 def mixed_kd_loss(logits: Tensor | Sequence[Tensor], labels: Tensor, weights: Tensor | None = None,
                   *, temperature: float = 1.0, label_smoothing: float = 0.0,
                   mode: str = "pairwise", peer_matrix: Tensor | None = None,
@@ -140,20 +145,11 @@ def mixed_kd_loss(logits: Tensor | Sequence[Tensor], labels: Tensor, weights: Te
     ``labels``: class indices [B], or a label mixture [B, M] with ``weights`` [B, M].
     See ``metamixer_fast.reference.mixed_kd_loss`` for the exact formulas.
     """
-    eager = _backend.eager_entries.get("mixed_kd_loss")
-    if eager is not None and not _is_compiling():
-        try:
-            out = eager(logits, labels, weights, temperature, label_smoothing, mode, peer_matrix,
-                        detach_targets)
-        except (RuntimeError, TypeError, ValueError):
-            # The eager entry checks what it relies on, tersely; the Python checks name the
-            # argument and the fix. They run only now, off the hot path.
-            z, labels, weights = _op_args(logits, labels, weights)
-            check_mixed_kd_loss_args(z, labels, weights, float(temperature),
-                                     float(label_smoothing), mode, peer_matrix)
-            raise
-        if out is not None:  # e.g. the C++ op with its C++ autograd node
-            return out
+    out = _backend.eager_call("mixed_kd_loss", (logits, labels, weights, temperature,
+                                                label_smoothing, mode, peer_matrix, detach_targets),
+                              _explain_mixed_kd_loss)
+    if out is not None:  # e.g. the C++ op with its C++ autograd node
+        return out  # type: ignore[return-value]
     z, labels, weights = _op_args(logits, labels, weights)
     ce, kd, _ = torch.ops.metamixer.mixed_kd_loss(z, labels, weights, float(temperature),
                                                   float(label_smoothing), mode, peer_matrix,
@@ -228,6 +224,9 @@ def mix(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None = None) -> Tensor:
     [0, 1]; ``box``: [N, 4] ints (y0, y1, x0, x1), half-open, or None for the whole sample.
     CutMix is a box with w = 0; Mixup is no box with w = lam.
     """
+    out = _backend.eager_call("mix", (x, src, w, box), check_mix_args)
+    if out is not None:  # the C++ kernel, called without the dispatcher
+        return out  # type: ignore[return-value]
     if _backend.runs_without_dispatcher(x, src, w, box):
         return _mix_forward(x, src, w, box)  # the op's own body: same checks, same kernel
     return torch.ops.metamixer.mix(x, src, w, box)

@@ -117,3 +117,44 @@ def test_plain_no_grad_calls_run_the_op_body_and_the_rest_see_the_op(mix_backend
     with FakeTensorMode() as mode:
         assert not _backend.runs_without_dispatcher(mode.from_tensor(x))
     assert not torch.vmap(lambda t: torch.tensor(_backend.runs_without_dispatcher(t)))(x).any()
+
+
+def test_cpp_eager_entries_take_plain_no_grad_calls_only(monkeypatch, rng):
+    """metamixer_fast._C.mix / mix2 run the C++ kernels for plain eager CPU calls that need no
+    gradient and return None for everything the custom op must see; they check every argument
+    themselves (a bad one raises, never reaches the kernel)."""
+    mix_entry, mix2_entry = (_backend.eager_entries.get(op) for op in ("mix", "mix2"))
+    if mix_entry is None or mix2_entry is None:
+        pytest.skip("the C++ extension is not built")
+    x = make_x(rng, (4, 3, 5, 6), torch.float32, "nchw")
+    src, wt, box = make_plan(rng, 4, 5, 6)
+    wt = wt.float()
+    src2, w2 = torch.randint(0, 4, (4,), generator=rng), torch.rand(4, generator=rng)
+    assert torch.equal(mix2_entry(x, src, wt, box, src2, w2), reference.mix2(x, src, wt, box, src2, w2))
+    assert torch.equal(mix_entry(x, src, wt, None), reference.mix(x, src, wt, None))
+
+    xg = x.clone().requires_grad_(True)
+    assert mix_entry(xg, src, wt, box) is None
+    assert mix2_entry(x, src, wt, box, src2, w2.clone().requires_grad_()) is None
+    with torch.no_grad():
+        assert torch.equal(mix_entry(xg, src, wt, box), reference.mix(x, src, wt, box))
+    with TorchFunctionMode():
+        assert mix_entry(x, src, wt, box) is None
+    with FakeTensorMode() as mode:
+        assert mix_entry(mode.from_tensor(x), src, wt, box) is None
+    declined = []
+    torch.vmap(lambda t: declined.append(mix_entry(t[None], src[:1], wt[:1], None) is None) or t)(x)
+    assert declined == [True]
+    monkeypatch.setenv("METAMIXER_BACKEND", "reference")
+    assert mix_entry(x, src, wt, box) is None
+    monkeypatch.setenv("METAMIXER_BACKEND", "cpp")
+
+    bad = {"'box'": (x, src, wt, box[:, :3]), "features": (x.flatten(1), src, wt, box),
+           "'src'": (x, src + 4, wt, box), "'w'": (x, src, wt * 3, box)}
+    for message, args in bad.items():
+        with pytest.raises(ValueError, match=message):
+            mix_entry(*args)
+    with pytest.raises(RuntimeError):
+        mix_entry(x.int(), src, wt, box)
+    with pytest.raises(TypeError, match="uint8/float16/bfloat16/float32/float64"):
+        mf.mix(x.int(), src, wt, box)  # the Python checks name the fix
