@@ -380,8 +380,8 @@ Mix2Unit<T> mix2_unit(const T* x, T* out, const int64_t* src, const int64_t* box
 }
 
 #if defined(METAMIXER_HAVE_AVX512_MIX2)
-// mix2_forward_planes for float with the AVX-512 row kernel (mix_avx512.h); runs of rows
-// outside both boxes are one long row.
+// mix2_forward_planes for float with the AVX-512 row kernels (mix_avx512.h): a plane is at
+// most five runs of rows with the same box columns; a run outside both boxes is one long row.
 inline void mix2_planes_avx512(const float* x, float* out, const int64_t* src, const float* w,
                                const int64_t* boxes, const int64_t* src2, const float* w2,
                                const int64_t* order, const MixLayout& L, int64_t begin, int64_t end) {
@@ -392,11 +392,15 @@ inline void mix2_planes_avx512(const float* x, float* out, const int64_t* src, c
       const int64_t at = y * len;
       const bool in_i = crosses_box(p.bi, y), in_k = crosses_box(p.bk, y);
       int64_t ye = y + 1;
-      if (!in_i && !in_k)
-        while (ye < L.rows && !crosses_box(p.bi, ye) && !crosses_box(p.bk, ye)) ++ye;
-      avx512::mix2_row(p.xi + at, p.xsi + at, p.xk + at, p.xsk + at, p.o + at, (ye - y) * len,
-                       in_i ? p.bi[2] : 0, in_i ? p.bi[3] : 0, w[p.i], in_k ? p.bk[2] : 0,
-                       in_k ? p.bk[3] : 0, w[p.k], w2[p.i]);
+      while (ye < L.rows && crosses_box(p.bi, ye) == in_i && crosses_box(p.bk, ye) == in_k) ++ye;
+      const int64_t ci0 = in_i ? p.bi[2] : 0, ci1 = in_i ? p.bi[3] : 0;
+      const int64_t ck0 = in_k ? p.bk[2] : 0, ck1 = in_k ? p.bk[3] : 0;
+      if (!in_i && !in_k)  // u = x on both sides: the run is one long row
+        avx512::mix2_row(p.xi + at, p.xsi + at, p.xk + at, p.xsk + at, p.o + at, (ye - y) * len,
+                         0, 0, w[p.i], 0, 0, w[p.k], w2[p.i]);
+      else
+        avx512::mix2_rows(p.xi + at, p.xsi + at, p.xk + at, p.xsk + at, p.o + at, len, ye - y,
+                          ci0, ci1, w[p.i], ck0, ck1, w[p.k], w2[p.i]);
       y = ye;
     }
   }
