@@ -16,6 +16,7 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <memory>
 #include <optional>
 #include <vector>
 
@@ -155,6 +156,13 @@ int64_t grain(int64_t unit_elems, size_t elem) {
   const int64_t unit_bytes = std::max<int64_t>(1, unit_elems * static_cast<int64_t>(elem));
   return std::max<int64_t>(1, (int64_t{32} << 10) / unit_bytes);
 }
+// A thread's scratch window, left uninitialized: the kernels write each element before reading
+// it, and zeroing 16-32 KB per parallel chunk would cost a pass over L1 on every call.
+template <typename T>
+std::unique_ptr<T[]> uninitialized(int64_t n) {
+  return std::unique_ptr<T[]>(new T[n]);
+}
+
 int64_t grain_rows(const core_ns::MixLayout& L, size_t elem) { return grain(L.row_len, elem); }
 int64_t grain_planes(const core_ns::MixLayout& L, size_t elem) {
   return grain(L.rows * L.row_len, elem);
@@ -201,9 +209,9 @@ at::Tensor mix2_cpu(const at::Tensor& x_in, const at::Tensor& src, const at::Ten
     const core_ns::MixLayout& L = plan.layout;
     const std::vector<int64_t> order = core_ns::partner_chain_order(s2, L.n);
     at::parallel_for(0, L.n * L.planes, grain_planes(L, sizeof(T)), [&](int64_t b, int64_t e) {
-      std::vector<T> scratch(2 * core_ns::kWindow);
+      const auto scratch = uninitialized<T>(2 * core_ns::kWindow);
       core_ns::mix2_forward_planes(xp, op, plan.src, plan.w.data(), plan.boxes.data(), s2,
-                                 w2c.data(), order.data(), L, scratch.data(), b, e);
+                                 w2c.data(), order.data(), L, scratch.get(), b, e);
     });
   });
   return out;
@@ -239,9 +247,9 @@ std::tuple<at::Tensor, at::Tensor> mix_backward_cpu(const at::Tensor& grad_in,
     T* dxp = reinterpret_cast<T*>(dx.mutable_data_ptr<scalar_t>());
     const std::vector<int64_t> order = core_ns::partner_chain_order(plan.src, L.n);
     at::parallel_for(0, L.total_rows(), grain_rows(L, sizeof(T)), [&](int64_t b, int64_t e) {
-      std::vector<CT> buf(core_ns::kWindow);
+      const auto buf = uninitialized<CT>(core_ns::kWindow);
       core_ns::mix_backward_rows(gp, xp, plan.src, plan.w.data(), plan.boxes.data(), order.data(),
-                                 L, offsets.data(), list.data(), dxp, dw_rows.data(), buf.data(),
+                                 L, offsets.data(), list.data(), dxp, dw_rows.data(), buf.get(),
                                  b, e);
     });
     at::Tensor dw_acc = at::empty({L.n}, w.options().dtype(at::CppTypeToScalarType<A>::value));
