@@ -475,9 +475,13 @@ acc_t<T> dot_diff(const T* g, const T* a, const T* b, int64_t len) {
 // Backward over destination rows [begin, end) of samples taken in `order` (partner_chain_order
 // of src: with src a permutation, sample k reads x_src_k and g_j for src_j = k, and the next
 // sample, src_k, reads x_src_k again as its own x and g_k as its partner's gradient, both still
-// in cache): writes dx for those rows and the row's share of dw (dw_rows, indexed by sample). Each row is done in windows of kWindow columns so that the accumulators
-// (`buf`, kWindow of them, owned by the calling thread) and the g_k window stay in L1 while the
-// partners' gradients are gathered into them and dw's products are taken.
+// in cache): writes dx for those rows and the row's share of dw (dw_rows, indexed by sample).
+// Each row is done in windows of kWindow columns so that the accumulators (`buf`, kWindow of
+// them, owned by the calling thread) and the g_k window stay in L1 while the partners'
+// gradients are gathered into them and dw's products are taken. A window inside both boxes
+// with exactly one partner j (the whole-sample blend of a permutation: the global blend at a
+// feature stage) skips `buf`: dx = (w_k g_k) + ((1 - w_j) g_j) in one pass, the same
+// operations in the same order as the gather, so the same bits.
 template <typename T>
 void mix_backward_rows(const T* g, const T* x, const int64_t* src, const compute_t<T>* w,
                        const int64_t* boxes, const int64_t* order, const MixLayout& L,
@@ -499,6 +503,18 @@ void mix_backward_rows(const T* g, const T* x, const int64_t* src, const compute
     for (int64_t cb = 0; cb < len; cb += kWindow) {
       const int64_t ce = cb + kWindow < len ? cb + kWindow : len;
       const int64_t c0 = k_row ? std::max(bk[2], cb) : cb, c1 = k_row ? std::min(bk[3], ce) : cb;
+      if (c0 == cb && c1 == ce && inv_offsets[k + 1] - inv_offsets[k] == 1) {
+        const int64_t j = inv_list[inv_offsets[k]];
+        const int64_t* bj = boxes + 4 * j;
+        if (row_in_box(bj, y) && bj[2] <= cb && bj[3] >= ce) {  // the one-partner path
+          const CT wk = w[k], v = CT(1) - w[j];
+          const T* gj = g + j * S + in_off;
+          for (int64_t c = cb; c < ce; ++c)
+            out[c] = C::store(C::load(gk[c]) * wk + v * C::load(gj[c]));
+          dw_share += dot_diff(gk + cb, xk + cb, xs + cb, ce - cb);
+          continue;
+        }
+      }
       for (int64_t c = cb; c < ce; ++c) buf[c - cb] = C::load(gk[c]);
       for (int64_t c = c0; c < c1; ++c) buf[c - cb] = buf[c - cb] * w[k];
       for (int64_t t = inv_offsets[k]; t < inv_offsets[k + 1]; ++t) {

@@ -223,6 +223,44 @@ void test_dw_inside_box_only() {
   expect(dx[19 + 5] == 0.5f && dx[38 + 19 + 5] == 1.5f && dx[0] == 1.0f, "dx box");
 }
 
+// The backward's one-partner path (a window inside both boxes with exactly one j, src_j = k,
+// the whole-sample blend of a permutation) writes dx_k = (w_k g_k) + ((1 - w_j) g_j) in one
+// pass, bit for bit what the general path's gather gives; rows over two windows (D > kWindow),
+// one sample with a partial box (general path in the same call), and an inf in g.
+void test_backward_one_partner_path_exact() {
+  core::MixLayout L;
+  const int64_t D = core::kWindow + 904;
+  L.n = 3, L.row_len = D;
+  std::vector<float> x(3 * D), g(3 * D);
+  for (int64_t c = 0; c < 3 * D; ++c) {
+    x[c] = static_cast<float>((c * 37) % 101) / 7.0f;
+    g[c] = static_cast<float>((c * 53) % 89) / 3.0f - 13.0f;
+  }
+  g[5] = INFINITY;
+  const std::vector<int64_t> src = {1, 2, 0}, boxes = {0, 1, 0, D, 0, 1, 0, D, 0, 1, 7, D - 3};
+  const std::vector<float> w = {0.3f, 0.55f, 0.8f};
+  std::vector<int64_t> offsets, list;
+  core::invert_partners(src.data(), 3, offsets, list);
+  std::vector<float> dx(3 * D), dw_rows(3), buf(core::kWindow);
+  const std::vector<int64_t> order = core::partner_chain_order(src.data(), 3);
+  core::mix_backward_rows(g.data(), x.data(), src.data(), w.data(), boxes.data(), order.data(), L,
+                          offsets.data(), list.data(), dx.data(), dw_rows.data(), buf.data(), 0, 3);
+  bool exact = true;
+  for (int64_t k = 0; k < 3; ++k) {
+    const int64_t j = (k + 2) % 3;  // src_j = k
+    const int64_t* bk = boxes.data() + 4 * k;
+    const int64_t* bj = boxes.data() + 4 * j;
+    for (int64_t c = 0; c < D; ++c) {
+      float want = g[k * D + c];
+      if (c >= bk[2] && c < bk[3]) want = want * w[k];
+      if (c >= bj[2] && c < bj[3]) want = want + (1.0f - w[j]) * g[j * D + c];
+      const float got = dx[k * D + c];
+      exact = exact && (std::memcmp(&got, &want, sizeof(float)) == 0);
+    }
+  }
+  expect(exact, "backward one-partner path == gather, bit for bit");
+}
+
 // mix2_forward_planes (AVX-512 row kernel for float where the CPU has it, else the generic
 // windows) equals two mix_forward_planes calls bit for bit: widths around the 16-lane step,
 // boxes with edges anywhere (empty, full, one column), repeated partners, w in {0, 1, other},
@@ -278,6 +316,7 @@ int main() {
   test_partner_chain_order();
   test_backward_gathers_repeats();
   test_dw_inside_box_only();
+  test_backward_one_partner_path_exact();
   if (failures) {
     std::printf("%d failure(s)\n", failures);
     return 1;
