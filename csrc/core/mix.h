@@ -393,9 +393,8 @@ inline void mix2_planes_avx512(const float* x, float* out, const int64_t* src, c
       const bool in_i = crosses_box(p.bi, y), in_k = crosses_box(p.bk, y);
       int64_t ye = y + 1;
       while (ye < L.rows && crosses_box(p.bi, ye) == in_i && crosses_box(p.bk, ye) == in_k) ++ye;
-      if (!in_i && !in_k)  // u = x on both sides: the run is one long row
-        avx512::mix2_row(p.xi + at, p.xsi + at, p.xk + at, p.xsk + at, p.o + at, (ye - y) * len,
-                         0, 0, w[p.i], 0, 0, w[p.k], w2[p.i]);
+      if (!in_i && !in_k)  // u = x on both sides: the run is one blend of x_i and x_k
+        blend_span(p.xi + at, p.xk + at, p.o + at, (ye - y) * len, w2[p.i]);
       else  // an empty column range where the run is outside one of the boxes
         avx512::mix2_rows(p.xi + at, p.xsi + at, p.xk + at, p.xsk + at, p.o + at, len, ye - y,
                           in_i ? p.bi[2] : 0, in_i ? p.bi[3] : 0, w[p.i], in_k ? p.bk[2] : 0,

@@ -263,25 +263,30 @@ void test_backward_one_partner_path_exact() {
 
 // mix2_forward_planes (AVX-512 row kernel for float where the CPU has it, else the generic
 // windows) equals two mix_forward_planes calls bit for bit: widths around the 16-lane step,
-// boxes with edges anywhere (empty, full, one column), repeated partners, w in {0, 1, other},
+// boxes with edges anywhere (empty, full, one column), repeated partners, w in {0, -0, 1, other},
 // and special values (inf, NaN, -0) that an exact select would get wrong.
 template <typename T>
 void check_mix2_equals_two_calls(int64_t width) {
   core::MixLayout L;
-  L.n = 5, L.planes = 2, L.rows = 6, L.row_len = width;
+  L.n = 6, L.planes = 2, L.rows = 6, L.row_len = width;
   std::vector<T> x(L.n * L.sample_size());
   uint32_t state = 12345u + static_cast<uint32_t>(width);
   auto next = [&state] { return state = state * 1664525u + 1013904223u; };
   for (auto& v : x) v = static_cast<T>(next() % 251);
   if constexpr (std::is_same_v<T, float>) {
+    // signed zeros of both signs meet in the boxes, where w x + xs must keep the reference's sign
+    for (size_t p = 0; p < x.size(); ++p)
+      if (next() % 4 == 0) x[p] = next() % 2 ? -0.0f : (next() % 2 ? 0.0f : -x[p]);
     x[3] = INFINITY, x[width + 1] = NAN, x[2 * width] = -0.0f;
   }
-  const std::vector<int64_t> src = {1, 0, 0, 4, 2}, src2 = {2, 2, 0, 1, 3};
-  const std::vector<core::compute_t<T>> w = {0.0f, 1.0f, 0.3f, 0.0f, 0.7f};
-  const std::vector<core::compute_t<T>> w2 = {0.25f, 0.6f, 1.0f, 0.0f, 0.9f};
+  // sample 5 (w = -0, whole box) pairs with w = 0 both ways (0 -> 5, 5 -> 0) and with a blend
+  // (4 -> 5)
+  const std::vector<int64_t> src = {1, 0, 0, 4, 2, 3}, src2 = {5, 2, 0, 1, 5, 0};
+  const std::vector<core::compute_t<T>> w = {0.0f, 1.0f, 0.3f, 0.0f, 0.7f, -0.0f};
+  const std::vector<core::compute_t<T>> w2 = {0.25f, 0.6f, 1.0f, 0.0f, 0.9f, 0.45f};
   const int64_t c = std::max<int64_t>(width - 1, 1);
   const std::vector<int64_t> boxes = {1, 5, 1, c, 0, 6, 0, width, 2, 3, 3 % width, 4 % width + 1,
-                                      0, 0, 0, 0, 3, 6, width / 2, width};
+                                      0, 0, 0, 0, 3, 6, width / 2, width, 0, 6, 0, width};
   const auto u = forward<T>(x, src, w, boxes, L);
   std::vector<int64_t> whole;
   for (int64_t i = 0; i < L.n; ++i) whole.insert(whole.end(), {0, L.rows, 0, width});
