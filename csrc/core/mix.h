@@ -352,9 +352,9 @@ void mix_forward_planes(const T* x, T* out, const int64_t* src, const compute_t<
 // Runs of rows outside both box_i and box_k have u = x there, so they are one blend of x_i and
 // x_k. A row crossing a box gets u_i (and/or u_k) formed a window at a time in the caller's
 // scratch (2 * kWindow elements, cache-resident), rounded to T exactly as the first call's
-// output would be, then blended. On CPUs with AVX-512, float takes mix2_planes_avx512: short
-// spans cost more than the arithmetic on 32-wide rows, and lane masks avoid them. (uint8 keeps
-// this path: an AVX-512 uint8 row kernel measured slower, bound by its widening and narrowing.)
+// output would be, then blended. On CPUs with AVX-512, float and uint8 (with AVX-512BW) take
+// mix2_planes_avx512: short spans cost more than the arithmetic on 32-wide rows, and lane masks
+// avoid them.
 // Bytes: reads x_i, x_k (and their local partners inside the boxes), writes out once; samples
 // are taken in partner_chain_order, so x_k is read again from cache as the next x_i, and the
 // batch comes from memory about once.
@@ -380,14 +380,16 @@ Mix2Unit<T> mix2_unit(const T* x, T* out, const int64_t* src, const int64_t* box
 }
 
 #if defined(METAMIXER_HAVE_AVX512_MIX2)
-// mix2_forward_planes for float with the AVX-512 row kernels (mix_avx512.h): a plane is at
-// most five runs of rows with the same box columns; a run outside both boxes is one long row.
-inline void mix2_planes_avx512(const float* x, float* out, const int64_t* src, const float* w,
-                               const int64_t* boxes, const int64_t* src2, const float* w2,
-                               const int64_t* order, const MixLayout& L, int64_t begin, int64_t end) {
+// mix2_forward_planes for float and uint8 with the AVX-512 row kernels (mix_avx512.h): a plane
+// is at most five runs of rows with the same box columns; a run outside both boxes is one blend.
+
+template <typename T>
+void mix2_planes_avx512(const T* x, T* out, const int64_t* src, const float* w,
+                        const int64_t* boxes, const int64_t* src2, const float* w2,
+                        const int64_t* order, const MixLayout& L, int64_t begin, int64_t end) {
   const int64_t len = L.row_len;
   for (int64_t u = begin; u < end; ++u) {
-    const Mix2Unit<float> p = mix2_unit(x, out, src, boxes, src2, order, L, u);
+    const Mix2Unit<T> p = mix2_unit(x, out, src, boxes, src2, order, L, u);
     for (int64_t y = 0; y < L.rows;) {
       const int64_t at = y * len;
       const bool in_i = crosses_box(p.bi, y), in_k = crosses_box(p.bk, y);
@@ -414,6 +416,12 @@ void mix2_forward_planes(const T* x, T* out, const int64_t* src, const compute_t
 #if defined(METAMIXER_HAVE_AVX512_MIX2)
   if constexpr (std::is_same_v<T, float>) {
     if (cpu_has_avx512f() && plane < (int64_t{1} << 31)) {
+      mix2_planes_avx512(x, out, src, w, boxes, src2, w2, order, L, begin, end);
+      return;
+    }
+  }
+  if constexpr (std::is_same_v<T, uint8_t>) {
+    if (avx512::cpu_has_avx512bw()) {
       mix2_planes_avx512(x, out, src, w, boxes, src2, w2, order, L, begin, end);
       return;
     }

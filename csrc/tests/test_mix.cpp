@@ -273,6 +273,9 @@ void check_mix2_equals_two_calls(int64_t width) {
   uint32_t state = 12345u + static_cast<uint32_t>(width);
   auto next = [&state] { return state = state * 1664525u + 1013904223u; };
   for (auto& v : x) v = static_cast<T>(next() % 251);
+  if constexpr (std::is_same_v<T, uint8_t>) {
+    for (auto& v : x) v = next() % 3 == 0 ? 255 : v;  // blends that must reach 255 exactly
+  }
   if constexpr (std::is_same_v<T, float>) {
     // signed zeros of both signs meet in the boxes, where w x + xs must keep the reference's sign
     for (size_t p = 0; p < x.size(); ++p)
@@ -299,7 +302,7 @@ void check_mix2_equals_two_calls(int64_t width) {
 }
 
 void test_mix2_equals_two_calls() {
-  for (int64_t width : {1, 5, 15, 16, 17, 32, 33, 50}) {
+  for (int64_t width : {1, 5, 15, 16, 17, 32, 33, 50, 64, 65, 130, 2100}) {
     check_mix2_equals_two_calls<float>(width);
     check_mix2_equals_two_calls<uint8_t>(width);
     check_mix2_equals_two_calls<double>(width);
