@@ -312,6 +312,11 @@ void mix_rows(const T* a, const T* b, T* out, int64_t len, const int64_t* box, i
   if (top > 0) std::memcpy(out, a, sizeof(T) * top);
   if (box[2] == 0 && box[3] == len) {
     blend_span(a + top, b + top, out + top, mid - top, w);
+#if defined(METAMIXER_HAVE_AVX512_MIX2)
+  } else if (std::is_same_v<T, float> && cpu_has_avx512f() && len < (int64_t{1} << 31)) {
+    if constexpr (std::is_same_v<T, float>)
+      avx512::mix_rows(a + top, b + top, out + top, len, y1 - y0, box[2], box[3], w);
+#endif
   } else {
     for (int64_t y = y0; y < y1; ++y) {
       const int64_t o = (y - yb) * len;

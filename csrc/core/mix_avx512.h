@@ -176,6 +176,49 @@ METAMIXER_AVX512 inline void mix2_rows(const float* xi, const float* xsi, const 
   else run(mix2_steps<false, false>);
 }
 
+// ------------------------------------------------------------------------------ float mix
+// Rows [0, rows) of one plane of metamixer::mix (row stride `len`) that all cross the box
+// columns [c0, c1): out = x outside them, w x + (1 - w) xs inside, by lane masks instead of a
+// copy, a blend and a copy per row (which cost more than the arithmetic on 32-wide rows).
+template <bool Full, bool Cut>
+METAMIXER_AVX512 inline void mix_steps(const float* x, const float* xs, float* out, int64_t len,
+                                       int64_t rows, int64_t steps, const __mmask16* mt,
+                                       const __mmask16* mb, __m512 wv, __m512 vv) {
+  for (int64_t r = 0, at = 0; r < rows; ++r, at += len) {
+    for (int64_t s = 0, c = at; s < steps; ++s, c += 16) {
+      const __m512 a = Full ? _mm512_loadu_ps(x + c) : load16(x + c, mt[s]);
+      const __m512 u = Cut ? _mm512_mask_fmadd_ps(a, mb[s], wv, load16(xs + c, mb[s]))
+                           : local_mix(a, xs + c, mb[s], false, wv, vv);
+      if (Full) _mm512_storeu_ps(out + c, u);
+      else store16(out + c, mt[s], u);
+    }
+  }
+}
+
+METAMIXER_AVX512 inline void mix_rows(const float* x, const float* xs, float* out, int64_t len,
+                                      int64_t rows, int64_t c0, int64_t c1, float w) {
+  constexpr int64_t kMaxSteps = 32;
+  for (int64_t cb = 0; cb < len; cb += 16 * kMaxSteps) {  // long rows in chunks
+    const int64_t n = len - cb < 16 * kMaxSteps ? len - cb : 16 * kMaxSteps;
+    const int64_t steps = (n + 15) / 16;
+    __mmask16 mt[kMaxSteps], mb[kMaxSteps];
+    const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (int64_t s = 0, c = 0; s < steps; ++s, c += 16) {
+      mt[s] = n - c >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - c)) - 1u);
+      const __m512i lanes = _mm512_add_epi32(iota, _mm512_set1_epi32(static_cast<int32_t>(cb + c)));
+      mb[s] = mt[s] & columns_in(lanes, c0, c1);
+    }
+    const __m512 wv = _mm512_set1_ps(w), vv = _mm512_set1_ps(1.0f - w);
+    const float *xc = x + cb, *xsc = xs + cb;
+    float* oc = out + cb;
+    const bool full = n % 16 == 0;
+    if (full && w == 0.0f) mix_steps<true, true>(xc, xsc, oc, len, rows, steps, mt, mb, wv, vv);
+    else if (full) mix_steps<true, false>(xc, xsc, oc, len, rows, steps, mt, mb, wv, vv);
+    else if (w == 0.0f) mix_steps<false, true>(xc, xsc, oc, len, rows, steps, mt, mb, wv, vv);
+    else mix_steps<false, false>(xc, xsc, oc, len, rows, steps, mt, mb, wv, vv);
+  }
+}
+
 // ------------------------------------------------------------------------------- uint8 mix2
 // The same fused local + global mix for uint8 images, 16 pixels per step in 32-bit lanes: each
 // operand is widened straight from memory (vpmovzxbd), as in blend_u8, since widening and
