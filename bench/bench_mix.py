@@ -4,6 +4,9 @@ Two entry points:
   pytest bench/bench_mix.py                       pytest-benchmark timings of every row
   python bench/bench_mix.py --report [--threads 2]  one interleaved run: markdown table + JSON in
                                                   bench/results/mix_cpu_2threads.json (README)
+  python bench/bench_mix.py --report --alone      the input stage without the reference and
+                                                  kornia rows (whose temporaries evict the batch
+                                                  between rounds), plus the parts of mix2 alone
 
 Rows, per case (threads fixed by --threads, default 2):
   input stage, forward - the batch x [N, C, H, W] gets a CutMix box from a local partner, then a
@@ -60,6 +63,7 @@ FEATURE_CASES = {  # layer2 outputs of a CIFAR ResNet and of an ImageNet ResNet-
     "features 64x128x28x28 fp32 fwd+bwd": ((64, 128, 28, 28), torch.float32),
 }
 RESULTS = Path(__file__).resolve().parent / "results" / "mix_cpu_{threads}threads.json"
+RESULTS_ALONE = RESULTS.with_name("mix_cpu_{threads}threads_alone.json")
 
 
 # ------------------------------------------------------------------------------------ inputs
@@ -110,6 +114,24 @@ def input_rows(x: Tensor) -> dict[str, Callable[[], object] | str]:
         cutmix = K.RandomCutMixV2(p=1.0, use_correct_lambda=True)
         mixup = K.RandomMixUpV2(p=1.0)
         rows["kornia CutMixV2+MixUpV2"] = lambda: mixup(cutmix(x))
+    return rows
+
+
+ALONE_PARTS = ("mix, blend only", "mix, box only", "mix2, no boxes")
+
+
+def alone_rows(x: Tensor) -> dict[str, Callable[[], object] | str]:
+    """The input-stage rows without the slow comparators (the reference, kornia), whose
+    temporaries evict the batch between rounds, plus the parts of mix2 on their own: the
+    whole-sample blend, the CutMix box, and mix2 with empty boxes."""
+    n, _, h, w = x.shape
+    sigma, boxes, pi, mu = sample_plan(n, h, w, torch.Generator().manual_seed(0))
+    zeros, no_boxes = torch.zeros(n), torch.zeros(n, 4, dtype=torch.long)
+    rows = {name: fn for name, fn in input_rows(x).items()
+            if name in ("clone", "add", "mix x2", "mix2 fused")}
+    rows[ALONE_PARTS[0]] = lambda: mf.mix(x, pi, mu)
+    rows[ALONE_PARTS[1]] = lambda: mf.mix(x, sigma, zeros, boxes)
+    rows[ALONE_PARTS[2]] = lambda: mf.mix2(x, sigma, zeros, no_boxes, pi, mu)
     return rows
 
 
@@ -167,15 +189,17 @@ def interleaved_times(rows: dict[str, Callable[[], object]], rounds: int, warmup
 
 
 
-def report(threads: int, rounds: int, out_path: Path) -> dict:
+def report(threads: int, rounds: int, out_path: Path, alone: bool = False) -> dict:
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)
     result = {"commit": commit(), "threads": threads, "rounds": rounds, "torch": torch.__version__,
               "cpu": cpu_name(), "cores": os.cpu_count(), "loadavg_before": os.getloadavg(),
               "backend": mf._backend.backend_for("mix", torch.device("cpu")), "skipped": {}, "cases": {}}
-    cases = [(name, make_batch(shape, dtype, g), input_rows) for name, (shape, dtype) in INPUT_CASES.items()]
-    cases += [(name, make_batch(shape, dtype, g), feature_rows)
-              for name, (shape, dtype) in FEATURE_CASES.items()]
+    cases = [(name, make_batch(shape, dtype, g), alone_rows if alone else input_rows)
+             for name, (shape, dtype) in INPUT_CASES.items()]
+    if not alone:
+        cases += [(name, make_batch(shape, dtype, g), feature_rows)
+                  for name, (shape, dtype) in FEATURE_CASES.items()]
     for name, x, make_rows in cases:
         rows = make_rows(x)
         for row, fn in list(rows.items()):
@@ -209,7 +233,8 @@ def markdown(result: dict) -> str:
         ours = rows.get("mix2 fused", rows.get("mix fwd+bwd"))["median_ms"]
         for row, v in rows.items():
             t, tmin = v["median_ms"], v["min_ms"]
-            faster = "" if row in ("clone", "add", "mix2 fused", "mix fwd+bwd") else f"{t / ours:.1f}"
+            mine = ("clone", "add", "mix2 fused", "mix fwd+bwd", *ALONE_PARTS)
+            faster = "" if row in mine else f"{t / ours:.1f}"
             lines.append(f"| {case} | {row} | {t:.2f} | {tmin:.2f} | {t / clone:.2f} | "
                          f"{tmin / clone_min:.2f} | {faster} |")
     for row, why in result["skipped"].items():
@@ -245,13 +270,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--report", action="store_true", help="print the markdown table, write JSON")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=41)
-    parser.add_argument("--out", type=str, default=str(RESULTS), help="JSON path ({threads} is filled in)")
+    parser.add_argument("--alone", action="store_true",
+                        help="input stage only, without the reference and kornia rows, plus "
+                             "the parts of mix2 (default 301 rounds, JSON *_alone.json)")
+    parser.add_argument("--rounds", type=int, default=None, help="default 41 (301 with --alone)")
+    parser.add_argument("--out", type=str, default=None,
+                        help="JSON path ({threads} is filled in)")
     args = parser.parse_args()
     if not args.report:
         parser.print_help()
         return
-    report(args.threads, args.rounds, Path(args.out.format(threads=args.threads)))
+    rounds = args.rounds or (301 if args.alone else 41)
+    out = args.out or str(RESULTS_ALONE if args.alone else RESULTS)
+    report(args.threads, rounds, Path(out.format(threads=args.threads)), alone=args.alone)
 
 
 if __name__ == "__main__":
