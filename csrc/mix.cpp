@@ -156,11 +156,19 @@ int64_t grain(int64_t unit_elems, size_t elem) {
   const int64_t unit_bytes = std::max<int64_t>(1, unit_elems * static_cast<int64_t>(elem));
   return std::max<int64_t>(1, (int64_t{32} << 10) / unit_bytes);
 }
-// A thread's scratch window, left uninitialized: the kernels write each element before reading
-// it, and zeroing 16-32 KB per parallel chunk would cost a pass over L1 on every call.
+// A thread's scratch window of n elements: allocated once per thread and kept, and left
+// uninitialized (the kernels write each element before reading it). Allocating it per call,
+// as a 32 KB block next to each fresh output in glibc's heap, made glibc hand the output's
+// pages back and fault them in again on the next call: about 700 page faults a call, 8x the
+// kernel's own time, at 256x3x32x32 with one thread. Never used re-entrantly: no kernel calls
+// another one inside its parallel region.
 template <typename T>
-std::unique_ptr<T[]> uninitialized(int64_t n) {
-  return std::unique_ptr<T[]>(new T[n]);
+T* thread_scratch(int64_t n) {
+  thread_local std::unique_ptr<double[]> buf;
+  thread_local int64_t have = 0;
+  const int64_t doubles = (n * static_cast<int64_t>(sizeof(T)) + 7) / 8;
+  if (doubles > have) buf.reset(new double[doubles]), have = doubles;
+  return reinterpret_cast<T*>(buf.get());
 }
 
 int64_t grain_rows(const core_ns::MixLayout& L, size_t elem) { return grain(L.row_len, elem); }
@@ -209,9 +217,9 @@ at::Tensor mix2_cpu(const at::Tensor& x_in, const at::Tensor& src, const at::Ten
     const core_ns::MixLayout& L = plan.layout;
     const std::vector<int64_t> order = core_ns::partner_chain_order(s2, L.n);
     at::parallel_for(0, L.n * L.planes, grain_planes(L, sizeof(T)), [&](int64_t b, int64_t e) {
-      const auto scratch = uninitialized<T>(2 * core_ns::kWindow);
+      T* const scratch = thread_scratch<T>(2 * core_ns::kWindow);
       core_ns::mix2_forward_planes(xp, op, plan.src, plan.w.data(), plan.boxes.data(), s2,
-                                 w2c.data(), order.data(), L, scratch.get(), b, e);
+                                 w2c.data(), order.data(), L, scratch, b, e);
     });
   });
   return out;
@@ -247,9 +255,9 @@ std::tuple<at::Tensor, at::Tensor> mix_backward_cpu(const at::Tensor& grad_in,
     T* dxp = reinterpret_cast<T*>(dx.mutable_data_ptr<scalar_t>());
     const std::vector<int64_t> order = core_ns::partner_chain_order(plan.src, L.n);
     at::parallel_for(0, L.total_rows(), grain_rows(L, sizeof(T)), [&](int64_t b, int64_t e) {
-      const auto buf = uninitialized<CT>(core_ns::kWindow);
+      CT* const buf = thread_scratch<CT>(core_ns::kWindow);
       core_ns::mix_backward_rows(gp, xp, plan.src, plan.w.data(), plan.boxes.data(), order.data(),
-                                 L, offsets.data(), list.data(), dxp, dw_rows.data(), buf.get(),
+                                 L, offsets.data(), list.data(), dxp, dw_rows.data(), buf,
                                  b, e);
     });
     at::Tensor dw_acc = at::empty({L.n}, w.options().dtype(at::CppTypeToScalarType<A>::value));
