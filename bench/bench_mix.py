@@ -7,6 +7,8 @@ Two entry points:
   python bench/bench_mix.py --report --alone      the input stage without the reference and
                                                   kornia rows (whose temporaries evict the batch
                                                   between rounds), plus the parts of mix2 alone
+  --retain-memory on                              glibc keeps freed memory, as the training loop
+                                                  does by default (JSON *_retain-memory.json)
 
 Rows, per case (threads fixed by --threads, default 2):
   input stage, forward - the batch x [N, C, H, W] gets a CutMix box from a local partner, then a
@@ -189,10 +191,18 @@ def interleaved_times(rows: dict[str, Callable[[], object]], rounds: int, warmup
 
 
 
-def report(threads: int, rounds: int, out_path: Path, alone: bool = False) -> dict:
+def report(threads: int, rounds: int, out_path: Path, alone: bool = False,
+           retain_memory: bool = False) -> dict:
+    from metamixer_fast.memory import retain_freed_memory
+
+    # glibc's defaults give large freed blocks back to the kernel, depending on the heap's
+    # layout, and an op's fresh output then pays its page faults again; the training loop's
+    # retain_memory setting keeps them (for every row alike)
+    retained = retain_freed_memory() if retain_memory else False
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)
-    result = {"commit": commit(), "threads": threads, "rounds": rounds, "torch": torch.__version__,
+    result = {"commit": commit(), "threads": threads, "rounds": rounds, "retain_memory": retained,
+              "torch": torch.__version__,
               "cpu": cpu_name(), "cores": os.cpu_count(), "loadavg_before": os.getloadavg(),
               "backend": mf._backend.backend_for("mix", torch.device("cpu")), "skipped": {}, "cases": {}}
     cases = [(name, make_batch(shape, dtype, g), alone_rows if alone else input_rows)
@@ -222,7 +232,9 @@ def report(threads: int, rounds: int, out_path: Path, alone: bool = False) -> di
 def markdown(result: dict) -> str:
     load = ", ".join(f"{v:.1f}" for v in result["loadavg_before"])
     lines = [f"CPU: {result['cpu']} ({result['cores']} cores, load average {load} before the run); "
-             f"{result['threads']} threads; torch {result['torch']}; commit {result['commit']}; "
+             f"{result['threads']} threads; "
+             f"{'retain_memory on' if result.get('retain_memory') else 'glibc malloc defaults'}; "
+             f"torch {result['torch']}; commit {result['commit']}; "
              f"backend {result['backend']}; median and min of {result['rounds']} interleaved "
              f"rounds.", "",
              "| case | implementation | median ms | min ms | median / clone median | "
@@ -274,6 +286,9 @@ def main() -> None:
                         help="input stage only, without the reference and kornia rows, plus "
                              "the parts of mix2 (default 301 rounds, JSON *_alone.json)")
     parser.add_argument("--rounds", type=int, default=None, help="default 41 (301 with --alone)")
+    parser.add_argument("--retain-memory", choices=["on", "off"], default="off",
+                        help="keep freed memory in the process, as the training loop's "
+                             "retain_memory option does (default off: malloc's defaults)")
     parser.add_argument("--out", type=str, default=None,
                         help="JSON path ({threads} is filled in)")
     args = parser.parse_args()
@@ -282,7 +297,10 @@ def main() -> None:
         return
     rounds = args.rounds or (301 if args.alone else 41)
     out = args.out or str(RESULTS_ALONE if args.alone else RESULTS)
-    report(args.threads, rounds, Path(out.format(threads=args.threads)), alone=args.alone)
+    if args.retain_memory == "on" and not args.out:
+        out = out.replace(".json", "_retain-memory.json")
+    report(args.threads, rounds, Path(out.format(threads=args.threads)), alone=args.alone,
+           retain_memory=args.retain_memory == "on")
 
 
 if __name__ == "__main__":
