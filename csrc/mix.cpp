@@ -160,8 +160,10 @@ int64_t grain(int64_t unit_elems, size_t elem) {
 // uninitialized (the kernels write each element before reading it). Allocating it per call,
 // as a 32 KB block next to each fresh output in glibc's heap, made glibc hand the output's
 // pages back and fault them in again on the next call: about 700 page faults a call, 8x the
-// kernel's own time, at 256x3x32x32 with one thread. Never used re-entrantly: no kernel calls
-// another one inside its parallel region.
+// kernel's own time, at 256x3x32x32 with one thread in bench_mix --alone. (Depending on the
+// heap's layout, glibc's defaults can still do that for other reasons; the training loop's
+// retain_memory setting prevents it.) Never used re-entrantly: no kernel calls another one
+// inside its parallel region.
 template <typename T>
 T* thread_scratch(int64_t n) {
   thread_local std::unique_ptr<double[]> buf;

@@ -387,7 +387,6 @@ Mix2Unit<T> mix2_unit(const T* x, T* out, const int64_t* src, const int64_t* box
 #if defined(METAMIXER_HAVE_AVX512_MIX2)
 // mix2_forward_planes for float and uint8 with the AVX-512 row kernels (mix_avx512.h): a plane
 // is at most five runs of rows with the same box columns; a run outside both boxes is one blend.
-
 template <typename T>
 void mix2_planes_avx512(const T* x, T* out, const int64_t* src, const float* w,
                         const int64_t* boxes, const int64_t* src2, const float* w2,
