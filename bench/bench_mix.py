@@ -3,12 +3,13 @@
 Two entry points:
   pytest bench/bench_mix.py                       pytest-benchmark timings of every row
   python bench/bench_mix.py --report [--threads 2]  one interleaved run: markdown table + JSON in
-                                                  bench/results/mix_cpu_2threads.json (README)
+                                                  bench/results/mix_cpu_2threads.json
   python bench/bench_mix.py --report --alone      the input stage without the reference and
                                                   kornia rows (whose temporaries evict the batch
                                                   between rounds), plus the parts of mix2 alone
   --retain-memory on                              glibc keeps freed memory, as the training loop
-                                                  does by default (JSON *_retain-memory.json)
+                                                  does by default (JSON *_retain-memory.json; the
+                                                  README's tables)
 
 Rows, per case (threads fixed by --threads, default 2):
   input stage, forward - the batch x [N, C, H, W] gets a CutMix box from a local partner, then a
