@@ -424,8 +424,8 @@ void mix2_forward_planes(const T* x, T* out, const int64_t* src, const compute_t
       return;
     }
   }
-  if constexpr (std::is_same_v<T, uint8_t>) {
-    if (avx512::cpu_has_avx512bw()) {
+  if constexpr (std::is_same_v<T, uint8_t>) {  // the lane masks hold columns in int32, as above
+    if (avx512::cpu_has_avx512bw() && plane < (int64_t{1} << 31)) {
       mix2_planes_avx512(x, out, src, w, boxes, src2, w2, order, L, begin, end);
       return;
     }
