@@ -365,6 +365,19 @@ void mix_forward_planes(const T* x, T* out, const int64_t* src, const compute_t<
 // batch comes from memory about once.
 inline bool crosses_box(const int64_t* box, int64_t y) { return box[2] < box[3] && row_in_box(box, y); }
 
+// The first row after y (y < rows) where crosses_box(box, .) changes, or rows: runs of rows are
+// found from the box edges: testing every row took 13-20% of mix2 at 256x3x32x32.
+inline int64_t box_edge_after(const int64_t* box, int64_t y, int64_t rows) {
+  if (box[2] >= box[3] || box[0] >= box[1]) return rows;
+  const int64_t edge = y < box[0] ? box[0] : (y < box[1] ? box[1] : rows);
+  return edge < rows ? edge : rows;
+}
+
+// The end of the run of rows from y on which both boxes' memberships stay as at y.
+inline int64_t run_end(const int64_t* bi, const int64_t* bk, int64_t y, int64_t rows) {
+  return std::min(box_edge_after(bi, y, rows), box_edge_after(bk, y, rows));
+}
+
 // The pointers of one (sample, plane) unit u of the fused forward: sample i, its global partner
 // k = src2_i, both local partners, both boxes, and the output plane.
 template <typename T>
@@ -397,8 +410,7 @@ void mix2_planes_avx512(const T* x, T* out, const int64_t* src, const float* w,
     for (int64_t y = 0; y < L.rows;) {
       const int64_t at = y * len;
       const bool in_i = crosses_box(p.bi, y), in_k = crosses_box(p.bk, y);
-      int64_t ye = y + 1;
-      while (ye < L.rows && crosses_box(p.bi, ye) == in_i && crosses_box(p.bk, ye) == in_k) ++ye;
+      const int64_t ye = run_end(p.bi, p.bk, y, L.rows);
       if (!in_i && !in_k)  // u = x on both sides: the run is one blend of x_i and x_k
         blend_span(p.xi + at, p.xk + at, p.o + at, (ye - y) * len, w2[p.i]);
       else  // an empty column range where the run is outside one of the boxes
@@ -439,8 +451,7 @@ void mix2_forward_planes(const T* x, T* out, const int64_t* src, const compute_t
       const int64_t at = y * len;
       const bool in_i = crosses_box(bi, y), in_k = crosses_box(bk, y);
       if (!in_i && !in_k) {  // a run of rows where u_i = x_i and u_k = x_k
-        int64_t ye = y + 1;
-        while (ye < L.rows && !crosses_box(bi, ye) && !crosses_box(bk, ye)) ++ye;
+        const int64_t ye = run_end(bi, bk, y, L.rows);
         blend_span(xi + at, xk + at, o + at, (ye - y) * len, w2[i]);
         y = ye;
         continue;
