@@ -200,7 +200,8 @@ at::Tensor mix_cpu(const at::Tensor& x_in, const at::Tensor& src, const at::Tens
   return out;
 }
 
-// mix(mix(x, src, w, box), src2, w2, None) in one pass (core::mix2_forward_rows).
+// mix(mix(x, src, w, box), src2, w2, None) in one pass (core::mix2_forward_planes), over the
+// bands of rows of core::mix2_bands.
 at::Tensor mix2_cpu(const at::Tensor& x_in, const at::Tensor& src, const at::Tensor& w,
                     const std::optional<at::Tensor>& box, const at::Tensor& src2,
                     const at::Tensor& w2) {
@@ -218,7 +219,9 @@ at::Tensor mix2_cpu(const at::Tensor& x_in, const at::Tensor& src, const at::Ten
     T* op = reinterpret_cast<T*>(out.mutable_data_ptr<scalar_t>());
     const core_ns::MixLayout& L = plan.layout;
     const std::vector<int64_t> order = core_ns::partner_chain_order(s2, L.n);
-    at::parallel_for(0, L.n * L.planes, grain_planes(L, sizeof(T)), [&](int64_t b, int64_t e) {
+    const int64_t band_elems = core_ns::mix2_bands<T>(L).rows * L.row_len;
+    const int64_t units = core_ns::mix2_units<T>(L);
+    at::parallel_for(0, units, grain(band_elems, sizeof(T)), [&](int64_t b, int64_t e) {
       T* const scratch = thread_scratch<T>(2 * core_ns::kWindow);
       core_ns::mix2_forward_planes(xp, op, plan.src, plan.w.data(), plan.boxes.data(), s2,
                                  w2c.data(), order.data(), L, scratch, b, e);

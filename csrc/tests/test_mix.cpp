@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "core/mix.h"
@@ -297,11 +298,12 @@ void test_mix_forward_equals_formula() {
 // mix2_forward_planes (AVX-512 row kernel for float where the CPU has it, else the generic
 // windows) equals two mix_forward_planes calls bit for bit: widths around the 16-lane step,
 // boxes with edges anywhere (empty, full, one column), repeated partners, w in {0, -0, 1, other},
-// and special values (inf, NaN, -0) that an exact select would get wrong.
+// and special values (inf, NaN, -0) that an exact select would get wrong. Planes of many rows
+// split into several bands of rows (mix2_bands), with box edges inside and across bands.
 template <typename T>
-void check_mix2_equals_two_calls(int64_t width) {
+void check_mix2_equals_two_calls(int64_t width, int64_t rows = 6) {
   core::MixLayout L;
-  L.n = 6, L.planes = 2, L.rows = 6, L.row_len = width;
+  L.n = 6, L.planes = 2, L.rows = rows, L.row_len = width;
   std::vector<T> x(L.n * L.sample_size());
   uint32_t state = 12345u + static_cast<uint32_t>(width);
   auto next = [&state] { return state = state * 1664525u + 1013904223u; };
@@ -321,8 +323,9 @@ void check_mix2_equals_two_calls(int64_t width) {
   const std::vector<core::compute_t<T>> w = {0.0f, 1.0f, 0.3f, 0.0f, 0.7f, -0.0f};
   const std::vector<core::compute_t<T>> w2 = {0.25f, 0.6f, 1.0f, 0.0f, 0.9f, 0.45f};
   const int64_t c = std::max<int64_t>(width - 1, 1);
-  const std::vector<int64_t> boxes = {1, 5, 1, c, 0, 6, 0, width, 2, 3, 3 % width, 4 % width + 1,
-                                      0, 0, 0, 0, 3, 6, width / 2, width, 0, 6, 0, width};
+  const int64_t r = rows;
+  const std::vector<int64_t> boxes = {1, r - 1, 1, c, 0, r, 0, width, 2, 3, 3 % width, 4 % width + 1,
+                                      0, 0, 0, 0, r / 2, r, width / 2, width, 0, r, 0, width};
   const auto u = forward<T>(x, src, w, boxes, L);
   std::vector<int64_t> whole;
   for (int64_t i = 0; i < L.n; ++i) whole.insert(whole.end(), {0, L.rows, 0, width});
@@ -330,7 +333,7 @@ void check_mix2_equals_two_calls(int64_t width) {
   std::vector<T> got(x.size()), scratch(2 * core::kWindow);
   const std::vector<int64_t> order = core::partner_chain_order(src2.data(), L.n);
   core::mix2_forward_planes(x.data(), got.data(), src.data(), w.data(), boxes.data(), src2.data(),
-                            w2.data(), order.data(), L, scratch.data(), 0, L.n * L.planes);
+                            w2.data(), order.data(), L, scratch.data(), 0, core::mix2_units<T>(L));
   expect(std::memcmp(got.data(), want.data(), sizeof(T) * got.size()) == 0, "mix2 == two mix calls");
 }
 
@@ -339,6 +342,12 @@ void test_mix2_equals_two_calls() {
     check_mix2_equals_two_calls<float>(width);
     check_mix2_equals_two_calls<uint8_t>(width);
     check_mix2_equals_two_calls<double>(width);
+  }
+  for (const auto& [width, rows] : {std::pair<int64_t, int64_t>{2100, 20}, {130, 300}, {33, 1200}}) {
+    expect(core::mix2_bands<float>(core::MixLayout{6, 2, rows, width}).count > 1, "several bands");
+    check_mix2_equals_two_calls<float>(width, rows);
+    check_mix2_equals_two_calls<uint8_t>(width, rows);
+    check_mix2_equals_two_calls<double>(width, rows);
   }
 }
 
