@@ -27,8 +27,8 @@ count, mib = int(sys.argv[2]), int(sys.argv[3])
 def step():  # `count` activations of about `mib` MiB, freed together, like one training step
     blocks = [torch.empty((mib << 18) + 4096 * i).fill_(1.0) for i in range(count)]
     del blocks
-for _ in range(3):
-    step()
+for _ in range(10):  # warm-up: the heap's layout settles after a few steps (in the first
+    step()           # ones, small allocations land in the freed space and move the blocks)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(10):
     step()
