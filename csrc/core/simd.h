@@ -8,7 +8,8 @@
 //
 // What is here: the vector type V<A> (A = float: a vector of float lanes; A = double: a plain
 // double, the gradcheck path), a branch-free exp that auto-vectorizes, select/max/horizontal
-// reductions that work for vectors and scalars alike, and bf16/fp16 <-> float conversion.
+// reductions that work for vectors and scalars alike, and to_acc/from_acc: the storage <->
+// accumulation conversions (for bf16/fp16 those of half.h, the ones the mix core uses).
 
 // ------------------------------------------------------------------ ISA-independent part
 #ifndef METAMIXER_CORE_SIMD_COMMON
@@ -19,19 +20,18 @@
 #include <cstring>
 #include <limits>
 
+#include "half.h"
+
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>  // the AVX-512 vexp below; GCC declares every intrinsic whatever the target
 #endif
 
 namespace metamixer::core {
 
-// Storage types of half-precision logits (bit patterns; converted with to_acc/from_acc).
-struct bf16 {
-  uint16_t bits;
-};
-struct fp16 {
-  uint16_t bits;
-};
+// Storage types of half-precision logits (bit patterns; converted with to_acc/from_acc), the
+// ones the mix core uses (half.h).
+using bf16 = BFloat16;
+using fp16 = Half;
 
 // Accumulation type: double for double logits (gradcheck), float for everything else.
 template <typename T>
@@ -264,16 +264,8 @@ inline vfloat vexp_bounded(vfloat x) { return vexp512<true>(x); }
 // ---- half-precision storage <-> accumulation type
 inline float to_acc(float v) { return v; }
 inline double to_acc(double v) { return v; }
-inline float to_acc(bf16 v) { return bits_as<float>(static_cast<uint32_t>(v.bits) << 16); }
-inline float to_acc(fp16 v) {
-  const uint32_t h = v.bits, sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu;
-  if (exp == 0) {  // zero or subnormal: mant * 2^-24
-    const float mag = static_cast<float>(mant) * 5.9604644775390625e-8f;
-    return bits_as<float>(bits_as<uint32_t>(mag) | sign);
-  }
-  if (exp == 31) return bits_as<float>(sign | 0x7f800000u | (mant << 13));  // inf / NaN
-  return bits_as<float>(sign | ((exp + 112u) << 23) | (mant << 13));
-}
+inline float to_acc(bf16 v) { return to_float(v); }
+inline float to_acc(fp16 v) { return to_float(v); }
 
 template <typename T>
 inline T from_acc(float v);
@@ -282,24 +274,12 @@ inline float from_acc<float>(float v) {
   return v;
 }
 template <>
-inline bf16 from_acc<bf16>(float v) {  // round to nearest even; NaN stays a quiet NaN
-  uint32_t u = bits_as<uint32_t>(v);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return bf16{static_cast<uint16_t>((u >> 16) | 0x40u)};
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return bf16{static_cast<uint16_t>(u >> 16)};
+inline bf16 from_acc<bf16>(float v) {
+  return to_bfloat16(v);
 }
 template <>
-inline fp16 from_acc<fp16>(float v) {  // round to nearest even, overflow to inf, subnormals kept
-  const uint32_t u = bits_as<uint32_t>(v), sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
-  if (a >= 0x7f800000u) return fp16{static_cast<uint16_t>(sign | 0x7c00u | (a > 0x7f800000u ? 0x200u : 0u))};
-  if (a >= 0x477ff000u) return fp16{static_cast<uint16_t>(sign | 0x7c00u)};  // >= 65520: inf
-  if (a < 0x38800000u) {  // below 2^-14: subnormal; adding 0.5 puts the 2^-24 unit in the last bit
-    const float shifted = bits_as<float>(a) + 0.5f;
-    return fp16{static_cast<uint16_t>(sign | (bits_as<uint32_t>(shifted) - 0x3f000000u))};
-  }
-  const uint32_t odd = (a >> 13) & 1u;
-  const uint32_t r = a + 0xc8000fffu + odd;  // rebias exponent (127 -> 15) and round
-  return fp16{static_cast<uint16_t>(sign | (r >> 13))};
+inline fp16 from_acc<fp16>(float v) {
+  return to_half(v);
 }
 
 }  // namespace metamixer::core::METAMIXER_SIMD_NS
