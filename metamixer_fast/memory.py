@@ -40,4 +40,4 @@ def retain_freed_memory() -> bool:
         return False
     settings = ((M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX), (M_MMAP_MAX, 0),
                 (M_TRIM_THRESHOLD, TRIM_THRESHOLD))
-    return all([bool(libc.mallopt(param, value)) for param, value in settings])
+    return all([bool(libc.mallopt(param, value)) for param, value in settings])  # (applies all)

