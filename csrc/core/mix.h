@@ -19,7 +19,8 @@
 // as three separately rounded operations (w*a, (1-w)*b, their sum), exactly like the eager
 // reference; no FMA instruction is ever enabled for this code, so nothing is contracted.
 // uint8 rounds half to even and clamps to [0, 255] (SSE2, AVX2 or AVX-512 does 16 pixels at a
-// time; w = 0 or 1 is a memcpy for uint8, where it is exact); float blends take AVX2 or
+// time, AVX-512 for w in [0, 1], where no clamp is needed; w = 0 or 1 is a memcpy for uint8,
+// where it is exact); float blends take AVX2 or
 // AVX-512 where the CPU has it (picked at run time). Copies (outside the box) are memcpy.
 //
 // Fused op: mix2_forward_planes computes mix(mix(x, src, w, box), src2, w2, None) in one pass
@@ -195,7 +196,7 @@ void blend_span(const T* a, const T* b, T* out, int64_t len, compute_t<T> w) {
       return;
     }
 #if defined(METAMIXER_HAVE_AVX2_PATH)
-    if (cpu_has_avx512f()) {
+    if (cpu_has_avx512f() && w >= 0.0f && w <= 1.0f) {  // blend_u8's precondition
       c = avx512::blend_u8(a, b, out, len, w);
     } else if (cpu_has_avx2()) {
       blend_u8_avx2(a, b, out, len, w, &c);
@@ -298,9 +299,9 @@ void mix_forward_planes(const T* x, T* out, const int64_t* src, const compute_t<
 // Runs of rows outside both box_i and box_k have u = x there, so they are one blend of x_i and
 // x_k. A row crossing a box gets u_i (and/or u_k) formed a window at a time in the caller's
 // scratch (2 * kWindow elements, cache-resident), rounded to T exactly as the first call's
-// output would be, then blended. On CPUs with AVX-512, float and uint8 (with AVX-512BW) take
-// mix2_planes_avx512: short spans cost more than the arithmetic on 32-wide rows, and lane masks
-// avoid them.
+// output would be, then blended. On CPUs with AVX-512, float and uint8 (with AVX-512BW and
+// every weight in [0, 1]) take mix2_planes_avx512: short spans cost more than the arithmetic on
+// 32-wide rows, and lane masks avoid them.
 // Bytes: reads x_i, x_k (and their local partners inside the boxes), writes out once; samples
 // are taken in partner_chain_order, so x_k is read again from cache as the next x_i, and the
 // batch comes from memory about once.
@@ -414,7 +415,8 @@ void mix2_forward_planes(const T* x, T* out, const int64_t* src, const compute_t
     }
   }
   if constexpr (std::is_same_v<T, uint8_t>) {  // the lane masks hold columns in int32, as above
-    if (avx512::cpu_has_avx512bw() && plane < (int64_t{1} << 31)) {
+    if (avx512::cpu_has_avx512bw() && plane < (int64_t{1} << 31) &&
+        avx512::weights_in_unit_interval(w, L.n) && avx512::weights_in_unit_interval(w2, L.n)) {
       mix2_planes_avx512(x, out, src, w, boxes, src2, w2, order, L, begin, end);
       return;
     }

@@ -71,27 +71,53 @@ void test_uint8_rounds_half_to_even() {
          "uint8 clamp");
 }
 
-// The SSE2 path (16 at a time) equals the scalar formula for every pixel pair and many weights.
+// The uint8 blend of the pixel pair (i & 255, i >> 8) at w, by the scalar formula.
+std::vector<uint8_t> scalar_u8_pairs(float w) {
+  std::vector<uint8_t> want(65536);
+  for (int i = 0; i < 65536; ++i) {
+    const float lhs = w * static_cast<float>(i & 255), rhs = (1.0f - w) * static_cast<float>(i >> 8);
+    want[i] = core::Compute<uint8_t>::store(lhs + rhs);
+  }
+  return want;
+}
+
+// Every path equals the scalar formula for every pixel pair: the dispatched one (blend_span,
+// which routes w outside [0, 1] away from the AVX-512 kernel), SSE2, and the AVX-512 kernel
+// directly at 2000 weights in [0, 1] (its biased-float arithmetic must round each product and
+// the sum as the scalar floats do; subnormal, tiny and near-1 weights included).
 void test_uint8_simd_equals_scalar() {
   std::vector<uint8_t> a(65536 + 5), b(65536 + 5), out(65536 + 5);
   for (int i = 0; i < 65536 + 5; ++i) a[i] = static_cast<uint8_t>(i & 255), b[i] = static_cast<uint8_t>(i >> 8);
-  for (float w : {0.5f, 0.25f, 0.1f, 0.3f, 0.7f, 0.999f, 1e-4f}) {
+  for (float w : {0.5f, 0.25f, 0.1f, 0.3f, 0.7f, 0.999f, 1e-4f, -0.5f, 1.5f, -3.25f}) {
     core::blend_span(a.data(), b.data(), out.data(), 65536 + 5, w);
-    bool same = true;
-    for (int i = 0; i < 65536 + 5; ++i) {
-      const float lhs = w * static_cast<float>(a[i]);
-      const float rhs = (1.0f - w) * static_cast<float>(b[i]);
-      same = same && out[i] == core::Compute<uint8_t>::store(lhs + rhs);
-    }
-    expect(same, "uint8 simd == scalar");
+    const std::vector<uint8_t> want = scalar_u8_pairs(w);
+    expect(std::equal(want.begin(), want.end(), out.begin()) && out[65536 + 4] == want[4],
+           "uint8 blend_span == scalar");
 #if defined(__SSE2__)
-    // the SSE2 path directly (blend_span takes the AVX2 one on CPUs that have it)
+    // the SSE2 path directly (blend_span takes a wider one on CPUs that have it)
     std::vector<uint8_t> sse(65536);
     for (int c = 0; c < 65536; c += 16)
       core::blend16_u8(a.data() + c, b.data() + c, sse.data() + c, _mm_set1_ps(w), _mm_set1_ps(1.0f - w));
-    expect(std::equal(sse.begin(), sse.end(), out.begin()), "uint8 sse2 == dispatched path");
+    expect(std::equal(sse.begin(), sse.end(), want.begin()), "uint8 sse2 == scalar");
 #endif
   }
+#if defined(METAMIXER_HAVE_AVX512_MIX2)
+  if (!core::cpu_has_avx512f()) return;
+  std::vector<float> weights = {0.0f, -0.0f, 1.0f, 0.5f, 0.25f, 1e-40f, 1e-30f, 5.9604645e-8f,
+                                0.99999994f, 0.50000006f, 0.49999997f};
+  uint32_t state = 7u;
+  while (weights.size() < 2000) {
+    state = state * 1664525u + 1013904223u;
+    weights.push_back(static_cast<float>(state >> 8) * 0x1p-24f);  // uniform in [0, 1)
+  }
+  int wrong = 0;
+  for (float w : weights) {
+    core::avx512::blend_u8(a.data(), b.data(), out.data(), 65536, w);
+    const std::vector<uint8_t> want = scalar_u8_pairs(w);
+    wrong += !std::equal(want.begin(), want.end(), out.begin());
+  }
+  expect(wrong == 0, "uint8 avx512 == scalar at 2000 weights");
+#endif
 }
 
 #if defined(METAMIXER_HAVE_AVX2_PATH)
@@ -300,8 +326,10 @@ void test_mix_forward_equals_formula() {
 // boxes with edges anywhere (empty, full, one column), repeated partners, w in {0, -0, 1, other},
 // and special values (inf, NaN, -0) that an exact select would get wrong. Planes of many rows
 // split into several bands of rows (mix2_bands), with box edges inside and across bands.
+// outside_unit: one local and one global weight outside [0, 1], which the core accepts (the
+// binding does not) and the uint8 AVX-512 kernel leaves to the clamping portable path.
 template <typename T>
-void check_mix2_equals_two_calls(int64_t width, int64_t rows = 6) {
+void check_mix2_equals_two_calls(int64_t width, int64_t rows = 6, bool outside_unit = false) {
   core::MixLayout L;
   L.n = 6, L.planes = 2, L.rows = rows, L.row_len = width;
   std::vector<T> x(L.n * L.sample_size());
@@ -320,8 +348,9 @@ void check_mix2_equals_two_calls(int64_t width, int64_t rows = 6) {
   // sample 5 (w = -0, whole box) pairs with w = 0 both ways (0 -> 5, 5 -> 0) and with a blend
   // (4 -> 5)
   const std::vector<int64_t> src = {1, 0, 0, 4, 2, 3}, src2 = {5, 2, 0, 1, 5, 0};
-  const std::vector<core::compute_t<T>> w = {0.0f, 1.0f, 0.3f, 0.0f, 0.7f, -0.0f};
-  const std::vector<core::compute_t<T>> w2 = {0.25f, 0.6f, 1.0f, 0.0f, 0.9f, 0.45f};
+  std::vector<core::compute_t<T>> w = {0.0f, 1.0f, 0.3f, 0.0f, 0.7f, -0.0f};
+  std::vector<core::compute_t<T>> w2 = {0.25f, 0.6f, 1.0f, 0.0f, 0.9f, 0.45f};
+  if (outside_unit) w[2] = -0.5f, w2[3] = 1.25f;
   const int64_t c = std::max<int64_t>(width - 1, 1);
   const int64_t r = rows;
   const std::vector<int64_t> boxes = {1, r - 1, 1, c, 0, r, 0, width, 2, 3, 3 % width, 4 % width + 1,
@@ -341,6 +370,7 @@ void test_mix2_equals_two_calls() {
   for (int64_t width : {1, 5, 15, 16, 17, 32, 33, 50, 64, 65, 130, 2100}) {
     check_mix2_equals_two_calls<float>(width);
     check_mix2_equals_two_calls<uint8_t>(width);
+    check_mix2_equals_two_calls<uint8_t>(width, 6, true);
     check_mix2_equals_two_calls<double>(width);
   }
   for (const auto& [width, rows] : {std::pair<int64_t, int64_t>{2100, 20}, {130, 300}, {33, 1200}}) {
