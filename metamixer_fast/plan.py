@@ -34,15 +34,6 @@ __all__ = ["INPUT_STAGE", "MixPlan", "cutmix_boxes"]
 INPUT_STAGE = "input"
 
 
-def _sqrt(t: Tensor) -> Tensor:
-    """sqrt of a small tensor. On the CPU through numpy: torch may run even a few hundred
-    square roots on its intra-op thread pool, and on a busy machine waking it costs
-    milliseconds, far more than the work."""
-    if t.device.type == "cpu":
-        return torch.from_numpy(np.sqrt(t.numpy()))
-    return t.sqrt()
-
-
 def cutmix_boxes(lam: Tensor, center: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
     """CutMix box rule: (box[N, 4] int64 (y0, y1, x0, x1) half-open, lam[N] corrected).
 
@@ -50,16 +41,22 @@ def cutmix_boxes(lam: Tensor, center: Tensor, height: int, width: int) -> tuple[
     pixel (``center`` holds its position as fractions in [0, 1)), and clipped to the image; lam is
     then corrected to 1 - (pasted area) / (H W). Unlike timm (which spans cy +- cut // 2, one
     pixel short for odd cuts) the unclipped box is exactly the cut size.
+
+    Computed in numpy on the host (a few hundred numbers: torch would spend ~2 us an operation,
+    and on a GPU a kernel launch each); the results go to ``lam``'s device.
     """
-    size = torch.tensor([height, width], dtype=torch.float64, device=lam.device)
-    ratio = _sqrt(1.0 - lam.double().clamp(0.0, 1.0))
-    cut = (size * ratio[:, None]).floor().long()  # [N, 2] (cut_h, cut_w)
-    limit = size.long()
-    lo = torch.minimum((center.double() * size).floor().long(), limit - 1) - cut // 2
-    y0x0, y1x1 = lo.clamp(min=0), torch.minimum(lo + cut, limit)
-    box = torch.stack([y0x0, y1x1], dim=2).view(-1, 4)  # (y0, y1, x0, x1)
-    area = (y1x1 - y0x0).clamp(min=0).prod(dim=1)
-    return box, 1.0 - area.double() / (height * width)
+    lam_h, center_h = lam.detach().cpu().double().numpy(), center.detach().cpu().double().numpy()
+    size = np.array([height, width], dtype=np.float64)
+    ratio = np.sqrt(1.0 - np.clip(lam_h, 0.0, 1.0))
+    cut = np.floor(size * ratio[:, None]).astype(np.int64)  # [N, 2] (cut_h, cut_w)
+    limit = size.astype(np.int64)
+    lo = np.minimum(np.floor(center_h * size).astype(np.int64), limit - 1) - cut // 2
+    box = np.empty((lam_h.size, 4), dtype=np.int64)  # (y0, y1, x0, x1)
+    box[:, 0::2], box[:, 1::2] = np.maximum(lo, 0), np.minimum(lo + cut, limit)
+    extent = np.maximum(box[:, 1::2] - box[:, 0::2], 0)
+    lam_cut = 1.0 - (extent[:, 0] * extent[:, 1]).astype(np.float64) / (height * width)
+    return (torch.from_numpy(box).to(lam.device, non_blocking=True),
+            torch.from_numpy(lam_cut).to(lam.device, non_blocking=True))
 
 
 @dataclass(eq=False)
@@ -98,6 +95,9 @@ class MixPlan:
     _lam: Tensor | None = field(default=None, repr=False)
     _input_cache: tuple[Tensor, int, Tensor] | None = field(default=None, repr=False)
     _premixed: tuple[Tensor, int] | None = field(default=None, repr=False)
+    # (lam_draw, center) on the host, kept by ``to``: ``resolve`` computes the boxes from them,
+    # so a plan on a GPU fixes its boxes without a device-to-host copy (a sync).
+    _host_draw: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
 
     # ------------------------------------------------------------------ construction and moves
     @classmethod
@@ -122,11 +122,15 @@ class MixPlan:
         def move(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.to(device, non_blocking=True)
 
+        host = self._host_draw
+        if host is None and self.center is not None and self.device.type == "cpu":
+            host = (self.lam_draw, self.center)
         return replace(self, labels=labels if labels is not None else move(self.labels),
                        local_src=move(self.local_src), local_w=move(self.local_w),
                        lam_draw=move(self.lam_draw), cut=move(self.cut), center=move(self.center),
                        global_src=move(self.global_src), mu=move(self.mu), _box=move(self._box),
-                       _lam=move(self._lam), _input_cache=None, _premixed=None)
+                       _lam=move(self._lam), _input_cache=None, _premixed=None,
+                       _host_draw=host)
 
     # --------------------------------------------------------------------------- local mixing
     def resolve(self, size: Sequence[int]) -> MixPlan:
@@ -144,8 +148,10 @@ class MixPlan:
         if self.cut is None:
             self._lam = self.lam_draw
         else:
-            box, lam_cut = cutmix_boxes(self.lam_draw, self.center, h, w)
-            full = torch.tensor([0, h, 0, w], device=box.device)
+            lam_draw, center = self._host_draw or (self.lam_draw, self.center)
+            box, lam_cut = (t.to(self.device, non_blocking=True)
+                            for t in cutmix_boxes(lam_draw, center, h, w))
+            full = torch.tensor([0, h, 0, w], device=self.device)
             self._box = torch.where(self.cut[:, None], box, full)
             self._lam = torch.where(self.cut, lam_cut, self.lam_draw)
         self._size = (h, w)

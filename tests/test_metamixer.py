@@ -178,6 +178,23 @@ def test_box_rule(rng):
     assert bool((lam_c >= lam - 1e-12).all())  # clipping only ever shrinks the pasted area
 
 
+def test_plan_on_another_device_fixes_boxes_from_host_copies(rng):
+    """A plan sampled onto an accelerator resolves its boxes without copying anything back to the
+    host (which would wait for the device). A "meta" plan stands in for one: its tensors have no
+    data, so any device-to-host copy raises."""
+    y = labels_with_groups(rng, 32, 4)
+    seed = int(torch.randint(0, 2**31, (1,), generator=rng))
+    here = MetaMixer(generator=torch.Generator().manual_seed(seed)).sample(y, size=(24, 40))
+    there = MetaMixer(generator=torch.Generator().manual_seed(seed)).sample(y, device="meta")
+    there.resolve((24, 40))
+    assert there.box.device.type == "meta" and there.lam.device.type == "meta"
+    assert there.box.shape == here.box.shape and there.lam.dtype == here.lam.dtype
+    # the host copies are the same draws the boxes on the CPU came from
+    moved = there._host_draw
+    assert moved is not None and torch.equal(moved[0], here.lam_draw)
+    assert torch.equal(moved[1], here.center)
+
+
 # ------------------------------------------------------------------------------------- pairing
 
 @pytest.mark.parametrize("n, classes", [(2, 1), (8, 4), (64, 10), (33, 16), (50, 2)])
