@@ -460,18 +460,31 @@ inline void invert_partners(const int64_t* src, int64_t n, std::vector<int64_t>&
   for (int64_t j = 0; j < n; ++j) list[fill[src[j]]++] = j;
 }
 
-// sum_c g[c] (a[c] - b[c]) over a span, in acc_t<T> with 8 independent partial sums.
+// dot_diff from element c on, given the partial sums `part` of the elements before it.
 template <typename T>
-acc_t<T> dot_diff(const T* g, const T* a, const T* b, int64_t len) {
+acc_t<T> dot_diff_finish(const T* g, const T* a, const T* b, int64_t len, acc_t<T>* part,
+                         int64_t c) {
   using C = Compute<T>;
   using A = acc_t<T>;
-  A part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t c = 0;
   for (; c + 8 <= len; c += 8)
     for (int k = 0; k < 8; ++k)
       part[k] += A(C::load(g[c + k])) * (A(C::load(a[c + k])) - A(C::load(b[c + k])));
   for (; c < len; ++c) part[0] += A(C::load(g[c])) * (A(C::load(a[c])) - A(C::load(b[c])));
   return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+}
+
+// sum_c g[c] (a[c] - b[c]) over a span, in acc_t<T> with 8 independent partial sums (element c
+// into part[c % 8]); float takes AVX-512 where the CPU has it, with the same bits.
+template <typename T>
+acc_t<T> dot_diff(const T* g, const T* a, const T* b, int64_t len) {
+  acc_t<T> part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t c = 0;
+#if defined(METAMIXER_HAVE_AVX512_MIX2)
+  if constexpr (std::is_same_v<T, float>) {
+    if (cpu_has_avx512f()) c = avx512::dot_diff_parts_f32(g, a, b, len, part);
+  }
+#endif
+  return dot_diff_finish(g, a, b, len, part, c);
 }
 
 // Backward over destination rows [begin, end) of samples taken in `order` (partner_chain_order
@@ -511,6 +524,18 @@ void mix_backward_rows(const T* g, const T* x, const int64_t* src, const compute
         if (row_in_box(bj, y) && bj[2] <= cb && bj[3] >= ce) {  // the one-partner path
           const CT wk = w[k], v = CT(1) - w[j];
           const T* gj = g + j * S + in_off;
+#if defined(METAMIXER_HAVE_AVX512_MIX2)
+          if constexpr (std::is_same_v<T, float>) {
+            if (cpu_has_avx512f()) {
+              float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+              const int64_t n = avx512::one_partner_backward_f32(gk + cb, gj + cb, xk + cb, xs + cb,
+                                                                 out + cb, ce - cb, wk, v, part);
+              for (int64_t c = cb + n; c < ce; ++c) out[c] = gk[c] * wk + v * gj[c];
+              dw_share += dot_diff_finish(gk + cb, xk + cb, xs + cb, ce - cb, part, n);
+              continue;
+            }
+          }
+#endif
           for (int64_t c = cb; c < ce; ++c)
             out[c] = C::store(C::load(gk[c]) * wk + v * C::load(gj[c]));
           dw_share += dot_diff(gk + cb, xk + cb, xs + cb, ce - cb);

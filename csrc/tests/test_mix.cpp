@@ -286,6 +286,38 @@ void test_backward_one_partner_path_exact() {
     }
   }
   expect(exact, "backward one-partner path == gather, bit for bit");
+  // dw: the windows' dot_diff shares, each by the scalar loop alone (the AVX-512 one-partner loop
+  // and dot_diff must give its bits)
+  for (int64_t k = 0; k < 3; ++k) {
+    const int64_t* bk = boxes.data() + 4 * k;
+    float want = 0.0f;
+    for (int64_t cb = 0; cb < D; cb += core::kWindow) {
+      const int64_t c0 = std::max(bk[2], cb), c1 = std::min(bk[3], std::min(cb + core::kWindow, D));
+      float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      const float* gk = g.data() + k * D;
+      if (c1 > c0)
+        want += core::dot_diff_finish(gk + c0, x.data() + k * D + c0, x.data() + src[k] * D + c0,
+                                      c1 - c0, part, 0);
+    }
+    expect(std::memcmp(&dw_rows[k], &want, sizeof(float)) == 0, "backward dw == scalar dot_diff");
+  }
+}
+
+// dot_diff (AVX-512 for float where the CPU has it) gives the scalar loop's bits at every length.
+void test_dot_diff_equals_scalar() {
+  std::vector<float> g(5000), a(5000), b(5000);
+  for (int64_t c = 0; c < 5000; ++c) {
+    g[c] = std::sin(0.7f * c) * 3.0f, a[c] = std::cos(0.3f * c) * 1e3f, b[c] = 1e-3f * c;
+  }
+  a[40] = -0.0f, b[40] = 0.0f, g[41] = 1e-40f;
+  bool same = true;
+  for (int64_t len : {0, 5, 8, 15, 16, 17, 31, 33, 100, 4096, 4999}) {
+    float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    const float want = core::dot_diff_finish(g.data(), a.data(), b.data(), len, part, 0);
+    const float got = core::dot_diff(g.data(), a.data(), b.data(), len);
+    same = same && std::memcmp(&got, &want, sizeof(float)) == 0;
+  }
+  expect(same, "dot_diff == scalar loop, bit for bit");
 }
 
 // mix_forward_planes for float (AVX-512 lane masks for box rows where the CPU has it) equals
@@ -398,6 +430,7 @@ int main() {
   test_backward_gathers_repeats();
   test_dw_inside_box_only();
   test_backward_one_partner_path_exact();
+  test_dot_diff_equals_scalar();
   if (failures) {
     std::printf("%d failure(s)\n", failures);
     return 1;
