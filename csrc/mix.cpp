@@ -233,7 +233,8 @@ at::Tensor mix2_cpu(const at::Tensor& x_in, const at::Tensor& src, const at::Ten
 std::tuple<at::Tensor, at::Tensor> mix_backward_cpu(const at::Tensor& grad_in,
                                                     const at::Tensor& x_in, const at::Tensor& src,
                                                     const at::Tensor& w,
-                                                    const std::optional<at::Tensor>& box) {
+                                                    const std::optional<at::Tensor>& box,
+                                                    bool need_dw) {
   TORCH_CHECK_VALUE(at::isFloatingType(x_in.scalar_type()),
                     "mix_backward: 'x' must be a floating tensor (", x_in.scalar_type(),
                     " is not differentiable)");
@@ -254,7 +255,7 @@ std::tuple<at::Tensor, at::Tensor> mix_backward_cpu(const at::Tensor& grad_in,
     const core_ns::MixLayout& L = plan.layout;
     std::vector<int64_t> offsets, list;
     core_ns::invert_partners(plan.src, L.n, offsets, list);
-    std::vector<A> dw_rows(L.total_rows());
+    std::vector<A> dw_rows(need_dw ? L.total_rows() : 0);  // none: dx only
     const T* gp = reinterpret_cast<const T*>(grad.const_data_ptr<scalar_t>());
     const T* xp = reinterpret_cast<const T*>(x.const_data_ptr<scalar_t>());
     T* dxp = reinterpret_cast<T*>(dx.mutable_data_ptr<scalar_t>());
@@ -262,9 +263,13 @@ std::tuple<at::Tensor, at::Tensor> mix_backward_cpu(const at::Tensor& grad_in,
     at::parallel_for(0, L.total_rows(), grain_rows(L, sizeof(T)), [&](int64_t b, int64_t e) {
       CT* const buf = thread_scratch<CT>(core_ns::kWindow);
       core_ns::mix_backward_rows(gp, xp, plan.src, plan.w.data(), plan.boxes.data(), order.data(),
-                                 L, offsets.data(), list.data(), dxp, dw_rows.data(), buf,
-                                 b, e);
+                                 L, offsets.data(), list.data(), dxp,
+                                 need_dw ? dw_rows.data() : nullptr, buf, b, e);
     });
+    if (!need_dw) {
+      dw = at::zeros_like(w);
+      return;
+    }
     at::Tensor dw_acc = at::empty({L.n}, w.options().dtype(at::CppTypeToScalarType<A>::value));
     core_ns::reduce_dw_rows(dw_rows.data(), L, dw_acc.mutable_data_ptr<A>());
     dw = dw_acc.to(w.scalar_type());
@@ -289,7 +294,8 @@ at::Tensor mix2_eager(const at::Tensor& x, const at::Tensor& src, const at::Tens
 
 TORCH_LIBRARY_FRAGMENT(metamixer_cpp, m) {
   m.def("mix(Tensor x, Tensor src, Tensor w, Tensor? box) -> Tensor");
-  m.def("mix_backward(Tensor grad, Tensor x, Tensor src, Tensor w, Tensor? box) -> (Tensor, Tensor)");
+  m.def("mix_backward(Tensor grad, Tensor x, Tensor src, Tensor w, Tensor? box, "
+        "bool need_dw=True) -> (Tensor, Tensor)");
   m.def("mix2(Tensor x, Tensor src, Tensor w, Tensor? box, Tensor src2, Tensor w2) -> Tensor");
 }
 

@@ -204,8 +204,10 @@ def _invert_partners(src: Tensor) -> tuple[Tensor, Tensor]:
     return offsets, order
 
 
-def mix_backward(grad: Tensor, x: Tensor, src: Tensor, w: Tensor,
-                 box: Tensor | None) -> tuple[Tensor, Tensor]:
+def mix_backward(grad: Tensor, x: Tensor, src: Tensor, w: Tensor, box: Tensor | None,
+                 need_dw: bool = True) -> tuple[Tensor, Tensor]:
+    """(dx, dw) in one kernel; ``need_dw=False`` returns zeros for dw (the kernel still takes the
+    products: not worth a second compiled variant until it is timed on a GPU)."""
     if not x.is_floating_point():
         raise ValueError(f"mix_backward: 'x' must be a floating tensor ({x.dtype} is not "
                          f"differentiable)")
@@ -223,7 +225,7 @@ def mix_backward(grad: Tensor, x: Tensor, src: Tensor, w: Tensor,
     _mix_bwd_kernel[(blocks, n)](g, xr, src.contiguous(), wc, boxes, offsets, order, dx, dw_part,
                                  size, rows, row_len, SOFT_BF16=soft_bf16(xr.dtype), BLOCK=BLOCK,
                                  num_warps=NUM_WARPS, enable_fp_fusion=False)
-    return dx, dw_part.sum(1).to(w.dtype)
+    return dx, dw_part.sum(1).to(w.dtype) if need_dw else torch.zeros_like(w)
 
 
 _backend.register_kernel("mix", "triton", mix)

@@ -25,9 +25,9 @@ def mix(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None) -> Tensor:
     return torch.ops.metamixer_cpp.mix(x, src.contiguous(), w, box)
 
 
-def mix_backward(grad: Tensor, x: Tensor, src: Tensor, w: Tensor,
-                 box: Tensor | None) -> tuple[Tensor, Tensor]:
-    return torch.ops.metamixer_cpp.mix_backward(grad, x, src.contiguous(), w, box)
+def mix_backward(grad: Tensor, x: Tensor, src: Tensor, w: Tensor, box: Tensor | None,
+                 need_dw: bool = True) -> tuple[Tensor, Tensor]:
+    return torch.ops.metamixer_cpp.mix_backward(grad, x, src.contiguous(), w, box, need_dw)
 
 
 def mix2(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None, src2: Tensor, w2: Tensor) -> Tensor:

@@ -67,9 +67,10 @@ def _backward(ctx, grad):
     x, src, w, src2, w2, *rest = ctx.saved_tensors
     box = rest[0] if ctx.has_box else None
     u = torch.ops.metamixer.mix(x, src, w, box)
-    du, dw2 = torch.ops.metamixer.mix_backward(grad, u, src2, w2, None)
-    dx, dw = torch.ops.metamixer.mix_backward(du, x, src, w, box)
-    return dx, None, dw, None, None, dw2
+    need_dw, need_dw2 = ctx.needs_input_grad[2], ctx.needs_input_grad[5]
+    du, dw2 = torch.ops.metamixer.mix_backward(grad, u, src2, w2, None, need_dw2)
+    dx, dw = torch.ops.metamixer.mix_backward(du, x, src, w, box, need_dw)
+    return dx, None, dw if need_dw else None, None, None, dw2 if need_dw2 else None
 
 
 _mix2.register_autograd(_backward, setup_context=_setup_context)

@@ -177,14 +177,16 @@ def _(x, src, w, box):
 
 
 @torch.library.custom_op("metamixer::mix_backward", mutates_args=())
-def _mix_backward(grad: Tensor, x: Tensor, src: Tensor, w: Tensor,
-                  box: Tensor | None) -> tuple[Tensor, Tensor]:
-    """(dx, dw): dx scatter-adds into the partners (src need not be a permutation)."""
-    return _backend.kernel("mix_backward", x.device)(grad, x, src, w, box)
+def _mix_backward(grad: Tensor, x: Tensor, src: Tensor, w: Tensor, box: Tensor | None,
+                  need_dw: bool = True) -> tuple[Tensor, Tensor]:
+    """(dx, dw): dx scatter-adds into the partners (src need not be a permutation). With
+    ``need_dw=False`` (autograd needs no gradient for w: MetaMixer's weights never do) dw is
+    zeros and a kernel may skip it, and with it every read of x."""
+    return _backend.kernel("mix_backward", x.device)(grad, x, src, w, box, need_dw)
 
 
 @_mix_backward.register_fake
-def _(grad, x, src, w, box):
+def _(grad, x, src, w, box, need_dw=True):
     return torch.empty_like(x), torch.empty_like(w)
 
 
@@ -197,8 +199,9 @@ def _mix_setup_context(ctx, inputs, output) -> None:
 def _mix_backward_rule(ctx, grad):
     x, src, w, *rest = ctx.saved_tensors
     box = rest[0] if ctx.has_box else None
-    dx, dw = torch.ops.metamixer.mix_backward(grad, x, src, w, box)
-    return dx, None, dw, None
+    need_dw = ctx.needs_input_grad[2]
+    dx, dw = torch.ops.metamixer.mix_backward(grad, x, src, w, box, need_dw)
+    return dx, None, dw if need_dw else None, None
 
 
 _mix.register_autograd(_mix_backward_rule, setup_context=_mix_setup_context)
@@ -208,9 +211,10 @@ def _reference_mix(x, src, w, box):
     return torch.empty_like(x).copy_(reference.mix(x, src, w, box))
 
 
-def _reference_mix_backward(grad, x, src, w, box):
+def _reference_mix_backward(grad, x, src, w, box, need_dw=True):
     dx, dw = reference.mix_backward(grad, x, src, w, box)
-    return torch.empty_like(x).copy_(dx), torch.empty_like(w).copy_(dw)
+    return torch.empty_like(x).copy_(dx), torch.empty_like(w).copy_(dw) if need_dw \
+        else torch.zeros_like(w)
 
 
 _backend.register_kernel("mix", "reference", _reference_mix)

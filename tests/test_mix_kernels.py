@@ -140,6 +140,42 @@ def test_backward_matches_reference(mix_backend, dtype, layout, rng):
     assert ((dw.double() - want).abs() <= rel * scale + 1e-6).all(), (dw, want)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_without_dw(mix_backend, dtype, layout, rng):
+    """need_dw=False: the same dx, bit for bit, and zeros for dw; autograd asks for it exactly
+    when w needs no gradient (and then leaves w.grad alone)."""
+    x = make_x(rng, (6, 3, 7, 13), dtype, layout)
+    src, wt, box = make_plan(rng, 6, 7, 13)
+    box = None if layout == "features" else box
+    grad = make_x(rng, (6, 3, 7, 13), dtype, layout)
+    dx, _ = torch.ops.metamixer.mix_backward(grad, x, src, wt, box)
+    dx_only, dw = torch.ops.metamixer.mix_backward(grad, x, src, wt, box, False)
+    assert torch.equal(dx_only, dx) and torch.equal(dw, torch.zeros_like(wt))
+    if mix_backend != "reference":  # its vjp cannot run under opcheck's schema-checking mode
+        torch.library.opcheck(torch.ops.metamixer.mix_backward.default,
+                              (grad, x, src, wt, box, False))
+
+    calls = []
+    real = torch.ops.metamixer.mix_backward
+
+    class Spy:  # records need_dw of each backward call made by autograd
+        def __call__(self, *args):
+            calls.append(args[5])
+            return real(*args)
+
+    leaf = x.detach().requires_grad_(True)
+    w_leaf = wt.clone().requires_grad_(True)
+    try:
+        torch.ops.metamixer.mix_backward = Spy()
+        mf.mix(leaf, src, wt, box).backward(grad)
+        mf.mix(leaf, src, w_leaf, box).backward(grad)
+    finally:
+        torch.ops.metamixer.mix_backward = real
+    assert calls == [False, True]
+    assert w_leaf.grad is not None and torch.equal(leaf.grad, dx + dx)
+
+
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "features"])
 def test_gradcheck(mix_backend, layout, rng):
     x = make_x(rng, (5, 2, 4, 5), torch.float64, layout).requires_grad_(True)

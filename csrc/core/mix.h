@@ -496,7 +496,8 @@ acc_t<T> dot_diff(const T* g, const T* a, const T* b, int64_t len) {
 // gradients are gathered into them and dw's products are taken. A window inside both boxes
 // with exactly one partner j (the whole-sample blend of a permutation: the global blend at a
 // feature stage) skips `buf`: dx = (w_k g_k) + ((1 - w_j) g_j) in one pass, the same
-// operations in the same order as the gather, so the same bits.
+// operations in the same order as the gather, so the same bits. dw_rows null: dx only (when
+// autograd needs no dw, which also leaves x unread).
 template <typename T>
 void mix_backward_rows(const T* g, const T* x, const int64_t* src, const compute_t<T>* w,
                        const int64_t* boxes, const int64_t* order, const MixLayout& L,
@@ -528,17 +529,18 @@ void mix_backward_rows(const T* g, const T* x, const int64_t* src, const compute
           if constexpr (std::is_same_v<T, float>) {
             if (cpu_has_avx512f()) {
               float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-              const int64_t n = avx512::one_partner_backward_f32(gk + cb, gj + cb, xk + cb, xs + cb,
-                                                                 out + cb, ce - cb, wk, v, part);
+              const auto kernel = dw_rows ? avx512::one_partner_backward_f32<true>
+                                          : avx512::one_partner_backward_f32<false>;
+              const int64_t n = kernel(gk + cb, gj + cb, xk + cb, xs + cb, out + cb, ce - cb, wk, v, part);
               for (int64_t c = cb + n; c < ce; ++c) out[c] = gk[c] * wk + v * gj[c];
-              dw_share += dot_diff_finish(gk + cb, xk + cb, xs + cb, ce - cb, part, n);
+              if (dw_rows) dw_share += dot_diff_finish(gk + cb, xk + cb, xs + cb, ce - cb, part, n);
               continue;
             }
           }
 #endif
           for (int64_t c = cb; c < ce; ++c)
             out[c] = C::store(C::load(gk[c]) * wk + v * C::load(gj[c]));
-          dw_share += dot_diff(gk + cb, xk + cb, xs + cb, ce - cb);
+          if (dw_rows) dw_share += dot_diff(gk + cb, xk + cb, xs + cb, ce - cb);
           continue;
         }
       }
@@ -554,9 +556,9 @@ void mix_backward_rows(const T* g, const T* x, const int64_t* src, const compute
         for (int64_t c = j0; c < j1; ++c) buf[c - cb] += v * C::load(gj[c]);
       }
       for (int64_t c = cb; c < ce; ++c) out[c] = C::store(buf[c - cb]);
-      if (c1 > c0) dw_share += dot_diff(gk + c0, xk + c0, xs + c0, c1 - c0);
+      if (dw_rows && c1 > c0) dw_share += dot_diff(gk + c0, xk + c0, xs + c0, c1 - c0);
     }
-    dw_rows[k * per_sample + r % per_sample] = dw_share;
+    if (dw_rows) dw_rows[k * per_sample + r % per_sample] = dw_share;
   }
 }
 

@@ -77,10 +77,11 @@ METAMIXER_AVX512 inline int64_t dot_diff_parts_f32(const float* g, const float* 
 }
 
 // The backward of a whole-sample blend with one partner j, over c < (len rounded down to 16)
-// (returned): dx[c] = wk gk[c] + v gj[c], and dot_diff's partials part[8] of gk (xk - xs). One
-// loop over the five streams instead of a blend pass and a dot_diff pass per window: each of
-// the two passes alone ran at memory speed, and together they took their sum (C++ harness,
-// 256x128x16x16 fp32, one thread: 4.3 ms against 1.9 + 2.5).
+// (returned): dx[c] = wk gk[c] + v gj[c], and with Dw dot_diff's partials part[8] of
+// gk (xk - xs). One loop over the five streams instead of a blend pass and a dot_diff pass per
+// window: each of the two passes alone ran at memory speed, and together they took their sum
+// (C++ harness, 256x128x16x16 fp32, one thread: 4.3 ms against 1.9 + 2.5).
+template <bool Dw>
 METAMIXER_AVX512 inline int64_t one_partner_backward_f32(const float* gk, const float* gj,
                                                          const float* xk, const float* xs,
                                                          float* dx, int64_t len, float wk,
@@ -90,7 +91,7 @@ METAMIXER_AVX512 inline int64_t one_partner_backward_f32(const float* gk, const 
   int64_t c = 0;
   for (; c + 16 <= len; c += 16) {
     _mm512_storeu_ps(dx + c, blend(wv, vv, _mm512_loadu_ps(gk + c), _mm512_loadu_ps(gj + c)));
-    acc = dot_diff_step(acc, gk, xk, xs, c);
+    if (Dw) acc = dot_diff_step(acc, gk, xk, xs, c);
   }
   _mm256_storeu_ps(part, acc);
   return c;
