@@ -111,9 +111,9 @@ def _mix2_fwd_kernel(x_ptr, out_ptr, src_ptr, w_ptr, box_ptr, src2_ptr, w2_ptr, 
 @triton.jit
 def _mix_bwd_kernel(g_ptr, x_ptr, src_ptr, w_ptr, box_ptr, inv_offsets_ptr, inv_list_ptr,
                     dx_ptr, dw_part_ptr, sample_size, rows, row_len, SOFT_BF16: tl.constexpr,
-                    BLOCK: tl.constexpr):
-    """Grid (cdiv(S, BLOCK), N): dx for one block of destination sample k, plus that block's
-    share of dw_k (written to dw_part[k, block])."""
+                    NEED_DW: tl.constexpr, BLOCK: tl.constexpr):
+    """Grid (cdiv(S, BLOCK), N): dx for one block of destination sample k, plus with NEED_DW
+    that block's share of dw_k (written to dw_part[k, block]); without it x is never read."""
     k = tl.program_id(1).to(tl.int64)
     blk = tl.program_id(0)
     offs = blk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -132,11 +132,12 @@ def _mix_bwd_kernel(g_ptr, x_ptr, src_ptr, w_ptr, box_ptr, inv_offsets_ptr, inv_
         acc += tl.where(in_j, (1 - wj) * gj, 0.0)
     tl.store(dx_ptr + k * sample_size + offs, cast_out(acc, dx_ptr.dtype.element_ty, SOFT_BF16),
              mask=valid)
-    s = tl.load(src_ptr + k)
-    a = tl.load(x_ptr + k * sample_size + offs, mask=inside, other=0).to(wk.dtype)
-    b = tl.load(x_ptr + s * sample_size + offs, mask=inside, other=0).to(wk.dtype)
-    part = tl.sum(tl.where(inside, g * (a - b), 0.0), axis=0)
-    tl.store(dw_part_ptr + k * tl.num_programs(0) + blk, part)
+    if NEED_DW:
+        s = tl.load(src_ptr + k)
+        a = tl.load(x_ptr + k * sample_size + offs, mask=inside, other=0).to(wk.dtype)
+        b = tl.load(x_ptr + s * sample_size + offs, mask=inside, other=0).to(wk.dtype)
+        part = tl.sum(tl.where(inside, g * (a - b), 0.0), axis=0)
+        tl.store(dw_part_ptr + k * tl.num_programs(0) + blk, part)
 
 
 # ------------------------------------------------------------------------------------ launchers
@@ -206,8 +207,8 @@ def _invert_partners(src: Tensor) -> tuple[Tensor, Tensor]:
 
 def mix_backward(grad: Tensor, x: Tensor, src: Tensor, w: Tensor, box: Tensor | None,
                  need_dw: bool = True) -> tuple[Tensor, Tensor]:
-    """(dx, dw) in one kernel; ``need_dw=False`` returns zeros for dw (the kernel still takes the
-    products: not worth a second compiled variant until it is timed on a GPU)."""
+    """(dx, dw) in one kernel; ``need_dw=False`` compiles the variant that writes dx only (and
+    never reads x) and returns zeros for dw."""
     if not x.is_floating_point():
         raise ValueError(f"mix_backward: 'x' must be a floating tensor ({x.dtype} is not "
                          f"differentiable)")
@@ -220,11 +221,12 @@ def mix_backward(grad: Tensor, x: Tensor, src: Tensor, w: Tensor, box: Tensor | 
     if size == 0:
         return dx, torch.zeros_like(w)
     blocks = triton.cdiv(size, BLOCK)
-    dw_part = torch.empty(n, blocks, dtype=wc.dtype, device=xr.device)
+    dw_part = torch.empty(n, blocks if need_dw else 0, dtype=wc.dtype, device=xr.device)
     offsets, order = _invert_partners(src)
     _mix_bwd_kernel[(blocks, n)](g, xr, src.contiguous(), wc, boxes, offsets, order, dx, dw_part,
-                                 size, rows, row_len, SOFT_BF16=soft_bf16(xr.dtype), BLOCK=BLOCK,
-                                 num_warps=NUM_WARPS, enable_fp_fusion=False)
+                                 size, rows, row_len, SOFT_BF16=soft_bf16(xr.dtype),
+                                 NEED_DW=need_dw, BLOCK=BLOCK, num_warps=NUM_WARPS,
+                                 enable_fp_fusion=False)
     return dx, dw_part.sum(1).to(w.dtype) if need_dw else torch.zeros_like(w)
 
 

@@ -41,13 +41,14 @@ for dtype, ptr in PTR.items():
                      "w_ptr": wty, "box_ptr": "*i64", "src2_ptr": "*i64", "w2_ptr": wty, **common,
                      "IS_UINT8": "constexpr", "SOFT_BF16": "constexpr", "BLOCK": "constexpr"},
                      {"IS_UINT8": dtype == "uint8", "SOFT_BF16": False, "BLOCK": m.BLOCK}))
-    if dtype != "uint8":
+    for need_dw in ([True, False] if dtype != "uint8" else []):
         variants.append(("_mix_bwd_kernel", {"g_ptr": ptr, "x_ptr": ptr, "src_ptr": "*i64",
                          "w_ptr": wty, "box_ptr": "*i64", "inv_offsets_ptr": "*i64",
                          "inv_list_ptr": "*i64", "dx_ptr": ptr, "dw_part_ptr": wty, **common,
-                         "SOFT_BF16": "constexpr", "BLOCK": "constexpr"},
-                         {"SOFT_BF16": False, "BLOCK": m.BLOCK}))
+                         "SOFT_BF16": "constexpr", "NEED_DW": "constexpr", "BLOCK": "constexpr"},
+                         {"SOFT_BF16": False, "NEED_DW": need_dw, "BLOCK": m.BLOCK}))
     for name, sig, consts in variants:
+        name_out = name + ("" if consts.get("NEED_DW", True) else "_dx_only")
         src = ASTSource(getattr(m, name), sig, constexprs=consts)
         k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                            options={"num_warps": m.NUM_WARPS, "enable_fp_fusion": False})
@@ -60,8 +61,9 @@ for dtype, ptr in PTR.items():
                                  capture_output=True, text=True, check=True).stderr
         spills = [int(a) + int(b) for a, b in
                   re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)]
-        results.append({"kernel": name, "dtype": dtype, "n_spills": sum(spills),
-                        "fma": len(re.findall(r"\bfma\.", ptx)), "log": log})
+        results.append({"kernel": name_out, "dtype": dtype, "n_spills": sum(spills),
+                        "fma": len(re.findall(r"\bfma\.", ptx)),
+                        "loads": len(re.findall(r"\bld\.global", ptx)), "log": log})
 print(json.dumps(results))
 """
 
@@ -73,7 +75,11 @@ def test_triton_mix_compiles_without_spills(arch):
                           env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(results) == 14  # mix and mix2 fwd for 5 dtypes, bwd for the 4 float dtypes
+    # mix and mix2 fwd for 5 dtypes, bwd with and without dw for the 4 float dtypes
+    assert len(results) == 18
+    loads = {(r["kernel"], r["dtype"]): r["loads"] for r in results}
+    for dtype in ("float16", "bfloat16", "float32", "float64"):  # dx only: x is never read
+        assert loads[("_mix_bwd_kernel_dx_only", dtype)] < loads[("_mix_bwd_kernel", dtype)]
     for r in results:
         assert r["n_spills"] == 0, r
         assert r["fma"] == 0, (r["kernel"], r["dtype"], "the blend must not be contracted into an FMA")
