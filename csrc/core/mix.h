@@ -525,22 +525,21 @@ void mix_backward_rows(const T* g, const T* x, const int64_t* src, const compute
         if (row_in_box(bj, y) && bj[2] <= cb && bj[3] >= ce) {  // the one-partner path
           const CT wk = w[k], v = CT(1) - w[j];
           const T* gj = g + j * S + in_off;
+          acc_t<T> part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+          int64_t done = 0;  // columns from cb on that the AVX-512 loop did (dx and dw's partials)
 #if defined(METAMIXER_HAVE_AVX512_MIX2)
           if constexpr (std::is_same_v<T, float>) {
-            if (cpu_has_avx512f()) {
-              float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-              const auto kernel = dw_rows ? avx512::one_partner_backward_f32<true>
-                                          : avx512::one_partner_backward_f32<false>;
-              const int64_t n = kernel(gk + cb, gj + cb, xk + cb, xs + cb, out + cb, ce - cb, wk, v, part);
-              for (int64_t c = cb + n; c < ce; ++c) out[c] = gk[c] * wk + v * gj[c];
-              if (dw_rows) dw_share += dot_diff_finish(gk + cb, xk + cb, xs + cb, ce - cb, part, n);
-              continue;
-            }
+            if (cpu_has_avx512f() && dw_rows)
+              done = avx512::one_partner_backward_f32<true>(gk + cb, gj + cb, xk + cb, xs + cb,
+                                                            out + cb, ce - cb, wk, v, part);
+            else if (cpu_has_avx512f())
+              done = avx512::one_partner_backward_f32<false>(gk + cb, gj + cb, xk + cb, xs + cb,
+                                                             out + cb, ce - cb, wk, v, part);
           }
 #endif
-          for (int64_t c = cb; c < ce; ++c)
+          for (int64_t c = cb + done; c < ce; ++c)
             out[c] = C::store(C::load(gk[c]) * wk + v * C::load(gj[c]));
-          if (dw_rows) dw_share += dot_diff(gk + cb, xk + cb, xs + cb, ce - cb);
+          if (dw_rows) dw_share += dot_diff_finish(gk + cb, xk + cb, xs + cb, ce - cb, part, done);
           continue;
         }
       }
