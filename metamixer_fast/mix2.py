@@ -66,8 +66,9 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad):
     x, src, w, src2, w2, *rest = ctx.saved_tensors
     box = rest[0] if ctx.has_box else None
-    u = torch.ops.metamixer.mix(x, src, w, box)
     need_dw, need_dw2 = ctx.needs_input_grad[2], ctx.needs_input_grad[5]
+    # u = mix(x, ...) is read only for dw2; otherwise x (same shape and layout) stands in for it
+    u = torch.ops.metamixer.mix(x, src, w, box) if need_dw2 else x
     du, dw2 = torch.ops.metamixer.mix_backward(grad, u, src2, w2, None, need_dw2)
     dx, dw = torch.ops.metamixer.mix_backward(du, x, src, w, box, need_dw)
     return dx, None, dw if need_dw else None, None, None, dw2 if need_dw2 else None

@@ -67,6 +67,11 @@ def test_mix2_gradcheck_opcheck_compile(mix_backend, rng):
         results.append((a.grad, b.grad, c.grad))
     for got, want in zip(*results):
         torch.testing.assert_close(got, want)
+    # only x requiring grad (the backward then skips dw, dw2 and the recomputed local mix): the
+    # same x.grad, bit for bit
+    a = x.detach().float().clone().requires_grad_(True)
+    step(a, wt.detach().float(), w2.detach().float()).backward()
+    assert torch.equal(a.grad, results[0][0])
 
 
 def test_mix2_bad_input_names_the_argument(mix_backend):
