@@ -221,7 +221,8 @@ def mix_backward(grad: Tensor, x: Tensor, src: Tensor, w: Tensor, box: Tensor | 
     if size == 0:
         return dx, torch.zeros_like(w)
     blocks = triton.cdiv(size, BLOCK)
-    dw_part = torch.empty(n, blocks if need_dw else 0, dtype=wc.dtype, device=xr.device)
+    # without dw the kernel never touches dw_part; one column keeps its pointer non-null
+    dw_part = torch.empty(n, blocks if need_dw else 1, dtype=wc.dtype, device=xr.device)
     offsets, order = _invert_partners(src)
     _mix_bwd_kernel[(blocks, n)](g, xr, src.contiguous(), wc, boxes, offsets, order, dx, dw_part,
                                  size, rows, row_len, SOFT_BF16=soft_bf16(xr.dtype),
