@@ -27,6 +27,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <new>
 #include <random>
 #include <thread>
 #include <vector>
@@ -126,6 +127,25 @@ double line_pass_ns(Partner& partner) {
   return micros_since(start) * 1e3 / (2.0 * kPasses);
 }
 
+// A float buffer aligned to 64 bytes, as torch's CPU allocator aligns tensors.
+class Buffer {
+ public:
+  explicit Buffer(int64_t n)
+      : n_(n), p_(static_cast<float*>(std::aligned_alloc(64, (n * sizeof(float) + 63) / 64 * 64))) {
+    if (p_ == nullptr) throw std::bad_alloc();
+  }
+  ~Buffer() { std::free(p_); }
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  float* data() { return p_; }
+  float* begin() { return p_; }
+  float* end() { return p_ + n_; }
+
+ private:
+  int64_t n_;
+  float* p_;
+};
+
 struct Plan {
   std::vector<int64_t> src, src2, boxes;
   std::vector<float> w, w2;
@@ -165,7 +185,7 @@ int main(int argc, char** argv) {
   L.n = n, L.planes = 3, L.rows = h, L.row_len = h;
   const int64_t elems = n * L.sample_size();
   const size_t bytes = static_cast<size_t>(elems) * sizeof(float);
-  std::vector<float> x(elems), out(elems), copy(elems);
+  Buffer x(elems), out(elems), copy(elems);
   std::mt19937 g(0);
   for (float& v : x) v = static_cast<float>(g() % 256);
   const Plan p = random_plan(n, h, g);
@@ -197,7 +217,7 @@ int main(int argc, char** argv) {
 
   // every split computes the same output: check it once before timing
   forward(chain, 0, 0, units);
-  const std::vector<float> expected = out;
+  const std::vector<float> expected(out.begin(), out.end());
   std::fill(out.begin(), out.end(), -1.0f);
   forward_half(0, 0, n / 2), forward_half(1, n / 2, n);
   if (std::memcmp(out.data(), expected.data(), bytes) != 0) {
