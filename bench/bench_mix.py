@@ -22,9 +22,12 @@ Rows, per case (threads fixed by --threads, default 2):
     mix2 + plan     mix2 plus drawing the plan (partners, Beta weights, boxes) with torch ops,
                     comparable with kornia, whose modules draw their own parameters
     reference x2    metamixer_fast.reference.mix twice (eager PyTorch)
+    reference x2, compiled  the same two calls under torch.compile (fullgraph, static shapes),
+                    compiled before timing
     kornia          kornia RandomCutMixV2 then RandomMixUpV2 (draw + apply), if installed
   feature stage, forward + backward - a whole-sample blend of features h (requires grad) and
-  its backward for a fixed upstream gradient: mix, reference, kornia RandomMixUpV2, clone.
+  its backward for a fixed upstream gradient: mix, reference (eager and compiled), kornia
+  RandomMixUpV2, clone.
 Every ratio compares medians measured in the same run, the implementations interleaved
 round by round so machine noise hits them alike.
 """
@@ -38,6 +41,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -107,6 +111,8 @@ def input_rows(x: Tensor) -> dict[str, Callable[[], object] | str]:
         "mix2 fused": lambda: mf.mix2(x, sigma, zeros, boxes, pi, mu),
         "mix2 + plan": lambda: mf.mix2(x, *_plan_for_mix2(n, h, w)),
         "reference x2": lambda: reference.mix(reference.mix(x, sigma, zeros, boxes), pi, mu),
+        "reference x2, compiled": warmed(partial(compiled(_reference_mix2), x, sigma, zeros,
+                                                 boxes, pi, mu)),
     }
     if K is None:
         rows["kornia CutMixV2+MixUpV2"] = KORNIA_SKIP
@@ -138,6 +144,26 @@ def alone_rows(x: Tensor) -> dict[str, Callable[[], object] | str]:
     return rows
 
 
+def _reference_mix2(x: Tensor, src: Tensor, w: Tensor, box: Tensor, src2: Tensor, w2: Tensor
+                    ) -> Tensor:
+    return reference.mix(reference.mix(x, src, w, box), src2, w2)
+
+
+def compiled(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """torch.compile of a reference function: the whole graph, static shapes."""
+    return torch.compile(fn, fullgraph=True, dynamic=False)
+
+
+def warmed(step: Callable[[], object]) -> Callable[[], object] | str:
+    """step after one call (which compiles it, outside the timing), or why it failed
+    (torch.compile needs a C++ compiler on the CPU)."""
+    try:
+        step()
+    except Exception as exc:  # a failed compile only skips its row
+        return f"torch.compile failed: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+    return step
+
+
 def _plan_for_mix2(n: int, h: int, w: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     sigma, boxes, pi, mu = sample_plan(n, h, w)
     return sigma, torch.zeros(n), boxes, pi, mu
@@ -163,6 +189,7 @@ def feature_rows(h: Tensor) -> dict[str, Callable[[], object] | str]:
         "clone": lambda: h.clone(),
         "mix fwd+bwd": run(lambda t: mf.mix(t, pi, mu)),
         "reference fwd+bwd": run(lambda t: reference.mix(t, pi, mu)),
+        "reference fwd+bwd, compiled": warmed(run(partial(compiled(reference.mix), src=pi, w=mu))),
     }
     if K is None:
         rows["kornia MixUpV2 fwd+bwd"] = KORNIA_SKIP
@@ -262,8 +289,9 @@ def _pytest_params() -> list:
     for case, (shape, dtype) in {**INPUT_CASES, **FEATURE_CASES}.items():
         kind = "features" if case in FEATURE_CASES else "input"
         names = ["clone", "add", "mix x2", "mix2 fused", "mix2 + plan", "reference x2",
-                 "kornia CutMixV2+MixUpV2"] if kind == "input" else [
-            "clone", "mix fwd+bwd", "reference fwd+bwd", "kornia MixUpV2 fwd+bwd"]
+                 "reference x2, compiled", "kornia CutMixV2+MixUpV2"] if kind == "input" else [
+            "clone", "mix fwd+bwd", "reference fwd+bwd", "reference fwd+bwd, compiled",
+            "kornia MixUpV2 fwd+bwd"]
         params += [pytest.param(case, shape, dtype, kind, row, id=f"{case}-{row}") for row in names]
     return params
 
