@@ -10,6 +10,9 @@ Two entry points:
   --retain-memory on                              glibc keeps freed memory, as the training loop
                                                   does by default (JSON *_retain-memory.json; the
                                                   README's tables)
+  --fresh-batches                                 the input stage, each call on the next batch of
+                                                  a 128 MB ring (its own plan each): the batch
+                                                  comes from memory, not the cache
 
 Rows, per case (threads fixed by --threads, default 2):
   input stage, forward - the batch x [N, C, H, W] gets a CutMix box from a local partner, then a
@@ -98,22 +101,76 @@ def sample_plan(n: int, h: int, w: int, g: torch.Generator | None = None
     return sigma, boxes, pi, mu
 
 
-def input_rows(x: Tensor) -> dict[str, Callable[[], object] | str]:
+FRESH_BYTES = 128 << 20  # four times the EPYC's 32 MB L3 cache
+
+
+class Batches:
+    """The input-stage batch and plan that each call of a row works on.
+
+    By default one batch x (and one plan), as in the README's tables: after the first round it
+    is in the cache. With ``fresh=True`` a ring of batches (each with its own plan) totalling at
+    least FRESH_BYTES, and every call (of any row) takes the next one, so the batch a call reads
+    was last touched a ring's worth of data earlier and comes from memory, as a new batch from
+    a data loader can."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, g: torch.Generator,
+                 fresh: bool = False) -> None:
+        n, _, h, w = shape
+        batch_bytes = n * torch.Size(shape[1:]).numel() * torch.empty((), dtype=dtype).element_size()
+        count = max(2, -(-FRESH_BYTES // batch_bytes)) if fresh else 1
+        plans = torch.Generator().manual_seed(0)
+        self.entries = []
+        for _ in range(count):
+            x = make_batch(shape, dtype, g)
+            sigma, boxes, pi, mu = sample_plan(n, h, w, plans)
+            self.entries.append((x, x.flip(0).clone(), (sigma, torch.zeros(n), boxes, pi, mu)))
+        self.calls = 0
+
+    def __call__(self) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+        """(x, a second batch for ``add``, the plan (sigma, zeros, boxes, pi, mu))."""
+        entry = self.entries[self.calls % len(self.entries)]
+        self.calls += 1
+        return entry
+
+
+def core_rows(batches: Batches) -> dict[str, Callable[[], object] | str]:
+    """The floors and our two ways of doing the input stage (see the module docstring)."""
+    def clone() -> object:
+        return batches()[0].clone()
+
+    def add() -> object:
+        x, other, _ = batches()
+        return torch.add(x, other)
+
+    def mix_x2() -> object:
+        x, _, (sigma, zeros, boxes, pi, mu) = batches()
+        return mf.mix(mf.mix(x, sigma, zeros, boxes), pi, mu)
+
+    def mix2() -> object:
+        x, _, plan = batches()
+        return mf.mix2(x, *plan)
+
+    return {"clone": clone, "add": add, "mix x2": mix_x2, "mix2 fused": mix2}
+
+
+def input_rows(batches: Batches) -> dict[str, Callable[[], object] | str]:
     """name -> callable (or the reason the row is skipped) for the input-stage benchmark."""
+    x = batches.entries[0][0]
     n, _, h, w = x.shape
-    sigma, boxes, pi, mu = sample_plan(n, h, w, torch.Generator().manual_seed(0))
-    zeros = torch.zeros(n)
-    other = x.flip(0).clone()
-    rows: dict[str, Callable[[], object] | str] = {
-        "clone": lambda: x.clone(),
-        "add": lambda: torch.add(x, other),
-        "mix x2": lambda: mf.mix(mf.mix(x, sigma, zeros, boxes), pi, mu),
-        "mix2 fused": lambda: mf.mix2(x, sigma, zeros, boxes, pi, mu),
-        "mix2 + plan": lambda: mf.mix2(x, *_plan_for_mix2(n, h, w)),
-        "reference x2": lambda: reference.mix(reference.mix(x, sigma, zeros, boxes), pi, mu),
-        "reference x2, compiled": warmed(partial(compiled(_reference_mix2), x, sigma, zeros,
-                                                 boxes, pi, mu)),
-    }
+    compiled_mix2 = compiled(reference.mix2)
+    rows = core_rows(batches)
+
+    def eager_reference() -> object:
+        x, _, plan = batches()
+        return reference.mix2(x, *plan)
+
+    def compiled_reference() -> object:
+        x, _, plan = batches()
+        return compiled_mix2(x, *plan)
+
+    rows["mix2 + plan"] = lambda: mf.mix2(batches()[0], *_plan_for_mix2(n, h, w))
+    rows["reference x2"] = eager_reference
+    rows["reference x2, compiled"] = warmed(compiled_reference)
     if K is None:
         rows["kornia CutMixV2+MixUpV2"] = KORNIA_SKIP
     elif not x.is_floating_point():
@@ -122,31 +179,33 @@ def input_rows(x: Tensor) -> dict[str, Callable[[], object] | str]:
     else:
         cutmix = K.RandomCutMixV2(p=1.0, use_correct_lambda=True)
         mixup = K.RandomMixUpV2(p=1.0)
-        rows["kornia CutMixV2+MixUpV2"] = lambda: mixup(cutmix(x))
+        rows["kornia CutMixV2+MixUpV2"] = lambda: mixup(cutmix(batches()[0]))
     return rows
 
 
 ALONE_PARTS = ("mix, blend only", "mix, box only", "mix2, no boxes")
 
 
-def alone_rows(x: Tensor) -> dict[str, Callable[[], object] | str]:
+def alone_rows(batches: Batches) -> dict[str, Callable[[], object] | str]:
     """The input-stage rows without the slow comparators (the reference, kornia), whose
     temporaries evict the batch between rounds, plus the parts of mix2 on their own: the
     whole-sample blend, the CutMix box, and mix2 with empty boxes."""
-    n, _, h, w = x.shape
-    sigma, boxes, pi, mu = sample_plan(n, h, w, torch.Generator().manual_seed(0))
-    zeros, no_boxes = torch.zeros(n), torch.zeros(n, 4, dtype=torch.long)
-    rows = {name: fn for name, fn in input_rows(x).items()
-            if name in ("clone", "add", "mix x2", "mix2 fused")}
-    rows[ALONE_PARTS[0]] = lambda: mf.mix(x, pi, mu)
-    rows[ALONE_PARTS[1]] = lambda: mf.mix(x, sigma, zeros, boxes)
-    rows[ALONE_PARTS[2]] = lambda: mf.mix2(x, sigma, zeros, no_boxes, pi, mu)
-    return rows
+    no_boxes = torch.zeros(batches.entries[0][0].shape[0], 4, dtype=torch.long)
 
+    def blend() -> object:
+        x, _, (_, _, _, pi, mu) = batches()
+        return mf.mix(x, pi, mu)
 
-def _reference_mix2(x: Tensor, src: Tensor, w: Tensor, box: Tensor, src2: Tensor, w2: Tensor
-                    ) -> Tensor:
-    return reference.mix(reference.mix(x, src, w, box), src2, w2)
+    def box() -> object:
+        x, _, (sigma, zeros, boxes, _, _) = batches()
+        return mf.mix(x, sigma, zeros, boxes)
+
+    def mix2_no_boxes() -> object:
+        x, _, (sigma, zeros, _, pi, mu) = batches()
+        return mf.mix2(x, sigma, zeros, no_boxes, pi, mu)
+
+    return {**core_rows(batches), ALONE_PARTS[0]: blend, ALONE_PARTS[1]: box,
+            ALONE_PARTS[2]: mix2_no_boxes}
 
 
 def compiled(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
@@ -220,7 +279,7 @@ def interleaved_times(rows: dict[str, Callable[[], object]], rounds: int, warmup
 
 
 def report(threads: int, rounds: int, out_path: Path, alone: bool = False,
-           retain_memory: bool = False) -> dict:
+           retain_memory: bool = False, fresh: bool = False) -> dict:
     from metamixer_fast.memory import retain_freed_memory
 
     # glibc's defaults give large freed blocks back to the kernel, depending on the heap's
@@ -230,16 +289,19 @@ def report(threads: int, rounds: int, out_path: Path, alone: bool = False,
     torch.set_num_threads(threads)
     g = torch.Generator().manual_seed(0)
     result = {"commit": commit(), "threads": threads, "rounds": rounds, "retain_memory": retained,
-              "torch": torch.__version__,
+              "torch": torch.__version__, "fresh_batches": fresh,
               "cpu": cpu_name(), "cores": os.cpu_count(), "loadavg_before": os.getloadavg(),
               "backend": mf._backend.backend_for("mix", torch.device("cpu")), "skipped": {}, "cases": {}}
-    cases = [(name, make_batch(shape, dtype, g), alone_rows if alone else input_rows)
-             for name, (shape, dtype) in INPUT_CASES.items()]
-    if not alone:
+    cases: list[tuple[str, Batches | Tensor, Callable]] = [
+        (name, Batches(shape, dtype, g, fresh), alone_rows if alone else input_rows)
+        for name, (shape, dtype) in INPUT_CASES.items()]
+    if not (alone or fresh):  # features come straight from the layer before: no fresh mode
         cases += [(name, make_batch(shape, dtype, g), feature_rows)
                   for name, (shape, dtype) in FEATURE_CASES.items()]
-    for name, x, make_rows in cases:
-        rows = make_rows(x)
+    for name, data, make_rows in cases:
+        rows = make_rows(data)
+        if isinstance(data, Batches):
+            result.setdefault("batches_per_case", {})[name] = len(data.entries)
         for row, fn in list(rows.items()):
             if isinstance(fn, str):
                 result["skipped"][row] = fn
@@ -258,13 +320,15 @@ def report(threads: int, rounds: int, out_path: Path, alone: bool = False,
 
 
 def markdown(result: dict) -> str:
+    ring = ", ".join(str(k) for k in result.get("batches_per_case", {}).values())
     load = ", ".join(f"{v:.1f}" for v in result["loadavg_before"])
     lines = [f"CPU: {result['cpu']} ({result['cores']} cores, load average {load} before the run); "
              f"{result['threads']} threads; "
              f"{'retain_memory on' if result.get('retain_memory') else 'glibc malloc defaults'}; "
              f"torch {result['torch']}; commit {result['commit']}; "
              f"backend {result['backend']}; median and min of {result['rounds']} interleaved "
-             f"rounds.", "",
+             f"rounds" + (f"; a fresh batch every call (rings of {ring} batches)"
+                          if result.get("fresh_batches") else "") + ".", "",
              "| case | implementation | median ms | min ms | median / clone median | "
              "min / clone min | ours (median) is x faster |",
              "|---|---|---:|---:|---:|---:|---:|"]
@@ -299,8 +363,9 @@ def _pytest_params() -> list:
 @pytest.mark.parametrize("case, shape, dtype, kind, row", _pytest_params())
 def test_mix_benchmark(benchmark, case, shape, dtype, kind, row):
     torch.set_num_threads(int(os.environ.get("METAMIXER_BENCH_THREADS", "2")))
-    x = make_batch(shape, dtype, torch.Generator().manual_seed(0))
-    fn = (input_rows if kind == "input" else feature_rows)(x)[row]
+    g = torch.Generator().manual_seed(0)
+    fn = (input_rows(Batches(shape, dtype, g)) if kind == "input"
+          else feature_rows(make_batch(shape, dtype, g)))[row]
     if isinstance(fn, str):
         pytest.skip(fn)
     benchmark.extra_info.update(case=case, threads=torch.get_num_threads())
@@ -318,6 +383,10 @@ def main() -> None:
     parser.add_argument("--retain-memory", choices=["on", "off"], default="off",
                         help="keep freed memory in the process, as the training loop's "
                              "retain_memory option does (default off: malloc's defaults)")
+    parser.add_argument("--fresh-batches", action="store_true",
+                        help="input stage only: every call takes the next batch of a ring of "
+                             f"{FRESH_BYTES >> 20} MB, so the batch comes from memory, not the "
+                             "cache (JSON *_fresh.json)")
     parser.add_argument("--out", type=str, default=None,
                         help="JSON path ({threads} is filled in)")
     args = parser.parse_args()
@@ -328,8 +397,10 @@ def main() -> None:
     out = args.out or str(RESULTS_ALONE if args.alone else RESULTS)
     if args.retain_memory == "on" and not args.out:
         out = out.replace(".json", "_retain-memory.json")
+    if args.fresh_batches and not args.out:
+        out = out.replace(".json", "_fresh.json")
     report(args.threads, rounds, Path(out.format(threads=args.threads)), alone=args.alone,
-           retain_memory=args.retain_memory == "on")
+           retain_memory=args.retain_memory == "on", fresh=args.fresh_batches)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,49 @@
+"""The mixing benchmark times what it says: every row that mixes gives the reference's result
+for the batch it was handed, and --fresh-batches hands each call a different batch."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import bench_mix  # bench/ is not a package
+
+from metamixer_fast import reference
+
+MIXING_ROWS = ("mix x2", "mix2 fused", "reference x2", "reference x2, compiled")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8])
+def test_input_rows_compute_the_reference_mixture(dtype: torch.dtype) -> None:
+    batches = bench_mix.Batches((6, 3, 9, 7), dtype, torch.Generator().manual_seed(3))
+    x, _, plan = batches.entries[0]
+    assert plan[2].shape == (6, 4) and bool((plan[2][:, 1] > plan[2][:, 0]).any())  # real boxes
+    expected = reference.mix2(x, *plan)
+    rows = bench_mix.input_rows(batches)
+    for name in MIXING_ROWS:
+        if isinstance(rows[name], str):  # torch.compile unavailable: says why, nothing to run
+            assert name.endswith("compiled"), rows[name]
+            continue
+        assert torch.equal(rows[name](), expected), name
+    assert torch.equal(rows["clone"](), x)
+
+
+def test_fresh_batches_hand_every_call_the_next_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bench_mix, "FRESH_BYTES", 3 * 4 * 2 * 3 * 5 * 5)  # three batches' worth
+    batches = bench_mix.Batches((4, 2, 5, 5), torch.float32, torch.Generator().manual_seed(0),
+                                fresh=True)
+    assert len(batches.entries) == 3
+    seen = [batches()[0] for _ in range(6)]
+    assert [t.data_ptr() for t in seen[:3]] == [t.data_ptr() for t in seen[3:]]
+    assert len({t.data_ptr() for t in seen}) == 3
+    assert not torch.equal(seen[0], seen[1])
+    assert not torch.equal(batches.entries[0][2][3], batches.entries[1][2][3])  # own plans
+
+
+def test_fixed_batch_is_the_same_every_call() -> None:
+    batches = bench_mix.Batches((4, 2, 5, 5), torch.float32, torch.Generator().manual_seed(0))
+    assert len(batches.entries) == 1 and batches()[0] is batches()[0]
