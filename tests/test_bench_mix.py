@@ -33,7 +33,7 @@ def test_input_rows_compute_the_reference_mixture(dtype: torch.dtype) -> None:
 
 
 def test_fresh_batches_hand_every_call_the_next_batch(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(bench_mix, "FRESH_BYTES", 3 * 4 * 2 * 3 * 5 * 5)  # three batches' worth
+    monkeypatch.setattr(bench_mix, "FRESH_BYTES", 3 * (4 * 2 * 5 * 5) * 4)  # three fp32 batches
     batches = bench_mix.Batches((4, 2, 5, 5), torch.float32, torch.Generator().manual_seed(0),
                                 fresh=True)
     assert len(batches.entries) == 3
