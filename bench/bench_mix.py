@@ -116,14 +116,13 @@ class Batches:
     def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, g: torch.Generator,
                  fresh: bool = False) -> None:
         n, _, h, w = shape
-        batch_bytes = n * torch.Size(shape[1:]).numel() * torch.empty((), dtype=dtype).element_size()
+        batch_bytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
         count = max(2, -(-FRESH_BYTES // batch_bytes)) if fresh else 1
         plans = torch.Generator().manual_seed(0)
         self.entries = []
         for _ in range(count):
             x = make_batch(shape, dtype, g)
-            sigma, boxes, pi, mu = sample_plan(n, h, w, plans)
-            self.entries.append((x, x.flip(0).clone(), (sigma, torch.zeros(n), boxes, pi, mu)))
+            self.entries.append((x, x.flip(0).clone(), mix2_plan(n, h, w, plans)))
         self.calls = 0
 
     def __call__(self) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
@@ -168,7 +167,7 @@ def input_rows(batches: Batches) -> dict[str, Callable[[], object] | str]:
         x, _, plan = batches()
         return compiled_mix2(x, *plan)
 
-    rows["mix2 + plan"] = lambda: mf.mix2(batches()[0], *_plan_for_mix2(n, h, w))
+    rows["mix2 + plan"] = lambda: mf.mix2(batches()[0], *mix2_plan(n, h, w))
     rows["reference x2"] = eager_reference
     rows["reference x2, compiled"] = warmed(compiled_reference)
     if K is None:
@@ -223,8 +222,10 @@ def warmed(step: Callable[[], object]) -> Callable[[], object] | str:
     return step
 
 
-def _plan_for_mix2(n: int, h: int, w: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    sigma, boxes, pi, mu = sample_plan(n, h, w)
+def mix2_plan(n: int, h: int, w: int, g: torch.Generator | None = None
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """sample_plan as mix2's arguments after x: (sigma, zeros (CutMix), boxes, pi, mu)."""
+    sigma, boxes, pi, mu = sample_plan(n, h, w, g)
     return sigma, torch.zeros(n), boxes, pi, mu
 
 
