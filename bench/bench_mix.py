@@ -7,6 +7,7 @@ Two entry points:
   python bench/bench_mix.py --report --alone      the input stage without the reference and
                                                   kornia rows (whose temporaries evict the batch
                                                   between rounds), plus the parts of mix2 alone
+                                                  and mix2 with cached or streamed stores
   --retain-memory on                              glibc keeps freed memory, as the training loop
                                                   does by default (JSON *_retain-memory.json; the
                                                   README's tables)
@@ -183,13 +184,33 @@ def input_rows(batches: Batches) -> dict[str, Callable[[], object] | str]:
 
 
 ALONE_PARTS = ("mix, blend only", "mix, box only", "mix2, no boxes")
+# mix2 fused with its output's stores forced through the cache or past it (by default the
+# library streams a float output when the batch and the output overflow the last-level cache)
+STORE_ROWS = {"mix2, cached stores": "off", "mix2, streamed stores": "on"}
+
+
+def with_stores(mode: str, step: Callable[[], object]) -> Callable[[], object]:
+    """step with METAMIXER_STREAM_STORES=mode (read by mix2 on every call)."""
+    def run() -> object:
+        before = os.environ.get("METAMIXER_STREAM_STORES")
+        os.environ["METAMIXER_STREAM_STORES"] = mode
+        try:
+            return step()
+        finally:
+            if before is None:
+                del os.environ["METAMIXER_STREAM_STORES"]
+            else:
+                os.environ["METAMIXER_STREAM_STORES"] = before
+    return run
 
 
 def alone_rows(batches: Batches) -> dict[str, Callable[[], object] | str]:
     """The input-stage rows without the slow comparators (the reference, kornia), whose
     temporaries evict the batch between rounds, plus the parts of mix2 on their own: the
-    whole-sample blend, the CutMix box, and mix2 with empty boxes."""
+    whole-sample blend, the CutMix box, and mix2 with empty boxes; and mix2 with its stores
+    forced each way (STORE_ROWS)."""
     no_boxes = torch.zeros(batches.entries[0][0].shape[0], 4, dtype=torch.long)
+    rows = core_rows(batches)
 
     def blend() -> object:
         x, _, (_, _, _, pi, mu) = batches()
@@ -203,8 +224,9 @@ def alone_rows(batches: Batches) -> dict[str, Callable[[], object] | str]:
         x, _, (sigma, zeros, _, pi, mu) = batches()
         return mf.mix2(x, sigma, zeros, no_boxes, pi, mu)
 
-    return {**core_rows(batches), ALONE_PARTS[0]: blend, ALONE_PARTS[1]: box,
-            ALONE_PARTS[2]: mix2_no_boxes}
+    stores = {name: with_stores(mode, rows["mix2 fused"]) for name, mode in STORE_ROWS.items()}
+    return {**rows, ALONE_PARTS[0]: blend, ALONE_PARTS[1]: box, ALONE_PARTS[2]: mix2_no_boxes,
+            **stores}
 
 
 def compiled(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
@@ -338,7 +360,7 @@ def markdown(result: dict) -> str:
         ours = rows.get("mix2 fused", rows.get("mix fwd+bwd"))["median_ms"]
         for row, v in rows.items():
             t, tmin = v["median_ms"], v["min_ms"]
-            mine = ("clone", "add", "mix2 fused", "mix fwd+bwd", *ALONE_PARTS)
+            mine = ("clone", "add", "mix2 fused", "mix fwd+bwd", *ALONE_PARTS, *STORE_ROWS)
             faster = "" if row in mine else f"{t / ours:.1f}"
             lines.append(f"| {case} | {row} | {t:.2f} | {tmin:.2f} | {t / clone:.2f} | "
                          f"{tmin / clone_min:.2f} | {faster} |")

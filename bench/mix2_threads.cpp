@@ -5,13 +5,20 @@
 //
 // A torch-free benchmark of core::mix2_forward_planes on an fp32 [N, 3, H, H] batch with a
 // random plan (CutMix boxes of area 1 - lam, lam ~ U(0, 1); random permutations as partners),
-// timed in this order within every round, `repeats` times over:
+// timed in this order within every round, then in two blocks of rounds, `repeats` times over:
 //   memcpy, halves     one copy of the batch, each thread copying a contiguous half (as clone)
 //   mix2, chain        the split the library uses: the units of the plane-major partner-chain
 //                      order cut in two, so each thread touches (planes of) every sample
 //   mix2, halves       each thread takes a contiguous half of the batch, chains cut at the half
 //   mix2, one thread   the chain order on the main thread alone
-// and, before each repeat, the one-way time of a cache line passed between the two threads
+//   cached + read      (block) mix2, chain, with stores through the cache, then both threads read
+//                      their half of the output (one float per cache line), as the next
+//                      operation of a training step would
+//   streamed + read    (block) the same with the output streamed past the cache (non-temporal stores;
+//                      where the CPU has the AVX-512 path and rows are whole 16-float steps)
+// The first three write the output as the library would (core::mix2_streams_output: streamed
+// when the batch and the output overflow the last-level cache); the last two show what that
+// choice costs or saves a reader of the output. Before each repeat, the one-way time of a cache line passed between the two threads
 // (tens of ns when the two CPUs share a cache, hundreds when they are far apart). Each line
 // prints the medians of one repeat in microseconds, and the memcpy's bandwidth: the bytes a
 // clone moves (2 N 3 H H 4: read and write the batch once) over its time. Threads are pinned
@@ -202,11 +209,24 @@ int main(int argc, char** argv) {
   const core::Mix2Bands bands = core::mix2_bands<float>(L);
   const int64_t units = core::mix2_units<float>(L), per_sample = L.planes * bands.count;
   std::vector<float> scratch(4 * core::kWindow);
-  const auto forward = [&](const std::vector<int64_t>& order, int t, int64_t begin, int64_t end) {
+  const bool library_streams = core::mix2_streams_output(out.data(), L);
+  const bool can_stream = core::mix2_can_stream(out.data(), L);
+  const auto forward_stored = [&](const std::vector<int64_t>& order, int t, int64_t begin,
+                                  int64_t end, bool stream) {
     core::mix2_forward_planes(x.data(), out.data(), p.src.data(), p.w.data(), p.boxes.data(),
                               p.src2.data(), p.w2.data(), order.data(), L,
-                              scratch.data() + 2 * t * core::kWindow, begin, end);
+                              scratch.data() + 2 * t * core::kWindow, begin, end, stream);
   };
+  const auto forward = [&](const std::vector<int64_t>& order, int t, int64_t begin, int64_t end) {
+    forward_stored(order, t, begin, end, library_streams);
+  };
+  volatile float sink[2] = {0.0f, 0.0f};  // keeps the reads
+  const auto read_half = [&](int t) {  // one float of every cache line of this thread's half
+    float sum = 0.0f;
+    for (int64_t e = t * (elems / 2); e < (t + 1) * (elems / 2); e += 16) sum += out.data()[e];
+    sink[t] = sum;
+  };
+
   // samples [lo, hi) of `halves` (their own chain positions), every plane and band
   const auto forward_half = [&](int t, int64_t lo, int64_t hi) {
     if (bands.sample_major) return forward(halves, t, lo * per_sample, hi * per_sample);
@@ -235,14 +255,23 @@ int main(int argc, char** argv) {
     return micros_since(start);
   };
   const auto nothing = [] {};
-  std::printf("fp32 [%lld, 3, %lld, %lld] (%.1f MB), CPUs %d and %d, medians of %d rounds (us)\n",
+  // mix2, chain, with the given stores, then the read of the output
+  const auto forward_read = [&](bool stream) {
+    return timed([&] { forward_stored(chain, 0, 0, units / 2, stream), read_half(0); },
+                 [&] { forward_stored(chain, 1, units / 2, units, stream), read_half(1); });
+  };
+  std::printf("fp32 [%lld, 3, %lld, %lld] (%.1f MB), CPUs %d and %d, medians of %d rounds (us); "
+              "the library %s this output (last-level cache %.0f MB)\n",
               static_cast<long long>(n), static_cast<long long>(h), static_cast<long long>(h),
-              static_cast<double>(bytes) / 1e6, cpus[0], cpus[1], rounds);
-  std::printf("%10s %14s %14s %14s %16s %9s\n", "line ns", "memcpy halves", "mix2 chain",
-              "mix2 halves", "mix2 one thread", "GB/s clone");
+              static_cast<double>(bytes) / 1e6, cpus[0], cpus[1], rounds,
+              library_streams ? "streams" : "caches",
+              static_cast<double>(core::last_level_cache_bytes()) / (1 << 20));
+  std::printf("%8s %14s %11s %12s %16s %15s %16s %11s\n", "line ns", "memcpy halves",
+              "mix2 chain", "mix2 halves", "mix2 one thread", "cached + read", "streamed + read",
+              "GB/s clone");
   for (int r = 0; r < repeats; ++r) {
     const double pass = line_pass_ns(partner);
-    std::vector<double> t_copy, t_chain, t_halves, t_one;
+    std::vector<double> t_copy, t_chain, t_halves, t_one, t_cached, t_streamed;
     for (int k = 0; k < rounds; ++k) {
       t_copy.push_back(
           timed([&] { copy_half(0, elems / 2); }, [&] { copy_half(elems / 2, elems); }));
@@ -252,9 +281,14 @@ int main(int argc, char** argv) {
           timed([&] { forward_half(0, 0, n / 2); }, [&] { forward_half(1, n / 2, n); }));
       t_one.push_back(timed([&] { forward(chain, 0, 0, units); }, nothing));
     }
+    // each store mode in a block of its own rounds, so every round follows one of its own kind
+    for (int k = 0; k < rounds; ++k) t_cached.push_back(forward_read(false));
+    for (int k = 0; k < rounds && can_stream; ++k) t_streamed.push_back(forward_read(true));
     const double copy_us = median(t_copy);
-    std::printf("%10.0f %14.1f %14.1f %14.1f %16.1f %9.1f\n", pass, copy_us, median(t_chain),
-                median(t_halves), median(t_one), 2.0 * static_cast<double>(bytes) / copy_us / 1e3);
+    const double streamed = can_stream ? median(t_streamed) : NAN;
+    std::printf("%8.0f %14.1f %11.1f %12.1f %16.1f %15.1f %16.1f %11.1f\n", pass, copy_us,
+                median(t_chain), median(t_halves), median(t_one), median(t_cached), streamed,
+                2.0 * static_cast<double>(bytes) / copy_us / 1e3);
   }
   return 0;
 }

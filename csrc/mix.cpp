@@ -16,7 +16,9 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <memory>
+#include <string>
 #include <optional>
 #include <vector>
 
@@ -200,6 +202,20 @@ at::Tensor mix_cpu(const at::Tensor& x_in, const at::Tensor& src, const at::Tens
   return out;
 }
 
+// Whether mix2 writes `out` past the cache (core::mix2_streams_output).
+// METAMIXER_STREAM_STORES=on|off forces the choice (on: wherever core::mix2_can_stream allows
+// it); unset or auto leaves it to the sizes of the batch and the last-level cache. Read on every
+// call, so a benchmark can compare the two in one process.
+template <typename T>
+bool mix2_stream_output(const T* out, const core_ns::MixLayout& L) {
+  const char* forced = std::getenv("METAMIXER_STREAM_STORES");
+  const std::string mode = forced == nullptr ? "" : forced;
+  if (mode.empty() || mode == "auto") return core_ns::mix2_streams_output(out, L);
+  TORCH_CHECK_VALUE(mode == "on" || mode == "off", "METAMIXER_STREAM_STORES='", mode,
+                    "' is not one of auto, on, off: unset it or pick one of those");
+  return mode == "on" && core_ns::mix2_can_stream(out, L);
+}
+
 // mix(mix(x, src, w, box), src2, w2, None) in one pass (core::mix2_forward_planes), over the
 // bands of rows of core::mix2_bands.
 at::Tensor mix2_cpu(const at::Tensor& x_in, const at::Tensor& src, const at::Tensor& w,
@@ -221,10 +237,11 @@ at::Tensor mix2_cpu(const at::Tensor& x_in, const at::Tensor& src, const at::Ten
     const std::vector<int64_t> order = core_ns::partner_chain_order(s2, L.n);
     const int64_t band_elems = core_ns::mix2_bands<T>(L).rows * L.row_len;
     const int64_t units = core_ns::mix2_units<T>(L);
+    const bool stream = mix2_stream_output(op, L);
     at::parallel_for(0, units, grain(band_elems, sizeof(T)), [&](int64_t b, int64_t e) {
       T* const scratch = thread_scratch<T>(2 * core_ns::kWindow);
       core_ns::mix2_forward_planes(xp, op, plan.src, plan.w.data(), plan.boxes.data(), s2,
-                                 w2c.data(), order.data(), L, scratch, b, e);
+                                   w2c.data(), order.data(), L, scratch, b, e, stream);
     });
   });
   return out;

@@ -47,6 +47,31 @@ def test_mix2_odd_shapes(mix_backend, shape, dtype, rng):
     assert torch.equal(mf.mix2(x, src, wt, box, src2, w2), reference.mix2(x, src, wt, box, src2, w2))
 
 
+@pytest.mark.parametrize("stores", ["on", "off", "auto"])
+@pytest.mark.parametrize("layout, shape", [("nchw", (5, 3, 9, 32)), ("nchw", (3, 2, 5, 528)),
+                                           ("channels_last", (5, 3, 7, 16)),
+                                           ("features", (5, 2, 4, 8))])
+def test_mix2_streamed_output_equals_two_calls(monkeypatch, stores, layout, shape, rng):
+    """METAMIXER_STREAM_STORES=on writes mix2's float output past the cache wherever rows are
+    whole 16-float steps (rows of 32, 528 = 33 steps, 48 channels_last, 64 features): the same
+    bits as two reference calls."""
+    monkeypatch.setenv("METAMIXER_STREAM_STORES", stores)
+    n, _, h, w = shape
+    x = make_x(rng, shape, torch.float32, layout)
+    src, wt, box = make_plan(rng, n, h, w)
+    box = None if layout == "features" else box
+    src2, w2 = torch.randint(0, n, (n,), generator=rng), torch.rand(n, generator=rng)
+    assert torch.equal(mf.mix2(x, src, wt, box, src2, w2), reference.mix2(x, src, wt, box, src2, w2))
+
+
+def test_mix2_unknown_stream_stores_setting_is_refused(monkeypatch, rng):
+    monkeypatch.setenv("METAMIXER_STREAM_STORES", "maybe")
+    x = make_x(rng, (2, 1, 4, 16), torch.float32, "nchw")
+    src, wt, box = make_plan(rng, 2, 4, 16)
+    with pytest.raises(ValueError, match="METAMIXER_STREAM_STORES='maybe' is not one of auto, on, off"):
+        mf.mix2(x, src, wt, box, src, torch.rand(2, generator=rng))
+
+
 def test_mix2_gradcheck_opcheck_compile(mix_backend, rng):
     x = make_x(rng, (5, 2, 4, 5), torch.float64, "channels_last").requires_grad_(True)
     src, wt, box = make_plan(rng, 5, 4, 5)

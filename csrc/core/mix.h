@@ -36,7 +36,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -304,7 +306,8 @@ void mix_forward_planes(const T* x, T* out, const int64_t* src, const compute_t<
 // 32-wide rows, and lane masks avoid them.
 // Bytes: reads x_i, x_k (and their local partners inside the boxes), writes out once; samples
 // are taken in partner_chain_order, so x_k is read again from cache as the next x_i, and the
-// batch comes from memory about once.
+// batch comes from memory about once. stream_output (the caller's mix2_streams_output, the same
+// for every unit) writes out past the cache on the float AVX-512 path.
 inline bool crosses_box(const int64_t* box, int64_t y) { return box[2] < box[3] && row_in_box(box, y); }
 
 // The first row after y (y < rows) where crosses_box(box, .) changes, or rows: runs of rows are
@@ -374,13 +377,67 @@ Mix2Unit<T> mix2_unit(const T* x, T* out, const int64_t* src, const int64_t* box
           std::min(L.rows, y0 + bands.rows)};
 }
 
+// The size of the largest (last-level) CPU cache in bytes, from Linux's sysfs; 32 MiB where it
+// cannot be read. (glibc's sysconf reports the whole socket's L3 on some AMD virtual machines.)
+inline int64_t last_level_cache_bytes() {
+  static const int64_t bytes = [] {
+    int64_t best_level = 0, best = int64_t{32} << 20;
+    for (int index = 0; index < 8; ++index) {
+      const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index);
+      std::FILE* level_file = std::fopen((dir + "/level").c_str(), "r");
+      if (level_file == nullptr) break;
+      long level = 0, size = 0;
+      char unit = 0;
+      const bool has_level = std::fscanf(level_file, "%ld", &level) == 1;
+      std::fclose(level_file);
+      std::FILE* size_file = std::fopen((dir + "/size").c_str(), "r");
+      if (size_file == nullptr) continue;
+      const int read = std::fscanf(size_file, "%ld%c", &size, &unit);
+      std::fclose(size_file);
+      if (!has_level || read < 1 || size <= 0 || level <= best_level) continue;
+      const int64_t scale = unit == 'K' ? 1 << 10 : unit == 'M' ? 1 << 20 : unit == 'G' ? 1 << 30 : 1;
+      best_level = level, best = size * scale;
+    }
+    return best;
+  }();
+  return bytes;
+}
+
+// Whether mix2_forward_planes should write `out` past the cache (non-temporal stores): for
+// float images on the AVX-512 path whose rows are whole 16-float steps and whose output is
+// 64-byte aligned (so every store is a full, aligned one), when the batch and the output
+// together are larger than the last-level cache. Then the output cannot stay in cache for the
+// next operation anyway, and a store through the cache first reads each output line and later
+// writes it back. Measured with bench/mix2_threads.cpp (2 threads, mix2 plus a pass that reads
+// the output afterwards): 64x3x160x160 and 64x3x224x224 fp32 took 5-17% less time streamed;
+// 64x3x112x112 (2 x 9.6 MB) took 40% more and 256x3x32x32 twice as long, as the next pass
+// then reads the output from memory instead of the cache.
+// mix2_can_stream: the conditions other than size.
+template <typename T>
+bool mix2_can_stream(const T* out, const MixLayout& L) {
+#if defined(METAMIXER_HAVE_AVX512_MIX2)
+  if constexpr (std::is_same_v<T, float>)
+    return cpu_has_avx512f() && L.row_len % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 64 == 0;
+#endif
+  (void)out, (void)L;
+  return false;
+}
+
+template <typename T>
+bool mix2_streams_output(const T* out, const MixLayout& L) {
+  const int64_t bytes = L.n * L.sample_size() * static_cast<int64_t>(sizeof(T));
+  return mix2_can_stream(out, L) && 2 * bytes > last_level_cache_bytes();
+}
+
 #if defined(METAMIXER_HAVE_AVX512_MIX2)
 // mix2_forward_planes for float and uint8 with the AVX-512 row kernels (mix_avx512.h): a plane
 // is at most five runs of rows with the same box columns; a run outside both boxes is one blend.
+// `stream`: float only, see mix2_streams_output.
 template <typename T>
 void mix2_planes_avx512(const T* x, T* out, const int64_t* src, const float* w,
                         const int64_t* boxes, const int64_t* src2, const float* w2,
-                        const int64_t* order, const MixLayout& L, int64_t begin, int64_t end) {
+                        const int64_t* order, const MixLayout& L, int64_t begin, int64_t end,
+                        bool stream) {
   const int64_t len = L.row_len;
   const Mix2Bands bands = mix2_bands<T>(L);
   for (int64_t u = begin; u < end; ++u) {
@@ -389,15 +446,27 @@ void mix2_planes_avx512(const T* x, T* out, const int64_t* src, const float* w,
       const int64_t at = y * len;
       const bool in_i = crosses_box(p.bi, y), in_k = crosses_box(p.bk, y);
       const int64_t ye = run_end(p.bi, p.bk, y, p.y1);
-      if (!in_i && !in_k)  // u = x on both sides: the run is one blend of x_i and x_k
-        blend_span(p.xi + at, p.xk + at, p.o + at, (ye - y) * len, w2[p.i]);
-      else  // an empty column range where the run is outside one of the boxes
-        avx512::mix2_rows(p.xi + at, p.xsi + at, p.xk + at, p.xsk + at, p.o + at, len, ye - y,
-                          in_i ? p.bi[2] : 0, in_i ? p.bi[3] : 0, w[p.i], in_k ? p.bk[2] : 0,
-                          in_k ? p.bk[3] : 0, w[p.k], w2[p.i]);
+      const int64_t ci0 = in_i ? p.bi[2] : 0, ci1 = in_i ? p.bi[3] : 0;
+      const int64_t ck0 = in_k ? p.bk[2] : 0, ck1 = in_k ? p.bk[3] : 0;
+      if constexpr (std::is_same_v<T, float>) {
+        if (!in_i && !in_k) {  // u = x on both sides: the run is one blend of x_i and x_k
+          const int64_t n = (ye - y) * len;
+          const int64_t c = avx512::blend_f32(p.xi + at, p.xk + at, p.o + at, n, w2[p.i], stream);
+          blend_span(p.xi + at + c, p.xk + at + c, p.o + at + c, n - c, w2[p.i]);
+        } else  // an empty column range where the run is outside one of the boxes
+          avx512::mix2_rows(p.xi + at, p.xsi + at, p.xk + at, p.xsk + at, p.o + at, len, ye - y,
+                            ci0, ci1, w[p.i], ck0, ck1, w[p.k], w2[p.i], stream);
+      } else {
+        if (!in_i && !in_k)
+          blend_span(p.xi + at, p.xk + at, p.o + at, (ye - y) * len, w2[p.i]);
+        else
+          avx512::mix2_rows(p.xi + at, p.xsi + at, p.xk + at, p.xsk + at, p.o + at, len, ye - y,
+                            ci0, ci1, w[p.i], ck0, ck1, w[p.k], w2[p.i]);
+      }
       y = ye;
     }
   }
+  if (stream) _mm_sfence();  // streamed stores are weakly ordered: done before the caller joins
 }
 #endif
 
@@ -405,19 +474,19 @@ template <typename T>
 void mix2_forward_planes(const T* x, T* out, const int64_t* src, const compute_t<T>* w,
                          const int64_t* boxes, const int64_t* src2, const compute_t<T>* w2,
                          const int64_t* order, const MixLayout& L, T* scratch, int64_t begin,
-                         int64_t end) {
+                         int64_t end, bool stream_output = false) {
   const int64_t len = L.row_len, plane = L.rows * len;
 #if defined(METAMIXER_HAVE_AVX512_MIX2)
   if constexpr (std::is_same_v<T, float>) {
     if (cpu_has_avx512f() && plane < (int64_t{1} << 31)) {
-      mix2_planes_avx512(x, out, src, w, boxes, src2, w2, order, L, begin, end);
+      mix2_planes_avx512(x, out, src, w, boxes, src2, w2, order, L, begin, end, stream_output);
       return;
     }
   }
   if constexpr (std::is_same_v<T, uint8_t>) {  // the lane masks hold columns in int32, as above
     if (avx512::cpu_has_avx512bw() && plane < (int64_t{1} << 31) &&
         avx512::weights_in_unit_interval(w, L.n) && avx512::weights_in_unit_interval(w2, L.n)) {
-      mix2_planes_avx512(x, out, src, w, boxes, src2, w2, order, L, begin, end);
+      mix2_planes_avx512(x, out, src, w, boxes, src2, w2, order, L, begin, end, false);
       return;
     }
   }

@@ -36,8 +36,18 @@ constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
 
 METAMIXER_AVX512 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 
-METAMIXER_AVX512 inline void store16(float* p, __mmask16 m, __m512 v) {
-  if (m == 0xFFFF) _mm512_storeu_ps(p, v);
+// Stores 16 floats at p; with `stream`, past the cache (p must then be 64-byte aligned). mix2
+// streams its output when the batch and the output together overflow the last-level cache (see
+// core::mix2_streams_output): its stores then neither read the output's lines first nor leave
+// them dirty for a later operation to write back. The caller fences (_mm_sfence) after them.
+METAMIXER_AVX512 inline void put16(float* p, __m512 v, bool stream) {
+  if (stream) _mm512_stream_ps(p, v);
+  else _mm512_storeu_ps(p, v);
+}
+
+// store16 of the lanes in m: a full mask may stream (as put16), a partial one never does.
+METAMIXER_AVX512 inline void store16(float* p, __mmask16 m, __m512 v, bool stream = false) {
+  if (m == 0xFFFF) put16(p, v, stream);
   else _mm512_mask_storeu_ps(p, m, v);
 }
 
@@ -46,12 +56,13 @@ METAMIXER_AVX512 inline __m512 blend(__m512 w, __m512 v, __m512 a, __m512 b) {
 }
 
 // out[c] = w a[c] + (1 - w) b[c] for c < (len rounded down to 16); returns that count.
+// `stream`: as put16 (out 64-byte aligned).
 METAMIXER_AVX512 inline int64_t blend_f32(const float* a, const float* b, float* out, int64_t len,
-                                          float w) {
+                                          float w, bool stream = false) {
   const __m512 wv = _mm512_set1_ps(w), vv = _mm512_set1_ps(1.0f - w);
   int64_t c = 0;
   for (; c + 16 <= len; c += 16)
-    _mm512_storeu_ps(out + c, blend(wv, vv, _mm512_loadu_ps(a + c), _mm512_loadu_ps(b + c)));
+    put16(out + c, blend(wv, vv, _mm512_loadu_ps(a + c), _mm512_loadu_ps(b + c)), stream);
   return c;
 }
 
@@ -152,7 +163,7 @@ METAMIXER_AVX512 inline __m512 local_mix(__m512 x, const float* xs, __mmask16 bo
 METAMIXER_AVX512 inline void mix2_row(const float* xi, const float* xsi, const float* xk,
                                       const float* xsk, float* out, int64_t len, int64_t ci0,
                                       int64_t ci1, float wi, int64_t ck0, int64_t ck1, float wk,
-                                      float w2) {
+                                      float w2, bool stream) {
   const __m512 wiv = _mm512_set1_ps(wi), viv = _mm512_set1_ps(1.0f - wi);
   const __m512 wkv = _mm512_set1_ps(wk), vkv = _mm512_set1_ps(1.0f - wk);
   const __m512 w2v = _mm512_set1_ps(w2), v2v = _mm512_set1_ps(1.0f - w2);
@@ -164,7 +175,7 @@ METAMIXER_AVX512 inline void mix2_row(const float* xi, const float* xsi, const f
                                 wi == 0.0f, wiv, viv);
     const __m512 uk = local_mix(load16(xk + c, m), xsk + c, m & columns_in(lanes, ck0, ck1),
                                 wk == 0.0f, wkv, vkv);
-    store16(out + c, m, blend(w2v, v2v, ui, uk));
+    store16(out + c, m, blend(w2v, v2v, ui, uk), stream);
   }
 }
 
@@ -179,7 +190,7 @@ METAMIXER_AVX512 inline void mix2_steps(const float* xi, const float* xsi, const
                                         const float* xsk, float* out, int64_t len, int64_t rows,
                                         int64_t steps, const __mmask16* mt, const __mmask16* mi,
                                         const __mmask16* mk, int64_t ck0, int64_t ck1, float wi,
-                                        float wk, float w2) {
+                                        float wk, float w2, bool stream) {
   const __m512 wiv = _mm512_set1_ps(wi), viv = _mm512_set1_ps(1.0f - wi);
   const __m512 wkv = _mm512_set1_ps(wk), vkv = _mm512_set1_ps(1.0f - wk);
   const __m512 w2v = _mm512_set1_ps(w2), v2v = _mm512_set1_ps(1.0f - w2);
@@ -194,7 +205,7 @@ METAMIXER_AVX512 inline void mix2_steps(const float* xi, const float* xsi, const
                          : local_mix(ui, xsi + c, mi[s], cut_i, wiv, viv);
       if (BoxK) uk = Cut ? _mm512_mask_fmadd_ps(uk, mk[s], wkv, load16(xsk + c, mk[s]))
                          : local_mix(uk, xsk + c, mk[s], cut_k, wkv, vkv);
-      if (Full) _mm512_storeu_ps(out + c, blend(w2v, v2v, ui, uk));
+      if (Full) put16(out + c, blend(w2v, v2v, ui, uk), stream);
       else store16(out + c, mt[s], blend(w2v, v2v, ui, uk));
     }
   }
@@ -207,32 +218,33 @@ METAMIXER_AVX512 inline void mix2_steps_of_run(const float* xi, const float* xsi
                                                int64_t rows, int64_t steps, const __mmask16* mt,
                                                const __mmask16* mi, const __mmask16* mk, bool box_i,
                                                int64_t ck0, int64_t ck1, float wi, float wk,
-                                               float w2) {
+                                               float w2, bool stream) {
   if (box_i && ck0 < ck1)
     mix2_steps<Full, Cut, true, true>(xi, xsi, xk, xsk, out, len, rows, steps, mt, mi, mk, ck0, ck1,
-                                      wi, wk, w2);
+                                      wi, wk, w2, stream);
   else if (box_i)
     mix2_steps<Full, Cut, true, false>(xi, xsi, xk, xsk, out, len, rows, steps, mt, mi, mk, ck0,
-                                       ck1, wi, wk, w2);
+                                       ck1, wi, wk, w2, stream);
   else
     mix2_steps<Full, Cut, false, true>(xi, xsi, xk, xsk, out, len, rows, steps, mt, mi, mk, ck0,
-                                       ck1, wi, wk, w2);
+                                       ck1, wi, wk, w2, stream);
 }
 
 // Rows [0, rows) of a plane (row stride `len`) whose box columns are all [ci0, ci1) and
 // [ck0, ck1) (an empty range where the run is outside that box), with the tail and box lane
 // masks of every 16-column step computed once for the run instead of once per row (on 32-wide
 // rows that set-up cost as much as the arithmetic). Rows longer than 16 * kMaxSteps take
-// mix2_row directly.
+// mix2_row directly. `stream` (as put16) needs len % 16 == 0 and out 64-byte aligned.
 METAMIXER_AVX512 inline void mix2_rows(const float* xi, const float* xsi, const float* xk,
                                        const float* xsk, float* out, int64_t len, int64_t rows,
                                        int64_t ci0, int64_t ci1, float wi, int64_t ck0,
-                                       int64_t ck1, float wk, float w2) {
+                                       int64_t ck1, float wk, float w2, bool stream) {
   constexpr int64_t kMaxSteps = 32;
   const int64_t steps = (len + 15) / 16;
   if (steps > kMaxSteps) {
     for (int64_t r = 0, at = 0; r < rows; ++r, at += len)
-      mix2_row(xi + at, xsi + at, xk + at, xsk + at, out + at, len, ci0, ci1, wi, ck0, ck1, wk, w2);
+      mix2_row(xi + at, xsi + at, xk + at, xsk + at, out + at, len, ci0, ci1, wi, ck0, ck1, wk, w2,
+               stream);
     return;
   }
   __mmask16 mt[kMaxSteps], mi[kMaxSteps], mk[kMaxSteps];
@@ -242,16 +254,16 @@ METAMIXER_AVX512 inline void mix2_rows(const float* xi, const float* xsi, const 
   // (inline calls: the same calls through a function pointer measured 20% slower)
   if (full && cut)
     mix2_steps_of_run<true, true>(xi, xsi, xk, xsk, out, len, rows, steps, mt, mi, mk, box_i,
-                                  ck0, ck1, wi, wk, w2);
+                                  ck0, ck1, wi, wk, w2, stream);
   else if (full)
     mix2_steps_of_run<true, false>(xi, xsi, xk, xsk, out, len, rows, steps, mt, mi, mk, box_i,
-                                   ck0, ck1, wi, wk, w2);
+                                   ck0, ck1, wi, wk, w2, stream);
   else if (cut)
     mix2_steps_of_run<false, true>(xi, xsi, xk, xsk, out, len, rows, steps, mt, mi, mk, box_i,
-                                   ck0, ck1, wi, wk, w2);
+                                   ck0, ck1, wi, wk, w2, false);
   else
     mix2_steps_of_run<false, false>(xi, xsi, xk, xsk, out, len, rows, steps, mt, mi, mk, box_i,
-                                    ck0, ck1, wi, wk, w2);
+                                    ck0, ck1, wi, wk, w2, false);
 }
 
 // ------------------------------------------------------------------------------ float mix

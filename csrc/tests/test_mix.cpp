@@ -5,7 +5,9 @@
 #include <cstdio>
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <utility>
 #include <vector>
 
@@ -396,16 +398,48 @@ void check_mix2_equals_two_calls(int64_t width, int64_t rows = 6, bool outside_u
   core::mix2_forward_planes(x.data(), got.data(), src.data(), w.data(), boxes.data(), src2.data(),
                             w2.data(), order.data(), L, scratch.data(), 0, core::mix2_units<T>(L));
   expect(std::memcmp(got.data(), want.data(), sizeof(T) * got.size()) == 0, "mix2 == two mix calls");
+  if constexpr (std::is_same_v<T, float>) {
+    // the same output written past the cache (mix2_streams_output's case: whole 16-float steps,
+    // 64-byte aligned output), where the CPU has the AVX-512 path that streams
+    if (width % 16 == 0 && core::cpu_has_avx512f()) {
+      const size_t bytes = (sizeof(float) * got.size() + 63) / 64 * 64;
+      const std::unique_ptr<float, decltype(&std::free)> streamed(
+          static_cast<float*>(std::aligned_alloc(64, bytes)), &std::free);
+      core::mix2_forward_planes(x.data(), streamed.get(), src.data(), w.data(), boxes.data(),
+                                src2.data(), w2.data(), order.data(), L, scratch.data(), 0,
+                                core::mix2_units<T>(L), true);
+      expect(std::memcmp(streamed.get(), want.data(), sizeof(T) * got.size()) == 0,
+             "mix2 with streamed stores == two mix calls");
+    }
+  }
+}
+
+// mix2 streams its output only for float, whole 16-float rows, an aligned output and a batch
+// plus output larger than the last-level cache.
+void test_mix2_streams_output() {
+  const int64_t llc = core::last_level_cache_bytes();
+  expect(llc > 0, "last-level cache size");
+  auto* aligned = reinterpret_cast<float*>(uintptr_t{64});  // never dereferenced
+  const int64_t big_n = llc / (3 * 32 * 32 * 4) + 1;         // 2 x batch > llc
+  const core::MixLayout big{big_n, 3, 32, 32}, small{2, 3, 32, 32}, odd{big_n, 3, 33, 33};
+  expect(!core::mix2_streams_output(aligned, small), "a small batch stays in cache");
+  expect(!core::mix2_streams_output(aligned + 4, big), "a misaligned output is not streamed");
+  expect(!core::mix2_streams_output(aligned, odd), "rows of partial steps are not streamed");
+  expect(!core::mix2_streams_output(reinterpret_cast<uint8_t*>(aligned), big), "uint8 is not streamed");
+  expect(core::mix2_streams_output(aligned, big) == core::cpu_has_avx512f(),
+         "a float batch over the cache is streamed where the CPU has AVX-512");
+  expect(core::mix2_can_stream(aligned, small) == core::cpu_has_avx512f(),
+         "any size can be streamed where the CPU has AVX-512");
 }
 
 void test_mix2_equals_two_calls() {
-  for (int64_t width : {1, 5, 15, 16, 17, 32, 33, 50, 64, 65, 130, 2100}) {
+  for (int64_t width : {1, 5, 15, 16, 17, 32, 33, 50, 64, 65, 130, 224, 2100}) {
     check_mix2_equals_two_calls<float>(width);
     check_mix2_equals_two_calls<uint8_t>(width);
     check_mix2_equals_two_calls<uint8_t>(width, 6, true);
     check_mix2_equals_two_calls<double>(width);
   }
-  for (const auto& [width, rows] : {std::pair<int64_t, int64_t>{2100, 20}, {130, 300}, {33, 1200}}) {
+  for (const auto& [width, rows] : {std::pair<int64_t, int64_t>{2100, 20}, {2112, 20}, {130, 300}, {160, 300}, {33, 1200}}) {
     expect(core::mix2_bands<float>(core::MixLayout{6, 2, rows, width}).count > 1, "several bands");
     check_mix2_equals_two_calls<float>(width, rows);
     check_mix2_equals_two_calls<uint8_t>(width, rows);
@@ -417,6 +451,7 @@ void test_mix2_equals_two_calls() {
 
 int main() {
   test_mix2_equals_two_calls();
+  test_mix2_streams_output();
   test_mix_forward_equals_formula();
 #if defined(METAMIXER_HAVE_AVX2_PATH)
   test_wide_blend_paths_equal_scalar();
