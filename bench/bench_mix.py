@@ -33,7 +33,7 @@ Rows, per case (threads fixed by --threads, default 2):
   its backward for a fixed upstream gradient: mix, reference (eager and compiled), kornia
   RandomMixUpV2, clone.
 Every ratio compares medians measured in the same run, the implementations interleaved
-round by round so machine noise hits them alike.
+round by round (in a random order each round) so machine noise hits them alike.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import sys
 import time
@@ -285,11 +286,16 @@ def feature_rows(h: Tensor) -> dict[str, Callable[[], object] | str]:
 
 def interleaved_times(rows: dict[str, Callable[[], object]], rounds: int, warmup: int = 3
                       ) -> dict[str, list[float]]:
-    """Seconds per row and round, each round running every row once (in a rotating order)."""
+    """Seconds per row and round, each round running every row once, in a new random order
+    (seeded): a row leaves the cache dirty or clean for the next one (mix x2's two outputs are
+    written back during whatever runs next; a streamed output is not), so no row may always
+    follow the same one, as it would in a fixed or rotating order."""
     names = list(rows)
     times: dict[str, list[float]] = {name: [] for name in names}
+    shuffle = random.Random(0).shuffle
     for r in range(warmup + rounds):
-        order = names[r % len(names):] + names[:r % len(names)]
+        order = list(names)
+        shuffle(order)
         for name in order:
             start = time.perf_counter()
             rows[name]()
