@@ -16,10 +16,12 @@
 //                      operation of a training step would
 //   streamed + read    (block) the same with the output streamed past the cache (non-temporal stores;
 //                      where the CPU has the AVX-512 path and rows are whole 16-float steps)
-// The first three write the output as the library would (core::mix2_streams_output: streamed
-// when the batch and the output overflow the last-level cache); the last two show what that
-// choice costs or saves a reader of the output. Before each repeat, the one-way time of a cache line passed between the two threads
-// (tens of ns when the two CPUs share a cache, hundreds when they are far apart). Each line
+// The first four stream the output when the batch and the output overflow the last-level cache
+// (core::mix2_streams_output), as the library always does then; for smaller batches (from 1 MB)
+// the library picks the mode by timing its own calls (core/store_choice.h), and the last two
+// columns show what each mode costs mix2 and a reader of its output. Before each repeat, the
+// one-way time of a cache line passed between the two threads (tens of ns when the two CPUs
+// share a cache, hundreds when they are far apart). Each line
 // prints the medians of one repeat in microseconds, and the memcpy's bandwidth: the bytes a
 // clone moves (2 N 3 H H 4: read and write the batch once) over its time. Threads are pinned
 // to the first two CPUs this process may use. Before timing, the halves split is checked to
@@ -261,10 +263,10 @@ int main(int argc, char** argv) {
                  [&] { forward_stored(chain, 1, units / 2, units, stream), read_half(1); });
   };
   std::printf("fp32 [%lld, 3, %lld, %lld] (%.1f MB), CPUs %d and %d, medians of %d rounds (us); "
-              "the library %s this output (last-level cache %.0f MB)\n",
+              "first four columns %s (last-level cache %.0f MB)\n",
               static_cast<long long>(n), static_cast<long long>(h), static_cast<long long>(h),
               static_cast<double>(bytes) / 1e6, cpus[0], cpus[1], rounds,
-              library_streams ? "streams" : "caches",
+              library_streams ? "streamed" : "cached",
               static_cast<double>(core::last_level_cache_bytes()) / (1 << 20));
   std::printf("%8s %14s %11s %12s %16s %15s %16s %11s\n", "line ns", "memcpy halves",
               "mix2 chain", "mix2 halves", "mix2 one thread", "cached + read", "streamed + read",

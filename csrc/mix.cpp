@@ -16,6 +16,7 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <chrono>
 #include <cstdlib>
 #include <memory>
 #include <string>
@@ -23,6 +24,7 @@
 #include <vector>
 
 #include "core/mix.h"
+#include "core/store_choice.h"
 #include "eager.h"
 
 namespace metamixer {
@@ -202,15 +204,32 @@ at::Tensor mix_cpu(const at::Tensor& x_in, const at::Tensor& src, const at::Tens
   return out;
 }
 
-// Whether mix2 writes `out` past the cache (core::mix2_streams_output).
-// METAMIXER_STREAM_STORES=on|off forces the choice (on: wherever core::mix2_can_stream allows
-// it); unset or auto leaves it to the sizes of the batch and the last-level cache. Read on every
-// call, so a benchmark can compare the two in one process.
 template <typename T>
-bool mix2_stream_output(const T* out, const core_ns::MixLayout& L) {
+int64_t mix2_output_bytes(const core_ns::MixLayout& L) {
+  return L.n * L.sample_size() * static_cast<int64_t>(sizeof(T));
+}
+
+// How mix2 stores its output (see core/store_choice.h), for the whole process.
+core_ns::StoreChoice& store_choice() {
+  static core_ns::StoreChoice choice;
+  return choice;
+}
+
+// mix2's store mode: METAMIXER_STREAM_STORES=on|off forces it (on: wherever
+// core::mix2_can_stream allows it); unset or auto leaves it to core::StoreChoice, which then
+// wants the call's time (`timed`). Read on every call, so a benchmark can compare the modes in
+// one process.
+template <typename T>
+bool mix2_stream_output(const T* out, const core_ns::MixLayout& L, bool& timed) {
   const char* forced = std::getenv("METAMIXER_STREAM_STORES");
   const std::string mode = forced == nullptr ? "" : forced;
-  if (mode.empty() || mode == "auto") return core_ns::mix2_streams_output(out, L);
+  timed = false;
+  if (mode.empty() || mode == "auto") {
+    if (!core_ns::mix2_can_stream(out, L)) return false;
+    timed = true;
+    return store_choice().stream(mix2_output_bytes<T>(L), at::get_num_threads(),
+                                 !core_ns::mix2_streams_output(out, L));
+  }
   TORCH_CHECK_VALUE(mode == "on" || mode == "off", "METAMIXER_STREAM_STORES='", mode,
                     "' is not one of auto, on, off: unset it or pick one of those");
   return mode == "on" && core_ns::mix2_can_stream(out, L);
@@ -237,12 +256,18 @@ at::Tensor mix2_cpu(const at::Tensor& x_in, const at::Tensor& src, const at::Ten
     const std::vector<int64_t> order = core_ns::partner_chain_order(s2, L.n);
     const int64_t band_elems = core_ns::mix2_bands<T>(L).rows * L.row_len;
     const int64_t units = core_ns::mix2_units<T>(L);
-    const bool stream = mix2_stream_output(op, L);
+    bool timed = false;
+    const bool stream = mix2_stream_output(op, L, timed);
+    const auto start = std::chrono::steady_clock::now();
     at::parallel_for(0, units, grain(band_elems, sizeof(T)), [&](int64_t b, int64_t e) {
       T* const scratch = thread_scratch<T>(2 * core_ns::kWindow);
       core_ns::mix2_forward_planes(xp, op, plan.src, plan.w.data(), plan.boxes.data(), s2,
                                    w2c.data(), order.data(), L, scratch, b, e, stream);
     });
+    if (timed) {
+      const std::chrono::duration<double> took = std::chrono::steady_clock::now() - start;
+      store_choice().record(mix2_output_bytes<T>(L), at::get_num_threads(), stream, took.count());
+    }
   });
   return out;
 }

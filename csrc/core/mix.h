@@ -306,8 +306,8 @@ void mix_forward_planes(const T* x, T* out, const int64_t* src, const compute_t<
 // 32-wide rows, and lane masks avoid them.
 // Bytes: reads x_i, x_k (and their local partners inside the boxes), writes out once; samples
 // are taken in partner_chain_order, so x_k is read again from cache as the next x_i, and the
-// batch comes from memory about once. stream_output (the caller's mix2_streams_output, the same
-// for every unit) writes out past the cache on the float AVX-512 path.
+// batch comes from memory about once. stream_output (the caller's choice where mix2_can_stream
+// allows it, the same for every unit) writes out past the cache on the float AVX-512 path.
 inline bool crosses_box(const int64_t* box, int64_t y) { return box[2] < box[3] && row_in_box(box, y); }
 
 // The first row after y (y < rows) where crosses_box(box, .) changes, or rows: runs of rows are
@@ -403,16 +403,15 @@ inline int64_t last_level_cache_bytes() {
   return bytes;
 }
 
-// Whether mix2_forward_planes should write `out` past the cache (non-temporal stores): for
-// float images on the AVX-512 path whose rows are whole 16-float steps and whose output is
-// 64-byte aligned (so every store is a full, aligned one), when the batch and the output
-// together are larger than the last-level cache. Then the output cannot stay in cache for the
-// next operation anyway, and a store through the cache first reads each output line and later
-// writes it back. Measured with bench/mix2_threads.cpp (2 threads, mix2 plus a pass that reads
-// the output afterwards): 64x3x160x160 and 64x3x224x224 fp32 took 5-17% less time streamed;
-// 64x3x112x112 (2 x 9.6 MB) took 40% more and 256x3x32x32 twice as long, as the next pass
-// then reads the output from memory instead of the cache.
-// mix2_can_stream: the conditions other than size.
+// Whether mix2_forward_planes can write `out` past the cache (non-temporal stores), and whether
+// it always should. It can for float images on the AVX-512 path whose rows are whole 16-float
+// steps and whose output is 64-byte aligned (so every store is a full, aligned one). It always
+// should when the batch and the output together overflow the last-level cache: the output
+// cannot stay in cache for the next operation then, and a store through the cache first reads
+// each output line and later writes it back. In bench/mix2_threads.cpp (2 threads, mix2 plus a
+// pass reading its output), streaming took 5-17% off at 64x3x160x160 and 64x3x224x224 fp32
+// while the two cores shared an L3, 32-46% while they did not. For smaller batches the better
+// mode depends on the machine's state: see core/store_choice.h.
 template <typename T>
 bool mix2_can_stream(const T* out, const MixLayout& L) {
 #if defined(METAMIXER_HAVE_AVX512_MIX2)
@@ -432,7 +431,7 @@ bool mix2_streams_output(const T* out, const MixLayout& L) {
 #if defined(METAMIXER_HAVE_AVX512_MIX2)
 // mix2_forward_planes for float and uint8 with the AVX-512 row kernels (mix_avx512.h): a plane
 // is at most five runs of rows with the same box columns; a run outside both boxes is one blend.
-// `stream`: float only, see mix2_streams_output.
+// `stream`: float only, see mix2_can_stream.
 template <typename T>
 void mix2_planes_avx512(const T* x, T* out, const int64_t* src, const float* w,
                         const int64_t* boxes, const int64_t* src2, const float* w2,
