@@ -48,16 +48,17 @@ def test_mix2_odd_shapes(mix_backend, shape, dtype, rng):
 
 
 @pytest.mark.parametrize("stores", ["on", "off", "auto"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8])
 @pytest.mark.parametrize("layout, shape", [("nchw", (5, 3, 9, 32)), ("nchw", (3, 2, 5, 528)),
                                            ("channels_last", (5, 3, 7, 16)),
                                            ("features", (5, 2, 4, 8))])
-def test_mix2_streamed_output_equals_two_calls(monkeypatch, stores, layout, shape, rng):
-    """METAMIXER_STREAM_STORES=on writes mix2's float output past the cache wherever rows are
-    whole 16-float steps (rows of 32, 528 = 33 steps, 48 channels_last, 64 features): the same
-    bits as two reference calls."""
+def test_mix2_streamed_output_equals_two_calls(monkeypatch, stores, dtype, layout, shape, rng):
+    """METAMIXER_STREAM_STORES=on writes mix2's output past the cache wherever rows are whole
+    16-element steps (rows of 32, 528 = 33 steps, 48 channels_last, 64 features): the same bits
+    as two reference calls."""
     monkeypatch.setenv("METAMIXER_STREAM_STORES", stores)
     n, _, h, w = shape
-    x = make_x(rng, shape, torch.float32, layout)
+    x = make_x(rng, shape, dtype, layout)
     src, wt, box = make_plan(rng, n, h, w)
     box = None if layout == "features" else box
     src2, w2 = torch.randint(0, n, (n,), generator=rng), torch.rand(n, generator=rng)

@@ -404,8 +404,9 @@ inline int64_t last_level_cache_bytes() {
 }
 
 // Whether mix2_forward_planes can write `out` past the cache (non-temporal stores), and whether
-// it always should. It can for float images on the AVX-512 path whose rows are whole 16-float
-// steps and whose output is 64-byte aligned (so every store is a full, aligned one). It always
+// it always should. It can on the AVX-512 paths (float, and uint8 with AVX-512BW) where rows are
+// whole 16-element steps and the output is 64-byte aligned, so every store is a full, aligned
+// one (uint8 with a weight outside [0, 1] takes the portable path, through the cache). It always
 // should when the batch and the output together overflow the last-level cache: the output
 // cannot stay in cache for the next operation then, and a store through the cache first reads
 // each output line and later writes it back. In bench/mix2_threads.cpp (2 threads, mix2 plus a
@@ -415,8 +416,9 @@ inline int64_t last_level_cache_bytes() {
 template <typename T>
 bool mix2_can_stream(const T* out, const MixLayout& L) {
 #if defined(METAMIXER_HAVE_AVX512_MIX2)
-  if constexpr (std::is_same_v<T, float>)
-    return cpu_has_avx512f() && L.row_len % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 64 == 0;
+  const bool aligned = L.row_len % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 64 == 0;
+  if constexpr (std::is_same_v<T, float>) return cpu_has_avx512f() && aligned;
+  if constexpr (std::is_same_v<T, uint8_t>) return avx512::cpu_has_avx512bw() && aligned;
 #endif
   (void)out, (void)L;
   return false;
@@ -431,7 +433,7 @@ bool mix2_streams_output(const T* out, const MixLayout& L) {
 #if defined(METAMIXER_HAVE_AVX512_MIX2)
 // mix2_forward_planes for float and uint8 with the AVX-512 row kernels (mix_avx512.h): a plane
 // is at most five runs of rows with the same box columns; a run outside both boxes is one blend.
-// `stream`: float only, see mix2_can_stream.
+// `stream`: see mix2_can_stream.
 template <typename T>
 void mix2_planes_avx512(const T* x, T* out, const int64_t* src, const float* w,
                         const int64_t* boxes, const int64_t* src2, const float* w2,
@@ -445,22 +447,14 @@ void mix2_planes_avx512(const T* x, T* out, const int64_t* src, const float* w,
       const int64_t at = y * len;
       const bool in_i = crosses_box(p.bi, y), in_k = crosses_box(p.bk, y);
       const int64_t ye = run_end(p.bi, p.bk, y, p.y1);
-      const int64_t ci0 = in_i ? p.bi[2] : 0, ci1 = in_i ? p.bi[3] : 0;
-      const int64_t ck0 = in_k ? p.bk[2] : 0, ck1 = in_k ? p.bk[3] : 0;
-      if constexpr (std::is_same_v<T, float>) {
-        if (!in_i && !in_k) {  // u = x on both sides: the run is one blend of x_i and x_k
-          const int64_t n = (ye - y) * len;
-          const int64_t c = avx512::blend_f32(p.xi + at, p.xk + at, p.o + at, n, w2[p.i], stream);
-          blend_span(p.xi + at + c, p.xk + at + c, p.o + at + c, n - c, w2[p.i]);
-        } else  // an empty column range where the run is outside one of the boxes
-          avx512::mix2_rows(p.xi + at, p.xsi + at, p.xk + at, p.xsk + at, p.o + at, len, ye - y,
-                            ci0, ci1, w[p.i], ck0, ck1, w[p.k], w2[p.i], stream);
-      } else {
-        if (!in_i && !in_k)
-          blend_span(p.xi + at, p.xk + at, p.o + at, (ye - y) * len, w2[p.i]);
-        else
-          avx512::mix2_rows(p.xi + at, p.xsi + at, p.xk + at, p.xsk + at, p.o + at, len, ye - y,
-                            ci0, ci1, w[p.i], ck0, ck1, w[p.k], w2[p.i]);
+      if (!in_i && !in_k) {  // u = x on both sides: the run is one blend of x_i and x_k
+        const int64_t n = (ye - y) * len;
+        const int64_t c = stream ? avx512::blend_streamed(p.xi + at, p.xk + at, p.o + at, n, w2[p.i]) : 0;
+        blend_span(p.xi + at + c, p.xk + at + c, p.o + at + c, n - c, w2[p.i]);
+      } else {  // an empty column range where the run is outside one of the boxes
+        avx512::mix2_rows(p.xi + at, p.xsi + at, p.xk + at, p.xsk + at, p.o + at, len, ye - y,
+                          in_i ? p.bi[2] : 0, in_i ? p.bi[3] : 0, w[p.i], in_k ? p.bk[2] : 0,
+                          in_k ? p.bk[3] : 0, w[p.k], w2[p.i], stream);
       }
       y = ye;
     }
@@ -485,7 +479,7 @@ void mix2_forward_planes(const T* x, T* out, const int64_t* src, const compute_t
   if constexpr (std::is_same_v<T, uint8_t>) {  // the lane masks hold columns in int32, as above
     if (avx512::cpu_has_avx512bw() && plane < (int64_t{1} << 31) &&
         avx512::weights_in_unit_interval(w, L.n) && avx512::weights_in_unit_interval(w2, L.n)) {
-      mix2_planes_avx512(x, out, src, w, boxes, src2, w2, order, L, begin, end, false);
+      mix2_planes_avx512(x, out, src, w, boxes, src2, w2, order, L, begin, end, stream_output);
       return;
     }
   }

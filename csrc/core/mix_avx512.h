@@ -364,15 +364,21 @@ METAMIXER_AVX512 inline __m128i narrow(__m512 biased_pixels) {
   return _mm512_cvtepi32_epi8(_mm512_castps_si512(biased_pixels));
 }
 
+// Stores 16 pixels at p; with `stream`, past the cache (p must then be 16-byte aligned), as
+// put16 for floats.
+METAMIXER_AVX512 inline void put16_u8(uint8_t* p, __m128i q, bool stream) {
+  if (stream) _mm_stream_si128(reinterpret_cast<__m128i*>(p), q);
+  else _mm_storeu_si128(reinterpret_cast<__m128i*>(p), q);
+}
+
 // out[c] = round(w a[c] + (1 - w) b[c]) for c < (len rounded down to 16), w in [0, 1]; returns
-// that count.
+// that count. `stream`: as put16_u8 (out 16-byte aligned).
 METAMIXER_AVX512 inline int64_t blend_u8(const uint8_t* a, const uint8_t* b, uint8_t* out,
-                                           int64_t len, float w) {
+                                           int64_t len, float w, bool stream = false) {
   const U8Blend wb = u8_blend(w);
   int64_t c = 0;
   for (; c + 16 <= len; c += 16)
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + c),
-                     narrow(blend_biased(wb, biased(a + c), biased(b + c))));
+    put16_u8(out + c, narrow(blend_biased(wb, biased(a + c), biased(b + c))), stream);
   return c;
 }
 
@@ -403,14 +409,15 @@ METAMIXER_AVX512BW inline void mix2_steps_u8(const uint8_t* xi, const uint8_t* x
                                              const uint8_t* xk, const uint8_t* xsk, uint8_t* out,
                                              int64_t stride, int64_t rows, int64_t steps,
                                              const __mmask16* mt, const __mmask16* mi,
-                                             const __mmask16* mk, float wi, float wk, float w2) {
+                                             const __mmask16* mk, float wi, float wk, float w2,
+                                             bool stream) {
   const U8Blend bi = u8_blend(wi), bk = u8_blend(wk), b2 = u8_blend(w2);
   for (int64_t r = 0, at = 0; r < rows; ++r, at += stride) {
     for (int64_t s = 0, c = at; s < steps; ++s, c += 16) {
       const __m512 ui = local_mix_u8<Full, Select>(xi + c, xsi + c, mt[s], mi[s], bi);
       const __m512 uk = local_mix_u8<Full, Select>(xk + c, xsk + c, mt[s], mk[s], bk);
       const __m128i q = narrow(blend_biased(b2, ui, uk));
-      if (Full) _mm_storeu_si128(reinterpret_cast<__m128i*>(out + c), q);
+      if (Full) put16_u8(out + c, q, stream);
       else _mm_mask_storeu_epi8(out + c, mt[s], q);
     }
   }
@@ -422,7 +429,8 @@ METAMIXER_AVX512BW inline void mix2_rows_u8_chunk(const uint8_t* xi, const uint8
                                                   const uint8_t* xk, const uint8_t* xsk,
                                                   uint8_t* out, int64_t stride, int64_t len,
                                                   int64_t rows, int64_t ci0, int64_t ci1, float wi,
-                                                  int64_t ck0, int64_t ck1, float wk, float w2) {
+                                                  int64_t ck0, int64_t ck1, float wk, float w2,
+                                                  bool stream) {
   constexpr int64_t kMaxSteps = 32;
   const int64_t steps = (len + 15) / 16;
   // uint8 is exact under selection: w = 1 keeps x, which is an empty box
@@ -433,25 +441,42 @@ METAMIXER_AVX512BW inline void mix2_rows_u8_chunk(const uint8_t* xi, const uint8
   const bool full = len % 16 == 0;
   const bool select = (wi == 0.0f || wi == 1.0f) && (wk == 0.0f || wk == 1.0f);
   if (full && select)
-    mix2_steps_u8<true, true>(xi, xsi, xk, xsk, out, stride, rows, steps, mt, mi, mk, wi, wk, w2);
+    mix2_steps_u8<true, true>(xi, xsi, xk, xsk, out, stride, rows, steps, mt, mi, mk, wi, wk, w2,
+                              stream);
   else if (full)
-    mix2_steps_u8<true, false>(xi, xsi, xk, xsk, out, stride, rows, steps, mt, mi, mk, wi, wk, w2);
+    mix2_steps_u8<true, false>(xi, xsi, xk, xsk, out, stride, rows, steps, mt, mi, mk, wi, wk, w2,
+                               stream);
   else if (select)
-    mix2_steps_u8<false, true>(xi, xsi, xk, xsk, out, stride, rows, steps, mt, mi, mk, wi, wk, w2);
+    mix2_steps_u8<false, true>(xi, xsi, xk, xsk, out, stride, rows, steps, mt, mi, mk, wi, wk, w2,
+                               false);
   else
-    mix2_steps_u8<false, false>(xi, xsi, xk, xsk, out, stride, rows, steps, mt, mi, mk, wi, wk, w2);
+    mix2_steps_u8<false, false>(xi, xsi, xk, xsk, out, stride, rows, steps, mt, mi, mk, wi, wk, w2,
+                                false);
 }
 
-// mix2_rows for uint8: rows in chunks of 16 * 32 columns.
+// mix2_rows for uint8: rows in chunks of 16 * 32 columns. `stream` (as put16_u8) needs
+// len % 16 == 0 and out 16-byte aligned.
 METAMIXER_AVX512BW inline void mix2_rows(const uint8_t* xi, const uint8_t* xsi, const uint8_t* xk,
                                          const uint8_t* xsk, uint8_t* out, int64_t len,
                                          int64_t rows, int64_t ci0, int64_t ci1, float wi,
-                                         int64_t ck0, int64_t ck1, float wk, float w2) {
+                                         int64_t ck0, int64_t ck1, float wk, float w2,
+                                         bool stream) {
   constexpr int64_t kChunk = 16 * 32;
   for (int64_t cb = 0; cb < len; cb += kChunk)
     mix2_rows_u8_chunk(xi + cb, xsi + cb, xk + cb, xsk + cb, out + cb, len,
                        len - cb < kChunk ? len - cb : kChunk, rows, ci0 - cb, ci1 - cb, wi,
-                       ck0 - cb, ck1 - cb, wk, w2);
+                       ck0 - cb, ck1 - cb, wk, w2, stream);
+}
+
+// The whole-span blends with streamed stores (mix2's runs of rows outside both boxes); return
+// the count done, as blend_f32 and blend_u8 (w in [0, 1] for uint8).
+METAMIXER_AVX512 inline int64_t blend_streamed(const float* a, const float* b, float* out,
+                                               int64_t len, float w) {
+  return blend_f32(a, b, out, len, w, true);
+}
+METAMIXER_AVX512 inline int64_t blend_streamed(const uint8_t* a, const uint8_t* b, uint8_t* out,
+                                               int64_t len, float w) {
+  return blend_u8(a, b, out, len, w, true);
 }
 
 #undef METAMIXER_AVX512BW

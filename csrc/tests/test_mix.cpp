@@ -398,13 +398,14 @@ void check_mix2_equals_two_calls(int64_t width, int64_t rows = 6, bool outside_u
   core::mix2_forward_planes(x.data(), got.data(), src.data(), w.data(), boxes.data(), src2.data(),
                             w2.data(), order.data(), L, scratch.data(), 0, core::mix2_units<T>(L));
   expect(std::memcmp(got.data(), want.data(), sizeof(T) * got.size()) == 0, "mix2 == two mix calls");
-  if constexpr (std::is_same_v<T, float>) {
-    // the same output written past the cache (mix2_streams_output's case: whole 16-float steps,
-    // 64-byte aligned output), where the CPU has the AVX-512 path that streams
-    if (width % 16 == 0 && core::cpu_has_avx512f()) {
-      const size_t bytes = (sizeof(float) * got.size() + 63) / 64 * 64;
-      const std::unique_ptr<float, decltype(&std::free)> streamed(
-          static_cast<float*>(std::aligned_alloc(64, bytes)), &std::free);
+  if constexpr (!std::is_same_v<T, double>) {
+    // the same output written past the cache, where mix2_can_stream allows it: whole 16-element
+    // steps, a 64-byte aligned output, an AVX-512 path (uint8 outside [0, 1] takes the portable
+    // one and ignores the request)
+    const size_t bytes = (sizeof(T) * got.size() + 63) / 64 * 64;
+    const std::unique_ptr<T, decltype(&std::free)> streamed(
+        static_cast<T*>(std::aligned_alloc(64, bytes)), &std::free);
+    if (core::mix2_can_stream(streamed.get(), L)) {
       core::mix2_forward_planes(x.data(), streamed.get(), src.data(), w.data(), boxes.data(),
                                 src2.data(), w2.data(), order.data(), L, scratch.data(), 0,
                                 core::mix2_units<T>(L), true);
@@ -414,8 +415,8 @@ void check_mix2_equals_two_calls(int64_t width, int64_t rows = 6, bool outside_u
   }
 }
 
-// mix2 streams its output only for float, whole 16-float rows, an aligned output and a batch
-// plus output larger than the last-level cache.
+// mix2 can stream its output on the AVX-512 paths with whole 16-element rows and an aligned
+// output, and always does when the batch plus the output overflow the last-level cache.
 void test_mix2_streams_output() {
   const int64_t llc = core::last_level_cache_bytes();
   expect(llc > 0, "last-level cache size");
@@ -425,11 +426,15 @@ void test_mix2_streams_output() {
   expect(!core::mix2_streams_output(aligned, small), "a small batch stays in cache");
   expect(!core::mix2_streams_output(aligned + 4, big), "a misaligned output is not streamed");
   expect(!core::mix2_streams_output(aligned, odd), "rows of partial steps are not streamed");
-  expect(!core::mix2_streams_output(reinterpret_cast<uint8_t*>(aligned), big), "uint8 is not streamed");
   expect(core::mix2_streams_output(aligned, big) == core::cpu_has_avx512f(),
          "a float batch over the cache is streamed where the CPU has AVX-512");
   expect(core::mix2_can_stream(aligned, small) == core::cpu_has_avx512f(),
          "any size can be streamed where the CPU has AVX-512");
+  auto* pixels = reinterpret_cast<uint8_t*>(aligned);
+  expect(core::mix2_can_stream(pixels, small) == core::avx512::cpu_has_avx512bw(),
+         "uint8 can be streamed where the CPU has AVX-512BW");
+  expect(!core::mix2_can_stream(pixels + 16, small), "a misaligned uint8 output is not streamed");
+  expect(!core::mix2_can_stream(reinterpret_cast<double*>(aligned), small), "double is not streamed");
 }
 
 void test_mix2_equals_two_calls() {
