@@ -23,6 +23,9 @@ Rows, per case (threads fixed by --threads, default 2):
                     global blend, reads two samples for every sample it writes
     mix x2          metamixer::mix twice (box call, then blend call), as two separate ops
     mix2 fused      metamixer::mix2: both stages in one pass
+    mix2, cached stores / mix2, streamed stores
+                    mix2 with its output stored through the cache or streamed past it
+                    (METAMIXER_STREAM_STORES=off / on); mix2 fused picks one (see README)
     mix2 + plan     mix2 plus drawing the plan (partners, Beta weights, boxes) with torch ops,
                     comparable with kornia, whose modules draw their own parameters
     reference x2    metamixer_fast.reference.mix twice (eager PyTorch)
@@ -134,6 +137,26 @@ class Batches:
         return entry
 
 
+# mix2 fused with its output's stores forced through the cache or past it (by default the
+# library streams a float output when the batch and the output overflow the last-level cache)
+STORE_ROWS = {"mix2, cached stores": "off", "mix2, streamed stores": "on"}
+
+
+def with_stores(mode: str, step: Callable[[], object]) -> Callable[[], object]:
+    """step with METAMIXER_STREAM_STORES=mode (read by mix2 on every call)."""
+    def run() -> object:
+        before = os.environ.get("METAMIXER_STREAM_STORES")
+        os.environ["METAMIXER_STREAM_STORES"] = mode
+        try:
+            return step()
+        finally:
+            if before is None:
+                del os.environ["METAMIXER_STREAM_STORES"]
+            else:
+                os.environ["METAMIXER_STREAM_STORES"] = before
+    return run
+
+
 def core_rows(batches: Batches) -> dict[str, Callable[[], object] | str]:
     """The floors and our two ways of doing the input stage (see the module docstring)."""
     def clone() -> object:
@@ -169,6 +192,7 @@ def input_rows(batches: Batches) -> dict[str, Callable[[], object] | str]:
         x, _, plan = batches()
         return compiled_mix2(x, *plan)
 
+    rows.update({name: with_stores(mode, rows["mix2 fused"]) for name, mode in STORE_ROWS.items()})
     rows["mix2 + plan"] = lambda: mf.mix2(batches()[0], *mix2_plan(n, h, w))
     rows["reference x2"] = eager_reference
     rows["reference x2, compiled"] = warmed(compiled_reference)
@@ -185,26 +209,6 @@ def input_rows(batches: Batches) -> dict[str, Callable[[], object] | str]:
 
 
 ALONE_PARTS = ("mix, blend only", "mix, box only", "mix2, no boxes")
-# mix2 fused with its output's stores forced through the cache or past it (by default the
-# library streams a float output when the batch and the output overflow the last-level cache)
-STORE_ROWS = {"mix2, cached stores": "off", "mix2, streamed stores": "on"}
-
-
-def with_stores(mode: str, step: Callable[[], object]) -> Callable[[], object]:
-    """step with METAMIXER_STREAM_STORES=mode (read by mix2 on every call)."""
-    def run() -> object:
-        before = os.environ.get("METAMIXER_STREAM_STORES")
-        os.environ["METAMIXER_STREAM_STORES"] = mode
-        try:
-            return step()
-        finally:
-            if before is None:
-                del os.environ["METAMIXER_STREAM_STORES"]
-            else:
-                os.environ["METAMIXER_STREAM_STORES"] = before
-    return run
-
-
 def alone_rows(batches: Batches) -> dict[str, Callable[[], object] | str]:
     """The input-stage rows without the slow comparators (the reference, kornia), whose
     temporaries evict the batch between rounds, plus the parts of mix2 on their own: the
@@ -226,8 +230,8 @@ def alone_rows(batches: Batches) -> dict[str, Callable[[], object] | str]:
         return mf.mix2(x, sigma, zeros, no_boxes, pi, mu)
 
     stores = {name: with_stores(mode, rows["mix2 fused"]) for name, mode in STORE_ROWS.items()}
-    return {**rows, ALONE_PARTS[0]: blend, ALONE_PARTS[1]: box, ALONE_PARTS[2]: mix2_no_boxes,
-            **stores}
+    return {**rows, **stores, ALONE_PARTS[0]: blend, ALONE_PARTS[1]: box,
+            ALONE_PARTS[2]: mix2_no_boxes}
 
 
 def compiled(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
@@ -381,7 +385,7 @@ def _pytest_params() -> list:
     params = []
     for case, (shape, dtype) in {**INPUT_CASES, **FEATURE_CASES}.items():
         kind = "features" if case in FEATURE_CASES else "input"
-        names = ["clone", "add", "mix x2", "mix2 fused", "mix2 + plan", "reference x2",
+        names = ["clone", "add", "mix x2", "mix2 fused", *STORE_ROWS, "mix2 + plan", "reference x2",
                  "reference x2, compiled", "kornia CutMixV2+MixUpV2"] if kind == "input" else [
             "clone", "mix fwd+bwd", "reference fwd+bwd", "reference fwd+bwd, compiled",
             "kornia MixUpV2 fwd+bwd"]

@@ -14,12 +14,13 @@ import bench_mix  # bench/ is not a package
 
 from metamixer_fast import reference
 
-MIXING_ROWS = ("mix x2", "mix2 fused", "reference x2", "reference x2, compiled")
+MIXING_ROWS = ("mix x2", "mix2 fused", *bench_mix.STORE_ROWS, "reference x2", "reference x2, compiled")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.uint8])
 def test_input_rows_compute_the_reference_mixture(dtype: torch.dtype) -> None:
-    batches = bench_mix.Batches((6, 3, 9, 7), dtype, torch.Generator().manual_seed(3))
+    # rows of 16 elements: the streamed-stores row streams (on an AVX-512 CPU)
+    batches = bench_mix.Batches((6, 3, 9, 16), dtype, torch.Generator().manual_seed(3))
     x, _, plan = batches.entries[0]
     assert plan[2].shape == (6, 4) and bool((plan[2][:, 1] > plan[2][:, 0]).any())  # real boxes
     expected = reference.mix2(x, *plan)
