@@ -14,15 +14,14 @@
 //   cached + read      (block) mix2, chain, with stores through the cache, then both threads read
 //                      their half of the output (one float per cache line), as the next
 //                      operation of a training step would
-//   streamed + read    (block) the same with the output streamed past the cache (non-temporal stores;
-//                      where the CPU has the AVX-512 path and rows are whole 16-float steps)
-// The first four stream the output when the batch and the output overflow the last-level cache
-// (core::mix2_streams_output), as the library always does then; for smaller batches (from 1 MB)
-// the library picks the mode by timing its own calls (core/store_choice.h), and the last two
-// columns show what each mode costs mix2 and a reader of its output. Before each repeat, the
-// one-way time of a cache line passed between the two threads (tens of ns when the two CPUs
-// share a cache, hundreds when they are far apart). Each line
-// prints the medians of one repeat in microseconds, and the memcpy's bandwidth: the bytes a
+//   streamed + read    (block) the same with the output streamed past the cache
+//                      (non-temporal stores; where the CPU has the AVX-512 path and rows are
+//                      whole 16-float steps)
+// The first four store the output through the cache; the library picks the store mode by
+// timing its own calls (core/store_choice.h), and the last two columns show what each mode
+// costs mix2 and a reader of its output. Before each repeat, the one-way time of a cache line
+// passed between the two threads (tens of ns when the two CPUs share a cache, hundreds when
+// they are far apart). Each line prints the medians of one repeat in microseconds, and the memcpy's bandwidth: the bytes a
 // clone moves (2 N 3 H H 4: read and write the batch once) over its time. Threads are pinned
 // to the first two CPUs this process may use. Before timing, the halves split is checked to
 // give the chain order's output bit for bit.
@@ -211,7 +210,6 @@ int main(int argc, char** argv) {
   const core::Mix2Bands bands = core::mix2_bands<float>(L);
   const int64_t units = core::mix2_units<float>(L), per_sample = L.planes * bands.count;
   std::vector<float> scratch(4 * core::kWindow);
-  const bool library_streams = core::mix2_streams_output(out.data(), L);
   const bool can_stream = core::mix2_can_stream(out.data(), L);
   const auto forward_stored = [&](const std::vector<int64_t>& order, int t, int64_t begin,
                                   int64_t end, bool stream) {
@@ -220,7 +218,7 @@ int main(int argc, char** argv) {
                               scratch.data() + 2 * t * core::kWindow, begin, end, stream);
   };
   const auto forward = [&](const std::vector<int64_t>& order, int t, int64_t begin, int64_t end) {
-    forward_stored(order, t, begin, end, library_streams);
+    forward_stored(order, t, begin, end, false);
   };
   volatile float sink[2] = {0.0f, 0.0f};  // keeps the reads
   const auto read_half = [&](int t) {  // one float of every cache line of this thread's half
@@ -262,12 +260,9 @@ int main(int argc, char** argv) {
     return timed([&] { forward_stored(chain, 0, 0, units / 2, stream), read_half(0); },
                  [&] { forward_stored(chain, 1, units / 2, units, stream), read_half(1); });
   };
-  std::printf("fp32 [%lld, 3, %lld, %lld] (%.1f MB), CPUs %d and %d, medians of %d rounds (us); "
-              "first four columns %s (last-level cache %.0f MB)\n",
+  std::printf("fp32 [%lld, 3, %lld, %lld] (%.1f MB), CPUs %d and %d, medians of %d rounds (us)\n",
               static_cast<long long>(n), static_cast<long long>(h), static_cast<long long>(h),
-              static_cast<double>(bytes) / 1e6, cpus[0], cpus[1], rounds,
-              library_streams ? "streamed" : "cached",
-              static_cast<double>(core::last_level_cache_bytes()) / (1 << 20));
+              static_cast<double>(bytes) / 1e6, cpus[0], cpus[1], rounds);
   std::printf("%8s %14s %11s %12s %16s %15s %16s %11s\n", "line ns", "memcpy halves",
               "mix2 chain", "mix2 halves", "mix2 one thread", "cached + read", "streamed + read",
               "GB/s clone");

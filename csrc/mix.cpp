@@ -227,8 +227,7 @@ bool mix2_stream_output(const T* out, const core_ns::MixLayout& L, bool& timed) 
   if (mode.empty() || mode == "auto") {
     if (!core_ns::mix2_can_stream(out, L)) return false;
     timed = true;
-    return store_choice().stream(mix2_output_bytes<T>(L), at::get_num_threads(),
-                                 !core_ns::mix2_streams_output(out, L));
+    return store_choice().stream(mix2_output_bytes<T>(L), at::get_num_threads());
   }
   TORCH_CHECK_VALUE(mode == "on" || mode == "off", "METAMIXER_STREAM_STORES='", mode,
                     "' is not one of auto, on, off: unset it or pick one of those");

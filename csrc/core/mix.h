@@ -36,9 +36,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdio>
 #include <cstring>
-#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -377,42 +375,11 @@ Mix2Unit<T> mix2_unit(const T* x, T* out, const int64_t* src, const int64_t* box
           std::min(L.rows, y0 + bands.rows)};
 }
 
-// The size of the largest (last-level) CPU cache in bytes, from Linux's sysfs; 32 MiB where it
-// cannot be read. (glibc's sysconf reports the whole socket's L3 on some AMD virtual machines.)
-inline int64_t last_level_cache_bytes() {
-  static const int64_t bytes = [] {
-    int64_t best_level = 0, best = int64_t{32} << 20;
-    for (int index = 0; index < 8; ++index) {
-      const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index);
-      std::FILE* level_file = std::fopen((dir + "/level").c_str(), "r");
-      if (level_file == nullptr) break;
-      long level = 0, size = 0;
-      char unit = 0;
-      const bool has_level = std::fscanf(level_file, "%ld", &level) == 1;
-      std::fclose(level_file);
-      std::FILE* size_file = std::fopen((dir + "/size").c_str(), "r");
-      if (size_file == nullptr) continue;
-      const int read = std::fscanf(size_file, "%ld%c", &size, &unit);
-      std::fclose(size_file);
-      if (!has_level || read < 1 || size <= 0 || level <= best_level) continue;
-      const int64_t scale = unit == 'K' ? 1 << 10 : unit == 'M' ? 1 << 20 : unit == 'G' ? 1 << 30 : 1;
-      best_level = level, best = size * scale;
-    }
-    return best;
-  }();
-  return bytes;
-}
-
-// Whether mix2_forward_planes can write `out` past the cache (non-temporal stores), and whether
-// it always should. It can on the AVX-512 paths (float, and uint8 with AVX-512BW) where rows are
-// whole 16-element steps and the output is 64-byte aligned, so every store is a full, aligned
-// one (uint8 with a weight outside [0, 1] takes the portable path, through the cache). It always
-// should when the batch and the output together overflow the last-level cache: the output
-// cannot stay in cache for the next operation then, and a store through the cache first reads
-// each output line and later writes it back. In bench/mix2_threads.cpp (2 threads, mix2 plus a
-// pass reading its output), streaming took 5-17% off at 64x3x160x160 and 64x3x224x224 fp32
-// while the two cores shared an L3, 32-46% while they did not. For smaller batches the better
-// mode depends on the machine's state: see core/store_choice.h.
+// Whether mix2_forward_planes can write `out` past the cache (non-temporal stores): on the
+// AVX-512 paths (float, and uint8 with AVX-512BW) where rows are whole 16-element steps and the
+// output is 64-byte aligned, so every store is a full, aligned one (uint8 with a weight outside
+// [0, 1] takes the portable path, through the cache). Whether it should is measured per call
+// size: see core/store_choice.h.
 template <typename T>
 bool mix2_can_stream(const T* out, const MixLayout& L) {
 #if defined(METAMIXER_HAVE_AVX512_MIX2)
@@ -422,12 +389,6 @@ bool mix2_can_stream(const T* out, const MixLayout& L) {
 #endif
   (void)out, (void)L;
   return false;
-}
-
-template <typename T>
-bool mix2_streams_output(const T* out, const MixLayout& L) {
-  const int64_t bytes = L.n * L.sample_size() * static_cast<int64_t>(sizeof(T));
-  return mix2_can_stream(out, L) && 2 * bytes > last_level_cache_bytes();
 }
 
 #if defined(METAMIXER_HAVE_AVX512_MIX2)

@@ -36,10 +36,10 @@ constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
 
 METAMIXER_AVX512 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 
-// Stores 16 floats at p; with `stream`, past the cache (p must then be 64-byte aligned). mix2
-// streams its output when the batch and the output together overflow the last-level cache (see
-// core::mix2_streams_output): its stores then neither read the output's lines first nor leave
-// them dirty for a later operation to write back. The caller fences (_mm_sfence) after them.
+// Stores 16 floats at p; with `stream`, past the cache (p must then be 64-byte aligned): the
+// store neither reads the line first nor leaves it dirty for a later operation to write back,
+// and the line is not in cache for the next reader (mix2 picks the mode by measurement, see
+// core/store_choice.h). The caller fences (_mm_sfence) after streamed stores.
 METAMIXER_AVX512 inline void put16(float* p, __m512 v, bool stream) {
   if (stream) _mm512_stream_ps(p, v);
   else _mm512_storeu_ps(p, v);

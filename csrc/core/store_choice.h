@@ -1,20 +1,23 @@
-// How mix2 stores its output: through the cache or streamed past it (core::mix2_streams_output),
-// for the batches where neither is better everywhere.
+// How mix2 stores its output: through the cache, or streamed past it (non-temporal stores,
+// where core::mix2_can_stream allows it). The bits are the same; only the time differs.
 //
-// A float batch whose input and output together overflow the last-level cache is always
-// streamed, and one under kMinAdaptiveBytes is always stored through the cache. In between, the
-// better choice depends on where the threads run, not on the batch: on a 2-core EPYC virtual
-// machine whose two cores shared a 32 MB L3 (a cache line passed between them in 40-60 ns),
-// streaming made mix2 at 256x3x32x32 fp32 1.5x slower and a pass reading its output 4x slower;
-// in periods when the line took about 200 ns (cores on different L3s), streaming made mix2
-// 1.6-1.8x faster, and mix2 plus the reading pass 2.6x faster (bench/mix2_threads.cpp and
-// bench_mix --alone). At 64x3x112x112 too, in both kinds of period, mix2's own time picked the
-// mode that was faster with the reader as well.
+// Streamed stores neither read each output line first nor leave it dirty for a later operation
+// to write back, but the output is then not in cache for the next reader. Which costs less
+// depends on the size and on where the threads run, and the same machine changes its mind: on a
+// 2-core EPYC virtual machine, in periods when its two cores shared an L3 (a cache line passed
+// between them in 40-60 ns), streaming made mix2 at 256x3x32x32 fp32 about 1.3x slower, and
+// mix2 plus a pass reading its output 2-2.5x slower; in periods when the pass took about
+// 200 ns (cores on different L3s), streaming made mix2 about twice as fast, and mix2 plus the
+// reader 2-2.8x faster. At 64x3x224x224 fp32 (38.5 MB) streaming was faster in both kinds of
+// period (bench_mix's store-mode rows, bench/mix2_threads.cpp). Where both were measured
+// (32x32 and 112x112 in both kinds of period, 224x224), mix2's own time picked the mode that
+// was also faster with the reader.
 //
-// So StoreChoice picks by measurement: per size class (and thread count), it keeps the last
-// kSamples times of each mode, tries both at first, then takes the mode with the smaller median
-// and gives the other one call in kExplorePeriod, so a change of period is noticed within a few
-// dozen calls. Either way the output's bits are the same; only the time differs.
+// So StoreChoice picks by measurement: per size class (a factor of two) and thread count, it
+// keeps the last kSamples times of each mode, tries both at first, then takes the mode with the
+// smaller median and gives the other one call in kExplorePeriod, so a change of period is
+// noticed within a few dozen calls. Outputs under kMinAdaptiveBytes stay in cache: they fit the
+// L2 caches, and their calls are too short to time reliably.
 #pragma once
 
 #include <algorithm>
@@ -32,10 +35,8 @@ class StoreChoice {
   static constexpr int64_t kExplorePeriod = 16;
   static constexpr int64_t kMinAdaptiveBytes = int64_t{1} << 20;
 
-  // Whether a call on a `bytes`-byte output with `threads` threads should stream; `fits` is
-  // false when the batch and the output overflow the last-level cache.
-  bool stream(int64_t bytes, int threads, bool fits) {
-    if (!fits) return true;
+  // Whether a call on a `bytes`-byte output with `threads` threads should stream.
+  bool stream(int64_t bytes, int threads) {
     if (bytes < kMinAdaptiveBytes) return false;
     std::lock_guard<std::mutex> lock(mutex_);
     Class& c = classes_[key(bytes, threads)];

@@ -415,26 +415,20 @@ void check_mix2_equals_two_calls(int64_t width, int64_t rows = 6, bool outside_u
   }
 }
 
-// mix2 can stream its output on the AVX-512 paths with whole 16-element rows and an aligned
-// output, and always does when the batch plus the output overflow the last-level cache.
-void test_mix2_streams_output() {
-  const int64_t llc = core::last_level_cache_bytes();
-  expect(llc > 0, "last-level cache size");
+// mix2 can stream its output on the AVX-512 paths, with whole 16-element rows and an aligned
+// output.
+void test_mix2_can_stream() {
   auto* aligned = reinterpret_cast<float*>(uintptr_t{64});  // never dereferenced
-  const int64_t big_n = llc / (3 * 32 * 32 * 4) + 1;         // 2 x batch > llc
-  const core::MixLayout big{big_n, 3, 32, 32}, small{2, 3, 32, 32}, odd{big_n, 3, 33, 33};
-  expect(!core::mix2_streams_output(aligned, small), "a small batch stays in cache");
-  expect(!core::mix2_streams_output(aligned + 4, big), "a misaligned output is not streamed");
-  expect(!core::mix2_streams_output(aligned, odd), "rows of partial steps are not streamed");
-  expect(core::mix2_streams_output(aligned, big) == core::cpu_has_avx512f(),
-         "a float batch over the cache is streamed where the CPU has AVX-512");
-  expect(core::mix2_can_stream(aligned, small) == core::cpu_has_avx512f(),
-         "any size can be streamed where the CPU has AVX-512");
+  const core::MixLayout rows32{2, 3, 32, 32}, rows33{2, 3, 33, 33};
+  expect(core::mix2_can_stream(aligned, rows32) == core::cpu_has_avx512f(),
+         "float can be streamed where the CPU has AVX-512");
+  expect(!core::mix2_can_stream(aligned + 4, rows32), "a misaligned output is not streamed");
+  expect(!core::mix2_can_stream(aligned, rows33), "rows of partial steps are not streamed");
   auto* pixels = reinterpret_cast<uint8_t*>(aligned);
-  expect(core::mix2_can_stream(pixels, small) == core::avx512::cpu_has_avx512bw(),
+  expect(core::mix2_can_stream(pixels, rows32) == core::avx512::cpu_has_avx512bw(),
          "uint8 can be streamed where the CPU has AVX-512BW");
-  expect(!core::mix2_can_stream(pixels + 16, small), "a misaligned uint8 output is not streamed");
-  expect(!core::mix2_can_stream(reinterpret_cast<double*>(aligned), small), "double is not streamed");
+  expect(!core::mix2_can_stream(pixels + 16, rows32), "a misaligned uint8 output is not streamed");
+  expect(!core::mix2_can_stream(reinterpret_cast<double*>(aligned), rows32), "double is not streamed");
 }
 
 void test_mix2_equals_two_calls() {
@@ -456,7 +450,7 @@ void test_mix2_equals_two_calls() {
 
 int main() {
   test_mix2_equals_two_calls();
-  test_mix2_streams_output();
+  test_mix2_can_stream();
   test_mix_forward_equals_formula();
 #if defined(METAMIXER_HAVE_AVX2_PATH)
   test_wide_blend_paths_equal_scalar();
