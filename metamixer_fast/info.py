@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 
@@ -11,6 +12,7 @@ from . import __version__, _backend
 from . import ops as _ops  # noqa: F401  (registers the ops and their reference kernels)
 
 OPS = ("mixed_kd_loss", "mixed_kd_loss_backward", "mix", "mix_backward", "mix2")
+STREAM_STORES_VAR = "METAMIXER_STREAM_STORES"  # read by the C++ mix2 on every call (csrc/mix.cpp)
 
 
 def _devices() -> list[torch.device]:
@@ -18,6 +20,17 @@ def _devices() -> list[torch.device]:
     if torch.cuda.is_available():
         devices.append(torch.device("cuda"))
     return devices
+
+
+def _store_mode_line() -> str:
+    """What METAMIXER_STREAM_STORES makes mix2's C++ kernel do with its output's stores."""
+    value = os.environ.get(STREAM_STORES_VAR, "")
+    timed = "mix2 (C++) times both store modes for outputs from 1 MB and keeps the faster"
+    what = {"": timed, "auto": timed,
+            "on": "mix2 (C++) streams its outputs past the cache where it can",
+            "off": "mix2 (C++) stores its outputs through the cache"}
+    return (f"{STREAM_STORES_VAR}  {value or '(unset)'}: "
+            f"{what.get(value, 'not one of auto, on, off: mix2 will refuse it')}")
 
 
 def report() -> str:
@@ -37,6 +50,7 @@ def report() -> str:
         lines.append(f"C++ extension  built: {torch.ops.metamixer_cpp.build_info()}")
     forced = _backend.forced_backend()
     lines.append(f"{_backend.ENV_VAR}  {forced or '(unset: automatic choice)'}")
+    lines.append(_store_mode_line())
     for device in _devices():
         for op in OPS:
             try:

@@ -46,8 +46,18 @@ def test_cpp_module_builds_and_registers_its_ops():
 def test_info_reports_build_and_backends(tmp_path):
     out = _python("import metamixer_fast.info as i; i.main()", tmp_path)
     assert "torch" in out and "mixed_kd_loss" in out and "cpu" in out
+    assert "METAMIXER_STREAM_STORES  (unset): mix2 (C++) times both store modes" in out
     if REQUIRE_CPP:
         assert "C++ extension  built" in out
+
+
+@pytest.mark.parametrize("value, says", [("on", "streams its outputs"),
+                                         ("off", "through the cache"),
+                                         ("sometimes", "not one of auto, on, off")])
+def test_info_reports_the_store_mode_setting(tmp_path, value, says):
+    out = _python("import metamixer_fast.info as i; i.main()", tmp_path,
+                  METAMIXER_STREAM_STORES=value)
+    assert f"METAMIXER_STREAM_STORES  {value}: " in out and says in out
 
 
 def test_kernels_package_from_editable_install(tmp_path):
