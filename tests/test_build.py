@@ -44,7 +44,7 @@ def test_cpp_module_builds_and_registers_its_ops():
 
 
 def test_info_reports_build_and_backends(tmp_path):
-    out = _python("import metamixer_fast.info as i; i.main()", tmp_path)
+    out = _python("import metamixer_fast.info as i; i.main()", tmp_path, METAMIXER_STREAM_STORES="")
     assert "torch" in out and "mixed_kd_loss" in out and "cpu" in out
     assert "METAMIXER_STREAM_STORES  (unset): mix2 (C++) times both store modes" in out
     if REQUIRE_CPP:
