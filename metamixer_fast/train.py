@@ -424,6 +424,10 @@ def build_parser(prog: str = "metamixer-fast train") -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, prog: str = "metamixer-fast train") -> int:
     args = build_parser(prog).parse_args(argv)
+    # a process group that fit() starts (under torchrun) is ended here, before the interpreter
+    # exits: left to the exit, gloo's threads were sometimes destroyed while still running, and a
+    # rank aborted ("terminate called without an active exception") after training had finished
+    started_here = not (dist.is_available() and dist.is_initialized())
     try:
         if args.resume:
             state = checkpoint.load(args.resume)
@@ -440,6 +444,9 @@ def main(argv: list[str] | None = None, prog: str = "metamixer-fast train") -> i
     except (ConfigError, checkpoint.CheckpointError, NonFiniteLossError, DatasetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if started_here and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     if final:
         print(f"final: top-1 per peer {final['top1']}  ensemble {final['ensemble_top1']}")
     return 0
