@@ -137,8 +137,8 @@ class Batches:
         return entry
 
 
-# mix2 fused with its output's stores forced through the cache or past it (by default the
-# library streams a float output when the batch and the output overflow the last-level cache)
+# mix2 fused with its output's stores forced through the cache or past it (by default mix2
+# picks the mode by timing its calls, see csrc/core/store_choice.h)
 STORE_ROWS = {"mix2, cached stores": "off", "mix2, streamed stores": "on"}
 
 
@@ -158,7 +158,8 @@ def with_stores(mode: str, step: Callable[[], object]) -> Callable[[], object]:
 
 
 def core_rows(batches: Batches) -> dict[str, Callable[[], object] | str]:
-    """The floors and our two ways of doing the input stage (see the module docstring)."""
+    """The floors, our two ways of doing the input stage, and the fused one with its store mode
+    forced each way (see the module docstring)."""
     def clone() -> object:
         return batches()[0].clone()
 
@@ -174,7 +175,8 @@ def core_rows(batches: Batches) -> dict[str, Callable[[], object] | str]:
         x, _, plan = batches()
         return mf.mix2(x, *plan)
 
-    return {"clone": clone, "add": add, "mix x2": mix_x2, "mix2 fused": mix2}
+    stores = {name: with_stores(mode, mix2) for name, mode in STORE_ROWS.items()}
+    return {"clone": clone, "add": add, "mix x2": mix_x2, "mix2 fused": mix2, **stores}
 
 
 def input_rows(batches: Batches) -> dict[str, Callable[[], object] | str]:
@@ -192,7 +194,6 @@ def input_rows(batches: Batches) -> dict[str, Callable[[], object] | str]:
         x, _, plan = batches()
         return compiled_mix2(x, *plan)
 
-    rows.update({name: with_stores(mode, rows["mix2 fused"]) for name, mode in STORE_ROWS.items()})
     rows["mix2 + plan"] = lambda: mf.mix2(batches()[0], *mix2_plan(n, h, w))
     rows["reference x2"] = eager_reference
     rows["reference x2, compiled"] = warmed(compiled_reference)
@@ -209,13 +210,13 @@ def input_rows(batches: Batches) -> dict[str, Callable[[], object] | str]:
 
 
 ALONE_PARTS = ("mix, blend only", "mix, box only", "mix2, no boxes")
+
+
 def alone_rows(batches: Batches) -> dict[str, Callable[[], object] | str]:
     """The input-stage rows without the slow comparators (the reference, kornia), whose
     temporaries evict the batch between rounds, plus the parts of mix2 on their own: the
-    whole-sample blend, the CutMix box, and mix2 with empty boxes; and mix2 with its stores
-    forced each way (STORE_ROWS)."""
+    whole-sample blend, the CutMix box, and mix2 with empty boxes."""
     no_boxes = torch.zeros(batches.entries[0][0].shape[0], 4, dtype=torch.long)
-    rows = core_rows(batches)
 
     def blend() -> object:
         x, _, (_, _, _, pi, mu) = batches()
@@ -229,8 +230,7 @@ def alone_rows(batches: Batches) -> dict[str, Callable[[], object] | str]:
         x, _, (sigma, zeros, _, pi, mu) = batches()
         return mf.mix2(x, sigma, zeros, no_boxes, pi, mu)
 
-    stores = {name: with_stores(mode, rows["mix2 fused"]) for name, mode in STORE_ROWS.items()}
-    return {**rows, **stores, ALONE_PARTS[0]: blend, ALONE_PARTS[1]: box,
+    return {**core_rows(batches), ALONE_PARTS[0]: blend, ALONE_PARTS[1]: box,
             ALONE_PARTS[2]: mix2_no_boxes}
 
 

@@ -19,8 +19,8 @@
 #include <chrono>
 #include <cstdlib>
 #include <memory>
-#include <string>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "core/mix.h"

@@ -424,9 +424,10 @@ def build_parser(prog: str = "metamixer-fast train") -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, prog: str = "metamixer-fast train") -> int:
     args = build_parser(prog).parse_args(argv)
-    # a process group that fit() starts (under torchrun) is ended here, before the interpreter
-    # exits: left to the exit, gloo's threads were sometimes destroyed while still running, and a
-    # rank aborted ("terminate called without an active exception") after training had finished
+    # a process group that fit() starts (under torchrun) is ended here, not left to the
+    # interpreter's exit (once, a rank of the DDP test aborted with "terminate called without an
+    # active exception", from a C++ thread destroyed while running; gloo's threads are the only
+    # ones in this process that C++ starts)
     started_here = not (dist.is_available() and dist.is_initialized())
     try:
         if args.resume:

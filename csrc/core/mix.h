@@ -305,7 +305,7 @@ void mix_forward_planes(const T* x, T* out, const int64_t* src, const compute_t<
 // Bytes: reads x_i, x_k (and their local partners inside the boxes), writes out once; samples
 // are taken in partner_chain_order, so x_k is read again from cache as the next x_i, and the
 // batch comes from memory about once. stream_output (the caller's choice where mix2_can_stream
-// allows it, the same for every unit) writes out past the cache on the float AVX-512 path.
+// allows it, the same for every unit) writes out past the cache on the AVX-512 paths.
 inline bool crosses_box(const int64_t* box, int64_t y) { return box[2] < box[3] && row_in_box(box, y); }
 
 // The first row after y (y < rows) where crosses_box(box, .) changes, or rows: runs of rows are

@@ -9,9 +9,8 @@
 // mix2 plus a pass reading its output 2-2.5x slower; in periods when the pass took about
 // 200 ns (cores on different L3s), streaming made mix2 about twice as fast, and mix2 plus the
 // reader 2-2.8x faster. At 64x3x224x224 fp32 (38.5 MB) streaming was faster in both kinds of
-// period (bench_mix's store-mode rows, bench/mix2_threads.cpp). Where both were measured
-// (32x32 and 112x112 in both kinds of period, 224x224), mix2's own time picked the mode that
-// was also faster with the reader.
+// period (bench_mix's store-mode rows, bench/mix2_threads.cpp). At 32x32 and 224x224, in both
+// kinds of period, mix2's own time picked the mode that was also faster with the reader.
 //
 // So StoreChoice picks by measurement: per size class (a factor of two) and thread count, it
 // keeps the last kSamples times of each mode, tries both at first, then takes the mode with the
