@@ -105,6 +105,8 @@ class _Sampler(abc.ABC):
             plan = self._draw(y_cpu)
             if size is not None:
                 plan.resolve(size)
+        if plan.device == dev:
+            return plan
         return plan.to(dev, labels=y if y.device == dev else None)
 
     def _stages(self) -> tuple[str, ...]:

@@ -45,18 +45,24 @@ def cutmix_boxes(lam: Tensor, center: Tensor, height: int, width: int) -> tuple[
     Computed in numpy on the host (a few hundred numbers: torch would spend ~2 us an operation,
     and on a GPU a kernel launch each); the results go to ``lam``'s device.
     """
-    lam_h, center_h = lam.detach().cpu().double().numpy(), center.detach().cpu().double().numpy()
-    size = np.array([height, width], dtype=np.float64)
-    ratio = np.sqrt(1.0 - np.clip(lam_h, 0.0, 1.0))
-    cut = np.floor(size * ratio[:, None]).astype(np.int64)  # [N, 2] (cut_h, cut_w)
-    limit = size.astype(np.int64)
-    lo = np.minimum(np.floor(center_h * size).astype(np.int64), limit - 1) - cut // 2
-    box = np.empty((lam_h.size, 4), dtype=np.int64)  # (y0, y1, x0, x1)
-    box[:, 0::2], box[:, 1::2] = np.maximum(lo, 0), np.minimum(lo + cut, limit)
-    extent = np.maximum(box[:, 1::2] - box[:, 0::2], 0)
-    lam_cut = 1.0 - (extent[:, 0] * extent[:, 1]).astype(np.float64) / (height * width)
+    box, lam_cut = _cutmix_boxes(lam.detach().cpu().double().numpy(),
+                                 center.detach().cpu().double().numpy(), height, width)
     return (torch.from_numpy(box).to(lam.device, non_blocking=True),
             torch.from_numpy(lam_cut).to(lam.device, non_blocking=True))
+
+
+def _cutmix_boxes(lam: np.ndarray, center: np.ndarray, height: int,
+                  width: int) -> tuple[np.ndarray, np.ndarray]:
+    """``cutmix_boxes`` on host arrays: lam[N] and center[N, 2] float64."""
+    size = np.array([height, width], dtype=np.float64)
+    ratio = np.sqrt(1.0 - np.clip(lam, 0.0, 1.0))
+    cut = np.floor(size * ratio[:, None]).astype(np.int64)  # [N, 2] (cut_h, cut_w)
+    limit = size.astype(np.int64)
+    lo = np.minimum(np.floor(center * size).astype(np.int64), limit - 1) - cut // 2
+    box = np.empty((lam.size, 4), dtype=np.int64)  # (y0, y1, x0, x1)
+    box[:, 0::2], box[:, 1::2] = np.maximum(lo, 0), np.minimum(lo + cut, limit)
+    extent = np.maximum(box[:, 1::2] - box[:, 0::2], 0)
+    return box, 1.0 - (extent[:, 0] * extent[:, 1]).astype(np.float64) / (height * width)
 
 
 @dataclass(eq=False)
@@ -95,9 +101,11 @@ class MixPlan:
     _lam: Tensor | None = field(default=None, repr=False)
     _input_cache: tuple[Tensor, int, Tensor] | None = field(default=None, repr=False)
     _premixed: tuple[Tensor, int] | None = field(default=None, repr=False)
-    # (lam_draw, center) on the host, kept by ``to``: ``resolve`` computes the boxes from them,
-    # so a plan on a GPU fixes its boxes without a device-to-host copy (a sync).
-    _host_draw: tuple[Tensor, Tensor] | None = field(default=None, repr=False)
+    # The plan on the host, kept by ``to`` (and never changed through this plan): ``resolve`` and
+    # ``target`` do their arithmetic on a few hundred numbers there in numpy and move only the
+    # results, so a plan on a GPU needs no device-to-host copy (a sync) and no kernel launches.
+    _host: MixPlan | None = field(default=None, repr=False)
+    _host_lam: Tensor | None = field(default=None, repr=False)  # resolved lam, on the host
 
     # ------------------------------------------------------------------ construction and moves
     @classmethod
@@ -122,15 +130,17 @@ class MixPlan:
         def move(t: Tensor | None) -> Tensor | None:
             return None if t is None else t.to(device, non_blocking=True)
 
-        host = self._host_draw
-        if host is None and self.center is not None and self.device.type == "cpu":
-            host = (self.lam_draw, self.center)
         return replace(self, labels=labels if labels is not None else move(self.labels),
                        local_src=move(self.local_src), local_w=move(self.local_w),
                        lam_draw=move(self.lam_draw), cut=move(self.cut), center=move(self.center),
                        global_src=move(self.global_src), mu=move(self.mu), _box=move(self._box),
                        _lam=move(self._lam), _input_cache=None, _premixed=None,
-                       _host_draw=host)
+                       _host=self._on_host(),
+                       _host_lam=self._lam if self.device.type == "cpu" else self._host_lam)
+
+    def _on_host(self) -> MixPlan | None:
+        """This plan's host twin: itself on the CPU, else the one ``to`` kept (or None)."""
+        return self if self.device.type == "cpu" else self._host
 
     # --------------------------------------------------------------------------- local mixing
     def resolve(self, size: Sequence[int]) -> MixPlan:
@@ -148,12 +158,13 @@ class MixPlan:
         if self.cut is None:
             self._lam = self.lam_draw
         else:
-            lam_draw, center = self._host_draw or (self.lam_draw, self.center)
-            box, lam_cut = (t.to(self.device, non_blocking=True)
-                            for t in cutmix_boxes(lam_draw, center, h, w))
-            full = torch.tensor([0, h, 0, w], device=self.device)
-            self._box = torch.where(self.cut[:, None], box, full)
-            self._lam = torch.where(self.cut, lam_cut, self.lam_draw)
+            host = self._on_host() or self.to("cpu")  # a plan made on a device: copy it back
+            lam_draw, cut = host.lam_draw.double().numpy(), host.cut.numpy()
+            box, lam_cut = _cutmix_boxes(lam_draw, host.center.double().numpy(), h, w)
+            box[~cut] = (0, h, 0, w)  # Mixup rows: the whole image
+            self._host_lam = torch.from_numpy(np.where(cut, lam_cut, lam_draw))
+            self._box = torch.from_numpy(box).to(self.device, non_blocking=True)
+            self._lam = self._host_lam.to(self.device, non_blocking=True)
         self._size = (h, w)
         return self
 
@@ -161,8 +172,7 @@ class MixPlan:
     def box(self) -> Tensor | None:
         """[N, 4] int64 (y0, y1, x0, x1) regions (whole image for Mixup rows), or None."""
         if self.cut is not None and self._box is None:
-            raise RuntimeError("MixPlan: the boxes are fixed by the image size; call "
-                               "plan.apply_local(x) or plan.resolve((H, W)) first")
+            raise _unresolved("the CutMix boxes are fixed by the image size")
         return self._box
 
     @property
@@ -171,9 +181,7 @@ class MixPlan:
         pixel count for CutMix rows, the float32 blend weight itself for Mixup rows)."""
         if self._lam is None:
             if self.cut is not None:
-                raise RuntimeError("MixPlan: lam is corrected to the pasted area, which depends on "
-                                   "the image size; call plan.apply_local(x) or "
-                                   "plan.resolve((H, W)) first")
+                raise _unresolved("lam is corrected to the pasted area, which depends on the image size")
             self._lam = self.lam_draw
         return self._lam
 
@@ -299,17 +307,33 @@ class MixPlan:
     def target(self) -> MixedTarget:
         """labels[N, 4] of the images (i, sigma(i), pi(i), sigma(pi(i))) and their weights[N, 4]
         (float32, rows sum to 1); zero-weight columns where a plan has no global mixing."""
-        y, s, lam = self.labels, self.local_src, self.lam
-        if self.global_src is None or not self.mixed:
-            p = torch.arange(self.num_samples, device=self.device)
-            mu = torch.ones_like(lam)
-        else:
-            p, mu = self.global_src, self.mu.double()
-        ys = y[s]
-        labels = torch.stack([y, ys, y[p], ys[p]], dim=1)
-        lp = lam[p]
-        weights = torch.stack([mu * lam, mu * (1 - lam), (1 - mu) * lp, (1 - mu) * (1 - lp)], dim=1)
-        return MixedTarget(labels, weights.float())
+        if self.cut is not None and self._host_lam is None:
+            raise _unresolved("the target's weights hold lam, which depends on the image size")
+        host = self._on_host() or self.to("cpu")  # a plan made on a device: copy it back
+        lam = host.lam_draw if self.cut is None else self._host_lam
+        blend = self.mixed and host.global_src is not None
+        labels, weights = _target(host.labels.numpy(), host.local_src.numpy(),
+                                  host.global_src.numpy() if blend else None,
+                                  host.mu.double().numpy() if blend else None, lam.double().numpy())
+        return MixedTarget(torch.from_numpy(labels).to(self.device, non_blocking=True),
+                           torch.from_numpy(weights).to(self.device, non_blocking=True))
+
+
+def _unresolved(why: str) -> RuntimeError:
+    return RuntimeError(f"MixPlan: {why}; call plan.apply_local(x) or plan.resolve((H, W)) first")
+
+
+def _target(y: np.ndarray, s: np.ndarray, p: np.ndarray | None, mu: np.ndarray | None,
+            lam: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``MixPlan.target`` on host arrays: labels[N, 4] int64 and weights[N, 4] float32 (the
+    products in float64, rounded once). No global mixing (p is None): pi = identity, mu = 1."""
+    if p is None:
+        p, mu = np.arange(y.size), np.ones_like(lam)
+    ys = y[s]
+    labels = np.stack([y, ys, y[p], ys[p]], axis=1)
+    lp = lam[p]
+    weights = np.stack([mu * lam, mu * (1 - lam), (1 - mu) * lp, (1 - mu) * (1 - lp)], axis=1)
+    return labels, weights.astype(np.float32)
 
 
 def _unwrap(peer: nn.Module) -> nn.Module:

@@ -178,10 +178,10 @@ def test_box_rule(rng):
     assert bool((lam_c >= lam - 1e-12).all())  # clipping only ever shrinks the pasted area
 
 
-def test_plan_on_another_device_fixes_boxes_from_host_copies(rng):
-    """A plan sampled onto an accelerator resolves its boxes without copying anything back to the
-    host (which would wait for the device). A "meta" plan stands in for one: its tensors have no
-    data, so any device-to-host copy raises."""
+def test_plan_on_another_device_fixes_boxes_and_target_from_host_copies(rng):
+    """A plan sampled onto an accelerator resolves its boxes and builds its target without copying
+    anything back to the host (which would wait for the device). A "meta" plan stands in for
+    one: its tensors have no data, so any device-to-host copy raises."""
     y = labels_with_groups(rng, 32, 4)
     seed = int(torch.randint(0, 2**31, (1,), generator=rng))
     here = MetaMixer(generator=torch.Generator().manual_seed(seed)).sample(y, size=(24, 40))
@@ -189,10 +189,13 @@ def test_plan_on_another_device_fixes_boxes_from_host_copies(rng):
     there.resolve((24, 40))
     assert there.box.device.type == "meta" and there.lam.device.type == "meta"
     assert there.box.shape == here.box.shape and there.lam.dtype == here.lam.dtype
-    # the host copies are the same draws the boxes on the CPU came from
-    moved = there._host_draw
-    assert moved is not None and torch.equal(moved[0], here.lam_draw)
-    assert torch.equal(moved[1], here.center)
+    target = there.target
+    assert target.labels.device.type == "meta" and target.weights.device.type == "meta"
+    assert target.weights.shape == here.target.weights.shape
+    # the host copies are the same draws the CPU plan came from, and give the same results
+    host = there._host
+    assert host is not None and torch.equal(host.lam_draw, here.lam_draw)
+    assert torch.equal(host.center, here.center) and torch.equal(there._host_lam, here.lam)
 
 
 # ------------------------------------------------------------------------------------- pairing
@@ -240,6 +243,19 @@ def test_fallbacks_are_random_and_counted(rng):
     one = mixer.sample(torch.tensor([3]))  # a batch of one: mixed with itself
     assert int(one.local_src) == 0 and int(one.global_src) == 0
     assert mixer.stats["local_fallback"] == 3 and mixer.stats["global_fallback"] == 1
+
+
+@pytest.mark.parametrize("offset", [-3, 70_000, -(2**40)])
+def test_pairing_does_not_depend_on_the_label_values(offset, rng):
+    """Labels in [0, 65536) are grouped by a bincount, others by a sort: shifting every label
+    (same classes, same order) must give the same partners from the same generator state."""
+    y = labels_with_groups(rng, 96, 7)
+    seed = int(torch.randint(0, 2**31, (1,), generator=rng))
+    plans = [MetaMixer(generator=torch.Generator().manual_seed(seed)).sample(labels)
+             for labels in (y, y + offset)]
+    assert torch.equal(plans[0].local_src, plans[1].local_src)
+    assert torch.equal(plans[0].global_src, plans[1].global_src)
+    assert bool((y[plans[1].global_src] != y).all())
 
 
 def test_random_pairing_is_a_derangement(rng):
