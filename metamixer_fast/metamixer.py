@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .pairing import other_class_partners, random_cycle, same_class_partners
-from .plan import INPUT_STAGE, MixPlan
+from .plan import INPUT_STAGE, MixPlan, image_size
 
 __all__ = ["CutMix", "CutMixOrMixup", "MetaMixer", "Mixup"]
 
@@ -95,6 +95,7 @@ class _Sampler(abc.ABC):
         (a sync), so pass the loader's CPU labels with ``device=`` where you can.
         """
         y_cpu = self._labels(y)
+        size = None if size is None else image_size(f"{self.name}.sample", size)
         dev = y.device if device is None else torch.device(device)
         self._stats["steps"] += 1
         coin = float(torch.rand(1, dtype=torch.float64, generator=self.generator))
@@ -138,8 +139,12 @@ class _Sampler(abc.ABC):
         missing = {"generator", "stats"} - set(state)
         if missing:
             raise KeyError(f"{self.name}.load_state_dict: missing keys {sorted(missing)}")
+        stats = state["stats"]
+        if not isinstance(stats, dict) or not all(isinstance(stats.get(k, 0), int) for k in _STAT_KEYS):
+            raise ValueError(f"{self.name}.load_state_dict: 'stats' must be a dict of int counts "
+                             f"{list(_STAT_KEYS)}, got {stats!r}")
         self.generator.set_state(state["generator"])
-        self._stats = {k: int(state["stats"].get(k, 0)) for k in _STAT_KEYS}
+        self._stats = {k: int(stats.get(k, 0)) for k in _STAT_KEYS}
 
 
 class MetaMixer(_Sampler):
@@ -171,12 +176,12 @@ class MetaMixer(_Sampler):
                  generator: torch.Generator | None = None) -> None:
         self.local_alpha = _check_alpha(self.name, "local_alpha", local_alpha)
         self.global_alpha = _check_alpha(self.name, "global_alpha", global_alpha)
-        if isinstance(stages, str):
-            stages = (stages,)
-        stages = tuple(stages)
+        given = stages
+        stages = (stages,) if isinstance(stages, str) or not isinstance(stages, Sequence) \
+            else tuple(stages)
         if not stages or not all(isinstance(s, str) and s for s in stages):
             raise ValueError(f"MetaMixer: 'stages' must be a non-empty sequence of stage names "
-                             f"('input' or submodule names), got {stages!r}")
+                             f"('input' or submodule names), got {given!r}")
         if len(set(stages)) != len(stages):
             raise ValueError(f"MetaMixer: 'stages' has duplicates: {stages!r}")
         self.stages = stages
@@ -227,7 +232,8 @@ class CutMixOrMixup(_Sampler):
     (y_i, y_sigma(i), y_i, y_sigma(i)) with weights (lam, 1 - lam, 0, 0).
 
     ``mode="batch"`` (timm's default): one coin, one lam and one box for the whole batch;
-    ``mode="elem"``: per sample. ``prob``: the chance a step is mixed at all.
+    ``mode="elem"``: per sample. ``prob``: the chance a step is mixed at all, in both modes
+    (timm's elem mode applies its ``mix_prob`` to each sample instead).
     """
 
     name = "CutMixOrMixup"

@@ -17,6 +17,7 @@ in one ``metamixer_fast.mix2`` pass.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -28,10 +29,18 @@ from torch import Tensor, nn
 from .loss import MixedTarget
 from .mix2 import mix2
 from .ops import mix
+from .stage_hooks import INPUT_STAGE, blend_hooks, peer_list, stage_targets
 
-__all__ = ["INPUT_STAGE", "MixPlan", "cutmix_boxes"]
+__all__ = ["INPUT_STAGE", "MixPlan", "cutmix_boxes", "image_size"]
 
-INPUT_STAGE = "input"
+def image_size(owner: str, size: Sequence[int]) -> tuple[int, int]:
+    """``size`` as (H, W), checked: two positive integers."""
+    if isinstance(size, (Tensor, str)) or not isinstance(size, Sequence) or len(size) != 2 \
+            or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s > 0
+                       for s in size):
+        raise ValueError(f"{owner}: 'size' must be the images' (H, W): two positive ints, e.g. "
+                         f"x.shape[-2:], got {size!r}")
+    return int(size[0]), int(size[1])
 
 
 def cutmix_boxes(lam: Tensor, center: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
@@ -100,7 +109,9 @@ class MixPlan:
     _box: Tensor | None = field(default=None, repr=False)
     _lam: Tensor | None = field(default=None, repr=False)
     _input_cache: tuple[Tensor, int, Tensor] | None = field(default=None, repr=False)
-    _premixed: tuple[Tensor, int] | None = field(default=None, repr=False)
+    # Set by ``apply`` once it has done the input-stage blend: the input hook then leaves the
+    # peers' inputs alone, whatever was done to the batch in between (a cast, a normalisation).
+    _input_blended: bool = field(default=False, repr=False)
     # The plan on the host, kept by ``to`` (and never changed through this plan): ``resolve`` and
     # ``target`` do their arithmetic on a few hundred numbers there in numpy and move only the
     # results, so a plan on a GPU needs no device-to-host copy (a sync) and no kernel launches.
@@ -134,7 +145,7 @@ class MixPlan:
                        local_src=move(self.local_src), local_w=move(self.local_w),
                        lam_draw=move(self.lam_draw), cut=move(self.cut), center=move(self.center),
                        global_src=move(self.global_src), mu=move(self.mu), _box=move(self._box),
-                       _lam=move(self._lam), _input_cache=None, _premixed=None,
+                       _lam=move(self._lam), _input_cache=None,
                        _host=self._on_host(),
                        _host_lam=self._lam if self.device.type == "cpu" else self._host_lam)
 
@@ -147,9 +158,7 @@ class MixPlan:
         """Fix the CutMix boxes for images of ``size`` = (H, W) and correct lam; returns self.
 
         Called by ``apply_local``; call it yourself to read ``target`` before mixing."""
-        h, w = (int(s) for s in size)
-        if h < 1 or w < 1:
-            raise ValueError(f"MixPlan.resolve: image size must be positive, got {(h, w)}")
+        h, w = image_size("MixPlan.resolve", size)
         if self._size is not None:
             if self._size != (h, w):
                 raise ValueError(f"MixPlan: this plan's boxes were fixed for images of size "
@@ -221,15 +230,16 @@ class MixPlan:
         stage is "input" also the global blend, done in one fused ``mix2`` pass (bit for bit the
         two ``mix`` calls, with one read and one write of the batch instead of two of each).
 
-        ``global_mixing`` recognises the returned tensor (while it is unmodified) and does not
-        blend it again, so ``apply`` and ``global_mixing`` combine like ``apply_local`` and
-        ``global_mixing``; at an inner stage ``apply`` is ``apply_local``.
+        Once ``apply`` has blended at the input, ``global_mixing`` passes the peers' inputs
+        through unblended (also after a cast, a normalisation or a move of the returned batch,
+        and on a copy made by ``to``), so ``apply`` and ``global_mixing`` combine like
+        ``apply_local`` and ``global_mixing``; at an inner stage ``apply`` is ``apply_local``.
         """
         if not self.mixed or self.stage != INPUT_STAGE or self.global_src is None:
             return self.apply_local(x)
         self._prepare_images(x, "apply")
         out = mix2(x, self.local_src, self.local_w, self.box, self.global_src, self._mu_for(x))
-        self._premixed = (out, out._version)
+        self._input_blended = True
         return out
 
     # -------------------------------------------------------------------------- global mixing
@@ -246,9 +256,8 @@ class MixPlan:
 
     def _blend_input(self, x: Tensor) -> Tensor:
         """``blend`` for the peers' shared input: blended once, reused while x is unchanged."""
-        premixed = self._premixed
-        if premixed is not None and premixed[0] is x and premixed[1] == x._version:
-            return x  # ``apply`` has blended it already
+        if self._input_blended:
+            return x  # ``apply`` has blended the batch already
         cache = self._input_cache
         if cache is not None and cache[0] is x and cache[1] == x._version:
             return cache[2]
@@ -270,29 +279,25 @@ class MixPlan:
         raises. An identity plan installs nothing.
 
         A stage module must run exactly once per forward of its peer; otherwise the forward
-        raises (the target would not describe the mixture). With ``torch.compile``d peers only
-        the "input" stage is reliable: a graph compiled before the hooks existed does not see
-        hooks added later on inner modules (the check above then raises).
+        raises (the target would not describe the mixture). A stage module shared by several
+        peers is blended once per peer forward; blocks may not nest over the same module. With
+        ``torch.compile``d peers only the "input" stage is reliable: a graph compiled before the
+        hooks existed does not see hooks added later on inner modules (the check above then
+        raises). Call ``backward`` after the block as usual, but keep stage modules out of
+        reentrant activation checkpointing (``checkpoint(..., use_reentrant=True)``): its
+        backward recomputes the forward after the hooks are gone, so the gradients would be
+        those of the unblended activation (non-reentrant checkpointing detects this and raises).
         """
-        single = isinstance(peers, nn.Module) and not isinstance(peers, nn.ModuleList)
-        peer_list = [peers] if single else list(peers)
-        targets = _stage_targets(peer_list, self.stages, stage_modules)
+        modules = peer_list(peers)
+        targets = stage_targets(modules, self.stages, stage_modules)
         if not self.mixed or self.stage is None:
             yield self
             return
-        handles: list[torch.utils.hooks.RemovableHandle] = []
         self._input_cache = None
         try:
-            for k, peer in enumerate(peer_list):
-                if self.stage == INPUT_STAGE:
-                    handles.append(peer.register_forward_pre_hook(self._input_hook, with_kwargs=True))
-                else:
-                    name = targets[k][self.stage]
-                    handles.extend(_install_stage_hooks(self, peer, name, k))
-            yield self
+            with blend_hooks(modules, self.stage, targets, self._input_hook, self.blend):
+                yield self
         finally:
-            for handle in handles:
-                handle.remove()
             self._input_cache = None
 
     def _input_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -334,77 +339,3 @@ def _target(y: np.ndarray, s: np.ndarray, p: np.ndarray | None, mu: np.ndarray |
     lp = lam[p]
     weights = np.stack([mu * lam, mu * (1 - lam), (1 - mu) * lp, (1 - mu) * (1 - lp)], axis=1)
     return labels, weights.astype(np.float32)
-
-
-def _unwrap(peer: nn.Module) -> nn.Module:
-    """The module whose submodule names the stages use: ``torch.compile`` wraps a peer in an
-    ``OptimizedModule`` that prefixes every name with ``_orig_mod.``."""
-    inner = getattr(peer, "_orig_mod", None)
-    return inner if isinstance(inner, nn.Module) else peer
-
-
-def _stage_targets(peers: list[nn.Module], stages: tuple[str, ...],
-                   stage_modules: Sequence[Mapping[str, str]] | None) -> list[dict[str, str]]:
-    """Per peer, stage name -> submodule name, after checking that every submodule exists."""
-    if not peers:
-        raise ValueError("MixPlan.global_mixing: 'peers' is empty; pass the K peer modules")
-    for k, peer in enumerate(peers):
-        if not isinstance(peer, nn.Module):
-            raise TypeError(f"MixPlan.global_mixing: peers[{k}] must be an nn.Module, got "
-                            f"{type(peer).__name__}")
-    if len({id(p) for p in peers}) != len(peers):
-        raise ValueError("MixPlan.global_mixing: the same module appears twice in 'peers'; its "
-                         "activations would be blended twice")
-    if stage_modules is not None and (isinstance(stage_modules, Mapping)
-                                      or len(stage_modules) != len(peers)):
-        raise ValueError(f"MixPlan.global_mixing: 'stage_modules' must be a sequence of one dict "
-                         f"per peer ({len(peers)} peers), got {stage_modules!r}")
-    inner = [s for s in stages if s != INPUT_STAGE]
-    result = []
-    for k, peer in enumerate(peers):
-        mapping = {s: s for s in inner} if stage_modules is None else dict(stage_modules[k])
-        names = dict(_unwrap(peer).named_modules())
-        for stage in inner:
-            if stage not in mapping:
-                raise ValueError(f"MixPlan.global_mixing: stage_modules[{k}] has no entry for stage "
-                                 f"{stage!r} (it maps {sorted(mapping)})")
-            if mapping[stage] not in names:
-                listed = ", ".join(repr(n) for n in names if n)
-                raise ValueError(f"MixPlan.global_mixing: peer {k} ({type(peer).__name__}) has no "
-                                 f"submodule {mapping[stage]!r} for stage {stage!r}; its submodules "
-                                 f"are: {listed}")
-        result.append(mapping)
-    return result
-
-
-def _install_stage_hooks(plan: MixPlan, peer: nn.Module, name: str,
-                         k: int) -> list[torch.utils.hooks.RemovableHandle]:
-    """Blend the output of ``peer.<name>`` once per forward of ``peer``.
-
-    A forward pre-hook on the peer arms the stage; the stage's forward hook blends and counts;
-    a forward hook on the peer checks that the stage ran exactly once (a stage module that is
-    skipped, or called twice in one forward, would make the target wrong, so both raise).
-    """
-    module = _unwrap(peer).get_submodule(name)
-    calls = [0]
-
-    def arm(_module: nn.Module, _args: tuple) -> None:
-        calls[0] = 0
-
-    def blend_output(_module: nn.Module, _args: tuple, output: Tensor) -> Tensor:
-        calls[0] += 1
-        if calls[0] > 1:
-            raise RuntimeError(f"MixPlan: stage module {name!r} of peer {k} ran twice in one "
-                               f"forward; pick a stage module that runs once per forward")
-        if not isinstance(output, Tensor):
-            raise TypeError(f"MixPlan: stage module {name!r} of peer {k} returned a "
-                            f"{type(output).__name__}; the global blend needs a tensor output")
-        return plan.blend(output)
-
-    def check(_module: nn.Module, _args: tuple, _output: object) -> None:
-        if calls[0] != 1:
-            raise RuntimeError(f"MixPlan: stage module {name!r} of peer {k} did not run during "
-                               f"the forward, so no global mixing happened")
-
-    return [peer.register_forward_pre_hook(arm), module.register_forward_hook(blend_output),
-            peer.register_forward_hook(check)]

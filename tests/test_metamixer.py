@@ -371,13 +371,77 @@ def test_apply_fuses_the_input_blend_and_the_hook_does_not_repeat_it(dtype, rng,
     fused = plan.apply(x)
     with plan.global_mixing(peers):
         outs = [p(fused) for p in peers]
-        assert not blends  # the fused output is not blended again
-        fused.mul_(1)  # ...unless it was changed in place since
+        fused.mul_(1)  # changed in place, cast, moved, or the plan copied: still blended once
         peers[0](fused)
-        assert len(blends) == 1
+        peers[1](fused.double() / 255)
+    with plan.to("cpu").global_mixing(peers):
+        peers[0](fused)
+    assert not blends  # the fused output is never blended again
     for out, ref in zip(outs, two_calls):
         torch.testing.assert_close(out, ref, rtol=0, atol=0)  # bit for bit the two mix calls
     assert no_hooks_left(*peers)
+
+
+@pytest.mark.parametrize("stage", ["input", "trunk"])
+def test_a_module_is_blended_once_per_forward(stage, rng):
+    """A stage module shared by two peers (a common trunk) is blended once per peer forward, and
+    a block nested over the same modules is refused rather than blending twice."""
+    trunk = nn.Linear(5, 6).double()
+    peers = [nn.Sequential(OrderedDict(trunk=trunk, head=nn.Linear(6, 3).double()))
+             for _ in range(2)]
+    x = torch.randn(8, 5, dtype=torch.float64, generator=rng)
+    plan = MetaMixer(stages=(stage,), generator=seeded(rng)).sample(
+        torch.randint(0, 3, (8,), generator=rng))
+    with torch.no_grad():
+        before = x if stage == "input" else trunk(x)
+        expected = [p.head(global_mixture(before, plan) if stage == "trunk"
+                           else p.trunk(global_mixture(x, plan))) for p in peers]
+        with plan.global_mixing(peers):
+            outs = [p(x) for p in peers]
+            with pytest.raises(RuntimeError, match="nested blocks would blend it twice"), \
+                    plan.global_mixing(peers):
+                pass
+            outs_again = [p(x) for p in peers]  # the outer block's hooks are intact
+    for out, again, ref in zip(outs, outs_again, expected):
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(again, ref, rtol=1e-12, atol=1e-12)
+    assert no_hooks_left(*peers)
+    with plan.global_mixing(peers):  # usable again once the block is closed
+        pass
+
+
+class Aliased(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = seq("a", "b", "c")
+        self.mid = self.body.b  # the same module under a second name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def test_stage_names_may_be_aliases(rng):
+    net = Aliased()
+    plan = MetaMixer(stages=("mid",), generator=seeded(rng)).sample(
+        torch.randint(0, 2, (4,), generator=rng))
+    x = torch.randn(4, 5, dtype=torch.float64, generator=rng)
+    with torch.no_grad(), plan.global_mixing(net):
+        out = net(x)
+    with torch.no_grad():
+        body = net.body
+        torch.testing.assert_close(out, body.c(global_mixture(body.b(body.a(x)), plan)))
+
+
+@pytest.mark.parametrize("peers, stage_modules, error, match", [
+    (None, None, TypeError, "'peers' must be a module or a sequence"),
+    ([nn.Linear(2, 2), "x"], None, TypeError, r"peers\[1\] must be an nn.Module"),
+    ([seq("a")], [None], ValueError, "'stage_modules' must be a sequence of one dict per peer"),
+    ([seq("a")], {"s": "a"}, ValueError, "'stage_modules' must be a sequence of one dict per peer"),
+])
+def test_global_mixing_rejects_bad_arguments(peers, stage_modules, error, match, rng):
+    plan = MetaMixer(stages=("a",), generator=seeded(rng)).sample(torch.tensor([0, 1, 0, 1]))
+    with pytest.raises(error, match=match), plan.global_mixing(peers, stage_modules):
+        pass
 
 
 def test_apply_at_an_inner_stage_is_apply_local(rng):
@@ -419,7 +483,8 @@ def test_heterogeneous_peers(rng):
     y = torch.randint(0, 3, (n,), generator=rng)
     mixer = MetaMixer(stages=("mid", "late", "input"), generator=seeded(rng))
     seen = set()
-    for _ in range(12):
+    while seen != {"mid", "late", "input"}:  # each draw picks one of 3 stages uniformly
+        assert mixer.stats["steps"] < 200, seen
         plan = mixer.sample(y)
         seen.add(plan.stage)
         with torch.no_grad(), plan.global_mixing(peers, stage_modules=names):
@@ -625,10 +690,27 @@ Y = torch.tensor([0, 1, 1, 0])
     (lambda: MetaMixer().sample(Y[:0]), "N >= 1"),
     (lambda: MetaMixer().sample(Y).apply_local(torch.randn(3, 3, 4, 4)), "N=4"),
     (lambda: MetaMixer().sample(Y).apply_local(torch.randn(4, 6)), r"\[N, C, H, W\]"),
+    (lambda: MetaMixer(stages=None), "stages"),
+    (lambda: MetaMixer().sample(Y, size=(3, 8, 8)), "'size' must be the images' \\(H, W\\)"),
+    (lambda: MetaMixer().sample(Y, size=8), "'size'"),
+    (lambda: MetaMixer().sample(Y, size=(8.5, 8)), "'size'"),
+    (lambda: MetaMixer().sample(Y, size=(0, 8)), "'size'"),
+    (lambda: MetaMixer().sample(Y).resolve((3, 8, 8)), "MixPlan.resolve: 'size'"),
+    (lambda: MetaMixer().load_state_dict({"generator": torch.Generator().get_state(),
+                                          "stats": None}), "'stats'"),
 ])
 def test_bad_arguments_raise_clear_errors(make, match):
     with pytest.raises((ValueError, TypeError), match=match):
         make()
+
+
+def test_a_refused_sample_draws_and_counts_nothing():
+    mixer = MetaMixer(generator=torch.Generator().manual_seed(5))
+    with pytest.raises(ValueError, match="'size'"):
+        mixer.sample(Y, size=(4, 4, 4))
+    assert mixer.stats["steps"] == 0
+    fresh = MetaMixer(generator=torch.Generator().manual_seed(5))
+    assert torch.equal(mixer.sample(Y).global_src, fresh.sample(Y).global_src)
 
 
 def test_bad_stage_modules_raise_clear_errors():
