@@ -60,9 +60,19 @@ bool is_channels_last(const at::Tensor& x) {
   return x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 
-// The tensor the kernel reads: x itself if contiguous or channels_last, else a contiguous copy.
+// The layout the kernels read and write (the rule of metamixer_fast/_layout.py, which the fake
+// implementations follow, so the two must agree): channels_last for a 4-D input whose channels
+// are innermost and W next (a channels_last batch, or a crop of one), else contiguous.
+at::MemoryFormat mix_format(const at::Tensor& x) {
+  const bool last =
+      x.dim() == 4 && !x.is_contiguous() && x.stride(1) == 1 && x.stride(3) == x.size(1);
+  return last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+// The tensor the kernel reads: x itself if it has its mix_format already, else a copy.
 at::Tensor readable(const at::Tensor& x) {
-  return (x.is_contiguous() || is_channels_last(x)) ? x : x.contiguous();
+  const at::MemoryFormat format = mix_format(x);
+  return x.is_contiguous(format) ? x : x.contiguous(format);
 }
 
 // Checks partner indices and weights (named src_name/w_name in messages, as in _checks.py)
@@ -150,9 +160,9 @@ MixPlan<CT> make_plan(const at::Tensor& x, const at::Tensor& src, const at::Tens
   return plan;
 }
 
-// An uninitialized tensor with exactly the (dense) strides of x.
-at::Tensor empty_like_strided(const at::Tensor& x) {
-  return at::empty_strided(x.sizes(), x.strides(), x.options());
+// An uninitialized output for x: its sizes, in mix_format(x) with that format's standard strides.
+at::Tensor mix_output(const at::Tensor& x) {
+  return at::empty(x.sizes(), x.options().memory_format(mix_format(x)));
 }
 
 // Units per task: aim for ~32 KiB of output per task so small images still split.
@@ -187,7 +197,7 @@ at::Tensor mix_cpu(const at::Tensor& x_in, const at::Tensor& src, const at::Tens
   TORCH_CHECK_VALUE(x_in.dim() == 2 || x_in.dim() == 4,
                     "mix: 'x' must be [N, C, H, W] images or [N, D] features");
   const at::Tensor x = readable(x_in);
-  at::Tensor out = empty_like_strided(x);
+  at::Tensor out = mix_output(x_in);
   AT_DISPATCH_FLOATING_TYPES_AND3(at::kByte, at::kHalf, at::kBFloat16, x.scalar_type(), "mix", [&] {
     using T = typename CoreType<scalar_t>::type;
     using CT = core_ns::compute_t<T>;
@@ -242,7 +252,7 @@ at::Tensor mix2_cpu(const at::Tensor& x_in, const at::Tensor& src, const at::Ten
   TORCH_CHECK_VALUE(x_in.dim() == 2 || x_in.dim() == 4,
                     "mix2: 'x' must be [N, C, H, W] images or [N, D] features");
   const at::Tensor x = readable(x_in);
-  at::Tensor out = empty_like_strided(x);
+  at::Tensor out = mix_output(x_in);
   AT_DISPATCH_FLOATING_TYPES_AND3(at::kByte, at::kHalf, at::kBFloat16, x.scalar_type(), "mix2", [&] {
     using T = typename CoreType<scalar_t>::type;
     using CT = core_ns::compute_t<T>;
@@ -284,9 +294,8 @@ std::tuple<at::Tensor, at::Tensor> mix_backward_cpu(const at::Tensor& grad_in,
                     " and ", x_in.sizes());
   const at::Tensor x = readable(x_in);
   // grad is read in x's layout (usually already so: autograd hands back out's strides)
-  const at::Tensor grad = grad_in.to(x.scalar_type()).contiguous(
-      is_channels_last(x) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
-  at::Tensor dx = empty_like_strided(x);
+  const at::Tensor grad = grad_in.to(x.scalar_type()).contiguous(mix_format(x_in));
+  at::Tensor dx = mix_output(x_in);
   at::Tensor dw;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "mix_backward", [&] {
     using T = typename CoreType<scalar_t>::type;

@@ -35,6 +35,7 @@ import triton.language as tl
 from torch import Tensor
 
 from metamixer_fast import _backend
+from metamixer_fast._layout import mix_memory_format, mix_output, mix_readable
 
 from ._cast import cast_out, soft_bf16
 
@@ -145,10 +146,8 @@ def _mix_bwd_kernel(g_ptr, x_ptr, src_ptr, w_ptr, box_ptr, inv_offsets_ptr, inv_
 def _geometry(x: Tensor, box: Tensor | None) -> tuple[Tensor, Tensor, int, int]:
     """(x as read, boxes [N, 4] int64 in (row, column) units, rows, row_len)."""
     n = x.shape[0]
-    channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(
-        memory_format=torch.channels_last)
-    if not (x.is_contiguous() or channels_last):
-        x = x.contiguous()
+    x = mix_readable(x)
+    channels_last = mix_memory_format(x) == torch.channels_last
     if x.dim() == 2:
         rows, row_len, scale = 1, x.shape[1], 1
     elif channels_last:
@@ -170,7 +169,7 @@ def _compute_w(x: Tensor, w: Tensor) -> Tensor:
 
 def mix(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None) -> Tensor:
     xr, boxes, rows, row_len = _geometry(x, box)
-    out = torch.empty_strided(xr.shape, xr.stride(), dtype=xr.dtype, device=xr.device)
+    out = mix_output(x)
     n, size = xr.shape[0], xr[0].numel()
     if size == 0:
         return out
@@ -183,7 +182,7 @@ def mix(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None) -> Tensor:
 
 def mix2(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None, src2: Tensor, w2: Tensor) -> Tensor:
     xr, boxes, rows, row_len = _geometry(x, box)
-    out = torch.empty_strided(xr.shape, xr.stride(), dtype=xr.dtype, device=xr.device)
+    out = mix_output(x)
     n, size = xr.shape[0], xr[0].numel()
     if size == 0:
         return out
@@ -213,9 +212,8 @@ def mix_backward(grad: Tensor, x: Tensor, src: Tensor, w: Tensor, box: Tensor | 
         raise ValueError(f"mix_backward: 'x' must be a floating tensor ({x.dtype} is not "
                          f"differentiable)")
     xr, boxes, rows, row_len = _geometry(x, box)
-    fmt = torch.channels_last if (xr.dim() == 4 and not xr.is_contiguous()) else torch.contiguous_format
-    g = grad.to(xr.dtype).contiguous(memory_format=fmt)
-    dx = torch.empty_strided(xr.shape, xr.stride(), dtype=xr.dtype, device=xr.device)
+    g = grad.to(xr.dtype).contiguous(memory_format=mix_memory_format(x))
+    dx = mix_output(x)
     n, size = xr.shape[0], xr[0].numel()
     wc = _compute_w(xr, w)
     if size == 0:

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from . import _backend, reference
 from ._checks import _describe, _value_check, check_mix_args, check_mix_values
+from ._layout import mix_output
 
 __all__ = ["mix2"]
 
@@ -54,7 +55,7 @@ _mix2 = torch.library.custom_op("metamixer::mix2", _mix2_forward, mutates_args=(
 def _(x, src, w, box, src2, w2):
     check_mix_args(x, src, w, box)
     _check_global_args(x, src2, w2)
-    return torch.empty_like(x)
+    return mix_output(x)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -78,7 +79,7 @@ _mix2.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _reference_mix2(x, src, w, box, src2, w2):
-    return torch.empty_like(x).copy_(reference.mix2(x, src, w, box, src2, w2))
+    return mix_output(x).copy_(reference.mix2(x, src, w, box, src2, w2))
 
 
 _backend.register_kernel("mix2", "reference", _reference_mix2)

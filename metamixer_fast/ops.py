@@ -25,7 +25,9 @@ from ._checks import (
     check_mix_values,
     check_mixed_kd_loss_args,
     check_mixed_kd_loss_values,
+    check_no_grad_to,
 )
+from ._layout import mix_output
 
 __all__ = ["mix", "mixed_kd_loss"]
 
@@ -131,6 +133,7 @@ def _explain_mixed_kd_loss(logits: Tensor | Sequence[Tensor], labels: Tensor,
                            mode: str, peer_matrix: Tensor | None, detach_targets: bool) -> None:
     """The Python checks of mixed_kd_loss, run when the eager entry rejects a call."""
     z, labels, weights = _op_args(logits, labels, weights)
+    check_no_grad_to(weights, peer_matrix)
     check_mixed_kd_loss_args(z, labels, weights, float(temperature), float(label_smoothing), mode,
                              peer_matrix)
 
@@ -151,6 +154,7 @@ def mixed_kd_loss(logits: Tensor | Sequence[Tensor], labels: Tensor, weights: Te
     if out is not None:  # e.g. the C++ op with its C++ autograd node
         return out  # type: ignore[return-value]
     z, labels, weights = _op_args(logits, labels, weights)
+    check_no_grad_to(weights, peer_matrix)
     ce, kd, _ = torch.ops.metamixer.mixed_kd_loss(z, labels, weights, float(temperature),
                                                   float(label_smoothing), mode, peer_matrix,
                                                   bool(detach_targets))
@@ -173,7 +177,7 @@ _mix = torch.library.custom_op("metamixer::mix", _mix_forward, mutates_args=())
 @_mix.register_fake
 def _(x, src, w, box):
     check_mix_args(x, src, w, box)
-    return torch.empty_like(x)
+    return mix_output(x)
 
 
 @torch.library.custom_op("metamixer::mix_backward", mutates_args=())
@@ -187,7 +191,7 @@ def _mix_backward(grad: Tensor, x: Tensor, src: Tensor, w: Tensor, box: Tensor |
 
 @_mix_backward.register_fake
 def _(grad, x, src, w, box, need_dw=True):
-    return torch.empty_like(x), torch.empty_like(w)
+    return mix_output(x), torch.empty_like(w)
 
 
 def _mix_setup_context(ctx, inputs, output) -> None:
@@ -208,12 +212,12 @@ _mix.register_autograd(_mix_backward_rule, setup_context=_mix_setup_context)
 
 
 def _reference_mix(x, src, w, box):
-    return torch.empty_like(x).copy_(reference.mix(x, src, w, box))
+    return mix_output(x).copy_(reference.mix(x, src, w, box))
 
 
 def _reference_mix_backward(grad, x, src, w, box, need_dw=True):
     dx, dw = reference.mix_backward(grad, x, src, w, box)
-    return torch.empty_like(x).copy_(dx), torch.empty_like(w).copy_(dw) if need_dw \
+    return mix_output(x).copy_(dx), torch.empty_like(w).copy_(dw) if need_dw \
         else torch.zeros_like(w)
 
 

@@ -282,3 +282,54 @@ def test_strided_partner_and_weight_tensors(mix_backend, rng):
     assert not (src_s.is_contiguous() or w_s.is_contiguous() or box_s.is_contiguous())
     assert torch.equal(mf.mix(x, src_s, w_s, box_s), reference.mix(x, src, wt, box))
     assert torch.equal(mf.mix2(x, src_s, w_s, box_s, src_s, w_s), reference.mix2(x, src, wt, box, src, wt))
+
+
+# Views that no kernel reads as they are: each output has one layout on every backend, the one
+# the fake implementations promise to torch.compile (metamixer_fast/_layout.py).
+def _odd_layout(g: torch.Generator, kind: str) -> Tensor:
+    x = torch.randn(5, 3, 6, 7, generator=g)
+    if kind == "channels_last_crop":  # a random crop of a channels_last batch
+        return x.contiguous(memory_format=torch.channels_last)[:, :, 1:5, 2:6]
+    if kind == "channels_last_1x1":
+        return x.contiguous(memory_format=torch.channels_last)[:, :, 2:3, 4:5]
+    if kind == "batch_transposed":
+        return x.transpose(0, 1).contiguous().transpose(0, 1)
+    if kind == "ncwh":
+        return x.transpose(2, 3).contiguous().transpose(2, 3)
+    return torch.randn(9, 5, generator=g).t()  # transposed features [5, 9]
+
+
+ODD_LAYOUTS = ("channels_last_crop", "channels_last_1x1", "batch_transposed", "ncwh", "features_t")
+
+
+@pytest.mark.parametrize("kind", ODD_LAYOUTS)
+def test_every_op_returns_the_layout_its_fake_promises(mix_backend, kind, rng):
+    from metamixer_fast._layout import mix_output
+
+    x = _odd_layout(rng, kind)
+    n = x.shape[0]
+    src, wt, box = make_plan(rng, n, *(x.shape[2:] if x.dim() == 4 else (1, 1)))
+    box = box if x.dim() == 4 else None
+    src2, w2 = torch.randperm(n, generator=rng), torch.rand(n, generator=rng)
+    want = mix_output(x).stride()
+    out = mf.mix(x, src, wt.float(), box)
+    assert out.stride() == want
+    torch.testing.assert_close(out, reference.mix(x, src, wt.float(), box))
+    assert mf.mix2(x, src, wt.float(), box, src2, w2).stride() == want
+    dx, _ = torch.ops.metamixer.mix_backward(torch.randn_like(x), x, src, wt.float(), box)
+    assert dx.stride() == want
+    if kind == "channels_last_crop":  # a crop of a channels_last batch stays channels_last
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    xg, wg = x.detach().requires_grad_(True), wt.float().requires_grad_(True)
+    torch.library.opcheck(torch.ops.metamixer.mix.default, (xg, src, wg, box))
+    torch.library.opcheck(torch.ops.metamixer.mix2.default, (xg, src, wg, box, src2, w2))
+
+
+def test_compile_fullgraph_on_a_crop_of_a_channels_last_batch(mix_backend, rng):
+    x = _odd_layout(rng, "channels_last_crop")
+    src, wt, box = make_plan(rng, 5, 4, 4)
+
+    def step(xx: Tensor) -> Tensor:
+        return mf.mix(xx, src, wt.float(), box) * 2
+
+    torch.testing.assert_close(torch.compile(step, fullgraph=True)(x), step(x))
