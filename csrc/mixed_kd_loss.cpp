@@ -412,6 +412,12 @@ struct MixedKDLossBackward : public torch::autograd::Node {
   }
 
   torch::autograd::variable_list apply(torch::autograd::variable_list&& grads) override {
+    // The engine enables grad mode for backward(create_graph=True); this node's gradient is
+    // computed below autograd and would carry no graph, so a second derivative would be
+    // silently wrong.
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "mixed_kd_loss: double backward (backward or autograd.grad with create_graph=True) "
+                "is not supported; its gradient is computed without a graph");
     std::lock_guard<std::mutex> lock(mutex_);
     std::vector<Tensor> z;
     for (auto& saved : logits) z.push_back(saved.unpack());
@@ -441,6 +447,11 @@ std::tuple<Tensor, Tensor> mixed_kd_loss_autograd(TensorList logits, const Tenso
                                                   bool detach_targets) {
   namespace ag = torch::autograd;
   const bool grad = ag::compute_requires_grad(logits);
+  // No gradient flows to weights or peer_matrix: decline, and the Python checks explain.
+  const bool grad_to_weights = (weights && weights->requires_grad()) ||
+                               (peer_matrix && peer_matrix->requires_grad());
+  TORCH_CHECK(!at::GradMode::is_enabled() || !grad_to_weights,
+              "mixed_kd_loss: 'weights' and 'peer_matrix' get no gradient; pass them detached");
   for (const Tensor& z : logits)
     TORCH_CHECK(!z._fw_grad(/*level=*/0).defined(),
                 "mixed_kd_loss: forward-mode AD is not supported; use reverse mode (backward)");

@@ -433,9 +433,9 @@ def mixed_kd_loss_backward(grad_ce: Tensor, grad_kd: Tensor, logits: list[Tensor
     keep, offsets, sb, sc = _peers(logits)
     base = keep[0]
     k, (b, c) = len(offsets), logits[-1].shape[-2:]
-    grads = [torch.empty_like(z) for z in logits]
-    if any(g.stride() != grads[0].stride() for g in grads):  # peers of mixed layouts
-        grads = [torch.empty(z.shape, dtype=z.dtype, device=z.device) for z in logits]
+    wanted = [torch.empty_like(z) for z in logits]  # the layouts the fake promises
+    mixed = any(g.stride() != wanted[0].stride() for g in wanted)  # peers of mixed layouts
+    grads = [torch.empty(z.shape, dtype=z.dtype, device=z.device) for z in logits] if mixed else wanted
     gkeep, goffsets, gsb, gsc = _peers(grads)
     gbase = gkeep[0]
     out_dtype = row_stats.dtype
@@ -456,5 +456,8 @@ def mixed_kd_loss_backward(grad_ce: Tensor, grad_kd: Tensor, logits: list[Tensor
     if len(grads) > 1 and gbase is not grads[0]:  # _peers had to stack them (never in practice)
         for grad, part in zip(grads, gbase.unbind(0)):
             grad.copy_(part)
-    return grads
+    if mixed:  # computed in one layout; handed back in each peer's own
+        for want, grad in zip(wanted, grads):
+            want.copy_(grad)
+    return wanted
 

@@ -107,6 +107,18 @@ def check_mixed_kd_loss_args(logits: Sequence[Tensor], labels: Tensor, weights: 
     return k, b, c
 
 
+def check_no_grad_to(weights: Tensor, peer_matrix: Tensor | None) -> None:
+    """The op differentiates the logits only: a weights or peer_matrix tensor that needs a
+    gradient (a learnable gate) would silently get none."""
+    if not torch.is_grad_enabled():
+        return
+    for name, t in (("weights", weights), ("peer_matrix", peer_matrix)):
+        if t is not None and t.requires_grad:
+            raise ValueError(f"mixed_kd_loss: '{name}' requires grad, but the op gives gradients "
+                             f"to the logits only; pass {name}.detach() (or compute a learnable "
+                             f"{name}'s loss with metamixer_fast.reference.mixed_kd_loss)")
+
+
 def _value_check(ok: Tensor, message: str) -> None:
     if ok.device.type == "cpu":
         if not bool(ok):

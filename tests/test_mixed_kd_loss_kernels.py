@@ -372,3 +372,41 @@ def test_eager_entry_declines_what_the_custom_op_must_see(monkeypatch, rng):
     assert entry(z, *args) is None
     monkeypatch.setenv("METAMIXER_BACKEND", "cpp")
     assert entry(z, *args) is not None
+
+
+def test_double_backward_is_refused_not_wrong(loss_backend, rng):
+    """No backend computes a second derivative: create_graph=True must raise, not hand back a
+    gradient without a graph (which would silently drop this loss's Hessian term)."""
+    z = _logits(2, 4, 6, rng).float().requires_grad_(True)
+    ce, kd = mf.mixed_kd_loss(z, torch.randint(0, 6, (4,), generator=rng), temperature=2.0)
+    with pytest.raises(RuntimeError, match=r"double backward|autograd formula|not supported"):
+        (dz,) = torch.autograd.grad(ce.sum() + kd.sum(), z, create_graph=True)
+        (dz ** 2).sum().backward()
+
+
+@pytest.mark.parametrize("name", ["weights", "peer_matrix"])
+def test_a_weight_that_needs_a_gradient_is_refused(loss_backend, name, rng):
+    """The ops differentiate the logits only: a learnable gate would silently get no gradient."""
+    z = _logits(3, 4, 6, rng).float().requires_grad_(True)
+    labels, weights = _plan(4, 6, 2, rng)
+    matrix = torch.full((3, 3), 0.5).fill_diagonal_(0.0)
+    kw = {"weights": weights.float(), "peer_matrix": matrix}
+    kw[name] = kw[name].requires_grad_(True)
+    with pytest.raises(ValueError, match=f"'{name}' requires grad.*{name}.detach"):
+        mf.mixed_kd_loss(z, labels, kw["weights"], temperature=2.0, mode="ensemble",
+                         peer_matrix=kw["peer_matrix"])
+    with torch.no_grad():  # no graph is built: nothing is lost
+        mf.mixed_kd_loss(z, labels, kw["weights"], temperature=2.0, mode="ensemble",
+                         peer_matrix=kw["peer_matrix"])
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_a_row_masked_everywhere_has_nan_loss_and_nan_gradient(loss_backend, temperature, rng):
+    """Every class of a row at -inf: the loss is NaN, and so is that row's gradient (a finite
+    gradient would let a NaN-skipping scaler take a step on it)."""
+    z = _logits(2, 3, 9, rng).float()
+    z[0, 1] = -INF
+    z.requires_grad_(True)
+    ce, kd = mf.mixed_kd_loss(z, torch.randint(0, 9, (3,), generator=rng), temperature=temperature)
+    (ce.sum() + kd.sum()).backward()
+    assert torch.isnan(ce[0]) and torch.isnan(z.grad[0, 1]).all()

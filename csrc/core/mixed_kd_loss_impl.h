@@ -317,13 +317,15 @@ void forward_rows(const LossArgs<T>& a, int64_t b_begin, int64_t b_end) {
     const int64_t* lab = a.labels + b * a.M;
     const double* wts = a.weights + b * a.M;
     for (int64_t k = 0; k < K; ++k) LT[k] = M[k] * invT_d + std::log(ST[k]);
-    if (keep) {  // p = e * exp((m_chunk - M)/T) / ST; a chunk of -inf (e = 0) gets 0, not NaN
+    if (keep) {  // p = e * exp((m_chunk - M)/T) / ST; a chunk of -inf (e = 0) gets 0, not NaN,
+                 // unless the whole row is -inf: its loss is NaN, and so must its gradient be
       for (int64_t k = 0; k < K; ++k) {
         A* out = a.chunk_scale + (k * B + b) * (n_chunks + 1);
+        const double empty = M[k] == kNegInf ? std::numeric_limits<double>::quiet_NaN() : 0.0;
         for (int64_t c = 0; c < n_chunks; ++c) {
           const double m = chunk_max_of[k * n_chunks + c];  // (the row's max: exp(0) = 1)
           const double rel = m == M[k] ? 1.0 : std::exp((m - M[k]) * invT_d);
-          out[c] = static_cast<A>(m == kNegInf ? 0.0 : rel / ST[k]);
+          out[c] = static_cast<A>(m == kNegInf ? empty : rel / ST[k]);
         }
         // cT from the sums in double (the backward would take an exponential of two rounded
         // row stats); S1 sums the T-th powers of the T-sum's terms for T in {2, 3, 4}
