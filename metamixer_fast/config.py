@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .metamixer import GLOBAL_PAIRINGS, LOCAL_PAIRINGS
+from .models import MODELS, STAGE_NAMES
+from .plan import INPUT_STAGE
 
 METHODS = ("independent", "dml", "kdcl", "cutmix", "mixup", "metamixer")
 DATASETS = ("fashion-mnist", "cifar10", "cifar100", "synthetic")
@@ -83,6 +88,10 @@ class TrainConfig:
                                      "written (continue with --resume; 0: run to the end)")
 
     def validate(self) -> TrainConfig:
+        types = _field_types()
+        for name in (f.name for f in dataclasses.fields(self) if types[f.name] is float):
+            # inf/NaN pass the range checks below (or break them), and would train on nonsense
+            _check(math.isfinite(getattr(self, name)), name, "a finite number", getattr(self, name))
         _check(self.method in METHODS, "method", f"one of {', '.join(METHODS)}", self.method)
         _check(self.dataset in DATASETS, "dataset", f"one of {', '.join(DATASETS)}", self.dataset)
         _check(self.amp in AMP_MODES, "amp", f"one of {', '.join(AMP_MODES)}", self.amp)
@@ -92,7 +101,7 @@ class TrainConfig:
         _check(len(self.arch) > 1 or self.peers >= 2, "peers", "an integer >= 2", self.peers)
         for name in ("epochs", "batch_size", "eval_batch_size", "synthetic_size"):
             _check(getattr(self, name) >= 1, name, "an integer >= 1", getattr(self, name))
-        for name in ("lr", "temperature"):
+        for name in ("lr", "temperature", "gamma"):
             _check(getattr(self, name) > 0, name, "a number > 0", getattr(self, name))
         for name in ("momentum", "mix_prob", "label_smoothing"):
             _check(0 <= getattr(self, name) <= 1, name, "a number in [0, 1]", getattr(self, name))
@@ -103,12 +112,24 @@ class TrainConfig:
             _check(getattr(self, name) > 0, name, "a number > 0", getattr(self, name))
         _check(all(0 < m < 1 for m in self.milestones), "milestones",
                "fractions of training in (0, 1)", self.milestones)
+        for name, choices in (("local_pairing", LOCAL_PAIRINGS), ("global_pairing", GLOBAL_PAIRINGS)):
+            _check(getattr(self, name) in choices, name, f"one of {', '.join(choices)}", getattr(self, name))
+        self._validate_stages()
+        return self
+
+    def _validate_stages(self) -> None:
         _check(len(self.stages) >= 1, "stages", "at least one stage name", self.stages)
+        if self.method != "metamixer":
+            return  # only MetaMixer blends at a stage
+        # The built-in models all name their stages STAGE_NAMES, so a typo is found here rather
+        # than at the first step that draws it (a custom factory's peers are checked by the Run).
+        known = (INPUT_STAGE, *STAGE_NAMES)
+        if all(a.lower() in MODELS for a in self.arch):
+            _check(set(self.stages) <= set(known), "stages", f"names among {', '.join(known)}", self.stages)
         # A compiled graph does not see the forward hooks that mix inside a peer.
-        _check(not (self.compile and self.method == "metamixer" and set(self.stages) != {"input"}),
+        _check(not (self.compile and set(self.stages) != {INPUT_STAGE}),
                "stages", "['input'] when 'compile' is on (hooks inside compiled peers do not run)",
                self.stages)
-        return self
 
     @property
     def peer_archs(self) -> list[str]:
@@ -176,8 +197,17 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         data = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-    data = dict(data.get("train", data))  # a [train] table or top-level keys
-    return data
+    if "train" not in data:
+        return dict(data)  # top-level keys (unknown ones are refused by from_mapping)
+    # With a [train] table only its keys are read: anything beside it would be dropped unseen.
+    outside = sorted(key for key in data if key != "train")
+    if outside:
+        raise ConfigError(f"config file {path}: {', '.join(map(repr, outside))} outside the [train] "
+                          f"table would be ignored; move them into [train] (or drop the table header)")
+    if not isinstance(data["train"], dict):
+        raise ConfigError(f"config file {path}: 'train' must be a table ([train]), got "
+                          f"{type(data['train']).__name__}")
+    return dict(data["train"])
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

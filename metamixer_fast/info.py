@@ -48,14 +48,19 @@ def report() -> str:
                      "(reinstall with METAMIXER_REQUIRE_CPP=1 to see why)")
     else:
         lines.append(f"C++ extension  built: {torch.ops.metamixer_cpp.build_info()}")
-    forced = _backend.forced_backend()
-    lines.append(f"{_backend.ENV_VAR}  {forced or '(unset: automatic choice)'}")
+    # A bad setting is reported on its line, like a per-op error: a report that crashes on the
+    # very setting it should show would hide everything else.
+    try:
+        forced = _backend.forced_backend() or "(unset: automatic choice)"
+    except ValueError as exc:
+        forced = f"ERROR: {exc}"
+    lines.append(f"{_backend.ENV_VAR}  {forced}")
     lines.append(_store_mode_line())
     for device in _devices():
         for op in OPS:
             try:
                 choice = _backend.backend_for(op, device)
-            except RuntimeError as exc:
+            except (RuntimeError, ValueError) as exc:
                 choice = f"ERROR: {exc}"
             lines.append(f"  {device.type:4s} {op:24s} -> {choice}")
     return "\n".join(lines)

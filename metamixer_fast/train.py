@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import itertools
 import json
 import math
@@ -30,13 +31,16 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import checkpoint, memory
-from .config import ConfigError, TrainConfig, add_arguments, from_args, from_mapping
+from .config import ConfigError, TrainConfig, add_arguments, from_args, from_mapping, load_toml
 from .data import DatasetError
 from .loss import MixedKDLoss
 
 # Options that may differ between a checkpoint and the --resume invocation: they do not change
 # what is computed. Everything else must match, or the resumed run would not be the same run.
-RESUME_MUTABLE = ("progress", "stop_after_epochs", "eval_batch_size", "out", "retain_memory")
+# 'data_dir' says where the data is, not what it is (a moved data set is found again; the
+# checkpoint's fingerprint of the training labels refuses other data). 'out' is not here: a
+# resumed run always writes into the directory it was resumed from.
+RESUME_MUTABLE = ("progress", "stop_after_epochs", "eval_batch_size", "retain_memory", "data_dir")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -103,7 +107,8 @@ def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
     total = cfg.epochs * steps_per_epoch
     warmup = cfg.warmup_epochs * steps_per_epoch
     if step < warmup:
-        return (step + 1) / warmup
+        # capped: a warm-up shorter than one step would otherwise start above the peak lr
+        return min(1.0, (step + 1) / warmup)
     progress = (step - warmup) / max(1.0, total - warmup)
     if cfg.schedule == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
@@ -128,6 +133,40 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((3, tuple(state["python"]), None))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def data_fingerprint(labels: Tensor) -> str:
+    """sha256 of the training labels in file order: cheap, and tells data sets apart, so a run
+    resumed with another --data-dir is checked to see the data it was trained on."""
+    return hashlib.sha256(labels.cpu().numpy().tobytes()).hexdigest()
+
+
+@contextlib.contextmanager
+def config_errors(what: str) -> Iterator[None]:
+    """A ValueError while building a part of the run from the config is a bad option: it becomes
+    a ConfigError (the CLI's `error: ...`, status 2) instead of a traceback."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(f"config {what}: {exc}") from None
+
+
+def check_stages(peers: list[nn.Module], cfg: TrainConfig) -> None:
+    """Every MetaMixer stage must be a submodule of every peer, found before the first step that
+    draws it (config validation knows the built-in models' stages only, not a factory's)."""
+    from .plan import INPUT_STAGE
+
+    for k, peer in enumerate(peers):
+        names = dict(peer.named_modules(remove_duplicate=False))
+        missing = [s for s in cfg.stages if s != INPUT_STAGE and s not in names]
+        if missing:
+            known = getattr(peer, "stage_names", None)
+            hint = (f"its stages are {', '.join((INPUT_STAGE, *known))}" if known
+                    else f"use '{INPUT_STAGE}' or names of the peer's submodules")
+            raise ConfigError(f"config 'stages': peer {k} ({cfg.peer_archs[k]}) has no submodule "
+                              f"{', '.join(map(repr, missing))}; {hint}")
 
 
 # ------------------------------------------------------------------------------- evaluation
@@ -158,8 +197,6 @@ class Run:
     """Everything one training run holds; ``state_dict`` is the checkpoint."""
 
     def __init__(self, cfg: TrainConfig) -> None:
-        from . import data, models
-
         self.cfg = cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -172,20 +209,8 @@ class Run:
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
 
-        synthetic = ({"num_train": cfg.synthetic_size, "num_test": max(64, cfg.synthetic_size // 4),
-                      "seed": cfg.seed} if cfg.dataset == "synthetic" else {})
-        train_set, test_set = data.load_dataset(cfg.dataset, cfg.data_dir or None, **synthetic)
-        self.train_batches = data.BatchLoader(
-            train_set, cfg.batch_size, shuffle=True, augment=True, drop_last=True, seed=cfg.seed,
-            device=self.device, channels_last=cfg.channels_last, rank=self.rank, world_size=self.world)
-        self.test_batches = data.BatchLoader(
-            test_set, cfg.eval_batch_size, shuffle=False, augment=False, device=self.device,
-            channels_last=cfg.channels_last)
-        in_channels = train_set.images.shape[1]
-        try:
-            peers = [models.build_model(a, train_set.num_classes, in_channels) for a in cfg.peer_archs]
-        except (ValueError, TypeError) as exc:
-            raise ConfigError(f"config 'arch': {exc}") from None
+        train_set = self.load_data()
+        peers = self.build_peers(train_set.num_classes, train_set.images.shape[1])
         memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.group = PeerGroup(peers).to(self.device, memory_format=memory_format)
         self.model: nn.Module = self.group
@@ -201,12 +226,49 @@ class Run:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(cfg, step, self.steps_per_epoch))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.amp == "fp16")
-        self.criterion = build_criterion(cfg)
+        with config_errors("(loss options)"):
+            self.criterion = build_criterion(cfg)
         self.base_kd_weight = self.criterion.kd_weight
-        self.mixer = build_mixer(cfg, torch.Generator().manual_seed(cfg.seed * 7919 + self.rank + 1))
+        # Each rank draws its own mixing plans (its own generator); the checkpoint keeps them all.
+        with config_errors("(mixing options)"):
+            self.mixer = build_mixer(cfg, torch.Generator().manual_seed(cfg.seed * 7919 + self.rank + 1))
         self.epoch = 0
         self.step = 0
         self.history: list[dict[str, Any]] = []
+
+    def load_data(self) -> Any:
+        """Sets up both loaders; returns the training set."""
+        from . import data
+
+        cfg = self.cfg
+        synthetic = ({"num_train": cfg.synthetic_size, "num_test": max(64, cfg.synthetic_size // 4),
+                      "seed": cfg.seed} if cfg.dataset == "synthetic" else {})
+        train_set, test_set = data.load_dataset(cfg.dataset, cfg.data_dir or None, **synthetic)
+        per_rank = len(train_set) // self.world
+        if per_rank < cfg.batch_size:  # an epoch drops its last partial batch: none would be left
+            raise ConfigError(f"config 'batch_size' {cfg.batch_size} is more than the {per_rank} training "
+                              f"images{' per process' if self.world > 1 else ''}, so there is no full "
+                              f"batch; lower it" + (" or raise 'synthetic_size'" if synthetic else ""))
+        with config_errors("'batch_size' / 'eval_batch_size'"):
+            self.train_batches = data.BatchLoader(
+                train_set, cfg.batch_size, shuffle=True, augment=True, drop_last=True, seed=cfg.seed,
+                device=self.device, channels_last=cfg.channels_last, rank=self.rank, world_size=self.world)
+            self.test_batches = data.BatchLoader(
+                test_set, cfg.eval_batch_size, shuffle=False, augment=False, device=self.device,
+                channels_last=cfg.channels_last)
+        self.data_fingerprint = data_fingerprint(train_set.labels)
+        return train_set
+
+    def build_peers(self, num_classes: int, in_channels: int) -> list[nn.Module]:
+        from . import models
+
+        try:
+            peers = [models.build_model(a, num_classes, in_channels) for a in self.cfg.peer_archs]
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"config 'arch': {exc}") from None
+        if self.cfg.method == "metamixer":
+            check_stages(peers, self.cfg)
+        return peers
 
     def epoch_steps(self) -> int:
         steps = len(self.train_batches)
@@ -225,14 +287,43 @@ class Run:
 
     # -- checkpointing ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """The checkpoint. Under DDP every rank must call it: the RNGs and the mixer draw
+        differently on each rank, so their states are gathered into lists indexed by rank."""
+        mixer = self.gather(self.mixer.state_dict()) if self.mixer is not None else None
         return {"config": self.cfg.to_dict(), "epoch": self.epoch, "step": self.step,
                 "peers": [p.state_dict() for p in self.group.peers],
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(), "rng": rng_state(),
-                "mixer": self.mixer.state_dict() if self.mixer is not None else None,
-                "train_batches": self.train_batches.state_dict(), "history": self.history}
+                "scaler": self.scaler.state_dict(), "rng": self.gather(rng_state()), "mixer": mixer,
+                "train_batches": self.train_batches.state_dict(), "history": self.history,
+                "data": {"train_labels_sha256": self.data_fingerprint}}
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, by rank (collective under DDP)."""
+        if self.world == 1:
+            return [obj]
+        gathered: list[Any] = [None] * self.world
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
+    def own_entry(self, value: Any, what: str) -> Any:
+        """This rank's entry of a per-rank list of the checkpoint. Older checkpoints hold one
+        state (rank 0's): it is this run's where there is one rank. For the RNGs it is also what
+        every rank loaded before (the ranks' CPU generators advance alike); for the mixer it is
+        not, so such a checkpoint is refused under DDP."""
+        if isinstance(value, list):
+            if len(value) != self.world:
+                raise checkpoint.CheckpointError(
+                    f"the checkpoint holds the {what} state of {len(value)} processes but this run "
+                    f"has {self.world}; resume with as many processes as the run was started with")
+            return value[self.rank]
+        if self.world > 1 and what == "mixer":
+            raise checkpoint.CheckpointError(
+                "the checkpoint holds the mixer state of rank 0 only (written by an older version), "
+                "so the other ranks cannot continue their own mixing; start the run afresh")
+        return value
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.check_data(state)
         try:
             for peer, sd in zip(self.group.peers, state["peers"], strict=True):
                 peer.load_state_dict(sd)
@@ -240,14 +331,26 @@ class Run:
             self.scheduler.load_state_dict(state["scheduler"])
             self.scaler.load_state_dict(state["scaler"])
             if self.mixer is not None:
-                self.mixer.load_state_dict(state["mixer"])
+                self.mixer.load_state_dict(self.own_entry(state["mixer"], "mixer"))
             self.train_batches.load_state_dict(state["train_batches"])
-        except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+            set_rng_state(self.own_entry(state["rng"], "rng"))
+            self.epoch, self.step = int(state["epoch"]), int(state["step"])
+            self.history = list(state["history"])
+        except checkpoint.CheckpointError:
+            raise
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as exc:
             raise checkpoint.CheckpointError(f"the checkpoint does not fit this run's models or "
                                              f"optimizer: {exc}") from None
-        set_rng_state(state["rng"])
-        self.epoch, self.step = int(state["epoch"]), int(state["step"])
-        self.history = list(state["history"])
+
+    def check_data(self, state: dict[str, Any]) -> None:
+        """The data must be the data the run was trained on ('data_dir' may change on resume)."""
+        data = state.get("data")  # absent in older checkpoints
+        saved = data.get("train_labels_sha256") if isinstance(data, dict) else None
+        if saved is not None and saved != self.data_fingerprint:
+            where = self.cfg.data_dir or "the default data directory"
+            raise checkpoint.CheckpointError(
+                f"the training data in {where} is not the data this run was trained on (its labels "
+                f"differ); resume with --data-dir pointing at the original {self.cfg.dataset} files")
 
     # -- training --------------------------------------------------------------------------
     def train_epoch(self) -> dict[str, Any]:
@@ -383,10 +486,11 @@ def fit(cfg: TrainConfig, resume: dict[str, Any] | None = None) -> dict[str, Any
         record.update(run.evaluate())
         record.update(run.sync_report())
         run.history.append(record)
+        state = run.state_dict()  # on every rank: it gathers the ranks' mixer and RNG states
         if run.rank == 0:
             with open(run_dir / "metrics.jsonl", "a") as fh:
                 fh.write(json.dumps(record) + "\n")
-            checkpoint.save(run.state_dict(), run_dir)
+            checkpoint.save(state, run_dir)
             print(f"epoch {record['epoch']}/{cfg.epochs}  loss {record['train_loss']:.4f}  "
                   f"top-1 per peer {record['top1']}  ensemble {record['ensemble_top1']}  "
                   f"{record['images_per_s']:.0f} img/s", flush=True)
@@ -400,9 +504,21 @@ def fit(cfg: TrainConfig, resume: dict[str, Any] | None = None) -> dict[str, Any
     return run.history[-1]
 
 
-def resume_config(state: dict[str, Any], overrides: dict[str, Any]) -> TrainConfig:
-    """The checkpoint's config; an override may only change what does not alter the results."""
+def resume_config(state: dict[str, Any], overrides: dict[str, Any],
+                  run_dir: str | Path | None = None) -> TrainConfig:
+    """The checkpoint's config; an override may only change what does not alter the results.
+
+    ``run_dir``: where the checkpoint was read. The resumed run writes there (the directory may
+    have moved since), never elsewhere: an 'out' override must name the same directory."""
+    overrides = {key.replace("-", "_"): value for key, value in overrides.items()}
     saved = from_mapping({**state["config"], "stop_after_epochs": 0})  # a new invocation
+    if run_dir is not None:
+        saved.out = str(run_dir)
+    out = overrides.pop("out", None)
+    if out is not None and Path(str(out)).resolve() != Path(saved.out).resolve():
+        raise ConfigError(f"--out {out} differs from the run directory {saved.out} being resumed; a "
+                          f"resumed run writes only into its own directory: drop --out (or pass "
+                          f"--resume {out} to continue the run there)")
     for name, value in overrides.items():
         if name in RESUME_MUTABLE:
             continue
@@ -412,6 +528,17 @@ def resume_config(state: dict[str, Any], overrides: dict[str, Any]) -> TrainConf
                 f"{value!r} was given; a resumed run must keep its configuration (only "
                 f"{', '.join(RESUME_MUTABLE)} may change)")
     return from_mapping({k: v for k, v in overrides.items() if k in RESUME_MUTABLE}, saved).validate()
+
+
+def resume_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The options of a --resume invocation: its config file's, overridden by its flags. The
+    file's 'out' is left out: it is where fresh runs of that file go, not a request to move this
+    one (an explicit --out is checked by ``resume_config``)."""
+    overrides = {k: v for k, v in vars(args).items() if v is not None and k not in ("config", "resume")}
+    if args.config:
+        from_file = {k: v for k, v in load_toml(args.config).items() if k != "out"}
+        overrides = {**from_file, **overrides}
+    return overrides
 
 
 def build_parser(prog: str = "metamixer-fast train") -> argparse.ArgumentParser:
@@ -432,13 +559,7 @@ def main(argv: list[str] | None = None, prog: str = "metamixer-fast train") -> i
     try:
         if args.resume:
             state = checkpoint.load(args.resume)
-            overrides = {k: v for k, v in vars(args).items()
-                         if v is not None and k not in ("config", "resume")}
-            if args.config:
-                from .config import load_toml
-                overrides = {**load_toml(args.config), **overrides}
-            overrides.setdefault("out", args.resume)
-            cfg = resume_config(state, overrides)
+            cfg = resume_config(state, resume_overrides(args), run_dir=args.resume)
             final = fit(cfg, resume=state)
         else:
             final = fit(from_args(args))

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
+import struct
+import zipfile
 
 import pytest
 import torch
@@ -43,10 +46,31 @@ def test_single_arch_repeats_for_every_peer():
     (("--local-alpha", "0"), "local_alpha"),
     (("--milestones", "0.5,2"), "milestones"),
     (("--dataset", "imagenet"), "dataset"),
+    (("--local-pairing", "bogus"), "local_pairing"),
+    (("--global-pairing", "same_class"), "global_pairing"),
+    (("--local-alpha", "inf"), "local_alpha"),
+    (("--temperature", "inf"), "temperature"),
+    (("--kd-weight", "inf"), "kd_weight"),
+    (("--lr", "inf"), "lr"),
+    (("--lr", "nan"), "lr"),
+    (("--weight-decay", "inf"), "weight_decay"),
+    (("--warmup-epochs", "inf"), "warmup_epochs"),
+    (("--gamma", "-1"), "gamma"),
+    (("--gamma", "0"), "gamma"),
+    (("--gamma", "inf"), "gamma"),
+    (("--stages", "input,foo"), "stages"),
 ])
 def test_bad_options_name_the_option(argv, match):
-    with pytest.raises(ConfigError, match=match):
+    with pytest.raises(ConfigError, match=f"config '{match}'"):
         from_args(_args(*argv))
+
+
+def test_stage_names_are_checked_where_they_are_known():
+    from_args(_args("--stages", "foo", "--method", "dml"))  # only MetaMixer blends at a stage
+    # a factory's stages are known once its peers are built (tested in test_train.py)
+    from_args(_args("--stages", "input,block9", "--arch", "my.models:net"))
+    with pytest.raises(ConfigError, match="names among input, stage1, stage2, stage3"):
+        from_args(_args("--stages", "input,stage4", "--arch", "resnet20,wrn16_2"))
 
 
 def test_bad_config_files(tmp_path):
@@ -60,6 +84,20 @@ def test_bad_config_files(tmp_path):
         from_args(_args("--config", str(unknown)))
     with pytest.raises(ConfigError, match="does not exist"):
         from_args(_args("--config", str(tmp_path / "missing.toml")))
+    inside = tmp_path / "inside.toml"
+    inside.write_text("[train]\nepochz = 3\n")
+    with pytest.raises(ConfigError, match="unknown config option 'epochz'"):
+        from_args(_args("--config", str(inside)))
+
+
+def test_keys_beside_the_train_table_are_refused(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('epochs = 3\nlr = 0.5\n[train]\nmethod = "dml"\n')
+    with pytest.raises(ConfigError, match=r"'epochs', 'lr' outside the \[train\] table"):
+        from_args(_args("--config", str(path)))
+    path.write_text("train = 3\n")
+    with pytest.raises(ConfigError, match="'train' must be a table"):
+        from_args(_args("--config", str(path)))
 
 
 def test_checkpoint_round_trip_and_atomic_replace(tmp_path):
@@ -89,6 +127,43 @@ def test_corrupt_checkpoint_is_refused_and_left_untouched(tmp_path, damage):
     assert path.read_bytes() == before
 
 
+def _member_data(path, suffix: str) -> tuple[int, int]:
+    """(offset, size) of the bytes of the zip member whose name ends with ``suffix``."""
+    with zipfile.ZipFile(path) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith(suffix))
+    raw = path.read_bytes()
+    name_len, extra_len = struct.unpack("<HH", raw[info.header_offset + 26:info.header_offset + 30])
+    return info.header_offset + 30 + name_len + extra_len, info.compress_size
+
+
+@pytest.mark.parametrize("member", ["data/0", "data.pkl"])
+def test_flipped_byte_in_checkpoint_is_refused(tmp_path, member):
+    """A tensor's bytes load without complaint unless the CRCs are checked; a flip in the pickle
+    may reach torch's unpickler as any exception (KeyError, ...)."""
+    checkpoint.save({"config": {}, "epoch": 1, "step": 1, "peers": [{"w": torch.arange(256.0)}],
+                     "optimizer": {}, "scheduler": {}, "rng": {}}, tmp_path)
+    path = tmp_path / checkpoint.NAME
+    offset, size = _member_data(path, member)
+    raw = bytearray(path.read_bytes())
+    raw[offset + size // 2] ^= 0x10
+    path.write_bytes(raw)
+    with pytest.raises(checkpoint.CheckpointError, match=re.escape(f"checkpoint {path} is corrupt")):
+        checkpoint.load(tmp_path)
+    assert path.read_bytes() == raw
+
+
+def test_unpickler_failure_is_a_checkpoint_error(tmp_path, monkeypatch):
+    checkpoint.save({"config": {}, "epoch": 1, "step": 1, "peers": [], "optimizer": {},
+                     "scheduler": {}, "rng": {}}, tmp_path)
+
+    def load(*args, **kwargs):
+        raise KeyError("storage key seen by a damaged pickle")
+
+    monkeypatch.setattr(checkpoint.torch, "load", load)
+    with pytest.raises(checkpoint.CheckpointError, match=r"corrupt.*KeyError"):
+        checkpoint.load(tmp_path)
+
+
 def test_missing_checkpoint_message(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="no checkpoint at"):
         checkpoint.load(tmp_path / "nowhere")
@@ -99,6 +174,25 @@ def test_resume_refuses_a_changed_config():
     assert resume_config(state, {"progress": False}).epochs == 4
     with pytest.raises(checkpoint.CheckpointError, match="'lr'"):
         resume_config(state, {"lr": "0.5"})
+
+
+def test_resume_config_keeps_the_run_directory():
+    state = {"config": from_mapping({"out": "runs/old", "data_dir": "/data/a"}).to_dict()}
+    cfg = resume_config(state, {"data-dir": "/data/b", "stop-after-epochs": 1}, run_dir="runs/moved")
+    assert (cfg.out, cfg.data_dir, cfg.stop_after_epochs) == ("runs/moved", "/data/b", 1)
+    assert resume_config(state, {"out": "runs/moved/"}, run_dir="runs/moved").out == "runs/moved"
+    with pytest.raises(ConfigError, match="--out runs/other differs"):
+        resume_config(state, {"out": "runs/other"}, run_dir="runs/moved")
+
+
+def test_info_reports_a_bad_backend_setting_on_its_line(monkeypatch):
+    from metamixer_fast import info
+
+    monkeypatch.setenv("METAMIXER_BACKEND", "bogus")
+    lines = info.report().splitlines()
+    (line,) = [x for x in lines if x.startswith("METAMIXER_BACKEND")]
+    assert "ERROR:" in line and "'bogus' is not a backend" in line
+    assert any("mixed_kd_loss" in x and "ERROR:" in x for x in lines)
 
 
 def test_shipped_configs_are_valid():

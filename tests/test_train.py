@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
-from metamixer_fast import checkpoint
-from metamixer_fast.config import METHODS, from_mapping
+from metamixer_fast import checkpoint, train
+from metamixer_fast.config import METHODS, ConfigError, from_mapping
 from metamixer_fast.train import fit, main
 
 SMALL = {"dataset": "synthetic", "synthetic_size": 256, "arch": "tiny", "batch_size": 32,
@@ -26,6 +31,15 @@ def _cfg(tmp_path: Path, **extra):
 
 def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    pa, pb = checkpoint.load(a)["peers"], checkpoint.load(b)["peers"]
+    return all(torch.equal(x[key], y[key]) for x, y in zip(pa, pb, strict=True) for key in x)
+
+
+def _files(run_dir: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(run_dir.iterdir())}
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -48,11 +62,22 @@ def test_training_learns_the_synthetic_task(tmp_path):
     assert final["ensemble_top1"] > 50  # 10 classes: chance is 10 %
 
 
-def test_resume_equals_uninterrupted_run(tmp_path):
+def _to_old_format(run_dir: Path) -> None:
+    """The checkpoint as versions before per-rank states wrote it (one process)."""
+    state = checkpoint.load(run_dir)
+    state["mixer"], state["rng"] = state["mixer"][0], state["rng"][0]
+    del state["data"], state["format"]
+    checkpoint.save(state, run_dir)
+
+
+@pytest.mark.parametrize("old_format", [False, True])
+def test_resume_equals_uninterrupted_run(tmp_path, old_format):
     straight = fit(_cfg(tmp_path / "a", epochs=3))
     stopped = _cfg(tmp_path / "b", epochs=3, stop_after_epochs=1)
     fit(stopped)
     assert len(_metrics(tmp_path / "b" / "run")) == 1
+    if old_format:  # a checkpoint without per-rank lists still resumes in one process
+        _to_old_format(tmp_path / "b" / "run")
     assert main(["--resume", str(tmp_path / "b" / "run"), "--no-progress"]) == 0
     resumed = _metrics(tmp_path / "b" / "run")
     assert resumed[-1] == straight | {k: resumed[-1][k] for k in ("images_per_s", "epoch_seconds")}
@@ -139,3 +164,124 @@ def test_cpu_runs_retain_freed_memory_unless_told_not_to(tmp_path, monkeypatch, 
     train.Run(_cfg(tmp_path, retain_memory=retain))
     assert calls == ([1] if retain else [])
     assert "retain_memory" in train.RESUME_MUTABLE  # it changes speed, not results
+
+
+def test_resume_writes_only_into_the_resumed_directory(tmp_path, capsys):
+    run, other = tmp_path / "a" / "run", tmp_path / "other" / "run"
+    fit(_cfg(tmp_path / "a", stop_after_epochs=1))
+    fit(_cfg(tmp_path / "other", epochs=1))
+    before = _files(other)
+    # an explicit --out elsewhere is refused, and nothing is written anywhere
+    assert main(["--resume", str(run), "--out", str(other)]) == 2
+    assert f"--out {other}" in capsys.readouterr().err
+    assert _files(other) == before and len(_metrics(run)) == 1
+    # a config file's 'out' is where its fresh runs go: ignored on resume
+    toml = tmp_path / "run.toml"
+    toml.write_text(f'[train]\nout = "{other}"\nprogress = false\n')
+    assert main(["--resume", str(run), "--config", str(toml), "--out", str(run) + "/"]) == 0
+    assert _files(other) == before and len(_metrics(run)) == 2
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
+    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+
+
+def _fake_fashion_mnist(directory: Path, shuffle_labels: bool = False) -> None:
+    g = np.random.default_rng(0)
+    directory.mkdir(parents=True)
+    for prefix, n in (("train", 64), ("t10k", 16)):
+        labels = g.integers(0, 10, n)
+        _write_idx(directory / f"{prefix}-images-idx3-ubyte.gz", g.integers(0, 256, (n, 28, 28)))
+        _write_idx(directory / f"{prefix}-labels-idx1-ubyte.gz",
+                   np.roll(labels, 1) if shuffle_labels and prefix == "train" else labels)
+
+
+def test_resume_after_the_data_directory_moved(tmp_path, capsys):
+    data, moved, other = tmp_path / "data", tmp_path / "moved", tmp_path / "other"
+    _fake_fashion_mnist(data)
+    _fake_fashion_mnist(other, shuffle_labels=True)
+    run = tmp_path / "run"
+    fit(_cfg(tmp_path, dataset="fashion-mnist", data_dir=str(data), batch_size=16, stop_after_epochs=1))
+    shutil.move(data, moved)
+    assert main(["--resume", str(run)]) == 2
+    assert "--data-dir" in capsys.readouterr().err  # the hint the next command follows
+    assert main(["--resume", str(run), "--data-dir", str(other)]) == 2  # other labels: other data
+    assert "not the data this run was trained on" in capsys.readouterr().err
+    assert len(_metrics(run)) == 1
+    assert main(["--resume", str(run), "--data-dir", str(moved)]) == 0
+    assert len(_metrics(run)) == 2 and checkpoint.load(run)["config"]["data_dir"] == str(moved)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--batch-size", "100000"], "'batch_size' 100000"),
+    (["--synthetic-size", "1"], "'synthetic_size'"),
+    (["--local-pairing", "bogus"], "'local_pairing'"),
+    (["--global-pairing", "same_class"], "'global_pairing'"),
+    (["--local-alpha", "inf"], "'local_alpha'"),
+    (["--temperature", "inf"], "'temperature'"),
+    (["--kd-weight", "inf"], "'kd_weight'"),
+    (["--gamma", "-1"], "'gamma'"),
+    (["--stages", "input,foo"], "'stages'"),
+    (["--arch", "metamixer_fast.models:tiny", "--stages", "input,stage9"], "'stage9'"),
+])
+def test_cli_bad_options_are_clear_errors(tmp_path, capsys, argv, match):
+    out = tmp_path / "run"
+    base = ["--dataset", "synthetic", "--synthetic-size", "64", "--arch", "tiny", "--batch-size", "32",
+            "--epochs", "1", "--no-progress", "--out", str(out)]
+    assert main([*base, *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: config ") and match in err, err
+    assert not out.exists()  # refused before anything is written
+
+
+@pytest.mark.parametrize("option", [{"temperature": float("inf")}, {"local_alpha": float("inf")},
+                                    {"local_pairing": "bogus"}])
+def test_a_bad_option_that_skipped_validation_is_a_config_error(tmp_path, option):
+    """What the loss or the mixer refuses while the run is built becomes a ConfigError too."""
+    cfg = from_mapping({**SMALL, "out": str(tmp_path / "run"), **option})  # not validated
+    with pytest.raises(ConfigError, match=next(iter(option))):
+        train.Run(cfg)
+
+
+def test_warmup_never_exceeds_the_peak_lr(tmp_path):
+    short = _cfg(tmp_path, warmup_epochs=0.01)  # 0.08 of a step at 8 steps per epoch
+    assert train.lr_factor(short, 0, 8) == 1.0  # was 12.5: above the peak
+    assert max(train.lr_factor(short, step, 8) for step in range(16)) == 1.0
+    long = _cfg(tmp_path, warmup_epochs=1.5)
+    assert train.lr_factor(long, 0, 8) == pytest.approx(1 / 12)
+    assert max(train.lr_factor(long, step, 8) for step in range(16)) == 1.0
+
+
+def test_old_single_mixer_state_is_refused_under_ddp():
+    old = {"generator": torch.Generator().get_state(), "stats": {}}
+    one = SimpleNamespace(world=1, rank=0)
+    assert train.Run.own_entry(one, old, "mixer") is old
+    with pytest.raises(checkpoint.CheckpointError, match="rank 0 only"):
+        train.Run.own_entry(SimpleNamespace(world=2, rank=1), old, "mixer")
+    with pytest.raises(checkpoint.CheckpointError, match="2 processes"):
+        train.Run.own_entry(one, [old, old], "mixer")
+
+
+def test_ddp_resume_equals_uninterrupted_run(tmp_path):
+    """Every rank mixes with its own generator: a resumed run must continue each rank's."""
+    def torchrun(*args: str) -> None:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "metamixer_fast.train", *args]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    common = ["--dataset", "synthetic", "--synthetic-size", "256", "--arch", "tiny", "--batch-size", "32",
+              "--epochs", "3", "--limit-train-batches", "3", "--limit-eval-batches", "1", "--threads", "1",
+              "--no-progress"]
+    torchrun(*common, "--out", str(tmp_path / "a"))
+    torchrun(*common, "--out", str(tmp_path / "b"), "--stop-after-epochs", "1")
+    torchrun("--resume", str(tmp_path / "b"))
+    mixers = checkpoint.load(tmp_path / "b")["mixer"]  # one state per rank, and they differ
+    assert isinstance(mixers, list) and len(mixers) == 2
+    assert not torch.equal(mixers[0]["generator"], mixers[1]["generator"])
+    timing = ("images_per_s", "epoch_seconds")
+    a, b = ([{k: v for k, v in r.items() if k not in timing} for r in _metrics(tmp_path / d)] for d in "ab")
+    assert a == b and len(a) == 3
+    assert _same_weights(tmp_path / "a", tmp_path / "b")
