@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import csv
+import json
+import shutil
 
 import pytest
 
+from metamixer_fast import checkpoint
 from metamixer_fast.config import ConfigError
-from metamixer_fast.study import load_study, main
+from metamixer_fast.study import FAILED, load_study, main
 
 STUDY = """
 [study]
@@ -54,9 +57,122 @@ def test_study_runs_reports_and_skips_finished_runs(tmp_path, capsys):
     ("[study]\nseeds = [0]\n", "no \\[\\[variant\\]\\]"),
     ("[[variant]]\nname = 'a'\nmethod = 'magic'\n", "variant 'a'.*method"),
     ("[[variant]]\nname = 'a'\n[[variant]]\nname = 'a'\n", "unique"),
+    ("[study]\nseed = [5, 6]\n[[variant]]\nname = 'a'\n", "unknown \\[study\\] key 'seed'.*out, seeds"),
+    ("[bases]\nlr = 0.1\n[[variant]]\nname = 'a'\n", "unknown top-level table 'bases'.*study, base, variant"),
+    ("[study]\nseeds = [0, 0]\n[[variant]]\nname = 'a'\n", "seeds lists 0 more than once"),
+    ("[study]\nseeds = [true]\n[[variant]]\nname = 'a'\n", "seeds must be a non-empty list of integers"),
+    ("[study]\nseeds = 3\n[[variant]]\nname = 'a'\n", "seeds must be a non-empty list of integers"),
+    ("[base]\nseed = 3\n[[variant]]\nname = 'a'\n", "\\[base\\] sets 'seed'"),
+    ("[[variant]]\nname = 'a'\nout = 'x'\n", "variant 'a' sets 'out'"),
+    ("[variant]\nname = 'a'\n", "\\[\\[variant\\]\\] tables"),
 ])
 def test_bad_study_files(tmp_path, text, match):
     path = tmp_path / "s.toml"
     path.write_text(text)
     with pytest.raises(ConfigError, match=match):
         load_study(path)
+
+
+def test_bad_study_file_is_a_cli_error(tmp_path, capsys):
+    path = tmp_path / "s.toml"
+    path.write_text("[study]\nseed = [5, 6]\n[[variant]]\nname = 'a'\n")
+    assert main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "'seed'" in err and "Traceback" not in err
+
+
+ONE_RUN = """
+[study]
+out = "{out}"
+seeds = {seeds}
+
+[base]
+dataset = "synthetic"
+synthetic_size = 64
+arch = "tiny"
+batch_size = 32
+epochs = 2
+lr = {lr}
+stop_after_epochs = {stop}
+limit_train_batches = 1
+limit_eval_batches = 1
+progress = false
+
+[[variant]]
+name = "dml"
+method = "dml"
+"""
+
+
+def _one_run(path, out, seeds="[0]", lr=0.1, stop=1):
+    path.write_text(ONE_RUN.format(out=out, seeds=seeds, lr=lr, stop=stop))
+    return str(path)
+
+
+def _epochs_done(run_dir):
+    return checkpoint.load(run_dir)["epoch"], len((run_dir / "metrics.jsonl").read_text().splitlines())
+
+
+@pytest.mark.parametrize("stop", [1, 0], ids=["unfinished", "finished"])
+def test_a_changed_setting_of_a_run_on_disk_is_refused(tmp_path, capsys, stop):
+    """A rerun must neither resume nor skip a run made with other settings (the table would carry
+    the new ones): the study stops before training anything, naming the run and the option."""
+    out, run_dir = tmp_path / "out", tmp_path / "out" / "dml" / "seed0"
+    assert main([_one_run(tmp_path / "s.toml", out, stop=stop)]) == 0
+    before = (run_dir / checkpoint.NAME).read_bytes()
+    capsys.readouterr()
+    changed = _one_run(tmp_path / "s.toml", out, lr=0.01, stop=stop)
+    for argv in ([changed], [changed, "--report-only"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: study variant 'dml' seed 0") and "'lr'" in err
+        assert "move" in err and "Traceback" not in err
+    assert (run_dir / checkpoint.NAME).read_bytes() == before
+
+
+def test_a_copied_study_continues_in_its_copy(tmp_path):
+    a, b = tmp_path / "A", tmp_path / "B"
+    assert main([_one_run(tmp_path / "s.toml", a)]) == 0  # epoch 1 of 2
+    shutil.copytree(a, b)
+    assert main([_one_run(tmp_path / "s.toml", b)]) == 0  # epoch 2, in B
+    assert _epochs_done(b / "dml" / "seed0") == (2, 2)
+    assert _epochs_done(a / "dml" / "seed0") == (1, 1)
+
+
+def test_report_only_leaves_unfinished_runs_out_of_the_means(tmp_path, capsys):
+    path, out = tmp_path / "s.toml", tmp_path / "out"
+    main([_one_run(path, out)])  # seed 0: epoch 1 of 2
+    assert main([str(path), "--report-only"]) == 2
+    assert "error: no run under" in capsys.readouterr().err
+    main([str(path)])  # seed 0 finished
+    main([_one_run(path, out, seeds="[0, 1]")])  # seed 1: epoch 1 of 2
+    capsys.readouterr()
+    assert main([str(path), "--report-only"]) == 0
+    assert "left out: 1 unfinished" in capsys.readouterr().out
+    [row] = list(csv.DictReader(open(out / "results.csv")))
+    final = json.loads((out / "dml" / "seed0" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert (row["seeds"], row["epochs"], row["unfinished_seeds"]) == ("1", "2", "1")
+    assert float(row["ensemble_top1_mean"]) == round(final["ensemble_top1"], 2)
+
+
+def test_a_failed_run_is_reported_and_the_study_carries_on(tmp_path, capsys):
+    path = tmp_path / "s.toml"
+    path.write_text(STUDY.format(out=tmp_path / "out").replace("seeds = [0, 1]", "seeds = [0]")
+                    .replace('name = "dml"', 'name = "diverges"\nlr = 1e30') + f"""
+[[variant]]
+name = "nodata"
+dataset = "fashion-mnist"
+data_dir = "{tmp_path / 'empty'}"
+""")
+    assert main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "error: study variant 'diverges' seed 0 failed: non-finite loss" in err
+    assert "error: study variant 'nodata' seed 0 failed: " in err
+    assert "2 run(s) failed: diverges seed 0, nodata seed 0" in err and "Traceback" not in err
+    rows = {r["variant"]: r for r in csv.DictReader(open(tmp_path / "out" / "results.csv"))}
+    assert rows["metamixer-random"]["seeds"] == "1"
+    for name in ("diverges", "nodata"):
+        assert (rows[name]["seeds"], rows[name]["failed_seeds"], rows[name]["ensemble_top1_mean"]) == (
+            "0", "0", "")
+        assert "failed" in (tmp_path / "out" / name / "seed0" / FAILED).read_text()
+    assert "| diverges | 0 | — | — | — | failed: 0 |" in (tmp_path / "out" / "results.md").read_text()
