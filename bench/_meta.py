@@ -1,9 +1,13 @@
-"""What every benchmark records next to its timings: the commit and the CPU."""
+"""What every benchmark shares: the interleaved timing loop, and what it records next to its
+timings (the commit and the CPU)."""
 
 from __future__ import annotations
 
 import platform
+import random
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,3 +35,30 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def interleaved_times(rows: dict[str, Callable[[], object]], rounds: int, warmup: int = 3
+                      ) -> dict[str, list[float]]:
+    """Seconds per row and round, each round running every row once, in a new random order
+    (seeded): a row leaves the cache dirty or clean for the next one (a row whose outputs are
+    written back while the next one runs, or one that evicts the inputs), so no row may always
+    follow the same one, as it would in a fixed or rotating order.
+
+    A row may have ``before()`` / ``after()`` methods (e.g. to set a mode): they run around
+    the row's call, outside its time."""
+    names = list(rows)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    shuffle = random.Random(0).shuffle
+    for r in range(warmup + rounds):
+        order = list(names)
+        shuffle(order)
+        for name in order:
+            row = rows[name]
+            getattr(row, "before", lambda: None)()
+            start = time.perf_counter()
+            row()
+            elapsed = time.perf_counter() - start
+            getattr(row, "after", lambda: None)()
+            if r >= warmup:
+                times[name].append(elapsed)
+    return times

@@ -44,17 +44,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
-from _meta import commit, cpu_name  # bench/ is on sys.path (script or pytest)
+from _meta import commit, cpu_name, interleaved_times  # bench/ is on sys.path
 from torch import Tensor
 
 import metamixer_fast as mf
@@ -142,19 +140,25 @@ class Batches:
 STORE_ROWS = {"mix2, cached stores": "off", "mix2, streamed stores": "on"}
 
 
-def with_stores(mode: str, step: Callable[[], object]) -> Callable[[], object]:
-    """step with METAMIXER_STREAM_STORES=mode (read by mix2 on every call)."""
-    def run() -> object:
-        before = os.environ.get("METAMIXER_STREAM_STORES")
-        os.environ["METAMIXER_STREAM_STORES"] = mode
-        try:
-            return step()
-        finally:
-            if before is None:
-                del os.environ["METAMIXER_STREAM_STORES"]
-            else:
-                os.environ["METAMIXER_STREAM_STORES"] = before
-    return run
+class WithStores:
+    """A row: ``step`` with METAMIXER_STREAM_STORES=mode (read by mix2 on every call), set and
+    restored by ``interleaved_times`` outside the row's time."""
+
+    def __init__(self, mode: str, step: Callable[[], object]) -> None:
+        self.mode, self.step, self.saved = mode, step, None
+
+    def before(self) -> None:
+        self.saved = os.environ.get("METAMIXER_STREAM_STORES")
+        os.environ["METAMIXER_STREAM_STORES"] = self.mode
+
+    def after(self) -> None:
+        if self.saved is None:
+            os.environ.pop("METAMIXER_STREAM_STORES", None)
+        else:
+            os.environ["METAMIXER_STREAM_STORES"] = self.saved
+
+    def __call__(self) -> object:
+        return self.step()
 
 
 def core_rows(batches: Batches) -> dict[str, Callable[[], object] | str]:
@@ -175,7 +179,7 @@ def core_rows(batches: Batches) -> dict[str, Callable[[], object] | str]:
         x, _, plan = batches()
         return mf.mix2(x, *plan)
 
-    stores = {name: with_stores(mode, mix2) for name, mode in STORE_ROWS.items()}
+    stores = {name: WithStores(mode, mix2) for name, mode in STORE_ROWS.items()}
     return {"clone": clone, "add": add, "mix x2": mix_x2, "mix2 fused": mix2, **stores}
 
 
@@ -287,29 +291,6 @@ def feature_rows(h: Tensor) -> dict[str, Callable[[], object] | str]:
 
 
 # ------------------------------------------------------------------------------------ timing
-
-def interleaved_times(rows: dict[str, Callable[[], object]], rounds: int, warmup: int = 3
-                      ) -> dict[str, list[float]]:
-    """Seconds per row and round, each round running every row once, in a new random order
-    (seeded): a row leaves the cache dirty or clean for the next one (mix x2's two outputs are
-    written back during whatever runs next; a streamed output is not), so no row may always
-    follow the same one, as it would in a fixed or rotating order."""
-    names = list(rows)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    shuffle = random.Random(0).shuffle
-    for r in range(warmup + rounds):
-        order = list(names)
-        shuffle(order)
-        for name in order:
-            start = time.perf_counter()
-            rows[name]()
-            elapsed = time.perf_counter() - start
-            if r >= warmup:
-                times[name].append(elapsed)
-    return times
-
-
-
 
 def report(threads: int, rounds: int, out_path: Path, alone: bool = False,
            retain_memory: bool = False, fresh: bool = False) -> dict:

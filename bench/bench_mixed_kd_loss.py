@@ -85,7 +85,10 @@ def contenders(shape: Shape) -> dict[str, Callable[[], object]]:
     def ref(zz):
         return reference.mixed_kd_loss(zz, plan, weights, t, 0.0, shape.mode)
 
-    compiled = torch.compile(ref)
+    # Static, one graph per shape: torch.compile's cache is per code object, and every shape's
+    # ``ref`` shares one, so without dynamic=False warming the next shape recompiles it with
+    # symbolic sizes and temperature, and each shape would then run that dynamic graph.
+    compiled = torch.compile(ref, dynamic=False)
 
     def dml():
         z.grad = None

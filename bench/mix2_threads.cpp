@@ -266,17 +266,31 @@ int main(int argc, char** argv) {
   std::printf("%8s %14s %11s %12s %16s %15s %16s %11s\n", "line ns", "memcpy halves",
               "mix2 chain", "mix2 halves", "mix2 one thread", "cached + read", "streamed + read",
               "GB/s clone");
+  std::mt19937 shuffle_rng(0);
   for (int r = 0; r < repeats; ++r) {
     const double pass = line_pass_ns(partner);
     std::vector<double> t_copy, t_chain, t_halves, t_one, t_cached, t_streamed;
+    // one run of each per round, in a new random order every round: no row always inherits the
+    // cache state the same predecessor left
+    const std::function<void()> rows[] = {
+        [&] {
+          t_copy.push_back(
+              timed([&] { copy_half(0, elems / 2); }, [&] { copy_half(elems / 2, elems); }));
+        },
+        [&] {
+          t_chain.push_back(timed([&] { forward(chain, 0, 0, units / 2); },
+                                  [&] { forward(chain, 1, units / 2, units); }));
+        },
+        [&] {
+          t_halves.push_back(
+              timed([&] { forward_half(0, 0, n / 2); }, [&] { forward_half(1, n / 2, n); }));
+        },
+        [&] { t_one.push_back(timed([&] { forward(chain, 0, 0, units); }, nothing)); },
+    };
+    std::vector<int> order = {0, 1, 2, 3};
     for (int k = 0; k < rounds; ++k) {
-      t_copy.push_back(
-          timed([&] { copy_half(0, elems / 2); }, [&] { copy_half(elems / 2, elems); }));
-      t_chain.push_back(timed([&] { forward(chain, 0, 0, units / 2); },
-                              [&] { forward(chain, 1, units / 2, units); }));
-      t_halves.push_back(
-          timed([&] { forward_half(0, 0, n / 2); }, [&] { forward_half(1, n / 2, n); }));
-      t_one.push_back(timed([&] { forward(chain, 0, 0, units); }, nothing));
+      std::shuffle(order.begin(), order.end(), shuffle_rng);
+      for (int i : order) rows[i]();
     }
     // each store mode in a block of its own rounds, so every round follows one of its own kind
     for (int k = 0; k < rounds; ++k) t_cached.push_back(forward_read(false));

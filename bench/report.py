@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import statistics
-import time
 from pathlib import Path
 
 # Compile in this process: a pool of compile workers would still be busy (and steal the CPU from
@@ -21,7 +20,7 @@ os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 import torch
 
-from bench._meta import commit, cpu_name
+from bench._meta import commit, cpu_name, interleaved_times
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,15 +34,10 @@ def warm_up(fns: dict, rounds: int) -> None:
 
 
 def time_interleaved(fns: dict, rounds: int, warmup: int) -> dict[str, float]:
-    """Median seconds per call of each function; one call of each per round, in turn."""
-    warm_up(fns, warmup)
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(s) for name, s in samples.items()}
+    """Median seconds per call of each function; one call of each per round, in a new random
+    order every round (``interleaved_times``)."""
+    times = interleaved_times(fns, rounds, warmup)
+    return {name: statistics.median(s) for name, s in times.items()}
 
 
 def loss_report(threads: int, rounds: int | None, retain_memory: bool = False) -> dict:

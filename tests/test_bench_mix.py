@@ -1,5 +1,6 @@
-"""The mixing benchmark times what it says: every row that mixes gives the reference's result
-for the batch it was handed, and --fresh-batches hands each call a different batch."""
+"""The benchmarks time what they say: every mixing row gives the reference's result for the batch
+it was handed, --fresh-batches hands each call a different batch, and rows run in a shuffled
+order with any mode switch outside their time."""
 
 from __future__ import annotations
 
@@ -29,8 +30,39 @@ def test_input_rows_compute_the_reference_mixture(dtype: torch.dtype) -> None:
         if isinstance(rows[name], str):  # torch.compile unavailable: says why, nothing to run
             assert name.endswith("compiled"), rows[name]
             continue
-        assert torch.equal(rows[name](), expected), name
+        row = rows[name]
+        getattr(row, "before", lambda: None)()  # a store-mode row sets its mode outside its time
+        try:
+            assert torch.equal(row(), expected), name
+        finally:
+            getattr(row, "after", lambda: None)()
     assert torch.equal(rows["clone"](), x)
+
+
+def test_interleaved_times_shuffles_rows_and_sets_modes_outside_the_timer() -> None:
+    import _meta
+
+    log: list[str] = []
+
+    class Moded:
+        def before(self) -> None:
+            log.append("before")
+
+        def after(self) -> None:
+            log.append("after")
+
+        def __call__(self) -> None:
+            log.append("moded")
+
+    rows = {"a": lambda: log.append("a"), "b": lambda: log.append("b"), "moded": Moded()}
+    times = _meta.interleaved_times(rows, rounds=20, warmup=1)
+    assert all(len(t) == 20 for t in times.values())
+    calls = [c for c in log if c not in ("before", "after")]
+    assert sorted(calls) == sorted(["a", "b", "moded"] * 21)
+    firsts = {calls[3 * r] for r in range(21)}
+    assert len(firsts) > 1  # not one fixed order
+    i = log.index("moded")
+    assert log[i - 1] == "before" and log[i + 1] == "after"
 
 
 def test_fresh_batches_hand_every_call_the_next_batch(monkeypatch: pytest.MonkeyPatch) -> None:
