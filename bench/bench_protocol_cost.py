@@ -3,9 +3,11 @@
     python bench/bench_protocol_cost.py configs/cifar100-resnet32-wrn16_2.toml [--steps 10]
 
 Builds the config's run exactly (peers, method, mixing, AMP, channels_last, optimizer) but with
-the synthetic dataset in place of the real files (3x32x32 images like CIFAR; 10 classes, so the
-heads are smaller than CIFAR-100's by 64 x 90 multiply-adds per image, which the FLOP count
-reports separately), times ``--steps`` training steps after warm-up (data loading and
+the synthetic dataset in place of the real files (3x32x32 images like CIFAR; 10 classes, so each
+peer's linear head is smaller than CIFAR-100's by (its features) x 90 multiply-adds per image in
+the forward pass: 64 x 90 for a ResNet-32, 128 x 90 for a WRN-16-2, about 0.01% of the counted
+FLOPs for that pair; the FLOP count is of the 10-class heads and does not report the difference),
+times ``--steps`` training steps after warm-up (data loading and
 augmentation included), counts the FLOPs of one training step and of one evaluation batch with
 ``torch.utils.flop_counter``, and projects one epoch (``--train-size`` and ``--test-size``
 images) and the whole run (the config's epochs). Writes JSON under bench/results/.

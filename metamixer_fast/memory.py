@@ -4,9 +4,10 @@ PyTorch's CPU allocator is the C library's ``malloc``. With glibc's defaults, la
 activation of a CIFAR batch is 4-8 MB) are mapped fresh from the kernel and unmapped again when
 freed, or the top of the heap is trimmed back, so every step touches its activations' pages for
 the first time again: tens of thousands of page faults a step, on the CPU the step runs on. For
-2 ResNet-20 peers at batch 128 that was 12-54 thousand faults a step, and a fresh
-``--compile --amp bf16`` run reached 602 images/s instead of 766 (``bench/bench_train_step.py
---rows "ours+compile --amp bf16" --retain-memory off|on``). A training loop allocates the
+2 ResNet-20 peers at batch 128, run as separate jobs, the research-style loop with glibc's
+defaults took 10.9-25.6 thousand faults a step and ours, with this setting, 0-333
+(``python bench/bench_train_step.py --steps 10 --fresh-processes 3``,
+bench/results/train_step_resnet20_b128_fresh-processes.json). A training loop allocates the
 same sizes every step, so it is better served by keeping them, as the CUDA caching allocator
 does on GPUs.
 
