@@ -1,13 +1,13 @@
 """Per-step cost of drawing a mixing plan, next to one copy of the batch it mixes.
 
-    python bench/bench_sampler.py [--threads 2] [--rounds 300] [--retain-memory on|off]
+    python bench/bench_sampler.py [--threads 2] [--rounds 300] [--retain-memory on|off] [--out PATH]
 
 Times ``sample(y)`` + ``resolve((H, W))`` + ``target`` (everything a step needs besides the
 ``mix`` calls themselves) for MetaMixer and the CutMix-or-Mixup baseline, and ``x.clone()`` of
 the batch as the machine's floor, interleaved in a new random order every round; medians after
 warm-up, in one run. The plan's cost does not depend on the image size, only on N. With
 ``--retain-memory on`` (the default, as in the training loop) the clone's output does not pay
-fresh page faults every call. Writes bench/results/sampler-<commit>.json.
+fresh page faults every call. Writes bench/results/sampler-<commit>.json (or ``--out``).
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=300)
     parser.add_argument("--retain-memory", choices=["on", "off"], default="on")
+    parser.add_argument("--out", type=Path, help="where to write the JSON")
     args = parser.parse_args()
     retained = retain_freed_memory() if args.retain_memory == "on" else False
     torch.set_num_threads(args.threads)
@@ -63,12 +64,15 @@ def main() -> None:
         clone = us["clone of the fp32 batch"]
         for name, t in us.items():
             print(f"{key:>18} {name:>34} {t:9.1f} {t / clone:8.2f}")
+    import metamixer_fast
+
     report = {"benchmark": "plan drawing (CPU)", "commit": commit(), "cpu": cpu_name(),
+              "library": str(Path(metamixer_fast.__file__).parent),
               "torch": torch.__version__, "threads": args.threads, "rounds": args.rounds,
               "retain_memory": retained, "median_us": results}
-    out = ROOT / "bench" / "results" / f"sampler-{report['commit']}.json"
+    out = args.out or ROOT / "bench" / "results" / f"sampler-{report['commit']}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out.relative_to(ROOT)}")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
