@@ -47,13 +47,15 @@ def cpp_build_setup() -> dict:
                       f"pure-PyTorch reference. Set METAMIXER_REQUIRE_CPP=1 to make this fatal.")
 
         def _remove_stale_extensions(self) -> None:
-            # An editable install keeps the last good build in the source tree; left there, it
-            # would be imported as if this (failed) build had produced it.
+            # The last good build stays in the source tree (editable installs) and in build/lib
+            # (which a wheel is packed from); left there, it would be imported as if this
+            # (failed) build had produced it.
             for ext in self.extensions:
-                stale = os.path.join(ROOT, self.get_ext_filename(ext.name))
-                if os.path.exists(stale):
-                    os.remove(stale)
-                    _warn(f"removed {os.path.relpath(stale, ROOT)}, built from older sources")
+                for stale in {os.path.join(ROOT, self.get_ext_filename(ext.name)),
+                              os.path.abspath(self.get_ext_fullpath(ext.name))}:
+                    if os.path.exists(stale):
+                        os.remove(stale)
+                        _warn(f"removed {os.path.relpath(stale, ROOT)}, built from older sources")
 
     sources = sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))
     extension = CppExtension(

@@ -15,6 +15,7 @@ import functools
 import importlib
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -42,8 +43,24 @@ def cpp_module():
     """The compiled extension, or None when the C++ build failed or was skipped."""
     try:
         return importlib.import_module("metamixer_fast._C")
-    except ImportError:
+    except ImportError as exc:
+        global cpp_missing_reason
+        cpp_missing_reason = str(exc)
         return None
+
+
+# Why ``cpp_module()`` found no extension (set when it looked and failed).
+cpp_missing_reason: str | None = None
+
+
+def source_checkout() -> Path | None:
+    """The source tree this package was imported from, if it is one (a setup.py beside it) and
+    holds no built extension: an installed copy is then shadowed, e.g. by ``python -m`` run from
+    the checkout, which puts the current directory first on sys.path."""
+    root = Path(__file__).resolve().parents[1]
+    if (root / "setup.py").is_file() and not any(Path(__file__).parent.glob("_C*.so")):
+        return root
+    return None
 
 
 @functools.cache

@@ -84,3 +84,58 @@ def test_regular_install_ships_kernels_and_extension(tmp_path):
     assert pathlib.Path(kernels_file).is_relative_to(site)
     if REQUIRE_CPP:
         assert has_cpp == "True"
+
+
+def _source_copy(tmp_path: pathlib.Path) -> pathlib.Path:
+    """The package's sources as a checkout has them before any build: no _C, no kernels/ inside."""
+    src = tmp_path / "checkout"
+    (src / "metamixer_fast").mkdir(parents=True)
+    for path in (ROOT / "metamixer_fast").glob("*.py"):
+        (src / "metamixer_fast" / path.name).write_text(path.read_text())
+    (src / "setup.py").write_text((ROOT / "setup.py").read_text())
+    return src
+
+
+# Import from ``src`` only: drop the editable install's finder, which would map the package back
+# to this repository; optionally make triton unimportable.
+_IMPORT_FROM = """
+import builtins, sys, warnings
+sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, '__module__', '').startswith('__editable__')]
+sys.path.insert(0, {src!r})
+if {no_triton}:
+    real = builtins.__import__
+    def no_triton(name, *args, **kwargs):
+        if name == 'triton' or name.startswith('triton.'):
+            raise ImportError('triton hidden by the test')
+        return real(name, *args, **kwargs)
+    builtins.__import__ = no_triton
+warnings.simplefilter('always')
+try:
+    import metamixer_fast
+    print('imported', metamixer_fast.__file__)
+except ImportError as exc:
+    print('ImportError:', exc)
+"""
+
+
+def test_a_checkout_without_the_extension_warns_on_import(tmp_path):
+    src = _source_copy(tmp_path)
+    proc = subprocess.run([sys.executable, "-c", _IMPORT_FROM.format(src=str(src), no_triton=True)],
+                          cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert f"imported {src}" in proc.stdout
+    assert "RuntimeWarning: metamixer_fast: the C++ extension is not available" in proc.stderr
+    assert f"This is the source checkout {src}" in proc.stderr
+    assert "METAMIXER_BACKEND=reference" in proc.stderr
+    quiet = subprocess.run([sys.executable, "-c", _IMPORT_FROM.format(src=str(src), no_triton=True)],
+                           cwd=tmp_path, capture_output=True, text=True, check=True,
+                           env={**os.environ, "METAMIXER_BACKEND": "reference"})
+    assert "RuntimeWarning" not in quiet.stderr
+
+
+def test_a_checkout_that_shadows_the_installed_package_says_so(tmp_path):
+    if _backend.triton_version() is None:
+        pytest.skip("triton is not installed: the kernels subpackage is not imported")
+    src = _source_copy(tmp_path)
+    out = subprocess.run([sys.executable, "-c", _IMPORT_FROM.format(src=str(src), no_triton=False)],
+                         cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+    assert f"ImportError: metamixer_fast was imported from the source checkout {src}" in out
