@@ -123,6 +123,9 @@ def read_idx(path: str | Path, ndim: int) -> Tensor:
         raise DatasetError(f"IDX file {path} has magic number 0x{magic:08x}, expected "
                            f"0x{IDX_MAGIC[ndim]:08x} (unsigned bytes, {ndim} dimension(s)); wrong file?")
     dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    if 0 in dims[1:]:  # a count of 0 items is a (useless) file; an item of size 0 is damage
+        raise DatasetError(f"IDX file {path} has an item of size 0 (header {dims}); the file is "
+                           f"corrupt: fetch it again")
     expected = header + int(np.prod(dims, dtype=np.int64))
     if len(raw) != expected:
         raise DatasetError(f"IDX file {path} holds {len(raw)} bytes but its header {dims} implies "
@@ -160,7 +163,12 @@ def load_fashion_mnist(data_dir: str | Path | None = None) -> tuple[ImageDataset
                                    f"{FASHION_MNIST_HINT}")
     if (directory / "fashion-mnist").is_dir() and not list(directory.glob("*-ubyte*")):
         directory = directory / "fashion-mnist"
-    return _fashion_split(directory, "train"), _fashion_split(directory, "t10k")
+    train, test = _fashion_split(directory, "train"), _fashion_split(directory, "t10k")
+    if train.images.shape[1:] != test.images.shape[1:]:
+        raise DatasetError(f"fashion-mnist: the training images in {directory} are "
+                           f"{list(train.images.shape[2:])} pixels but the test images "
+                           f"{list(test.images.shape[2:])}; the files come from different data sets")
+    return train, test
 
 
 # ----------------------------------------------------------------------------- CIFAR pickles
@@ -224,7 +232,10 @@ def _cifar_batch(path: Path, label_key: str, num_classes: int) -> tuple[Tensor, 
         shape = getattr(data, "shape", None)
         raise DatasetError(f"{path}: 'data' must be a uint8 array [N, 3072], got "
                            f"{type(data).__name__} {getattr(data, 'dtype', '')} {shape}")
-    labels = np.asarray(labels)
+    try:
+        labels = np.asarray(labels)
+    except (ValueError, TypeError) as exc:  # e.g. a ragged list
+        raise DatasetError(f"{path}: '{label_key}' must hold {data.shape[0]} integers ({exc})") from None
     if labels.shape != (data.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
         raise DatasetError(f"{path}: '{label_key}' must hold {data.shape[0]} integers, got "
                            f"{labels.dtype} {labels.shape}")

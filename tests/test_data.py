@@ -160,6 +160,18 @@ def test_idx_label_range_and_count_mismatch(tmp_path, rng) -> None:
         load_dataset("fashion-mnist", tmp_path)
 
 
+def test_idx_images_of_size_zero_or_of_two_sizes_are_refused(tmp_path, rng) -> None:
+    fake_fashion_mnist(tmp_path, rng)
+    bad = tmp_path / "train-images-idx3-ubyte.gz"
+    write_idx(bad, np.zeros((30, 0, 28), np.uint8))
+    with pytest.raises(DatasetError, match=r"item of size 0 \(header \[30, 0, 28\]\)") as e:
+        load_dataset("fashion-mnist", tmp_path)
+    assert str(bad) in str(e.value)
+    write_idx(bad, np.zeros((30, 32, 32), np.uint8))
+    with pytest.raises(DatasetError, match=r"\[32, 32\] pixels but the test images \[28, 28\]"):
+        load_dataset("fashion-mnist", tmp_path)
+
+
 def test_missing_fashion_mnist_says_how_to_get_it(tmp_path, rng) -> None:
     missing = tmp_path / "nowhere"
     with pytest.raises(DatasetNotFoundError, match=r"apt-get install dataset-fashion-mnist") as e:
@@ -227,6 +239,10 @@ def test_malformed_cifar_names_the_path(tmp_path, rng) -> None:
     bad = {"data": np.zeros((2, 3072), np.uint8), "labels": [0, 10]}
     write_cifar_pickle(d / "data_batch_3", bad, py2=False)
     with pytest.raises(DatasetError, match=r"data_batch_3: 'labels' out of range"):
+        load_dataset("cifar10", tmp_path)
+    bad = {"data": np.zeros((2, 3072), np.uint8), "labels": [[0, 1], [2]]}  # ragged
+    write_cifar_pickle(d / "data_batch_3", bad, py2=False)
+    with pytest.raises(DatasetError, match=r"data_batch_3: 'labels' must hold 2 integers"):
         load_dataset("cifar10", tmp_path)
     bad = {"data": np.zeros((2, 1000), np.uint8), "labels": [0, 1]}
     write_cifar_pickle(d / "data_batch_3", bad, py2=False)
