@@ -5,7 +5,8 @@
 //
 // A torch-free benchmark of core::mix2_forward_planes on an fp32 [N, 3, H, H] batch with a
 // random plan (CutMix boxes of area 1 - lam, lam ~ U(0, 1); random permutations as partners),
-// timed in this order within every round, then in two blocks of rounds, `repeats` times over:
+// run once each per round in a new (seeded) random order, then in two blocks of rounds, `repeats`
+// times over:
 //   memcpy, halves     one copy of the batch, each thread copying a contiguous half (as clone)
 //   mix2, chain        the split the library uses: the units of the plane-major partner-chain
 //                      order cut in two, so each thread touches (planes of) every sample

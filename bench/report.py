@@ -1,9 +1,9 @@
-"""Benchmark report: ``python -m bench.report loss [--threads 2] [--rounds N]``.
+"""Benchmark report: ``python -m bench.report loss [--threads 2] [--rounds N] [--retain-memory on|off]``.
 
-Times every contender of bench/bench_mixed_kd_loss.py on each shape, interleaving the
-contenders round by round (so machine noise hits them alike), and prints a markdown table of
-medians after warm-up with the ratios the targets are stated in. The same numbers, with
-shapes, threads, dtype, torch version, CPU and commit, go to bench/results/mixed_kd_loss-<commit>.json.
+Times every contender of bench/bench_mixed_kd_loss.py on each shape, one call of each per round
+in a new random order every round, and prints a markdown table of medians after warm-up with
+the ratios the targets are stated in. The same numbers, with shapes, threads, dtype, torch
+version, CPU and commit, go to bench/results/mixed_kd_loss-<commit>[-retain-memory].json.
 """
 
 from __future__ import annotations

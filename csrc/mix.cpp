@@ -3,8 +3,10 @@
 //   metamixer_cpp::mix(x, src, w, box?) -> out
 //   metamixer_cpp::mix_backward(grad, x, src, w, box?) -> (dx, dw)
 //
-// x is [N, C, H, W] (contiguous or channels_last: read in place, output in the same memory
-// format; any other strides are made contiguous once) or [N, D]. The value checks of
+// x is [N, C, H, W] or [N, D], read in its mix_format (the rule of metamixer_fast/_layout.py):
+// channels_last for a 4-D input whose channels are innermost (a channels_last batch or a crop of
+// one), else contiguous; an input not already in that format is copied once, and the output
+// takes that format's standard strides. The value checks of
 // metamixer_fast/_checks.py::check_mix_values run here, with the same messages, because in
 // Python they cost several small torch ops per call. The forward splits (sample, plane) units,
 // the backward (sample, plane, row) rows across threads with at::parallel_for; every output

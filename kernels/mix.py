@@ -13,8 +13,9 @@ Shapes and layout: every tensor is viewed as N samples of S = rows x row_len con
 elements, the element at flat offset q of a sample lying on row (q // row_len) % rows and column
 q % row_len, and a box covering rows [r0, r1) and columns [c0, c1) of every plane:
 NCHW [N, C, H, W] -> rows H, row_len W, columns (x0, x1); channels_last -> rows H,
-row_len W*C, columns (x0*C, x1*C); [N, D] -> one row of D. So x is read in place in either
-memory format and the output keeps it.
+row_len W*C, columns (x0*C, x1*C); [N, D] -> one row of D. So x is read in place when it is
+contiguous or channels_last (otherwise copied once into its ``mix_memory_format``), and the output
+has that format (metamixer_fast/_layout.py).
 
 Arithmetic: float32 for uint8/fp16/bf16 inputs, the input dtype for fp32/fp64, as three
 separately rounded operations (w*a, (1-w)*b, their sum) like the eager reference; launches

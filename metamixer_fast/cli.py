@@ -1,4 +1,4 @@
-"""The ``metamixer-fast`` command: ``train``, ``plot``, ``info``."""
+"""The ``metamixer-fast`` command: ``train``, ``plot``, ``study``, ``info``."""
 
 from __future__ import annotations
 

@@ -19,8 +19,9 @@ which is where MetaMixer's global mixing blends feature maps.
 
 ``build_model("resnet20", num_classes, in_channels)`` builds a registered model; a name of the
 form ``"package.module:factory"`` imports the module and calls
-``factory(num_classes=..., in_channels=...)`` (the model should then offer ``stage_names`` too
-if it is to be used with feature-level mixing).
+``factory(num_classes=..., in_channels=...)``. For feature-level mixing, the stage names given
+to MetaMixer must be submodule names of the model; a ``stage_names`` tuple on the model is only
+used to list them in error messages.
 """
 
 from __future__ import annotations

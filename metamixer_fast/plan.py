@@ -1,4 +1,5 @@
-"""``MixPlan``: one step's mixing decisions, and the hooks that carry them out inside the peers.
+"""``MixPlan``: one step's mixing decisions; ``global_mixing`` carries them out inside the peers
+through the hooks of ``stage_hooks.py``.
 
 A plan holds, for a batch of N samples (DESIGN.md section 1, "Our formulation"):
 
