@@ -18,7 +18,8 @@ and DML distillation. Data loading is excluded from both: each step gets a ready
 - ``ours+compile``: the fp32 loop with ``torch.compile`` of the peers' forward;
   ``ours+compile --amp bf16`` the same under bfloat16 autocast.
 
-Every row also reports the minor page faults per step. Our runs set ``retain_memory`` (malloc
+In one process the rows run interleaved: step i of every row, in a new random order for every
+i. Every row also reports the minor page faults per step. Our runs set ``retain_memory`` (malloc
 keeps freed blocks instead of unmapping them, ``metamixer_fast.memory``); that setting is
 process-wide, so the naive rows of the same run get it too. ``--retain-memory off`` runs every
 row with the C library's defaults.
@@ -43,6 +44,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import random
 import resource
 import statistics
 import subprocess
@@ -112,27 +114,37 @@ def make_run(arch: str, batch_size: int, compile_peers: bool, amp: str = "none",
     return Run(cfg.validate())
 
 
-def time_steps(step, batches: list[tuple[Tensor, Tensor]], warmup: int) -> list[float]:
-    """Images/s of each step after ``warmup``. Appends to ``STATS`` the timed steps' minor page
-    faults per step (the process's count, so other threads' faults are in it) and the seconds
-    of the first step (where ``torch.compile`` compiles)."""
-    rates = []
-    for i, (x, y) in enumerate(batches):
-        if i == warmup:
+def time_interleaved_steps(setups: dict[str, tuple]) -> dict[str, dict]:
+    """Times every row's steps, interleaved: step i of every row, the rows in a new random
+    order (seeded) for every i, so a slow or fast stretch of the machine falls on all rows alike
+    and no row always follows the same one. ``setups``: name -> (step, batches, warm-up steps).
+
+    Per row: images/s of each step after its warm-up, its timed steps' minor page faults per
+    step (counted around each step; the process's count, so other threads' faults are in it),
+    and the seconds of its first step (where ``torch.compile`` compiles)."""
+    out = {name: {"rates": [], "faults": 0, "first_step_s": 0.0} for name in setups}
+    order = list(setups)
+    shuffle = random.Random(0).shuffle
+    for i in range(max(len(batches) for _, batches, _ in setups.values())):
+        shuffle(order)
+        for name in order:
+            step, batches, warmup = setups[name]
+            if i >= len(batches):
+                continue
+            x, y = batches[i]
             faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        start = time.perf_counter()
-        step(x, y)
-        elapsed = time.perf_counter() - start
-        if i == 0:
-            first = elapsed
-        if i >= warmup:
-            rates.append(x.shape[0] / elapsed)
-    STATS.append({"faults": (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
-                  / len(rates), "first_step_s": first})
-    return rates
-
-
-STATS: list[dict] = []
+            start = time.perf_counter()
+            step(x, y)
+            elapsed = time.perf_counter() - start
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+            if i == 0:
+                out[name]["first_step_s"] = elapsed
+            if i >= warmup:
+                out[name]["rates"].append(x.shape[0] / elapsed)
+                out[name]["faults"] += faults
+    for row in out.values():
+        row["faults"] /= len(row["rates"])
+    return out
 
 
 def convolution_ms(step, batches: list[tuple[Tensor, Tensor]]) -> float:
@@ -167,11 +179,10 @@ ROWS = ("naive", "naive channels_last", "naive --amp bf16", "ours", "ours --amp 
 
 def measure(arch: str, batch_size: int, steps: int, warmup: int, rows: tuple[str, ...],
             retain_memory: bool) -> dict:
-    """Times ``rows`` (in ROWS order) on the same batches; with both "naive" and "ours" among
-    them, also their fp32 convolution time."""
+    """Times ``rows`` on the same batches, interleaved step by step; with both "naive" and "ours"
+    among them, also their fp32 convolution time."""
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
-    STATS.clear()
     num_classes = 10  # the synthetic dataset's
     # the compiled rows skip two more warm-up steps (their first ones compile): ``steps`` are
     # timed in every row
@@ -202,13 +213,12 @@ def measure(arch: str, batch_size: int, steps: int, warmup: int, rows: tuple[str
         "ours+compile": lambda: (ours(True, "none").train_step, batches_cl, warmup + 2),
         "ours+compile --amp bf16": lambda: (ours(True, "bf16").train_step, batches_cl, warmup + 2),
     }
-    rates = {}
-    for name in (r for r in ROWS if r in rows):
-        step, data, skip = setups[name]()
-        rates[name] = statistics.median(time_steps(step, data, skip))
+    names = [r for r in ROWS if r in rows]
+    timed = time_interleaved_steps({name: setups[name]() for name in names})
+    rates = {name: statistics.median(timed[name]["rates"]) for name in names}
     result = {"images_per_s_median": rates,
-              "page_faults_per_step": {r: st["faults"] for r, st in zip(rates, STATS)},
-              "first_step_s": {r: st["first_step_s"] for r, st in zip(rates, STATS)}}
+              "page_faults_per_step": {name: timed[name]["faults"] for name in names},
+              "first_step_s": {name: timed[name]["first_step_s"] for name in names}}
     if "naive" in rates and "ours" in rates:
         conv = {"ours": convolution_ms(ours(False, "none").train_step, batches_cl[:4])}
         if "ours+compile" in rates:
