@@ -35,7 +35,7 @@ if _backend.triton_version() is not None:
 if _backend.cpp_module() is not None:
     from . import _cpp_kernels  # noqa: F401  (registers the C++ CPU kernels as the cpp backend)
 
-if _backend.cpp_module() is None and _os.environ.get(_backend.ENV_VAR, "").strip() != "reference":
+if _backend.cpp_module() is None and _os.environ.get(_backend.ENV_VAR, "").strip().lower() != "reference":
     _shadow = _backend.source_checkout()
     _warnings.warn(
         f"metamixer_fast: the C++ extension is not available ({_backend.cpp_missing_reason}), so "
