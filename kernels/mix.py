@@ -45,15 +45,19 @@ NUM_WARPS = 4
 
 
 @triton.jit
-def _in_box(box_ptr, i, offs, rows, row_len):
-    """Mask of the flat offsets of sample i that lie inside its (row, column) box."""
-    r = (offs // row_len) % rows
-    c = offs % row_len
-    r0 = tl.load(box_ptr + 4 * i)
-    r1 = tl.load(box_ptr + 4 * i + 1)
-    c0 = tl.load(box_ptr + 4 * i + 2)
-    c1 = tl.load(box_ptr + 4 * i + 3)
-    return (r >= r0) & (r < r1) & (c >= c0) & (c < c1)
+def _in_box(box_ptr, i, offs, rows, row_len, col_scale, HAS_BOX: tl.constexpr):
+    """Mask of the flat offsets of sample i that lie inside its box (y0, y1, x0, x1), whose
+    columns are scaled by col_scale (C for channels_last rows); all of them without a box."""
+    if HAS_BOX:
+        r = (offs // row_len) % rows
+        c = offs % row_len
+        r0 = tl.load(box_ptr + 4 * i).to(tl.int32)
+        r1 = tl.load(box_ptr + 4 * i + 1).to(tl.int32)
+        c0 = tl.load(box_ptr + 4 * i + 2).to(tl.int32) * col_scale
+        c1 = tl.load(box_ptr + 4 * i + 3).to(tl.int32) * col_scale
+        return (r >= r0) & (r < r1) & (c >= c0) & (c < c1)
+    else:
+        return offs >= 0
 
 
 @triton.jit
@@ -69,73 +73,76 @@ def _blend(a, b, w, IS_UINT8: tl.constexpr, SOFT_BF16: tl.constexpr):
 
 
 @triton.jit
-def _mix_at(x_ptr, src_ptr, w_ptr, box_ptr, i, offs, valid, sample_size, rows, row_len,
-            IS_UINT8: tl.constexpr, SOFT_BF16: tl.constexpr):
+def _mix_at(x_ptr, src_ptr, w_ptr, box_ptr, i, offs, valid, sample_size, rows, row_len, col_scale,
+            HAS_BOX: tl.constexpr, IS_UINT8: tl.constexpr, SOFT_BF16: tl.constexpr):
     """mix(x, src, w, box)[i] at the flat offsets offs of sample i, in x's dtype."""
-    inside = valid & _in_box(box_ptr, i, offs, rows, row_len)
+    inside = valid & _in_box(box_ptr, i, offs, rows, row_len, col_scale, HAS_BOX)
     s = tl.load(src_ptr + i)
     w = tl.load(w_ptr + i)  # already in the compute dtype
-    a = tl.load(x_ptr + i * sample_size + offs, mask=valid)
-    b = tl.load(x_ptr + s * sample_size + offs, mask=inside, other=0)
+    a = tl.load(x_ptr + i * sample_size + offs, mask=valid)  # 64-bit sample base, 32-bit offs
+    b = tl.load(x_ptr + s.to(tl.int64) * sample_size + offs, mask=inside, other=0)
     return tl.where(inside, _blend(a, b, w, IS_UINT8, SOFT_BF16), a)
 
 
 @triton.jit
-def _mix_fwd_kernel(x_ptr, out_ptr, src_ptr, w_ptr, box_ptr, sample_size, rows, row_len,
-                    IS_UINT8: tl.constexpr, SOFT_BF16: tl.constexpr, BLOCK: tl.constexpr):
+def _mix_fwd_kernel(x_ptr, out_ptr, src_ptr, w_ptr, box_ptr, sample_size, rows, row_len, col_scale,
+                    HAS_BOX: tl.constexpr, IS_UINT8: tl.constexpr, SOFT_BF16: tl.constexpr,
+                    BLOCK: tl.constexpr):
     """Grid (cdiv(S, BLOCK), N): one block of one sample per program."""
     i = tl.program_id(1).to(tl.int64)
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # int32: a sample is < 2**31 elements
     valid = offs < sample_size
     out = _mix_at(x_ptr, src_ptr, w_ptr, box_ptr, i, offs, valid, sample_size, rows, row_len,
-                  IS_UINT8, SOFT_BF16)
+                  col_scale, HAS_BOX, IS_UINT8, SOFT_BF16)
     tl.store(out_ptr + i * sample_size + offs, out, mask=valid)
 
 
 @triton.jit
 def _mix2_fwd_kernel(x_ptr, out_ptr, src_ptr, w_ptr, box_ptr, src2_ptr, w2_ptr, sample_size, rows,
-                     row_len, IS_UINT8: tl.constexpr, SOFT_BF16: tl.constexpr, BLOCK: tl.constexpr):
+                     row_len, col_scale, HAS_BOX: tl.constexpr, IS_UINT8: tl.constexpr,
+                     SOFT_BF16: tl.constexpr, BLOCK: tl.constexpr):
     """mix(mix(x, src, w, box), src2, w2) for one block of sample i: u_i and u_src2_i are
     formed in registers (rounded as a first call would store them), then blended with w2_i.
     Reads x_i, x_src2_i and their local partners inside the boxes; writes out once."""
     i = tl.program_id(1).to(tl.int64)
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     valid = offs < sample_size
-    k = tl.load(src2_ptr + i)
+    k = tl.load(src2_ptr + i).to(tl.int64)
     ua = _mix_at(x_ptr, src_ptr, w_ptr, box_ptr, i, offs, valid, sample_size, rows, row_len,
-                 IS_UINT8, SOFT_BF16)
+                 col_scale, HAS_BOX, IS_UINT8, SOFT_BF16)
     ub = _mix_at(x_ptr, src_ptr, w_ptr, box_ptr, k, offs, valid, sample_size, rows, row_len,
-                 IS_UINT8, SOFT_BF16)
+                 col_scale, HAS_BOX, IS_UINT8, SOFT_BF16)
     out = _blend(ua, ub, tl.load(w2_ptr + i), IS_UINT8, SOFT_BF16)
     tl.store(out_ptr + i * sample_size + offs, out, mask=valid)
 
 
 @triton.jit
 def _mix_bwd_kernel(g_ptr, x_ptr, src_ptr, w_ptr, box_ptr, inv_offsets_ptr, inv_list_ptr,
-                    dx_ptr, dw_part_ptr, sample_size, rows, row_len, SOFT_BF16: tl.constexpr,
-                    NEED_DW: tl.constexpr, BLOCK: tl.constexpr):
+                    dx_ptr, dw_part_ptr, sample_size, rows, row_len, col_scale,
+                    HAS_BOX: tl.constexpr, SOFT_BF16: tl.constexpr, NEED_DW: tl.constexpr,
+                    BLOCK: tl.constexpr):
     """Grid (cdiv(S, BLOCK), N): dx for one block of destination sample k, plus with NEED_DW
     that block's share of dw_k (written to dw_part[k, block]); without it x is never read."""
     k = tl.program_id(1).to(tl.int64)
     blk = tl.program_id(0)
-    offs = blk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    offs = blk * BLOCK + tl.arange(0, BLOCK)
     valid = offs < sample_size
-    inside = valid & _in_box(box_ptr, k, offs, rows, row_len)
+    inside = valid & _in_box(box_ptr, k, offs, rows, row_len, col_scale, HAS_BOX)
     wk = tl.load(w_ptr + k)
     g = tl.load(g_ptr + k * sample_size + offs, mask=valid, other=0).to(wk.dtype)
     acc = tl.where(inside, g * wk, g)
     start = tl.load(inv_offsets_ptr + k)
     end = tl.load(inv_offsets_ptr + k + 1)
     for t in range(start, end):
-        j = tl.load(inv_list_ptr + t)
-        in_j = valid & _in_box(box_ptr, j, offs, rows, row_len)
+        j = tl.load(inv_list_ptr + t).to(tl.int64)
+        in_j = valid & _in_box(box_ptr, j, offs, rows, row_len, col_scale, HAS_BOX)
         wj = tl.load(w_ptr + j)
         gj = tl.load(g_ptr + j * sample_size + offs, mask=in_j, other=0).to(wk.dtype)
         acc += tl.where(in_j, (1 - wj) * gj, 0.0)
     tl.store(dx_ptr + k * sample_size + offs, cast_out(acc, dx_ptr.dtype.element_ty, SOFT_BF16),
              mask=valid)
     if NEED_DW:
-        s = tl.load(src_ptr + k)
+        s = tl.load(src_ptr + k).to(tl.int64)
         a = tl.load(x_ptr + k * sample_size + offs, mask=inside, other=0).to(wk.dtype)
         b = tl.load(x_ptr + s * sample_size + offs, mask=inside, other=0).to(wk.dtype)
         part = tl.sum(tl.where(inside, g * (a - b), 0.0), axis=0)
@@ -144,23 +151,28 @@ def _mix_bwd_kernel(g_ptr, x_ptr, src_ptr, w_ptr, box_ptr, inv_offsets_ptr, inv_
 
 # ------------------------------------------------------------------------------------ launchers
 
-def _geometry(x: Tensor, box: Tensor | None) -> tuple[Tensor, Tensor, int, int]:
-    """(x as read, boxes [N, 4] int64 in (row, column) units, rows, row_len)."""
-    n = x.shape[0]
+def _geometry(x: Tensor, box: Tensor | None) -> tuple[Tensor, Tensor | None, int, int, int]:
+    """(x as read, box or None, rows, row_len, col_scale): box rows are (y0, y1, x0, x1) in
+    pixels, the kernels scale the columns by col_scale (C in a channels_last row), so no box
+    arithmetic (and no host-to-device copy) happens here. Offsets inside a sample are 32-bit in
+    the kernels (64-bit ones cost registers and slow 64-bit division), the samples' bases
+    64-bit: a batch may pass 2**31 elements, one sample may not."""
+    if x[0].numel() >= 2**31:
+        raise ValueError(f"mix: one sample of x has {x[0].numel()} elements; the Triton kernels "
+                         f"take samples of fewer than 2**31 elements (split the sample dimension)")
     x = mix_readable(x)
-    channels_last = mix_memory_format(x) == torch.channels_last
     if x.dim() == 2:
-        rows, row_len, scale = 1, x.shape[1], 1
-    elif channels_last:
+        return x, None, 1, x.shape[1], 1
+    if mix_memory_format(x) == torch.channels_last:
         rows, row_len, scale = x.shape[2], x.shape[3] * x.shape[1], x.shape[1]
     else:
         rows, row_len, scale = x.shape[2], x.shape[3], 1
-    if box is None or x.dim() == 2:
-        whole = torch.tensor([0, rows, 0, row_len], dtype=torch.int64, device=x.device)
-        boxes = whole.expand(n, 4).contiguous()
-    else:
-        boxes = box.to(torch.int64) * torch.tensor([1, 1, scale, scale], device=x.device)
-    return x, boxes.contiguous(), rows, row_len
+    return x, None if box is None else box.contiguous(), rows, row_len, scale
+
+
+def _box_arg(box: Tensor | None, src: Tensor) -> Tensor:
+    """The box pointer for a launch; without a box (HAS_BOX=False) it is never read."""
+    return src if box is None else box
 
 
 def _compute_w(x: Tensor, w: Tensor) -> Tensor:
@@ -169,27 +181,29 @@ def _compute_w(x: Tensor, w: Tensor) -> Tensor:
 
 
 def mix(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None) -> Tensor:
-    xr, boxes, rows, row_len = _geometry(x, box)
+    xr, boxes, rows, row_len, scale = _geometry(x, box)
     out = mix_output(x)
     n, size = xr.shape[0], xr[0].numel()
     if size == 0:
         return out
     grid = (triton.cdiv(size, BLOCK), n)
-    _mix_fwd_kernel[grid](xr, out, src.contiguous(), _compute_w(xr, w), boxes, size, rows, row_len,
+    _mix_fwd_kernel[grid](xr, out, src.contiguous(), _compute_w(xr, w), _box_arg(boxes, src), size,
+                          rows, row_len, scale, HAS_BOX=boxes is not None,
                           IS_UINT8=xr.dtype == torch.uint8, SOFT_BF16=soft_bf16(xr.dtype), BLOCK=BLOCK,
                           num_warps=NUM_WARPS, enable_fp_fusion=False)
     return out
 
 
 def mix2(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None, src2: Tensor, w2: Tensor) -> Tensor:
-    xr, boxes, rows, row_len = _geometry(x, box)
+    xr, boxes, rows, row_len, scale = _geometry(x, box)
     out = mix_output(x)
     n, size = xr.shape[0], xr[0].numel()
     if size == 0:
         return out
     grid = (triton.cdiv(size, BLOCK), n)
-    _mix2_fwd_kernel[grid](xr, out, src.contiguous(), _compute_w(xr, w), boxes, src2.contiguous(),
-                           _compute_w(xr, w2), size, rows, row_len, IS_UINT8=xr.dtype == torch.uint8,
+    _mix2_fwd_kernel[grid](xr, out, src.contiguous(), _compute_w(xr, w), _box_arg(boxes, src),
+                           src2.contiguous(), _compute_w(xr, w2), size, rows, row_len, scale,
+                           HAS_BOX=boxes is not None, IS_UINT8=xr.dtype == torch.uint8,
                            SOFT_BF16=soft_bf16(xr.dtype), BLOCK=BLOCK, num_warps=NUM_WARPS,
                            enable_fp_fusion=False)
     return out
@@ -212,7 +226,7 @@ def mix_backward(grad: Tensor, x: Tensor, src: Tensor, w: Tensor, box: Tensor | 
     if not x.is_floating_point():
         raise ValueError(f"mix_backward: 'x' must be a floating tensor ({x.dtype} is not "
                          f"differentiable)")
-    xr, boxes, rows, row_len = _geometry(x, box)
+    xr, boxes, rows, row_len, scale = _geometry(x, box)
     g = grad.to(xr.dtype).contiguous(memory_format=mix_memory_format(x))
     dx = mix_output(x)
     n, size = xr.shape[0], xr[0].numel()
@@ -223,8 +237,9 @@ def mix_backward(grad: Tensor, x: Tensor, src: Tensor, w: Tensor, box: Tensor | 
     # without dw the kernel never touches dw_part; one column keeps its pointer non-null
     dw_part = torch.empty(n, blocks if need_dw else 1, dtype=wc.dtype, device=xr.device)
     offsets, order = _invert_partners(src)
-    _mix_bwd_kernel[(blocks, n)](g, xr, src.contiguous(), wc, boxes, offsets, order, dx, dw_part,
-                                 size, rows, row_len, SOFT_BF16=soft_bf16(xr.dtype),
+    _mix_bwd_kernel[(blocks, n)](g, xr, src.contiguous(), wc, _box_arg(boxes, src), offsets, order,
+                                 dx, dw_part, size, rows, row_len, scale,
+                                 HAS_BOX=boxes is not None, SOFT_BF16=soft_bf16(xr.dtype),
                                  NEED_DW=need_dw, BLOCK=BLOCK, num_warps=NUM_WARPS,
                                  enable_fp_fusion=False)
     return dx, dw_part.sum(1).to(w.dtype) if need_dw else torch.zeros_like(w)

@@ -32,21 +32,24 @@ PTR = {"uint8": "*u8", "float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp3
 results = []
 for dtype, ptr in PTR.items():
     wty = "*fp64" if dtype == "float64" else "*fp32"
-    common = {"sample_size": "i32", "rows": "i32", "row_len": "i32"}
+    common = {"sample_size": "i32", "rows": "i32", "row_len": "i32", "col_scale": "i32",
+              "HAS_BOX": "constexpr"}
     variants = [("_mix_fwd_kernel", {"x_ptr": ptr, "out_ptr": ptr, "src_ptr": "*i64", "w_ptr": wty,
                  "box_ptr": "*i64", **common, "IS_UINT8": "constexpr", "SOFT_BF16": "constexpr",
                  "BLOCK": "constexpr"}, {"IS_UINT8": dtype == "uint8", "SOFT_BF16": False,
-                 "BLOCK": m.BLOCK})]
+                 "BLOCK": m.BLOCK, "HAS_BOX": True})]
     variants.append(("_mix2_fwd_kernel", {"x_ptr": ptr, "out_ptr": ptr, "src_ptr": "*i64",
                      "w_ptr": wty, "box_ptr": "*i64", "src2_ptr": "*i64", "w2_ptr": wty, **common,
                      "IS_UINT8": "constexpr", "SOFT_BF16": "constexpr", "BLOCK": "constexpr"},
-                     {"IS_UINT8": dtype == "uint8", "SOFT_BF16": False, "BLOCK": m.BLOCK}))
+                     {"IS_UINT8": dtype == "uint8", "SOFT_BF16": False, "BLOCK": m.BLOCK,
+                      "HAS_BOX": True}))
     for need_dw in ([True, False] if dtype != "uint8" else []):
         variants.append(("_mix_bwd_kernel", {"g_ptr": ptr, "x_ptr": ptr, "src_ptr": "*i64",
                          "w_ptr": wty, "box_ptr": "*i64", "inv_offsets_ptr": "*i64",
                          "inv_list_ptr": "*i64", "dx_ptr": ptr, "dw_part_ptr": wty, **common,
                          "SOFT_BF16": "constexpr", "NEED_DW": "constexpr", "BLOCK": "constexpr"},
-                         {"SOFT_BF16": False, "NEED_DW": need_dw, "BLOCK": m.BLOCK}))
+                         {"SOFT_BF16": False, "NEED_DW": need_dw, "BLOCK": m.BLOCK,
+                          "HAS_BOX": True}))
     for name, sig, consts in variants:
         name_out = name + ("" if consts.get("NEED_DW", True) else "_dx_only")
         src = ASTSource(getattr(m, name), sig, constexprs=consts)
