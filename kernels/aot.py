@@ -10,6 +10,7 @@ cubin. ``python -m metamixer_fast.kernels.aot --report`` prints the table in the
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -64,6 +65,25 @@ def aot_compile(backward: bool, k: int, c: int, mode: str, arch: int,
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
 
 
+def _cuobjdump(ptxas: Path) -> Path:
+    """The cuobjdump beside the ptxas triton uses, else triton's own, else one on PATH. (Once
+    torch._inductor is imported, TRITON_PTXAS_PATH may point at torch's bundled ptxas, which
+    has no cuobjdump beside it; child processes inherit that.)"""
+    import shutil
+
+    import triton
+
+    candidates = [ptxas.with_name("cuobjdump"),
+                  Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"]
+    on_path = shutil.which("cuobjdump")
+    candidates += [Path(on_path)] if on_path else []
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"no cuobjdump found (looked at {', '.join(map(str, candidates))}); "
+                            f"install triton's NVIDIA backend or the CUDA toolkit")
+
+
 def resource_usage(compiled) -> dict[str, int]:
     """Registers and per-thread local memory of a compiled kernel, read from its cubin with the
     cuobjdump that ships with triton (no GPU or driver needed). Spilled registers live in the
@@ -76,7 +96,7 @@ def resource_usage(compiled) -> dict[str, int]:
 
     from triton.backends.nvidia.compiler import get_ptxas
 
-    cuobjdump = Path(get_ptxas(compiled.metadata.target.arch).path).with_name("cuobjdump")
+    cuobjdump = _cuobjdump(Path(get_ptxas(compiled.metadata.target.arch).path))
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "kernel.cubin"
         cubin.write_bytes(compiled.asm["cubin"])

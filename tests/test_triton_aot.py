@@ -78,3 +78,15 @@ def test_spill_check_can_fail():
         print(aot.resource_usage(compiled)["spills"])
     """)
     assert int(_python("-c", script).strip()) > 0
+
+
+def test_cuobjdump_is_found_when_ptxas_lives_elsewhere(tmp_path):
+    """torch._inductor points TRITON_PTXAS_PATH at torch's own ptxas, with no cuobjdump beside
+    it; the resource report must still find one (seen on a GPU machine, where every AOT test
+    failed after a compile test had run in the same worker)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    lone = tmp_path / "ptxas"
+    lone.symlink_to(get_ptxas(80).path)
+    assert not (tmp_path / "cuobjdump").exists()
+    assert aot._cuobjdump(lone).is_file()
