@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.metamixer-installed
 CMAKE_BUILD := build/cmake
 
-.PHONY: install demo quickstart test test-python test-cpp test-sanitize lint bench clean
+.PHONY: install demo quickstart test test-python test-cpp test-sanitize lint bench gpu-check clean
 
 $(STAMP): pyproject.toml setup.py requirements-dev.txt $(wildcard csrc/*.cpp csrc/*/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -61,6 +61,11 @@ test: lint test-python test-cpp test-sanitize
 
 bench: install
 	$(PY) -m pytest -q bench
+
+# On a machine with a CUDA GPU (torch and triton installed; not part of `make test`): the Triton
+# test matrix compiled for the GPU, the CUDA tests, and the GPU benchmark (tests/gpu_check.sh).
+gpu-check:
+	PYTHON=$(if $(wildcard $(PY)),$(PY),python3) bash tests/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info metamixer_fast/_C*.so

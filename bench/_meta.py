@@ -3,6 +3,7 @@ timings (the commit and the CPU)."""
 
 from __future__ import annotations
 
+import os
 import platform
 import random
 import subprocess
@@ -15,7 +16,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def commit() -> str:
     """Short hash of HEAD, with ``-dirty`` when tracked files differ from it (other than the
-    benchmark results in bench/results, which a series of runs rewrites as it goes)."""
+    benchmark results in bench/results, which a series of runs rewrites as it goes).
+    METAMIXER_BENCH_COMMIT, if set, is taken instead (a run from a copy of the checkout)."""
+    if os.environ.get("METAMIXER_BENCH_COMMIT"):
+        return os.environ["METAMIXER_BENCH_COMMIT"]
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                              text=True, check=True).stdout.strip()

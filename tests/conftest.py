@@ -1,17 +1,66 @@
-"""Shared fixtures: backend parametrization and fresh (unseeded) random inputs."""
+"""Shared fixtures: backend parametrization and fresh (unseeded) random inputs.
+
+``METAMIXER_TEST_DEVICE=cuda`` runs the Triton kernels compiled for the GPU instead of
+interpreted: every test parametrized over the ``triton`` backend then hands its CPU inputs to
+the kernel on the GPU (same strides, same storage offsets) and gets the results back on the
+CPU, so the whole CPU test matrix checks the real GPU code (see ``_run_triton_on_cuda``).
+``tests/test_cuda.py`` runs the public API on CUDA tensors themselves.
+"""
 
 from __future__ import annotations
 
 import os
 
+ON_CUDA = os.environ.get("METAMIXER_TEST_DEVICE", "cpu") == "cuda"
 # Triton kernels run on CPU tensors under the interpreter, which must be chosen before triton
 # is imported; with it set, the triton backend joins the parametrization below.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+if ON_CUDA:
+    os.environ["TRITON_INTERPRET"] = "0"
+else:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest
-import torch
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch.utils._pytree import tree_flatten, tree_map  # noqa: E402
 
-from metamixer_fast import _backend
+from metamixer_fast import _backend  # noqa: E402
+
+
+def _on_cuda(t: object) -> object:
+    """A CPU tensor copied to the GPU with its layout: the whole storage moves, and the copy is
+    the same view of it (strides, storage offset), so crops and transposes stay what they were."""
+    if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
+        return t
+    whole = t.untyped_storage().nbytes() // t.element_size()
+    storage = torch.as_strided(t.detach(), (whole,), (1,), 0).cuda()
+    return storage.as_strided(t.shape, t.stride(), t.storage_offset())
+
+
+def _on_cpu(t: object) -> object:
+    return t.cpu() if isinstance(t, torch.Tensor) else t
+
+
+def _run_triton_on_cuda() -> None:
+    """Register each Triton kernel wrapped so that CPU arguments run on the GPU, and let the
+    triton backend take CPU tensors (the dispatch on the ops' side is unchanged)."""
+    if not torch.cuda.is_available():
+        raise pytest.UsageError("METAMIXER_TEST_DEVICE=cuda but torch sees no CUDA device")
+    for (op, backend), kernel in list(_backend._kernels.items()):
+        if backend == "triton":
+            def on_gpu(*args, _kernel=kernel, **kwargs):
+                tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+                if not any(t.device.type == "cpu" for t in tensors):
+                    return _kernel(*args, **kwargs)  # CUDA tensors (tests/test_cuda.py)
+                args, kwargs = tree_map(_on_cuda, (args, kwargs))
+                return tree_map(_on_cpu, _kernel(*args, **kwargs))
+            _backend.register_kernel(op, backend, on_gpu)
+    usable = _backend._usable
+    _backend._usable = lambda backend, device: (None if backend == "triton" else
+                                                usable(backend, device))
+
+
+if ON_CUDA:
+    _run_triton_on_cuda()
 
 
 def cpu_backends(op: str) -> list[str]:

@@ -1,0 +1,214 @@
+"""GPU benchmark of the Triton kernels: mixing and the multi-peer loss, on CUDA tensors.
+
+    python bench/bench_cuda.py [--out bench/results/<commit>/cuda.json] [--no-compile]
+
+Every row is timed by ``triton.testing.do_bench`` (CUDA events, L2 cleared before every call,
+so inputs come from memory as a new batch does; the median of the calls in about 200 ms). The
+GB/s column divides the fewest bytes the row's job must move by its time:
+
+- input stage (local CutMix box + global blend, forward): read the batch once, write it once;
+  ``clone`` moves the same bytes and is the floor;
+- feature stage, forward + backward of the global blend: forward reads h and writes the output,
+  backward reads the upstream gradient and h (for dw) and writes dh: 5 passes;
+- loss, forward + backward of ``mixed_kd_loss``: read the logits [K, B, C] in the forward, read
+  them again and write their gradient in the backward: 3 passes (the softmax row does the same
+  three: ``softmax`` forward + backward of one [K*B, C] tensor).
+
+The host work of each call (Python, the op's dispatch, the launch) is inside its time: a call
+whose GPU work is shorter than its launch shows the launch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from _meta import commit  # bench/ is on sys.path
+from bench_mix import make_batch, mix2_plan
+from bench_mixed_kd_loss import Shape, dml_pair_loop
+from torch import Tensor
+
+import metamixer_fast as mf
+from metamixer_fast import reference
+
+CUDA = torch.device("cuda")
+INPUT_CASES = {  # the CPU benchmark's cases, and one batch large enough to fill the GPU
+    "input 256x3x32x32 fp32": ((256, 3, 32, 32), torch.float32),
+    "input 64x3x224x224 fp32": ((64, 3, 224, 224), torch.float32),
+    "input 64x3x224x224 uint8": ((64, 3, 224, 224), torch.uint8),
+    "input 512x3x224x224 bf16": ((512, 3, 224, 224), torch.bfloat16),
+}
+FEATURE_CASES = {
+    "features 256x128x16x16 fp32 fwd+bwd": ((256, 128, 16, 16), torch.float32),
+    "features 256x256x28x28 bf16 fwd+bwd": ((256, 256, 28, 28), torch.bfloat16),
+}
+LOSS_CASES = {
+    "loss K=4,B=1024,C=1000 fp32": Shape(4, 1024, 1000),
+    "loss K=2,B=128,C=100 fp32": Shape(2, 128, 100),
+    "loss K=4,B=1024,C=1000 fp32 ensemble": Shape(4, 1024, 1000, mode="ensemble"),
+    "loss K=2,B=4096,C=32000 bf16": Shape(2, 4096, 32000, dtype=torch.bfloat16),
+}
+COMPILED = {"input 64x3x224x224 fp32", "features 256x128x16x16 fp32 fwd+bwd",
+            "loss K=4,B=1024,C=1000 fp32"}  # compiling costs tens of seconds per case
+
+
+def nbytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def input_rows(shape: tuple[int, ...], dtype: torch.dtype, compile_: bool
+               ) -> tuple[dict[str, Callable[[], object]], int]:
+    g = torch.Generator().manual_seed(0)
+    x = make_batch(shape, dtype, g).to(CUDA)
+    n, _, h, w = shape
+    plan = [t.to(CUDA) for t in mix2_plan(n, h, w, g)]
+    sigma, zeros, boxes, pi, mu = plan
+    labels = torch.randint(0, 10, (n,), generator=g)
+    mixer = mf.MetaMixer(stages=["input"], generator=torch.Generator().manual_seed(0))
+    rows: dict[str, Callable[[], object]] = {
+        "clone": x.clone,
+        "mix2 fused": lambda: mf.mix2(x, *plan),
+        "mix x2": lambda: mf.mix(mf.mix(x, sigma, zeros, boxes), pi, mu),
+        "MetaMixer sample + apply": lambda: mixer.sample(labels, device=CUDA).apply(x),
+        "reference x2": lambda: reference.mix2(x, *plan),
+    }
+    if compile_:
+        compiled = torch.compile(reference.mix2, fullgraph=True, dynamic=False)
+        rows["reference x2, compiled"] = lambda: compiled(x, *plan)
+    return rows, 2 * nbytes(x)
+
+
+def feature_rows(shape: tuple[int, ...], dtype: torch.dtype, compile_: bool
+                 ) -> tuple[dict[str, Callable[[], object]], int]:
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(shape, generator=g).to(CUDA, dtype).requires_grad_(True)
+    grad = torch.randn(shape, generator=g).to(CUDA, dtype)
+    pi, mu = torch.randperm(shape[0], generator=g).to(CUDA), torch.rand(shape[0], generator=g).to(CUDA)
+
+    def fwd_bwd(fn: Callable[..., Tensor]) -> Callable[[], object]:
+        def step() -> object:
+            h.grad = None
+            fn(h, pi, mu).backward(grad)
+            return h.grad
+        return step
+
+    rows = {"clone": lambda: h.detach().clone(), "mix fwd+bwd": fwd_bwd(mf.mix),
+            "reference fwd+bwd": fwd_bwd(reference.mix)}
+    if compile_:
+        rows["reference fwd+bwd, compiled"] = fwd_bwd(torch.compile(reference.mix, dynamic=False))
+    return rows, 5 * nbytes(h)
+
+
+def loss_rows(shape: Shape, compile_: bool) -> tuple[dict[str, Callable[[], object]], int]:
+    g = torch.Generator().manual_seed(2)
+    z = (torch.randn(shape.k, shape.b, shape.c, generator=g) * 2).to(CUDA, shape.dtype)
+    z.requires_grad_(True)
+    labels = torch.randint(0, shape.c, (shape.b,), generator=g).to(CUDA)
+    plan, weights = labels[:, None], torch.ones(shape.b, 1, device=CUDA)
+    t = shape.temperature
+    flat = z.detach().view(-1, shape.c).clone().requires_grad_(True)
+    dflat = torch.randn_like(flat)
+
+    def fwd_bwd(loss: Callable[[Tensor], tuple[Tensor, Tensor]]) -> Callable[[], object]:
+        def step() -> object:
+            z.grad = None
+            ce, kd = loss(z)
+            (ce.sum() + kd.sum()).backward()
+            return z.grad
+        return step
+
+    def softmax() -> object:
+        flat.grad = None
+        torch.softmax(flat, dim=-1).backward(dflat)
+        return flat.grad
+
+    def ref(zz: Tensor) -> tuple[Tensor, Tensor]:
+        return reference.mixed_kd_loss(zz, plan, weights, t, 0.0, shape.mode)
+
+    rows = {"softmax fwd+bwd": softmax,
+            "fused": fwd_bwd(lambda zz: mf.mixed_kd_loss(zz, labels, temperature=t, mode=shape.mode)),
+            "reference": fwd_bwd(ref)}
+    if compile_:
+        rows["reference, compiled"] = fwd_bwd(torch.compile(ref, dynamic=False))
+    if shape.mode == "pairwise":
+        def dml() -> object:
+            z.grad = None
+            dml_pair_loop(z, labels, t).backward()
+            return z.grad
+        rows["dml_pair_loop"] = dml
+    return rows, 3 * nbytes(z)
+
+
+def time_rows(rows: dict[str, Callable[[], object]]) -> dict[str, float]:
+    """Median ms per row (each row warmed and, where compiled, compiled before its timing)."""
+    from triton.testing import do_bench
+
+    out = {}
+    for name, fn in rows.items():
+        fn()  # compile / autotune outside the timing
+        torch.cuda.synchronize()
+        out[name] = float(do_bench(fn, warmup=25, rep=200, return_mode="median"))
+    return out
+
+
+def run(compile_: bool, repeats: int) -> dict:
+    props = torch.cuda.get_device_properties(CUDA)
+    result = {"commit": commit(), "device": props.name, "torch": torch.__version__,
+              "triton": mf._backend.triton_version(), "repeats": repeats, "cases": {}}
+    cases = [(name, lambda s=s, d=d, name=name: input_rows(s, d, compile_ and name in COMPILED))
+             for name, (s, d) in INPUT_CASES.items()]
+    cases += [(name, lambda s=s, d=d, name=name: feature_rows(s, d, compile_ and name in COMPILED))
+              for name, (s, d) in FEATURE_CASES.items()]
+    cases += [(name, lambda s=s, name=name: loss_rows(s, compile_ and name in COMPILED))
+              for name, s in LOSS_CASES.items()]
+    for name, build in cases:
+        rows, moved = build()
+        runs = [time_rows(rows) for _ in range(repeats)]  # the spread between whole passes
+        result["cases"][name] = {"bytes": moved, "rows": {
+            row: {"median_ms": statistics.median(r[row] for r in runs),
+                  "all_ms": [r[row] for r in runs]} for row in rows}}
+        print(f"{name}: " + ", ".join(f"{row} {v['median_ms']:.3f} ms" for row, v in
+                                      result["cases"][name]["rows"].items()), file=sys.stderr)
+        del rows
+        torch.cuda.empty_cache()
+    return result
+
+
+def markdown(result: dict) -> str:
+    lines = [f"GPU: {result['device']}; torch {result['torch']}, triton {result['triton']}; commit "
+             f"{result['commit']}; median of {result['repeats']} passes of do_bench medians.", "",
+             "| case | implementation | median ms | GB/s (fewest bytes) | ours is x faster |",
+             "|---|---|---:|---:|---:|"]
+    ours_rows = ("mix2 fused", "mix fwd+bwd", "fused")
+    for case, entry in result["cases"].items():
+        rows = entry["rows"]
+        ours = next(rows[r]["median_ms"] for r in ours_rows if r in rows)
+        for row, v in rows.items():
+            t = v["median_ms"]
+            faster = "" if row in ours_rows or row in ("clone", "softmax fwd+bwd") else f"{t / ours:.1f}"
+            lines.append(f"| {case} | {row} | {t:.3f} | {entry['bytes'] / t / 1e6:.0f} | {faster} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default: none written)")
+    parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile rows")
+    parser.add_argument("--repeats", type=int, default=3, help="whole passes over the rows (default 3)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_cuda: torch sees no CUDA device; this benchmark runs on a GPU only")
+    result = run(not args.no_compile, args.repeats)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

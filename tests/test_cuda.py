@@ -1,0 +1,205 @@
+"""The public API on CUDA tensors: the ops pick the Triton kernels, match the CPU, differentiate,
+compile and train. Skipped without a GPU; run the whole GPU check with ``make gpu-check``.
+
+The kernels' numerics on every layout and dtype are the CPU test matrix, run on the GPU with
+``METAMIXER_TEST_DEVICE=cuda`` (tests/conftest.py); this file checks what only real CUDA
+tensors show: device dispatch, allocation on the device, streams, autocast, torch.compile's
+CUDA graphs and the training loop.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_mix_kernels import assert_blend_close, make_plan, make_x
+from test_mixed_kd_loss_kernels import assert_fp32_close
+
+import metamixer_fast as mf
+from metamixer_fast import _backend, reference
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytest.importorskip("triton")
+
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture(autouse=True)
+def automatic_backend(monkeypatch) -> None:
+    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+
+
+def test_cuda_tensors_run_the_triton_kernels():
+    for op in ("mix", "mix_backward", "mix2", "mixed_kd_loss", "mixed_kd_loss_backward"):
+        assert _backend.backend_for(op, CUDA) == "triton", op
+
+
+def _as_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "features", "non_contiguous"])
+def test_mix_and_mix2_on_cuda_match_the_reference(dtype, layout, rng):
+    x = make_x(rng, (9, 3, 13, 17), dtype, layout)
+    src, w, box = make_plan(rng, 9, 13, 17)
+    src2, w2 = torch.randperm(9, generator=rng), torch.rand(9, generator=rng)
+    w = w.float()
+    box = None if layout == "features" else box
+    on = [t if t is None else t.to(CUDA) for t in (x, src, w, box, src2, w2)]
+    out = mf.mix(*on[:4])
+    out2 = mf.mix2(*on)
+    assert out.is_cuda and out.dtype == dtype and out2.is_cuda and out2.dtype == dtype
+    layout_on_cpu = mf.mix(x, src, w, box).stride()  # one rule on every backend (_layout.py)
+    assert out.stride() == out2.stride() == layout_on_cpu
+    assert_blend_close(out.cpu(), lambda dt: reference.mix(_as_dtype(x, dt), src, w, box), dtype)
+    assert_blend_close(out2.cpu(), lambda dt: reference.mix2(_as_dtype(x, dt), src, w, box, src2, w2),
+                       dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mix_gradients_on_cuda_match_the_cpu(dtype, rng):
+    x = make_x(rng, (12, 4, 9, 10), torch.float32, "channels_last")
+    src, w, box = make_plan(rng, 12, 9, 10)
+    grad = torch.randn(x.shape, generator=rng)
+    results = []
+    for device in ("cpu", "cuda"):
+        leaf = x.detach().to(device=device, dtype=dtype).requires_grad_(True)
+        wl = w.to(device=device, dtype=torch.float32).requires_grad_(True)
+        mf.mix(leaf, src.to(device), wl, box.to(device)).backward(grad.to(device, dtype))
+        results.append((leaf.grad.float().cpu(), wl.grad.cpu()))
+    (dx_cpu, dw_cpu), (dx_gpu, dw_gpu) = results
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(dx_gpu, dx_cpu, **tol)
+    torch.testing.assert_close(dw_gpu, dw_cpu, rtol=1e-4 if dtype == torch.float32 else 5e-2,
+                               atol=1e-3 if dtype == torch.float32 else 0.5)
+
+
+@pytest.mark.parametrize("mode", ["pairwise", "ensemble"])
+@pytest.mark.parametrize("c", [10, 1000, 50257])
+def test_mixed_kd_loss_on_cuda_matches_the_float64_reference(mode, c, rng):
+    k, b = 3, 37
+    z = torch.randn(k, b, c, generator=rng, dtype=torch.float64) * 2
+    labels = torch.randint(0, c, (b, 2), generator=rng)
+    weights = torch.rand(b, 2, generator=rng, dtype=torch.float64) + 0.1
+    weights /= weights.sum(1, keepdim=True)
+    gce, gkd = torch.randn(2, k, generator=rng, dtype=torch.float64)
+    kw = dict(temperature=2.5, label_smoothing=0.1, mode=mode, detach_targets=mode == "pairwise")
+
+    def run(zz, lab, wt):
+        leaf = zz.detach().clone().requires_grad_(True)
+        ce, kd = mf.mixed_kd_loss(leaf, lab, wt, **kw)
+        torch.autograd.backward((ce, kd), (gce.to(ce), gkd.to(kd)))
+        return ce, kd, leaf.grad
+
+    got = run(z.float().to(CUDA), labels.to(CUDA), weights.float().to(CUDA))
+    assert all(t.is_cuda for t in got)
+    want = run(z, labels, weights)
+    for a, b_ in zip(got, want):
+        assert_fp32_close(a.cpu(), b_.detach())
+
+
+def test_separate_peers_on_cuda_get_gradients_in_their_own_layouts(rng):
+    b, c = 16, 33
+    peers = [torch.randn(b, c, generator=rng).to(CUDA),
+             torch.randn(c, b, generator=rng).to(CUDA).t()]
+    leaves = [p.requires_grad_(True) for p in peers]
+    labels = torch.randint(0, c, (b,), generator=rng).to(CUDA)
+    ce, kd = mf.mixed_kd_loss(leaves, labels, temperature=2.0, detach_targets=False)
+    (ce.sum() + kd.sum()).backward()
+    ref_leaves = [p.detach().cpu().double().requires_grad_(True) for p in peers]
+    ce_r, kd_r = mf.mixed_kd_loss(ref_leaves, labels.cpu(), temperature=2.0, detach_targets=False)
+    (ce_r.sum() + kd_r.sum()).backward()
+    for leaf, ref in zip(leaves, ref_leaves):
+        assert leaf.grad.stride() == leaf.stride()
+        assert_fp32_close(leaf.grad.cpu(), ref.grad)
+
+
+def test_kernels_run_on_the_current_stream(rng):
+    """Work queued on a side stream is ordered with the kernels launched there."""
+    x = torch.randn(64, 3, 32, 32, generator=rng).to(CUDA)
+    src, w = torch.randperm(64, generator=rng).to(CUDA), torch.rand(64, generator=rng).to(CUDA)
+    expected = mf.mix(x, src, w)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        y = x * 1.0  # produced on the side stream, consumed by the kernel there
+        out = mf.mix(y, src, w)
+    torch.cuda.current_stream().wait_stream(side)
+    assert torch.equal(out, expected)
+
+
+def _tiny_peers() -> torch.nn.ModuleList:
+    torch.manual_seed(0)
+    return torch.nn.ModuleList(
+        torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 10))
+        for _ in range(2)).to(CUDA)
+
+
+def _step(peers, mixer, loss_fn, x, y):
+    plan = mixer.sample(y)
+    xm = plan.apply(x)
+    logits = torch.stack([p(xm) for p in peers])
+    out = loss_fn(logits, plan.target)
+    return out.loss
+
+
+def test_autocast_bf16_step_on_cuda(rng):
+    peers = _tiny_peers()
+    mixer = mf.MetaMixer(stages=["input"], generator=torch.Generator().manual_seed(1))
+    loss_fn = mf.MixedKDLoss(temperature=3.0)
+    x, y = torch.randn(32, 3, 16, 16, generator=rng).to(CUDA), torch.randint(0, 10, (32,)).to(CUDA)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = _step(peers, mixer, loss_fn, x, y)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in peers.parameters())
+
+
+def test_compiled_step_on_cuda_equals_eager(rng):
+    peers = _tiny_peers()
+    x, y = torch.randn(32, 3, 16, 16, generator=rng).to(CUDA), torch.randint(0, 10, (32,)).to(CUDA)
+    src, w = torch.randperm(32).to(CUDA), torch.rand(32).to(CUDA)
+    box = torch.tensor([[2, 10, 3, 12]] * 32).to(CUDA)
+
+    def step(xx):
+        xm = mf.mix2(xx, src, torch.zeros_like(w), box, src.flip(0), w)
+        logits = torch.stack([p(xm) for p in peers])
+        ce, kd = mf.mixed_kd_loss(logits, y, temperature=3.0)
+        return ce.sum() + kd.sum()
+
+    eager = step(x)
+    compiled = torch.compile(step, fullgraph=True)(x)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+
+
+def test_training_runs_on_cuda(tmp_path):
+    from metamixer_fast.config import from_mapping
+    from metamixer_fast.train import fit
+
+    cfg = from_mapping({"dataset": "synthetic", "synthetic_size": 256, "arch": "tiny",
+                        "batch_size": 32, "eval_batch_size": 128, "epochs": 1,
+                        "limit_train_batches": 4, "progress": False, "device": "cuda",
+                        "method": "metamixer", "stages": "input,stage1,stage2",
+                        "amp": "bf16", "out": str(tmp_path / "run")}).validate()
+    final = fit(cfg)
+    assert all(torch.isfinite(torch.tensor(final["train_ce"] + final["train_kd"])))
+
+
+def test_mix_beyond_two_to_the_31_elements():
+    """Offsets past 2**31 elements (a 2.2 GB uint8 batch): the last sample is mixed with the
+    first, so a 32-bit offset anywhere would read or write the wrong place."""
+    n, shape = 44_000, (3, 128, 128)
+    x = torch.empty(n, *shape, dtype=torch.uint8, device=CUDA)
+    x[:-1].fill_(7)
+    x[-1].copy_(torch.arange(x[0].numel(), device=CUDA).view(shape) % 251)
+    x[0].copy_(torch.arange(x[0].numel(), device=CUDA).view(shape) % 241)
+    src = torch.arange(n, device=CUDA)
+    src[-1] = 0
+    w = torch.full((n,), 0.25, device=CUDA)
+    box = torch.tensor([[0, 128, 0, 128]], device=CUDA).expand(n, 4)
+    out = mf.mix(x, src, w, box)
+    last = reference.mix(torch.stack([x[-1], x[0]]).cpu(), torch.tensor([1, 0]),
+                         torch.full((2,), 0.25), box[:2].cpu())[0]
+    assert torch.equal(out[-1].cpu(), last)
+    assert torch.equal(out[-2], x[-2])
