@@ -36,9 +36,11 @@ import triton.language as tl
 from torch import Tensor
 
 from metamixer_fast import _backend
+from metamixer_fast._checks import check_mix2_values, check_mix_values
 from metamixer_fast._layout import mix_memory_format, mix_output, mix_readable
 
 from ._cast import cast_out, soft_bf16
+from ._flag import assert_ok, ok_flag
 
 BLOCK = 1024
 NUM_WARPS = 4
@@ -75,9 +77,11 @@ def _blend(a, b, w, IS_UINT8: tl.constexpr, SOFT_BF16: tl.constexpr):
 @triton.jit
 def _mix_at(x_ptr, src_ptr, w_ptr, box_ptr, i, offs, valid, sample_size, rows, row_len, col_scale,
             HAS_BOX: tl.constexpr, IS_UINT8: tl.constexpr, SOFT_BF16: tl.constexpr):
-    """mix(x, src, w, box)[i] at the flat offsets offs of sample i, in x's dtype."""
+    """mix(x, src, w, box)[i] at the flat offsets offs of sample i, in x's dtype. A partner
+    out of range reads the sample itself (never out of bounds); _check_sample flags it."""
     inside = valid & _in_box(box_ptr, i, offs, rows, row_len, col_scale, HAS_BOX)
     s = tl.load(src_ptr + i)
+    s = tl.where((s >= 0) & (s < tl.num_programs(1)), s, i)
     w = tl.load(w_ptr + i)  # already in the compute dtype
     a = tl.load(x_ptr + i * sample_size + offs, mask=valid)  # 64-bit sample base, 32-bit offs
     b = tl.load(x_ptr + s.to(tl.int64) * sample_size + offs, mask=inside, other=0)
@@ -85,11 +89,33 @@ def _mix_at(x_ptr, src_ptr, w_ptr, box_ptr, i, offs, valid, sample_size, rows, r
 
 
 @triton.jit
-def _mix_fwd_kernel(x_ptr, out_ptr, src_ptr, w_ptr, box_ptr, sample_size, rows, row_len, col_scale,
-                    HAS_BOX: tl.constexpr, IS_UINT8: tl.constexpr, SOFT_BF16: tl.constexpr,
-                    BLOCK: tl.constexpr):
+def _check_sample(ok_ptr, src_ptr, w_ptr, box_ptr, i, rows, row_len, col_scale,
+                  HAS_BOX: tl.constexpr):
+    """Store 0 into ok_ptr[0] unless src_i is in [0, N), w_i in [0, 1] (not NaN) and box_i
+    inside the image: the value checks of the op, done where the values are read anyway
+    (the launcher asserts the flag once, instead of a dozen small ops per call)."""
+    s = tl.load(src_ptr + i)
+    w = tl.load(w_ptr + i)
+    good = (s >= 0) & (s < tl.num_programs(1)) & (w >= 0) & (w <= 1)
+    if HAS_BOX:
+        y0 = tl.load(box_ptr + 4 * i)
+        y1 = tl.load(box_ptr + 4 * i + 1)
+        x0 = tl.load(box_ptr + 4 * i + 2)
+        x1 = tl.load(box_ptr + 4 * i + 3)
+        width = row_len // col_scale
+        good = good & (y0 >= 0) & (y0 <= y1) & (y1 <= rows) & (x0 >= 0) & (x0 <= x1) & (x1 <= width)
+    if not good:
+        tl.store(ok_ptr, 0)
+
+
+@triton.jit
+def _mix_fwd_kernel(x_ptr, out_ptr, src_ptr, w_ptr, box_ptr, ok_ptr, sample_size, rows, row_len,
+                    col_scale, HAS_BOX: tl.constexpr, IS_UINT8: tl.constexpr,
+                    SOFT_BF16: tl.constexpr, BLOCK: tl.constexpr):
     """Grid (cdiv(S, BLOCK), N): one block of one sample per program."""
     i = tl.program_id(1).to(tl.int64)
+    if tl.program_id(0) == 0:
+        _check_sample(ok_ptr, src_ptr, w_ptr, box_ptr, i, rows, row_len, col_scale, HAS_BOX)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # int32: a sample is < 2**31 elements
     valid = offs < sample_size
     out = _mix_at(x_ptr, src_ptr, w_ptr, box_ptr, i, offs, valid, sample_size, rows, row_len,
@@ -98,16 +124,20 @@ def _mix_fwd_kernel(x_ptr, out_ptr, src_ptr, w_ptr, box_ptr, sample_size, rows, 
 
 
 @triton.jit
-def _mix2_fwd_kernel(x_ptr, out_ptr, src_ptr, w_ptr, box_ptr, src2_ptr, w2_ptr, sample_size, rows,
-                     row_len, col_scale, HAS_BOX: tl.constexpr, IS_UINT8: tl.constexpr,
-                     SOFT_BF16: tl.constexpr, BLOCK: tl.constexpr):
+def _mix2_fwd_kernel(x_ptr, out_ptr, src_ptr, w_ptr, box_ptr, src2_ptr, w2_ptr, ok_ptr,
+                     sample_size, rows, row_len, col_scale, HAS_BOX: tl.constexpr,
+                     IS_UINT8: tl.constexpr, SOFT_BF16: tl.constexpr, BLOCK: tl.constexpr):
     """mix(mix(x, src, w, box), src2, w2) for one block of sample i: u_i and u_src2_i are
     formed in registers (rounded as a first call would store them), then blended with w2_i.
     Reads x_i, x_src2_i and their local partners inside the boxes; writes out once."""
     i = tl.program_id(1).to(tl.int64)
+    if tl.program_id(0) == 0:
+        _check_sample(ok_ptr, src_ptr, w_ptr, box_ptr, i, rows, row_len, col_scale, HAS_BOX)
+        _check_sample(ok_ptr, src2_ptr, w2_ptr, box_ptr, i, rows, row_len, col_scale, False)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     valid = offs < sample_size
     k = tl.load(src2_ptr + i).to(tl.int64)
+    k = tl.where((k >= 0) & (k < tl.num_programs(1)), k, i)
     ua = _mix_at(x_ptr, src_ptr, w_ptr, box_ptr, i, offs, valid, sample_size, rows, row_len,
                  col_scale, HAS_BOX, IS_UINT8, SOFT_BF16)
     ub = _mix_at(x_ptr, src_ptr, w_ptr, box_ptr, k, offs, valid, sample_size, rows, row_len,
@@ -180,33 +210,61 @@ def _compute_w(x: Tensor, w: Tensor) -> Tensor:
     return w.to(ct).contiguous()
 
 
+_BAD_VALUES = ("{op}: a partner index is outside [0, N), a blend weight outside [0, 1] (or NaN), "
+               "or a box outside the image; the same call on CPU tensors names which")
+
+
+def _values_checked_in_kernel(x: Tensor, *weights: Tensor) -> bool:
+    """The kernel sees the weights in the compute dtype: a float64 weight for a float32 batch
+    could round into [0, 1] there, so such calls get the Python checks first."""
+    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return all(w.dtype == ct for w in weights)
+
+
 def mix(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None) -> Tensor:
+    if not _values_checked_in_kernel(x, w):
+        check_mix_values(x, src, w, box)
     xr, boxes, rows, row_len, scale = _geometry(x, box)
     out = mix_output(x)
     n, size = xr.shape[0], xr[0].numel()
     if size == 0:
+        check_mix_values(x, src, w, box)
         return out
+    ok = ok_flag(xr.device)
     grid = (triton.cdiv(size, BLOCK), n)
-    _mix_fwd_kernel[grid](xr, out, src.contiguous(), _compute_w(xr, w), _box_arg(boxes, src), size,
-                          rows, row_len, scale, HAS_BOX=boxes is not None,
+    _mix_fwd_kernel[grid](xr, out, src.contiguous(), _compute_w(xr, w), _box_arg(boxes, src), ok,
+                          size, rows, row_len, scale, HAS_BOX=boxes is not None,
                           IS_UINT8=xr.dtype == torch.uint8, SOFT_BF16=soft_bf16(xr.dtype), BLOCK=BLOCK,
                           num_warps=NUM_WARPS, enable_fp_fusion=False)
+    assert_ok(ok, _BAD_VALUES.format(op="mix"), lambda: check_mix_values(x, src, w, box))
     return out
 
 
 def mix2(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None, src2: Tensor, w2: Tensor) -> Tensor:
+    def explain() -> None:
+        check_mix2_values(x, src, w, box, src2, w2)
+
+    if not _values_checked_in_kernel(x, w, w2):
+        explain()
     xr, boxes, rows, row_len, scale = _geometry(x, box)
     out = mix_output(x)
     n, size = xr.shape[0], xr[0].numel()
     if size == 0:
+        explain()
         return out
+    ok = ok_flag(xr.device)
     grid = (triton.cdiv(size, BLOCK), n)
     _mix2_fwd_kernel[grid](xr, out, src.contiguous(), _compute_w(xr, w), _box_arg(boxes, src),
-                           src2.contiguous(), _compute_w(xr, w2), size, rows, row_len, scale,
+                           src2.contiguous(), _compute_w(xr, w2), ok, size, rows, row_len, scale,
                            HAS_BOX=boxes is not None, IS_UINT8=xr.dtype == torch.uint8,
                            SOFT_BF16=soft_bf16(xr.dtype), BLOCK=BLOCK, num_warps=NUM_WARPS,
                            enable_fp_fusion=False)
+    assert_ok(ok, _BAD_VALUES.format(op="mix2"), explain)
     return out
+
+
+mix.checks_values = True  # type: ignore[attr-defined]  (the op body skips its Python checks)
+mix2.checks_values = True  # type: ignore[attr-defined]
 
 
 def _invert_partners(src: Tensor) -> tuple[Tensor, Tensor]:

@@ -52,6 +52,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from metamixer_fast._checks import check_finite_peer_matrix, check_mixed_kd_loss_values
+
+from ._flag import assert_ok, ok_flag
+
 try:  # the package must import without triton; the kernels below need it
     import triton
     import triton.language as tl
@@ -121,11 +125,13 @@ def _safe_max(m):
 def _mixed_kd_loss_fwd_kernel(
     z_ptr, o0, o1, o2, o3, o4, o5, o6, o7, stride_b, stride_c,
     lab_ptr, lab_sb, lab_sm, w_ptr, w_sb, w_sm, M,
-    a_ptr, stats_ptr, ce_ptr, kd_ptr,
+    a_ptr, stats_ptr, ce_ptr, kd_ptr, ok_ptr,
     B, C, t_hi, t_lo, eps_hi, eps_lo,
     K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr,
     ENSEMBLE: tl.constexpr, HAS_EPS: tl.constexpr, ACC: tl.constexpr,
 ):
+    """ok_ptr: the value-check flag (kernels/_flag.py), set to 0 for a row with a label
+    outside [0, C), a weight negative or not finite, or weights not summing to 1."""
     pid = tl.program_id(0)
     t = _split_scalar(t_hi, t_lo, ACC)
     eps = _split_scalar(eps_hi, eps_lo, ACC)
@@ -181,16 +187,26 @@ def _mixed_kd_loss_fwd_kernel(
             lset = ms / t + tl.log(st)
             # Cross-entropy from M gathered label logits.
             ce = tl.zeros([K_PAD], ACC)
+            wsum = tl.zeros([], ACC)
+            nbad = tl.zeros([], tl.int32)
             for i in range(M):
                 lab = tl.load(lab_ptr + row * lab_sb + i * lab_sm)
                 w = tl.load(w_ptr + row * w_sb + i * w_sm).to(ACC)
-                zl = tl.load(base + lab * stride_c, mask=kmask, other=0.0).to(ACC)
+                lab_ok = (lab >= 0) & (lab < C)
+                nbad += (~(lab_ok & (w >= 0) & (w < float("inf")))).to(tl.int32)
+                wsum += w
+                # a label out of range reads class 0 instead (the flag reports it)
+                zl = tl.load(base + tl.where(lab_ok, lab, 0) * stride_c, mask=kmask,
+                             other=0.0).to(ACC)
                 # (max - z) + log(sum) keeps large common offsets of the logits out of the
                 # rounding of lse1 - z.
                 term = (ms - zl) + tl.log(s1)
                 if HAS_EPS:
                     term = (1 - eps) * term + eps * ((ms - zsum / C) + tl.log(s1))
                 ce += w * term
+            nbad += (tl.abs(wsum - 1) > 1e-3).to(tl.int32)
+            if nbad > 0:
+                tl.store(ok_ptr, 0)
             if ENSEMBLE:
                 mes = _safe_max(me)
                 lsee = mes / t + tl.log(se)
@@ -412,17 +428,32 @@ def mixed_kd_loss_forward(logits: list[Tensor], labels: Tensor, weights: Tensor,
     ce_rows = torch.empty(k, b, device=base.device, dtype=out_dtype)
     kd_rows = torch.empty(k, b, device=base.device, dtype=out_dtype)
     a = _peer_matrix(mode, peer_matrix, k, stats, out_dtype)
+
+    def explain() -> None:
+        check_mixed_kd_loss_values(labels, weights, c, peer_matrix)
+
+    if weights.dtype != out_dtype:  # the kernel sees them cast: check them as given
+        explain()
+    elif peer_matrix is not None:
+        check_finite_peer_matrix(peer_matrix)
+    ok = ok_flag(base.device)
     k_pad, block_c, rows, warps = launch_config(k, c, mode == "ensemble", False)
     with _masked_lanes_quiet():
         _mixed_kd_loss_fwd_kernel[(triton.cdiv(b, rows),)](
             base, *_pad8(offsets), sb, sc,
             labels, labels.stride(0), labels.stride(1), weights, weights.stride(0),
             weights.stride(1), labels.shape[1],
-            a, stats, ce_rows, kd_rows,
+            a, stats, ce_rows, kd_rows, ok,
             b, c, *_split(temperature), *_split(label_smoothing),
             K=k, K_PAD=k_pad, BLOCK_C=block_c, ROWS=rows, ENSEMBLE=mode == "ensemble",
             HAS_EPS=label_smoothing > 0, ACC=_acc(base.dtype), num_warps=warps)
+    assert_ok(ok, f"mixed_kd_loss: a label is outside [0, {c}), a weight negative or not finite, "
+                  f"or a row of weights does not sum to 1; the same call on CPU tensors names which",
+              explain)
     return ce_rows.mean(1), kd_rows.mean(1), stats
+
+
+mixed_kd_loss_forward.checks_values = True  # type: ignore[attr-defined]  (see kernels/_flag.py)
 
 
 def mixed_kd_loss_backward(grad_ce: Tensor, grad_kd: Tensor, logits: list[Tensor],

@@ -139,7 +139,11 @@ def check_mixed_kd_loss_values(labels: Tensor, weights: Tensor, num_classes: int
                  f"{op}: each row of 'weights' must sum to 1; normalise it with "
                  f"weights / weights.sum(1, keepdim=True)")
     if peer_matrix is not None:
-        _value_check(peer_matrix.isfinite().all(), f"{op}: 'peer_matrix' has NaN or inf entries")
+        check_finite_peer_matrix(peer_matrix)
+
+
+def check_finite_peer_matrix(peer_matrix: Tensor) -> None:
+    _value_check(peer_matrix.isfinite().all(), "mixed_kd_loss: 'peer_matrix' has NaN or inf entries")
 
 
 def check_mix_args(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None) -> None:
@@ -181,3 +185,11 @@ def check_mix_values(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None) -> N
         ok = (0 <= y0) & (y0 <= y1) & (y1 <= h) & (0 <= x0) & (x0 <= x1) & (x1 <= wd)
         _value_check(ok.all(), f"{op}: each 'box' row (y0, y1, x0, x1) must satisfy "
                                f"0 <= y0 <= y1 <= H={h} and 0 <= x0 <= x1 <= W={wd}")
+
+
+def check_mix2_values(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None, src2: Tensor,
+                      w2: Tensor) -> None:
+    check_mix_values(x, src, w, box)
+    n = x.shape[0]
+    _value_check(((src2 >= 0) & (src2 < n)).all(), f"mix: 'src2' must hold sample indices in [0, N={n})")
+    _value_check(((w2 >= 0) & (w2 <= 1)).all(), "mix: 'w2' must lie in [0, 1] (and not be NaN)")

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from . import _backend, reference
-from ._checks import _describe, _value_check, check_mix_args, check_mix_values
+from ._checks import _describe, check_mix2_values, check_mix_args
 from ._layout import mix_output
 
 __all__ = ["mix2"]
@@ -40,11 +40,7 @@ def _mix2_forward(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None, src2: T
     _explain_mix2(x, src, w, box, src2, w2)
     run = _backend.kernel("mix2", x.device)
     if not getattr(run, "checks_values", False):
-        check_mix_values(x, src, w, box)
-        n = x.shape[0]
-        _value_check(((src2 >= 0) & (src2 < n)).all(),
-                     f"mix: 'src2' must hold sample indices in [0, N={n})")
-        _value_check(((w2 >= 0) & (w2 <= 1)).all(), "mix: 'w2' must lie in [0, 1] (and not be NaN)")
+        check_mix2_values(x, src, w, box, src2, w2)
     return run(x, src, w, box, src2, w2)
 
 

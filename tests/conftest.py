@@ -47,6 +47,9 @@ def _run_triton_on_cuda() -> None:
         raise pytest.UsageError("METAMIXER_TEST_DEVICE=cuda but torch sees no CUDA device")
     for (op, backend), kernel in list(_backend._kernels.items()):
         if backend == "triton":
+            # not functools.wraps: without checks_values the op body checks values on the CPU
+            # first, so a bad-input test never reaches a GPU assert (which would end the
+            # process's CUDA work)
             def on_gpu(*args, _kernel=kernel, **kwargs):
                 tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
                 if not any(t.device.type == "cpu" for t in tensors):

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 import metamixer_fast as mf
-from metamixer_fast import reference
+from metamixer_fast import _backend, reference
 
 DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64)
 FLOAT_DTYPES = DTYPES[1:]
@@ -333,3 +333,31 @@ def test_compile_fullgraph_on_a_crop_of_a_channels_last_batch(mix_backend, rng):
         return mf.mix(xx, src, wt.float(), box) * 2
 
     torch.testing.assert_close(torch.compile(step, fullgraph=True)(x), step(x))
+
+
+def test_triton_kernels_check_values_in_the_kernel(mix_backend, rng):
+    """The Triton mix and mix2 flag bad values inside the kernel (the op body skips its Python
+    checks for them); a flagged call raises naming the argument, reads nothing out of bounds,
+    and the next call is unaffected."""
+    if mix_backend != "triton" or not _backend.triton_interpreted():
+        pytest.skip("Triton kernels on CPU tensors (on a GPU a bad value stops the process's "
+                    "CUDA work: the flag is asserted asynchronously)")
+    from metamixer_fast.kernels import mix as triton_mix
+
+    assert triton_mix.mix.checks_values and triton_mix.mix2.checks_values
+    x = torch.randn(4, 2, 5, 6, generator=rng)
+    src, w = torch.tensor([1, 2, 3, 0]), torch.full((4,), 0.5)
+    box = torch.tensor([[0, 5, 0, 6], [1, 3, 2, 4], [0, 0, 0, 0], [2, 5, 0, 6]])
+    src2, w2 = torch.tensor([3, 2, 1, 0]), torch.rand(4, generator=rng)
+    bad = {"'src'": (x, torch.tensor([1, 2, 4, 0]), w, box), "'w'": (x, src, w.clone().fill_(1.5), box),
+           "'box'": (x, src, w, box.clone().index_fill_(1, torch.tensor([3]), 7))}
+    for message, args in bad.items():
+        with pytest.raises(ValueError, match=message):
+            triton_mix.mix(*args)
+        with pytest.raises(ValueError, match=message):
+            triton_mix.mix2(*args, src2, w2)
+    for message, (s2, ww2) in {"'src2'": (torch.tensor([3, 2, -1, 0]), w2),
+                               "'w2'": (src2, w2.clone().fill_(float("nan")))}.items():
+        with pytest.raises(ValueError, match=message):
+            triton_mix.mix2(x, src, w, box, s2, ww2)
+    assert torch.equal(triton_mix.mix2(x, src, w, box, src2, w2), reference.mix2(x, src, w, box, src2, w2))

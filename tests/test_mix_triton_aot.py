@@ -35,11 +35,12 @@ for dtype, ptr in PTR.items():
     common = {"sample_size": "i32", "rows": "i32", "row_len": "i32", "col_scale": "i32",
               "HAS_BOX": "constexpr"}
     variants = [("_mix_fwd_kernel", {"x_ptr": ptr, "out_ptr": ptr, "src_ptr": "*i64", "w_ptr": wty,
-                 "box_ptr": "*i64", **common, "IS_UINT8": "constexpr", "SOFT_BF16": "constexpr",
-                 "BLOCK": "constexpr"}, {"IS_UINT8": dtype == "uint8", "SOFT_BF16": False,
-                 "BLOCK": m.BLOCK, "HAS_BOX": True})]
+                 "box_ptr": "*i64", "ok_ptr": "*i32", **common, "IS_UINT8": "constexpr",
+                 "SOFT_BF16": "constexpr", "BLOCK": "constexpr"},
+                 {"IS_UINT8": dtype == "uint8", "SOFT_BF16": False, "BLOCK": m.BLOCK, "HAS_BOX": True})]
     variants.append(("_mix2_fwd_kernel", {"x_ptr": ptr, "out_ptr": ptr, "src_ptr": "*i64",
-                     "w_ptr": wty, "box_ptr": "*i64", "src2_ptr": "*i64", "w2_ptr": wty, **common,
+                     "w_ptr": wty, "box_ptr": "*i64", "src2_ptr": "*i64", "w2_ptr": wty,
+                     "ok_ptr": "*i32", **common,
                      "IS_UINT8": "constexpr", "SOFT_BF16": "constexpr", "BLOCK": "constexpr"},
                      {"IS_UINT8": dtype == "uint8", "SOFT_BF16": False, "BLOCK": m.BLOCK,
                       "HAS_BOX": True}))

@@ -279,3 +279,28 @@ def test_more_than_eight_peers_is_a_clear_error(rng):
     z, labels, weights = _inputs(9, 2, 5, 1, rng, torch.float32)
     with pytest.raises(ValueError, match=r"at most 8 peers.*METAMIXER_BACKEND=reference"):
         mf.mixed_kd_loss(list(z.unbind(0)), labels, weights.float())
+
+
+def test_values_are_checked_in_the_kernel(rng):
+    """The op body leaves the checks of values to the Triton kernel (kernels/_flag.py): a bad
+    label, weight or row sum is flagged there, the call raises naming the argument (reading no
+    logit out of bounds), and the next call is unaffected."""
+    assert tk.mixed_kd_loss_forward.checks_values
+    z = torch.randn(3, 4, 10, generator=rng)
+    labels = torch.tensor([[1, 2], [2, 3], [9, 0], [0, 5]])
+    weights = torch.tensor([[0.5, 0.5], [1.0, 0.0], [0.25, 0.75], [0.5, 0.5]])
+    bad = {"'labels'": (labels.clone().index_put_((torch.tensor(2), torch.tensor(0)),
+                                                  torch.tensor(10)), weights),
+           "'weights' must be finite": (labels, weights.clone().index_fill_(0, torch.tensor([3]),
+                                                                          -0.5)),
+           "must sum to 1": (labels, weights * 1.01)}
+    for message, (lab, wt) in bad.items():
+        with pytest.raises(ValueError, match=message):
+            tk.mixed_kd_loss_forward([z], lab, wt, 2.0, 0.0, "pairwise", None, True)
+        with pytest.raises(ValueError, match=message):
+            mf.mixed_kd_loss(z, lab, wt, temperature=2.0)
+    ce, kd = mf.mixed_kd_loss(z, labels, weights, temperature=2.0)
+    ce_ref, kd_ref = reference.mixed_kd_loss(z.double(), labels, weights.double(), 2.0, 0.0,
+                                             "pairwise")
+    assert_fp32_close(ce, ce_ref)
+    assert_fp32_close(kd, kd_ref)

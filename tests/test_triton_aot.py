@@ -73,6 +73,7 @@ def test_spill_check_can_fail():
         sig = {n: "constexpr" if n in const else "*fp32" if n.endswith("_ptr")
                else "fp32" if n.endswith(("_hi", "_lo")) else "i32" for n in fn.arg_names}
         sig["lab_ptr"] = "*i64"
+        sig["ok_ptr"] = "*i32"
         compiled = triton.compile(ASTSource(fn, sig, const), target=GPUTarget("cuda", 80, 32),
                                   options={"num_warps": 1, "maxnreg": 64})
         print(aot.resource_usage(compiled)["spills"])
