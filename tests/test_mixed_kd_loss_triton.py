@@ -285,6 +285,9 @@ def test_values_are_checked_in_the_kernel(rng):
     """The op body leaves the checks of values to the Triton kernel (kernels/_flag.py): a bad
     label, weight or row sum is flagged there, the call raises naming the argument (reading no
     logit out of bounds), and the next call is unaffected."""
+    if not _backend.triton_interpreted():
+        pytest.skip("the kernel on CPU tensors (on a GPU a bad value stops the process's CUDA "
+                    "work: the flag is asserted asynchronously)")
     assert tk.mixed_kd_loss_forward.checks_values
     z = torch.randn(3, 4, 10, generator=rng)
     labels = torch.tensor([[1, 2], [2, 3], [9, 0], [0, 5]])
