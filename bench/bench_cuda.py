@@ -11,8 +11,9 @@ GB/s column divides the fewest bytes the row's job must move by its time:
 - feature stage, forward + backward of the global blend: forward reads h and writes the output,
   backward reads the upstream gradient and h (for dw) and writes dh: 5 passes;
 - loss, forward + backward of ``mixed_kd_loss``: read the logits [K, B, C] in the forward, read
-  them again and write their gradient in the backward: 3 passes (the softmax row does the same
-  three: ``softmax`` forward + backward of one [K*B, C] tensor).
+  them again and write their gradient in the backward: 3 passes. The softmax row (``softmax``
+  forward + backward of one [K*B, C] tensor, a floor for anything that exponentiates the
+  logits) is divided by the same count, though it moves 5 passes (x, y, y, dy, dx).
 
 The host work of each call (Python, the op's dispatch, the launch) is inside its time: a call
 whose GPU work is shorter than its launch shows the launch.
