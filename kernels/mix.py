@@ -222,13 +222,12 @@ def _values_checked_in_kernel(x: Tensor, *weights: Tensor) -> bool:
 
 
 def mix(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None) -> Tensor:
-    if not _values_checked_in_kernel(x, w):
+    if x[0].numel() == 0 or not _values_checked_in_kernel(x, w):  # no launch, or no fit
         check_mix_values(x, src, w, box)
     xr, boxes, rows, row_len, scale = _geometry(x, box)
     out = mix_output(x)
     n, size = xr.shape[0], xr[0].numel()
     if size == 0:
-        check_mix_values(x, src, w, box)
         return out
     ok = ok_flag(xr.device)
     grid = (triton.cdiv(size, BLOCK), n)
@@ -244,13 +243,12 @@ def mix2(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None, src2: Tensor, w2
     def explain() -> None:
         check_mix2_values(x, src, w, box, src2, w2)
 
-    if not _values_checked_in_kernel(x, w, w2):
+    if x[0].numel() == 0 or not _values_checked_in_kernel(x, w, w2):
         explain()
     xr, boxes, rows, row_len, scale = _geometry(x, box)
     out = mix_output(x)
     n, size = xr.shape[0], xr[0].numel()
     if size == 0:
-        explain()
         return out
     ok = ok_flag(xr.device)
     grid = (triton.cdiv(size, BLOCK), n)

@@ -41,9 +41,7 @@ def _mixed_kd_loss(logits: list[Tensor], labels: Tensor, weights: Tensor, temper
     _, _, c = check_mixed_kd_loss_args(logits, labels, weights, temperature, label_smoothing,
                                        mode, peer_matrix)
     run = _backend.kernel("mixed_kd_loss", logits[0].device)
-    # the C++ kernel and the Triton one (kernels/_flag.py) check values themselves
-    if (_backend.backend_for("mixed_kd_loss", logits[0].device) != "cpp"
-            and not getattr(run, "checks_values", False)):
+    if not getattr(run, "checks_values", False):  # the C++ and Triton kernels check themselves
         check_mixed_kd_loss_values(labels, weights, c, peer_matrix)
     return run(logits, labels, weights, temperature, label_smoothing, mode, peer_matrix,
                detach_targets)
