@@ -171,16 +171,26 @@ def _plain(x: torch.Tensor) -> bool:
     return type(x) is torch.Tensor and not torch._C._functorch.is_functorch_wrapped_tensor(x)
 
 
-def runs_without_dispatcher(*tensors: torch.Tensor | None) -> bool:
-    """True when an eager call of a custom op on ``tensors`` may run the op's body directly.
+def runs_direct(*tensors: torch.Tensor | None) -> bool:
+    """True when an eager call of a custom op on ``tensors`` may skip the op: nothing is tracing
+    and every input is a plain tensor. Such a call runs the op's body, and, when it needs a
+    gradient, links a ``torch.autograd.Function`` that runs the backward kernel.
 
-    The custom op's Python dispatch (autograd wrapper, redispatch, aliasing check) costs tens of
-    microseconds a call, and several times that right after a kernel has streamed a large batch
-    through the caches; for a no-grad call it does nothing the body does not. So: no input needs
-    a gradient, nothing is tracing and every input is a plain tensor; otherwise the op must see
-    the call.
+    The custom op's Python dispatch (autograd wrapper, redispatch, aliasing check) and its
+    autograd glue cost tens of microseconds a call (about 40 of the 165 us of a mixed_kd_loss
+    forward + backward at K=2, B=128, C=100 on CPU, bench/bench_call_routes.py), and several
+    times that right after a kernel has streamed a large batch through the caches; for such a
+    call they do nothing the body and the backward rule do not. Anything that must see every op call
+    (torch.compile, make_fx, FakeTensorMode, user modes, torch.func) gets the op.
     """
-    if _tracing():
-        return False
+    return not _tracing() and all(t is None or _plain(t) for t in tensors)
+
+
+def runs_without_dispatcher(*tensors: torch.Tensor | None) -> bool:
+    """``runs_direct`` for a call that needs no gradient: no input requires one (or grad mode
+    is off), so the op's body alone is the whole call. A backward rule uses it to call its
+    backward kernel directly: with ``create_graph=True`` the saved inputs require a gradient,
+    so the call goes through the op, whose missing double-backward formula then says so."""
     grad = torch.is_grad_enabled()
-    return all(t is None or (_plain(t) and not (grad and t.requires_grad)) for t in tensors)
+    return runs_direct(*tensors) and not any(t is not None and grad and t.requires_grad
+                                             for t in tensors)

@@ -15,6 +15,7 @@ from torch import Tensor
 from . import _backend, reference
 from ._checks import _describe, check_mix2_values, check_mix_args
 from ._layout import mix_output
+from .ops import call_mix, call_mix_backward
 
 __all__ = ["mix2"]
 
@@ -65,13 +66,21 @@ def _backward(ctx, grad):
     box = rest[0] if ctx.has_box else None
     need_dw, need_dw2 = ctx.needs_input_grad[2], ctx.needs_input_grad[5]
     # u = mix(x, ...) is read only for dw2; otherwise x (same shape and layout) stands in for it
-    u = torch.ops.metamixer.mix(x, src, w, box) if need_dw2 else x
-    du, dw2 = torch.ops.metamixer.mix_backward(grad, u, src2, w2, None, need_dw2)
-    dx, dw = torch.ops.metamixer.mix_backward(du, x, src, w, box, need_dw)
+    u = call_mix(x, src, w, box) if need_dw2 else x
+    du, dw2 = call_mix_backward(grad, u, src2, w2, None, need_dw2)
+    dx, dw = call_mix_backward(du, x, src, w, box, need_dw)
     return dx, None, dw if need_dw else None, None, None, dw2 if need_dw2 else None
 
 
 _mix2.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _Mix2(torch.autograd.Function):
+    """metamixer::mix2 for plain eager calls that need a gradient, as ops._Mix for mix."""
+
+    forward = staticmethod(_mix2_forward)
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
 
 
 def _reference_mix2(x, src, w, box, src2, w2):
@@ -92,4 +101,6 @@ def mix2(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None, src2: Tensor, w2
         return out  # type: ignore[return-value]
     if _backend.runs_without_dispatcher(x, src, w, box, src2, w2):
         return _mix2_forward(x, src, w, box, src2, w2)  # the op's own body, as in ops.mix
+    if _backend.runs_direct(x, src, w, box, src2, w2):
+        return _Mix2.apply(x, src, w, box, src2, w2)
     return torch.ops.metamixer.mix2(x, src, w, box, src2, w2)

@@ -111,6 +111,10 @@ def test_mix2_bad_input_names_the_argument(mix_backend):
         mf.mix2(x, src, wt, box, src.int(), wt)
 
 
+class _Wrapped(torch.Tensor):
+    """A tensor subclass: calls on it must go through the op, whatever it wraps."""
+
+
 class _SeenOps(TorchFunctionMode):
     """Records the custom ops a call goes through (a function mode sees torch.ops calls)."""
 
@@ -123,9 +127,10 @@ class _SeenOps(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_plain_no_grad_calls_run_the_op_body_and_the_rest_see_the_op(mix_backend, rng):
-    """mix and mix2 skip the custom op's Python dispatch only for plain eager calls that need
-    no gradient; autograd, modes, fake tensors and torch.func still go through the op."""
+def test_plain_calls_run_the_op_body_and_the_rest_see_the_op(mix_backend, rng):
+    """mix and mix2 skip the custom op's Python dispatch for plain eager calls: the body alone
+    when no gradient is needed, else the body and backward rule linked by an autograd.Function;
+    modes, fake tensors and torch.func still go through the op."""
     x = make_x(rng, (4, 3, 5, 6), torch.float32, "nchw")
     src, wt, box = make_plan(rng, 4, 5, 6)
     src2, w2 = torch.randint(0, 4, (4,), generator=rng), torch.rand(4, generator=rng)
@@ -139,11 +144,13 @@ def test_plain_no_grad_calls_run_the_op_body_and_the_rest_see_the_op(mix_backend
     assert not _backend.runs_without_dispatcher(xg, src, wt, box)
     with torch.no_grad():
         assert _backend.runs_without_dispatcher(xg, src, wt, box)
+    assert _backend.runs_direct(xg, src, wt, box) and not _backend.runs_direct(None, x.as_subclass(_Wrapped))
     out = mf.mix2(xg, src, wt.detach(), box, src2, w2)
-    assert out.grad_fn is not None and "mix2" in out.grad_fn.name()
+    assert out.grad_fn.name() == "_Mix2Backward"
+    assert mf.mix(xg, src, wt.detach(), box).grad_fn.name() == "_MixBackward"
     with _SeenOps() as seen:
         mf.mix2(x, src, wt.detach(), box, src2, w2)
-        mf.mix(x, src, wt.detach(), box)
+        mf.mix(xg, src, wt.detach(), box)
     assert seen.ops.count("metamixer.mix2") == 1 and seen.ops.count("metamixer.mix") == 1
     with FakeTensorMode() as mode:
         assert not _backend.runs_without_dispatcher(mode.from_tensor(x))

@@ -138,3 +138,62 @@ def test_mix_compile_equals_eager(mix_backend, rng):
         results.append((loss.detach(), xx.grad, ww.grad))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b)
+
+
+# ------------------------------------------------- eager calls that skip the custom op's dispatch
+
+def _grads_through(route, tensors, grads_out):
+    """Outputs and input gradients of ``route()`` for upstream gradients ``grads_out``."""
+    for t in tensors:
+        t.grad = None
+    outs = route()
+    torch.autograd.backward(outs, grads_out)
+    return [o.detach() for o in outs] + [t.grad for t in tensors]
+
+
+def test_mixed_kd_loss_direct_route_equals_the_op(loss_backend, monkeypatch, rng):
+    """A plain eager call that needs a gradient runs the op's body and backward rule through an
+    autograd.Function (the C++ eager entry, which would take it on CPU, is set aside): the same
+    kernels as the custom op, so the same bits, forward and backward."""
+    monkeypatch.delitem(mf._backend.eager_entries, "mixed_kd_loss", raising=False)
+    z, labels, weights = _inputs(3, 5, 7, 2, rng, torch.float32)
+    peers = [p.clone().requires_grad_(True) for p in z.unbind(0)]
+    grads_out = tuple(torch.randn(2, 3, generator=rng))
+    kwargs = dict(temperature=2.0, label_smoothing=0.1, detach_targets=False)
+    direct = _grads_through(lambda: mf.mixed_kd_loss(peers, labels, weights, **kwargs), peers,
+                            grads_out)
+    assert mf.mixed_kd_loss(peers, labels, weights)[0].grad_fn.name() == "_MixedKDLossBackward"
+    via_op = _grads_through(lambda: torch.ops.metamixer.mixed_kd_loss(
+        peers, labels, weights, 2.0, 0.1, "pairwise", None, False)[:2], peers, grads_out)
+    for got, want in zip(direct, via_op, strict=True):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["mix", "mix2"])
+def test_mix_direct_route_equals_the_op(mix_backend, fused, rng):
+    x = torch.randn(4, 3, 5, 6, generator=rng).requires_grad_(True)
+    w = torch.rand(4, generator=rng).requires_grad_(True)
+    w2 = torch.rand(4, generator=rng).requires_grad_(True)
+    src, src2 = torch.randperm(4, generator=rng), torch.randint(0, 4, (4,), generator=rng)
+    box = torch.tensor([[0, 3, 1, 4], [1, 5, 0, 6], [2, 2, 0, 3], [0, 5, 2, 3]])
+    args = (x, src, w, box, src2, w2) if fused else (x, src, w, box)
+    leaves = [x, w, w2] if fused else [x, w]
+    public, op = (mf.mix2, torch.ops.metamixer.mix2) if fused else (mf.mix, torch.ops.metamixer.mix)
+    upstream = (torch.randn(x.shape, generator=rng),)
+    direct = _grads_through(lambda: (public(*args),), leaves, upstream)
+    assert public(*args).grad_fn.name() == ("_Mix2Backward" if fused else "_MixBackward")
+    via_op = _grads_through(lambda: (op(*args),), leaves, upstream)
+    for got, want in zip(direct, via_op, strict=True):
+        assert torch.equal(got, want)
+
+
+def test_direct_route_refuses_double_backward_as_the_op_does(rng):
+    """With create_graph=True the backward rule calls the backward op through the dispatcher,
+    so a second backward fails as it does for the op (no formula registered) instead of
+    silently treating the first gradient as a constant."""
+    x = torch.randn(3, 4, generator=rng, dtype=torch.float64).requires_grad_(True)
+    out = mf.mix(x, torch.tensor([1, 2, 0]), torch.rand(3, generator=rng, dtype=torch.float64))
+    (g,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+    assert g.requires_grad
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        g.sum().backward()
