@@ -99,11 +99,11 @@ class _Sampler(abc.ABC):
         dev = y.device if device is None else torch.device(device)
         self._stats["steps"] += 1
         coin = float(torch.rand(1, dtype=torch.float64, generator=self.generator))
-        if coin >= self.prob:
+        plan = self._draw(y_cpu) if coin < self._step_prob() else None
+        if plan is None or not plan.mixed:
             plan = MixPlan.identity(y_cpu, self._stages())
         else:
             self._stats["mixed_steps"] += 1
-            plan = self._draw(y_cpu)
             if size is not None:
                 plan.resolve(size)
         if plan.device == dev:
@@ -113,9 +113,15 @@ class _Sampler(abc.ABC):
     def _stages(self) -> tuple[str, ...]:
         return ()
 
+    def _step_prob(self) -> float:
+        """The chance that a step draws a plan at all (a sampler that applies ``prob`` per
+        sample draws every step)."""
+        return self.prob
+
     @abc.abstractmethod
     def _draw(self, y: Tensor) -> MixPlan:
-        """The plan of a mixed step for CPU labels ``y`` (each sampler's own rule)."""
+        """The plan of a mixed step for CPU labels ``y`` (each sampler's own rule); a plan that
+        mixes no sample may say so with ``mixed=False``."""
 
     @property
     def stats(self) -> dict[str, float]:
@@ -231,9 +237,10 @@ class CutMixOrMixup(_Sampler):
     (lam ~ Beta(mixup_alpha), u_i = lam x_i + (1 - lam) x_sigma(i)). Target: labels
     (y_i, y_sigma(i), y_i, y_sigma(i)) with weights (lam, 1 - lam, 0, 0).
 
-    ``mode="batch"`` (timm's default): one coin, one lam and one box for the whole batch;
-    ``mode="elem"``: per sample. ``prob``: the chance a step is mixed at all, in both modes
-    (timm's elem mode applies its ``mix_prob`` to each sample instead).
+    ``mode="batch"`` (timm's default): one coin, one lam and one box for the whole batch, and
+    ``prob`` is the chance that the step is mixed at all; ``mode="elem"``: all of them per
+    sample, ``prob`` included, as timm's ``mix_prob``: a sample left unmixed keeps its pixels
+    exactly (an empty box) and its target is its own label (lam = 1).
     """
 
     name = "CutMixOrMixup"
@@ -247,6 +254,9 @@ class CutMixOrMixup(_Sampler):
         self.mode = _check_choice(self.name, "mode", mode, MODES)
         super().__init__(prob, generator)
 
+    def _step_prob(self) -> float:
+        return self.prob if self.mode == "batch" else 1.0
+
     def _draw(self, y: Tensor) -> MixPlan:
         g, n = self.generator, y.numel()
         m = 1 if self.mode == "batch" else n
@@ -255,9 +265,17 @@ class CutMixOrMixup(_Sampler):
         mixup_lam = _beta(self.mixup_alpha, m, g).float().double()
         lam = torch.where(cut, _beta(self.cutmix_alpha, m, g), mixup_lam)
         center = torch.rand(m, 2, dtype=torch.float64, generator=g)
-        sigma = random_cycle(n, g)
-        self._stats["local_samples"] += n
         cut, lam, center = cut.expand(n), lam.expand(n), center.expand(n, 2)
+        mixed = n
+        if self.mode == "elem" and self.prob < 1.0:  # (prob = 1 draws nothing: the same plans)
+            unmixed = torch.rand(n, dtype=torch.float64, generator=g) >= self.prob
+            mixed -= int(unmixed.sum())
+            if mixed == 0:
+                return MixPlan.identity(y)
+            # lam = 1 makes an empty box: the sample is copied, exactly, whatever its partner holds
+            cut, lam = cut | unmixed, torch.where(unmixed, 1.0, lam)
+        sigma = random_cycle(n, g)
+        self._stats["local_samples"] += mixed
         has_cut = bool(cut.any())
         return MixPlan(labels=y, mixed=True, local_src=sigma,
                        local_w=torch.where(cut, 0.0, lam).float(), lam_draw=lam.contiguous(),

@@ -665,6 +665,39 @@ def test_cutmix_or_mixup_switches(rng):
     assert kinds == {True, False}
 
 
+@pytest.mark.parametrize("switch_prob", [0.0, 0.5, 1.0])
+def test_elem_mode_applies_prob_per_sample(switch_prob, rng, mix_backend):
+    """As timm's elem mode: each sample is mixed with probability prob; one left unmixed keeps
+    its pixels bit for bit (even where its partner holds inf) and its own label (lam = 1)."""
+    n, h, w = 3000, 6, 7
+    y = torch.randint(0, 10, (n,), generator=rng)
+    mixer = CutMixOrMixup(1.0, 0.8, switch_prob=switch_prob, prob=0.3, mode="elem",
+                          generator=seeded(rng))
+    plan = mixer.sample(y)
+    assert plan.mixed and mixer.stats["mixed_steps"] == 1
+    x = torch.randn(n, 2, h, w, generator=rng)
+    x[plan.local_src[:5]] = float("inf")  # partners of samples 0..4
+    u = plan.apply_local(x)
+    unmixed = plan.lam_draw == 1  # (a drawn lam < 1 may still give an empty box on a 6x7 image)
+    assert abs(float(unmixed.double().mean()) - 0.7) < 0.04
+    assert mixer.stats["local_samples"] == n - int(unmixed.sum())
+    assert torch.equal(u[unmixed], x[unmixed])
+    box = plan.box
+    assert bool((box[unmixed, 1] == box[unmixed, 0]).all())  # empty boxes
+    t = plan.target
+    assert torch.equal(t.weights[unmixed], torch.tensor([1.0, 0, 0, 0]).expand(int(unmixed.sum()), 4))
+    torch.testing.assert_close(u[~unmixed], local_mixture(x, plan)[~unmixed], rtol=0, atol=1e-6,
+                               equal_nan=True)
+    if 0 < switch_prob < 1:
+        assert abs(float(plan.cut[~unmixed].double().mean()) - switch_prob) < 0.05
+    none = CutMixOrMixup(prob=0.0, mode="elem", generator=seeded(rng))
+    assert not none.sample(y[:4]).mixed and none.stats["mixed_steps"] == 0
+    batch = CutMixOrMixup(prob=0.5, generator=seeded(rng))
+    plans = [batch.sample(y[:8]) for _ in range(60)]
+    assert {p.mixed for p in plans} == {True, False}  # batch mode: prob is per step
+    assert all(bool((p.lam_draw < 1).all()) for p in plans if p.mixed)
+
+
 # ----------------------------------------------------------------------------------- bad input
 
 Y = torch.tensor([0, 1, 1, 0])
