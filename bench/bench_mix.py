@@ -25,7 +25,7 @@ Rows, per case (threads fixed by --threads, default 2):
     mix2 fused      metamixer::mix2: both stages in one pass
     mix2, cached stores / mix2, streamed stores
                     mix2 with its output stored through the cache or streamed past it
-                    (METAMIXER_STREAM_STORES=off / on); mix2 fused picks one (see README)
+                    (METAMIXER_STREAM_STORES=off / on); mix2 fused picks one (see docs/mixing-performance.md)
     mix2 + plan     mix2 plus drawing the plan (partners, Beta weights, boxes) with torch ops,
                     comparable with kornia, whose modules draw their own parameters
     reference x2    metamixer_fast.reference.mix twice (eager PyTorch)
