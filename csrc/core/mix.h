@@ -510,6 +510,29 @@ acc_t<T> dot_diff(const T* g, const T* a, const T* b, int64_t len) {
   return dot_diff_finish(g, a, b, len, part, c);
 }
 
+#if defined(METAMIXER_HAVE_AVX512_MIX2)
+// The float gather of one window [cb, ce) of row y by avx512::gather_window_f32: false (nothing
+// done) when more than kMaxParts partners' boxes cross the row, which the scalar loop then takes.
+inline bool gather_window_avx512(const float* g, const int64_t* boxes, const float* w,
+                                 const int64_t* partners, int64_t n_partners, int64_t S,
+                                 int64_t in_off, int64_t y, const float* gk, float* out,
+                                 int64_t cb, int64_t ce, int64_t c0, int64_t c1, float wk) {
+  constexpr int64_t kMaxParts = 8;
+  avx512::GatherPart parts[kMaxParts];
+  int64_t n = 0;
+  for (int64_t t = 0; t < n_partners; ++t) {
+    const int64_t j = partners[t];
+    const int64_t* bj = boxes + 4 * j;
+    const int64_t j0 = std::max(bj[2], cb), j1 = std::min(bj[3], ce);
+    if (!row_in_box(bj, y) || j0 >= j1) continue;
+    if (n == kMaxParts) return false;
+    parts[n++] = {g + j * S + in_off + cb, j0, j1, 1.0f - w[j]};
+  }
+  avx512::gather_window_f32(gk + cb, out + cb, ce - cb, cb, c0, c1, wk, parts, n);
+  return true;
+}
+#endif
+
 // Backward over destination rows [begin, end) of samples taken in `order` (partner_chain_order
 // of src: with src a permutation, sample k reads x_src_k and g_j for src_j = k, and the next
 // sample, src_k, reads x_src_k again as its own x and g_k as its partner's gradient, both still
@@ -519,8 +542,9 @@ acc_t<T> dot_diff(const T* g, const T* a, const T* b, int64_t len) {
 // gradients are gathered into them and dw's products are taken. A window inside both boxes
 // with exactly one partner j (the whole-sample blend of a permutation: the global blend at a
 // feature stage) skips `buf`: dx = (w_k g_k) + ((1 - w_j) g_j) in one pass, the same
-// operations in the same order as the gather, so the same bits. dw_rows null: dx only (when
-// autograd needs no dw, which also leaves x unread).
+// operations in the same order as the gather, so the same bits. Other float windows gather
+// 16 lanes a step on AVX-512 CPUs (gather_window_avx512), with the scalar loop's bits. dw_rows
+// null: dx only (when autograd needs no dw, which also leaves x unread).
 template <typename T>
 void mix_backward_rows(const T* g, const T* x, const int64_t* src, const compute_t<T>* w,
                        const int64_t* boxes, const int64_t* order, const MixLayout& L,
@@ -566,6 +590,17 @@ void mix_backward_rows(const T* g, const T* x, const int64_t* src, const compute
           continue;
         }
       }
+#if defined(METAMIXER_HAVE_AVX512_MIX2)
+      if constexpr (std::is_same_v<T, float>) {  // the same gather, 16 lanes a step
+        if (cpu_has_avx512f() && len < (int64_t{1} << 31) &&
+            gather_window_avx512(g, boxes, w, inv_list + inv_offsets[k],
+                                 inv_offsets[k + 1] - inv_offsets[k], S, in_off, y, gk, out, cb,
+                                 ce, c0, c1, w[k])) {
+          if (dw_rows && c1 > c0) dw_share += dot_diff(gk + c0, xk + c0, xs + c0, c1 - c0);
+          continue;
+        }
+      }
+#endif
       for (int64_t c = cb; c < ce; ++c) buf[c - cb] = C::load(gk[c]);
       for (int64_t c = c0; c < c1; ++c) buf[c - cb] = buf[c - cb] * w[k];
       for (int64_t t = inv_offsets[k]; t < inv_offsets[k + 1]; ++t) {
