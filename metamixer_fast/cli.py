@@ -21,8 +21,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command == "train":
-        from .train import main as train_main
-        return train_main(rest)
+        from . import train
+        rc = train.main(rest)
+        if train._process_group_started:  # a torchrun worker: see train.exit_process
+            train.exit_process(rc)
+        return rc
     if command == "plot":
         from .plot import main as plot_main
         return plot_main(rest)

@@ -146,6 +146,22 @@ def test_ddp_two_cpu_processes_stay_in_sync(tmp_path):
     assert all(r["world_size"] == 2 and r["ranks_in_sync"] for r in records)
 
 
+def test_exit_process_skips_teardown_only_after_a_process_group(monkeypatch):
+    """A torchrun worker leaves through os._exit once its output is flushed (torch's teardown
+    of a gloo process group can abort the process after the run is saved); any other process
+    exits normally."""
+    from metamixer_fast import train
+
+    code = ("import sys; from metamixer_fast import train; train._process_group_started = True; "
+            "print('saved', end=''); sys.stderr.write('note'); train.exit_process(3); print('!')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (3, "saved", "note")
+    monkeypatch.setattr(train, "_process_group_started", False)
+    with pytest.raises(SystemExit) as exc:
+        train.exit_process(4)
+    assert exc.value.code == 4
+
+
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_amp_runs(tmp_path, amp):
     final = fit(_cfg(tmp_path, amp=amp, epochs=1))
