@@ -21,10 +21,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command == "train":
-        from . import train
+        from . import process_group, train
         rc = train.main(rest)
-        if train._process_group_started:  # a torchrun worker: see train.exit_process
-            train.exit_process(rc)
+        if process_group.started:  # a torchrun worker: see process_group.exit_process
+            process_group.exit_process(rc)
         return rc
     if command == "plot":
         from .plot import main as plot_main

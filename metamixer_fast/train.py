@@ -24,13 +24,13 @@ import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from . import checkpoint, memory
+from . import checkpoint, memory, process_group
 from .config import ConfigError, TrainConfig, add_arguments, from_args, from_mapping, load_toml
 from .data import DatasetError
 from .loss import MixedKDLoss
@@ -56,40 +56,6 @@ def resolve_device(cfg: TrainConfig, local_rank: int) -> torch.device:
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
-
-
-# Whether this process started a process group (see exit_process).
-_process_group_started = False
-
-
-def init_distributed(device: torch.device) -> tuple[int, int]:
-    """(rank, world_size); starts the process group when launched by torchrun."""
-    global _process_group_started
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        _process_group_started = True
-    return dist.get_rank(), dist.get_world_size()
-
-
-def exit_process(rc: int) -> NoReturn:
-    """End the command with status ``rc``: ``sys.exit``, except in a process that started a
-    process group, which flushes its output and leaves with ``os._exit``.
-
-    torch keeps a process group, and gloo's threads with it, alive after
-    ``destroy_process_group`` (references it holds itself) until the interpreter's teardown,
-    and that teardown now and then aborts the process with "terminate called without an active
-    exception" (SIGABRT), after the run's checkpoint and metrics were written: torchrun then
-    reports a failed run (twice in 76 runs of the DDP test here). Nothing is left to do at
-    that point, so such a worker skips the teardown.
-    """
-    if not _process_group_started:
-        sys.exit(rc)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(rc)
 
 
 class PeerGroup(nn.Module):
@@ -229,7 +195,7 @@ class Run:
         self.device = resolve_device(cfg, int(os.environ.get("LOCAL_RANK", "0")))
         if cfg.retain_memory and self.device.type == "cpu":
             memory.retain_freed_memory()
-        self.rank, self.world = init_distributed(self.device)
+        self.rank, self.world = process_group.init(self.device)
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
 
@@ -577,24 +543,21 @@ def main(argv: list[str] | None = None, prog: str = "metamixer-fast train") -> i
     args = build_parser(prog).parse_args(argv)
     # a process group that fit() starts (under torchrun) is ended here, not left to the
     # interpreter's exit (the command's entry points then leave through exit_process)
-    started_here = not (dist.is_available() and dist.is_initialized())
     try:
-        if args.resume:
-            state = checkpoint.load(args.resume)
-            cfg = resume_config(state, resume_overrides(args), run_dir=args.resume)
-            final = fit(cfg, resume=state)
-        else:
-            final = fit(from_args(args))
+        with process_group.ended_after():
+            if args.resume:
+                state = checkpoint.load(args.resume)
+                cfg = resume_config(state, resume_overrides(args), run_dir=args.resume)
+                final = fit(cfg, resume=state)
+            else:
+                final = fit(from_args(args))
     except (ConfigError, checkpoint.CheckpointError, NonFiniteLossError, DatasetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    finally:
-        if started_here and dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
     if final:
         print(f"final: top-1 per peer {final['top1']}  ensemble {final['ensemble_top1']}")
     return 0
 
 
 if __name__ == "__main__":
-    exit_process(main(prog="python -m metamixer_fast.train"))
+    process_group.exit_process(main(prog="python -m metamixer_fast.train"))

@@ -150,15 +150,15 @@ def test_exit_process_skips_teardown_only_after_a_process_group(monkeypatch):
     """A torchrun worker leaves through os._exit once its output is flushed (torch's teardown
     of a gloo process group can abort the process after the run is saved); any other process
     exits normally."""
-    from metamixer_fast import train
+    from metamixer_fast import process_group
 
-    code = ("import sys; from metamixer_fast import train; train._process_group_started = True; "
-            "print('saved', end=''); sys.stderr.write('note'); train.exit_process(3); print('!')")
+    code = ("from metamixer_fast import process_group as pg; pg.started = True; import sys; "
+            "print('saved', end=''); sys.stderr.write('note'); pg.exit_process(3); print('!')")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert (proc.returncode, proc.stdout, proc.stderr) == (3, "saved", "note")
-    monkeypatch.setattr(train, "_process_group_started", False)
+    monkeypatch.setattr(process_group, "started", False)
     with pytest.raises(SystemExit) as exc:
-        train.exit_process(4)
+        process_group.exit_process(4)
     assert exc.value.code == 4
 
 
