@@ -194,3 +194,9 @@ def runs_without_dispatcher(*tensors: torch.Tensor | None) -> bool:
     grad = torch.is_grad_enabled()
     return runs_direct(*tensors) and not any(t is not None and grad and t.requires_grad
                                              for t in tensors)
+
+
+def body_or_op(body: Callable, op: Callable, *tensors: torch.Tensor | None) -> Callable:
+    """What a backward rule calls for a backward (or forward) op on ``tensors``: the op's body
+    where ``runs_without_dispatcher`` allows it, else the op itself."""
+    return body if runs_without_dispatcher(*tensors) else op

@@ -104,12 +104,11 @@ def _mixed_kd_loss_backward_rule(ctx, grad_ce, grad_kd, _grad_stats):
     labels, weights, row_stats = saved[n:n + 3]
     peer_matrix = saved[n + 3] if ctx.has_peer_matrix else None
     temperature, label_smoothing, mode, detach = ctx.args
-    args = (grad_ce, grad_kd, logits, labels, weights, row_stats, temperature, label_smoothing,
-            mode, peer_matrix, detach)
-    if _backend.runs_without_dispatcher(grad_ce, grad_kd, *logits, row_stats):
-        grads = _mixed_kd_loss_backward_body(*args)
-    else:
-        grads = torch.ops.metamixer.mixed_kd_loss_backward(*args)
+    run = _backend.body_or_op(_mixed_kd_loss_backward_body,
+                              torch.ops.metamixer.mixed_kd_loss_backward, grad_ce, grad_kd,
+                              *logits, labels, weights, row_stats, peer_matrix)
+    grads = run(grad_ce, grad_kd, logits, labels, weights, row_stats, temperature,
+                label_smoothing, mode, peer_matrix, detach)
     return grads, None, None, None, None, None, None, None
 
 
@@ -266,18 +265,17 @@ class _Mix(torch.autograd.Function):
 
 
 def call_mix(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None) -> Tensor:
-    """metamixer::mix inside a backward rule: the body where nothing must see the op."""
-    if _backend.runs_without_dispatcher(x, src, w, box):
-        return _mix_forward(x, src, w, box)
-    return torch.ops.metamixer.mix(x, src, w, box)
+    """metamixer::mix inside a backward rule (``_backend.body_or_op``)."""
+    run = _backend.body_or_op(_mix_forward, torch.ops.metamixer.mix, x, src, w, box)
+    return run(x, src, w, box)
 
 
 def call_mix_backward(grad: Tensor, x: Tensor, src: Tensor, w: Tensor, box: Tensor | None,
                       need_dw: bool) -> tuple[Tensor, Tensor]:
-    """metamixer::mix_backward inside a backward rule: the body where nothing must see the op."""
-    if _backend.runs_without_dispatcher(grad, x, src, w, box):
-        return _mix_backward_body(grad, x, src, w, box, need_dw)
-    return torch.ops.metamixer.mix_backward(grad, x, src, w, box, need_dw)
+    """metamixer::mix_backward inside a backward rule (``_backend.body_or_op``)."""
+    run = _backend.body_or_op(_mix_backward_body, torch.ops.metamixer.mix_backward, grad, x, src,
+                              w, box)
+    return run(grad, x, src, w, box, need_dw)
 
 
 def _reference_mix(x, src, w, box):
