@@ -590,29 +590,28 @@ void mix_backward_rows(const T* g, const T* x, const int64_t* src, const compute
           continue;
         }
       }
+      bool gathered = false;  // by the 16-lane gather (the same sums, the same bits)
 #if defined(METAMIXER_HAVE_AVX512_MIX2)
-      if constexpr (std::is_same_v<T, float>) {  // the same gather, 16 lanes a step
-        if (cpu_has_avx512f() && len < (int64_t{1} << 31) &&
-            gather_window_avx512(g, boxes, w, inv_list + inv_offsets[k],
-                                 inv_offsets[k + 1] - inv_offsets[k], S, in_off, y, gk, out, cb,
-                                 ce, c0, c1, w[k])) {
-          if (dw_rows && c1 > c0) dw_share += dot_diff(gk + c0, xk + c0, xs + c0, c1 - c0);
-          continue;
-        }
-      }
+      if constexpr (std::is_same_v<T, float>)
+        gathered = cpu_has_avx512f() && len < (int64_t{1} << 31) &&
+                   gather_window_avx512(g, boxes, w, inv_list + inv_offsets[k],
+                                        inv_offsets[k + 1] - inv_offsets[k], S, in_off, y, gk,
+                                        out, cb, ce, c0, c1, w[k]);
 #endif
-      for (int64_t c = cb; c < ce; ++c) buf[c - cb] = C::load(gk[c]);
-      for (int64_t c = c0; c < c1; ++c) buf[c - cb] = buf[c - cb] * w[k];
-      for (int64_t t = inv_offsets[k]; t < inv_offsets[k + 1]; ++t) {
-        const int64_t j = inv_list[t];
-        const int64_t* bj = boxes + 4 * j;
-        if (!row_in_box(bj, y)) continue;
-        const CT v = CT(1) - w[j];
-        const T* gj = g + j * S + in_off;
-        const int64_t j0 = std::max(bj[2], cb), j1 = std::min(bj[3], ce);
-        for (int64_t c = j0; c < j1; ++c) buf[c - cb] += v * C::load(gj[c]);
+      if (!gathered) {
+        for (int64_t c = cb; c < ce; ++c) buf[c - cb] = C::load(gk[c]);
+        for (int64_t c = c0; c < c1; ++c) buf[c - cb] = buf[c - cb] * w[k];
+        for (int64_t t = inv_offsets[k]; t < inv_offsets[k + 1]; ++t) {
+          const int64_t j = inv_list[t];
+          const int64_t* bj = boxes + 4 * j;
+          if (!row_in_box(bj, y)) continue;
+          const CT v = CT(1) - w[j];
+          const T* gj = g + j * S + in_off;
+          const int64_t j0 = std::max(bj[2], cb), j1 = std::min(bj[3], ce);
+          for (int64_t c = j0; c < j1; ++c) buf[c - cb] += v * C::load(gj[c]);
+        }
+        for (int64_t c = cb; c < ce; ++c) out[c] = C::store(buf[c - cb]);
       }
-      for (int64_t c = cb; c < ce; ++c) out[c] = C::store(buf[c - cb]);
       if (dw_rows && c1 > c0) dw_share += dot_diff(gk + c0, xk + c0, xs + c0, c1 - c0);
     }
     if (dw_rows) dw_rows[k * per_sample + r % per_sample] = dw_share;
