@@ -224,6 +224,7 @@ class MixPlan:
         if not self.mixed:
             return x
         self._prepare_images(x, "apply_local")
+        self._input_blended = False  # this batch still needs the global blend (see ``apply``)
         return mix(x, self.local_src, self.local_w, self.box)
 
     def apply(self, x: Tensor) -> Tensor:
@@ -235,6 +236,8 @@ class MixPlan:
         through unblended (also after a cast, a normalisation or a move of the returned batch,
         and on a copy made by ``to``), so ``apply`` and ``global_mixing`` combine like
         ``apply_local`` and ``global_mixing``; at an inner stage ``apply`` is ``apply_local``.
+        The later of ``apply`` and ``apply_local`` decides: after ``apply_local`` the peers'
+        inputs are blended again.
         """
         if not self.mixed or self.stage != INPUT_STAGE or self.global_src is None:
             return self.apply_local(x)

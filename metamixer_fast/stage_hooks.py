@@ -4,10 +4,10 @@ Stage "input" blends each peer's first positional input (a forward pre-hook on t
 other stage is a submodule whose output is blended (a forward hook on it), with a pre-hook and a
 hook on the peer that check the stage ran exactly once per forward of the peer.
 
-Two guards keep a module from being blended twice in one forward: a module shared by several
+Two guards keep a peer from being blended twice in one forward: a module shared by several
 peers (a common trunk) gets one blend hook, whose call count every peer's forward re-arms; and
-a module that already carries a blend hook of an open ``global_mixing`` block (nested blocks,
-of one plan or of two) is refused.
+a peer, or a stage module, already inside an open ``global_mixing`` block (nested blocks, of
+one plan or of two, at the same stage or at different ones) is refused.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ __all__ = ["blend_hooks", "peer_list", "stage_targets"]
 
 INPUT_STAGE = "input"
 
-# Every module that carries a blend hook of an open ``global_mixing`` block.
+# Every peer, and every stage module carrying a blend hook, of an open ``global_mixing`` block.
 _HOOKED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
@@ -86,16 +86,17 @@ def blend_hooks(peers: list[nn.Module], stage: str, targets: list[dict[str, str]
                 input_hook: Callable[..., tuple[tuple, dict]],
                 blend: Callable[[Tensor], Tensor]) -> Iterator[None]:
     """Hooks that blend at ``stage`` in every peer while the block runs; removed on exit."""
+    peer_names = [f"peer {k} ({type(p).__name__})" for k, p in enumerate(peers)]
     if stage == INPUT_STAGE:
-        modules, names = peers, [f"peer {k} ({type(p).__name__})" for k, p in enumerate(peers)]
+        modules, names = peers, peer_names
     else:
         names = [targets[k][stage] for k in range(len(peers))]
         modules = [unwrap(p).get_submodule(n) for p, n in zip(peers, names)]
-    for module, name in zip(modules, names):
+    for module, name in {**dict(zip(peers, peer_names)), **dict(zip(modules, names))}.items():
         if module in _HOOKED:
-            raise RuntimeError(f"MixPlan.global_mixing: {name!r} already blends inside another "
+            raise RuntimeError(f"MixPlan.global_mixing: {name!r} is already inside a "
                                f"global_mixing block that is still open; nested blocks would blend "
-                               f"it twice. Open one block around all the peers' forwards")
+                               f"twice. Open one block around all the peers' forwards")
     handles: list[RemovableHandle] = []
     counts: dict[int, list[int]] = {}
     try:
@@ -104,12 +105,12 @@ def blend_hooks(peers: list[nn.Module], stage: str, targets: list[dict[str, str]
                 handles.append(peer.register_forward_pre_hook(input_hook, with_kwargs=True))
             else:
                 handles.extend(_stage_hooks(peer, k, module, names[k], counts, blend))
-        _HOOKED.update(modules)
+        _HOOKED.update([*peers, *modules])
         yield
     finally:
         for handle in handles:
             handle.remove()
-        for module in modules:
+        for module in [*peers, *modules]:
             _HOOKED.discard(module)
 
 

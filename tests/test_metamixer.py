@@ -382,6 +382,39 @@ def test_apply_fuses_the_input_blend_and_the_hook_does_not_repeat_it(dtype, rng,
     assert no_hooks_left(*peers)
 
 
+def test_apply_local_after_apply_blends_at_the_input_again(rng):
+    """``apply`` marks the plan's input as blended; a later ``apply_local`` hands the hook a batch
+    that still needs the blend, so the later call decides."""
+    peers = [nn.Identity(), nn.Identity()]
+    x = torch.rand(6, 3, 8, 8, generator=rng)
+    plan = MetaMixer(stages=("input",), generator=seeded(rng)).sample(torch.randint(0, 3, (6,), generator=rng))
+    plan.apply(x)
+    u = plan.apply_local(x)
+    with plan.global_mixing(peers):
+        outs = [p(u) for p in peers]
+    fused = plan.apply(x)
+    assert not torch.equal(u, fused)  # the blend changes the batch, so the test can tell
+    for out in outs:
+        torch.testing.assert_close(out, fused, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("outer, inner", [("input", "trunk"), ("trunk", "input")])
+def test_nested_blocks_of_two_plans_over_the_same_peers_are_refused(outer, inner, rng):
+    """Two plans at different stages would each blend the same forward: refused, whichever
+    opens first, and the outer block's hooks stay intact and are removed after."""
+    peers = [nn.Sequential(OrderedDict(trunk=nn.Linear(5, 6), head=nn.Linear(6, 3))) for _ in range(2)]
+    y = torch.randint(0, 3, (8,), generator=rng)
+    plans = {s: MetaMixer(stages=(s,), generator=seeded(rng)).sample(y) for s in (outer, inner)}
+    x = torch.randn(8, 5, generator=rng)
+    with torch.no_grad(), plans[outer].global_mixing(peers):
+        before = peers[0](x)
+        with pytest.raises(RuntimeError, match="nested blocks would blend twice"), \
+                plans[inner].global_mixing(peers):
+            pass
+        torch.testing.assert_close(peers[0](x), before, rtol=0, atol=0)
+    assert no_hooks_left(*peers)
+
+
 @pytest.mark.parametrize("stage", ["input", "trunk"])
 def test_a_module_is_blended_once_per_forward(stage, rng):
     """A stage module shared by two peers (a common trunk) is blended once per peer forward, and
@@ -398,7 +431,7 @@ def test_a_module_is_blended_once_per_forward(stage, rng):
                            else p.trunk(global_mixture(x, plan))) for p in peers]
         with plan.global_mixing(peers):
             outs = [p(x) for p in peers]
-            with pytest.raises(RuntimeError, match="nested blocks would blend it twice"), \
+            with pytest.raises(RuntimeError, match="nested blocks would blend twice"), \
                     plan.global_mixing(peers):
                 pass
             outs_again = [p(x) for p in peers]  # the outer block's hooks are intact
