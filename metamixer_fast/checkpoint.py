@@ -74,4 +74,29 @@ def load(run_dir: str | Path) -> dict[str, Any]:
     missing = [key for key in REQUIRED if key not in state]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}; it was left untouched")
+    wrong = _malformed(state)
+    if wrong:
+        raise CheckpointError(f"checkpoint {path} is malformed ({'; '.join(wrong)}); it was left "
+                              f"untouched and nothing was resumed")
     return state
+
+
+def _malformed(state: dict[str, Any]) -> list[str]:
+    """What in the bookkeeping of a CRC-clean checkpoint has the wrong type or value: a resume
+    rewrites metrics.jsonl from 'history' and trains on from 'epoch', so both are checked before
+    anything is written."""
+    wrong = []
+    if not isinstance(state["config"], dict):
+        wrong.append(f"'config' is a {type(state['config']).__name__}, not a mapping")
+    for key in ("epoch", "step"):
+        value = state[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            wrong.append(f"'{key}' is {value!r}, not an integer >= 0")
+    if "history" not in state:
+        return wrong
+    history = state["history"]
+    if not isinstance(history, list) or not all(isinstance(r, dict) for r in history):
+        wrong.append("'history' is not a list of per-epoch records")
+    elif isinstance(state["epoch"], int) and len(history) != state["epoch"]:
+        wrong.append(f"'history' holds {len(history)} epochs but 'epoch' is {state['epoch']}")
+    return wrong

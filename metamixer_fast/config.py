@@ -110,6 +110,8 @@ class TrainConfig:
             _check(getattr(self, name) >= 0, name, "a number >= 0", getattr(self, name))
         for name in ("local_alpha", "global_alpha", "cutmix_alpha", "mixup_alpha"):
             _check(getattr(self, name) > 0, name, "a number > 0", getattr(self, name))
+        _check(0 <= self.seed < 2**32, "seed", "an integer in [0, 2**32)", self.seed)
+        _check(self.out.strip() != "", "out", "a directory path", self.out)
         _check(all(0 < m < 1 for m in self.milestones), "milestones",
                "fractions of training in (0, 1)", self.milestones)
         for name, choices in (("local_pairing", LOCAL_PAIRINGS), ("global_pairing", GLOBAL_PAIRINGS)):
@@ -158,7 +160,7 @@ def _coerce(name: str, value: Any, kind: Any) -> Any:
         if typing.get_origin(kind) is list:
             item = typing.get_args(kind)[0]
             items = value.split(",") if isinstance(value, str) else list(value)
-            return [item(v.strip()) if isinstance(v, str) else item(v) for v in items if v != ""]
+            return [_number(v.strip() if isinstance(v, str) else v, item) for v in items if v != ""]
         if kind is bool:
             if isinstance(value, str):
                 if value.lower() in ("1", "true", "yes", "on"):
@@ -169,12 +171,29 @@ def _coerce(name: str, value: Any, kind: Any) -> Any:
             if not isinstance(value, bool):
                 raise ValueError(value)
             return value
-        if kind is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError(value)
-        return kind(value)
+        return _number(value, kind)
     except (TypeError, ValueError):
-        expected = getattr(kind, "__name__", kind)
-        raise ConfigError(f"config '{name}' expects {expected}; got {value!r}") from None
+        raise ConfigError(f"config '{name}' must be {_expected(kind)}; got {value!r}") from None
+
+
+def _expected(kind: Any) -> str:
+    if typing.get_origin(kind) is list:
+        item = typing.get_args(kind)[0]
+        items = {int: "integers", float: "numbers"}.get(item, "strings")
+        return f"a list (or comma-separated string) of {items}"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[kind]
+
+
+def _number(value: Any, kind: Any) -> Any:
+    """``value`` as an int, float or str field; a bool is not a number here (TOML's ``true``
+    would otherwise train for 1 epoch), nor a fractional float an int."""
+    if kind in (int, float) and isinstance(value, bool):
+        raise ValueError(value)
+    if kind is int and isinstance(value, float) and not value.is_integer():
+        raise ValueError(value)
+    if kind is str and not isinstance(value, str):
+        raise ValueError(value)
+    return kind(value)
 
 
 def from_mapping(values: dict[str, Any], base: TrainConfig | None = None) -> TrainConfig:

@@ -149,8 +149,22 @@ class _Sampler(abc.ABC):
         if not isinstance(stats, dict) or not all(isinstance(stats.get(k, 0), int) for k in _STAT_KEYS):
             raise ValueError(f"{self.name}.load_state_dict: 'stats' must be a dict of int counts "
                              f"{list(_STAT_KEYS)}, got {stats!r}")
-        self.generator.set_state(state["generator"])
+        rng = state["generator"]
+        if not (isinstance(rng, torch.Tensor) and rng.dtype == torch.uint8 and rng.dim() == 1):
+            raise ValueError(f"{self.name}.load_state_dict: 'generator' must be a torch.Generator "
+                             f"state (a 1-D uint8 tensor from get_state()), got {_describe(rng)}")
+        try:
+            self.generator.set_state(rng)
+        except RuntimeError as exc:  # a uint8 tensor of the wrong length
+            raise ValueError(f"{self.name}.load_state_dict: 'generator' is not a state of this "
+                             f"generator's kind ({exc})") from None
         self._stats = {k: int(stats.get(k, 0)) for k in _STAT_KEYS}
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {list(value.shape)}"
+    return f"a {type(value).__name__}"
 
 
 class MetaMixer(_Sampler):

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from . import checkpoint, memory, process_group
+from . import checkpoint, memory, process_group, run_directory
 from .config import ConfigError, TrainConfig, add_arguments, from_args, from_mapping, load_toml
 from .data import DatasetError
 from .loss import MixedKDLoss
@@ -415,8 +415,12 @@ class Run:
             raise NonFiniteLossError(
                 f"non-finite loss at step {step} (epoch {self.epoch + 1}), first in peer {peer} "
                 f"(ce {out.ce.tolist()}, kd {out.kd.tolist()} at step {self.step - 1}); lower the "
-                f"learning rate, use --amp bf16 or none, or check the data; the last checkpoint "
-                f"in {self.cfg.out} is intact")
+                f"learning rate, use --amp bf16 or none, or check the data; {self._saved_note()}")
+
+    def _saved_note(self) -> str:
+        if self.epoch == 0:
+            return f"no checkpoint was written yet (it is written after each epoch in {self.cfg.out})"
+        return f"the last checkpoint in {self.cfg.out} (epoch {self.epoch}) is intact"
 
     def evaluate(self) -> dict[str, Any]:
         limit = self.cfg.limit_eval_batches or None
@@ -438,33 +442,20 @@ class Run:
 
 # ------------------------------------------------------------------------------ driver
 
-def _prepare_run_dir(run_dir: Path, cfg: TrainConfig) -> None:
-    if (run_dir / checkpoint.NAME).exists():
-        raise ConfigError(f"run directory {run_dir} already holds a checkpoint; continue it with "
-                          f"--resume {run_dir} or choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    (run_dir / "metrics.jsonl").write_text("")
-
-
-def _rewrite_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
-    """On resume, metrics.jsonl becomes exactly the checkpoint's history (a line written after
-    the last checkpoint belongs to an epoch that will run again)."""
-    tmp = run_dir / ".metrics.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
-    os.replace(tmp, run_dir / "metrics.jsonl")
-
-
 def fit(cfg: TrainConfig, resume: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train (or continue) a run; returns the last epoch's metrics."""
-    run = Run(cfg)
     run_dir = Path(cfg.out)
+    if resume is None:
+        # before the data and the models are built; every rank checks before any rank can write
+        # (rank 0 writes only after the process group, started by Run, has gathered them all)
+        run_directory.check_fresh(run_dir)
+    run = Run(cfg)
     if resume is not None:
         run.load_state_dict(resume)
         if run.rank == 0:
-            _rewrite_metrics(run_dir, run.history)
+            run_directory.rewrite_metrics(run_dir, run.history)
     elif run.rank == 0:
-        _prepare_run_dir(run_dir, cfg)
+        run_directory.prepare(run_dir, cfg.to_dict())
     if run.epoch >= cfg.epochs:
         print(f"run {run_dir} already finished {run.epoch} epochs", file=sys.stderr)
         return run.history[-1] if run.history else {}
@@ -554,7 +545,7 @@ def main(argv: list[str] | None = None, prog: str = "metamixer-fast train") -> i
     except (ConfigError, checkpoint.CheckpointError, NonFiniteLossError, DatasetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if final:
+    if final and os.environ.get("RANK", "0") == "0":  # one line per run under torchrun
         print(f"final: top-1 per peer {final['top1']}  ensemble {final['ensemble_top1']}")
     return 0
 

@@ -59,10 +59,28 @@ def test_single_arch_repeats_for_every_peer():
     (("--gamma", "0"), "gamma"),
     (("--gamma", "inf"), "gamma"),
     (("--stages", "input,foo"), "stages"),
+    (("--seed", "-1"), "seed"),
+    (("--seed", str(2**32)), "seed"),
+    (("--seed", "99999999999999999999"), "seed"),
+    (("--out", ""), "out"),
 ])
 def test_bad_options_name_the_option(argv, match):
     with pytest.raises(ConfigError, match=f"config '{match}'"):
         from_args(_args(*argv))
+
+
+@pytest.mark.parametrize("values, match", [
+    ({"epochs": True}, "'epochs' must be an integer; got True"),
+    ({"lr": True}, "'lr' must be a number; got True"),
+    ({"epochs": 1.5}, "'epochs' must be an integer; got 1.5"),
+    ({"milestones": [0.5, True]}, "'milestones' must be a list"),
+    ({"out": 5}, "'out' must be a string; got 5"),
+    ({"nesterov": 1}, "'nesterov' must be true or false; got 1"),
+])
+def test_config_values_of_the_wrong_type_are_refused(values, match):
+    """TOML's true is not 1 epoch nor a learning rate of 1.0."""
+    with pytest.raises(ConfigError, match=re.escape(match)):
+        from_mapping(values)
 
 
 def test_stage_names_are_checked_where_they_are_known():
@@ -125,6 +143,27 @@ def test_corrupt_checkpoint_is_refused_and_left_untouched(tmp_path, damage):
     with pytest.raises(checkpoint.CheckpointError, match="checkpoint"):
         checkpoint.load(tmp_path)
     assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("config", "oops", "'config' is a str"),
+    ("epoch", -5, "'epoch' is -5"),
+    ("step", 1.5, "'step' is 1.5"),
+    ("history", "abc", "'history' is not a list"),
+    ("history", [{}], "'history' holds 1 epochs but 'epoch' is 2"),
+])
+def test_malformed_checkpoint_bookkeeping_is_refused(tmp_path, key, value, match):
+    """A CRC-clean checkpoint whose bookkeeping is wrong is refused before a resume rewrites
+    metrics.jsonl from its history or trains on from its epoch."""
+    state = {"config": TrainConfig().to_dict(), "epoch": 2, "step": 20, "peers": [], "optimizer": {},
+             "scheduler": {}, "rng": {}, "history": [{"epoch": 1}, {"epoch": 2}]}
+    checkpoint.save({**state, key: value}, tmp_path)
+    before = (tmp_path / checkpoint.NAME).read_bytes()
+    with pytest.raises(checkpoint.CheckpointError, match=re.escape(match)):
+        checkpoint.load(tmp_path)
+    assert (tmp_path / checkpoint.NAME).read_bytes() == before
+    checkpoint.save(state, tmp_path)
+    assert checkpoint.load(tmp_path)["epoch"] == 2  # the well-formed one loads
 
 
 def _member_data(path, suffix: str) -> tuple[int, int]:

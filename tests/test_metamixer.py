@@ -387,7 +387,8 @@ def test_apply_local_after_apply_blends_at_the_input_again(rng):
     that still needs the blend, so the later call decides."""
     peers = [nn.Identity(), nn.Identity()]
     x = torch.rand(6, 3, 8, 8, generator=rng)
-    plan = MetaMixer(stages=("input",), generator=seeded(rng)).sample(torch.randint(0, 3, (6,), generator=rng))
+    y = torch.randint(0, 3, (6,), generator=rng)
+    plan = MetaMixer(stages=("input",), generator=seeded(rng)).sample(y)
     plan.apply(x)
     u = plan.apply_local(x)
     with plan.global_mixing(peers):
@@ -765,6 +766,11 @@ Y = torch.tensor([0, 1, 1, 0])
     (lambda: MetaMixer().sample(Y).resolve((3, 8, 8)), "MixPlan.resolve: 'size'"),
     (lambda: MetaMixer().load_state_dict({"generator": torch.Generator().get_state(),
                                           "stats": None}), "'stats'"),
+    (lambda: MetaMixer().load_state_dict({"generator": torch.zeros(3), "stats": {}}),
+     "'generator' must be a torch.Generator state"),
+    (lambda: MetaMixer().load_state_dict({"generator": None, "stats": {}}), "'generator'"),
+    (lambda: MetaMixer().load_state_dict({"generator": torch.zeros(3, dtype=torch.uint8),
+                                          "stats": {}}), "'generator' is not a state"),
 ])
 def test_bad_arguments_raise_clear_errors(make, match):
     with pytest.raises((ValueError, TypeError), match=match):

@@ -115,6 +115,34 @@ def test_cli_errors(tmp_path, capsys):
     assert "not a valid gzip file" in capsys.readouterr().err
 
 
+def test_a_fresh_run_never_overwrites_another_runs_files(tmp_path, capsys):
+    """Refused before the data is read: a directory holding metrics or a foreign config.json, and
+    an --out that is a file; the files of a run that ended before its first epoch are replaced."""
+    base = ["--dataset", "synthetic", "--synthetic-size", "64", "--arch", "tiny", "--batch-size", "32",
+            "--epochs", "1", "--limit-train-batches", "1", "--no-progress"]
+    cases = {"metrics": ("metrics.jsonl", "precious\n", "metrics.jsonl"),
+             "foreign": ("config.json", '{"a": 1}\n', "config.json"),
+             "file": (None, "a file\n", "is a file")}
+    for name, (file, text, match) in cases.items():
+        target = tmp_path / name
+        if file is None:
+            target.write_text(text)
+        else:
+            target.mkdir()
+            (target / file).write_text(text)
+        before = (target if file is None else target / file).read_text()
+        assert main([*base, "--out", str(target)]) == 2
+        assert match in capsys.readouterr().err
+        assert (target if file is None else target / file).read_text() == before
+        assert file is None or sorted(p.name for p in target.iterdir()) == [file]
+    unfinished = tmp_path / "unfinished"  # a run that stopped before its first epoch ended
+    unfinished.mkdir()
+    (unfinished / "config.json").write_text(json.dumps(from_mapping({}).to_dict()))
+    (unfinished / "metrics.jsonl").write_text("")
+    assert main([*base, "--out", str(unfinished)]) == 0
+    assert len(_metrics(unfinished)) == 1
+
+
 def test_help_lists_every_option():
     proc = subprocess.run([sys.executable, "-m", "metamixer_fast.cli", "train", "--help"],
                           capture_output=True, text=True, check=True)
@@ -144,6 +172,7 @@ def test_ddp_two_cpu_processes_stay_in_sync(tmp_path):
     records = _metrics(out)
     assert len(records) == 2
     assert all(r["world_size"] == 2 and r["ranks_in_sync"] for r in records)
+    assert proc.stdout.count("final:") == 1  # printed by rank 0 only
 
 
 def test_exit_process_skips_teardown_only_after_a_process_group(monkeypatch):
