@@ -112,6 +112,8 @@ class TrainConfig:
             _check(getattr(self, name) > 0, name, "a number > 0", getattr(self, name))
         _check(0 <= self.seed < 2**32, "seed", "an integer in [0, 2**32)", self.seed)
         _check(self.out.strip() != "", "out", "a directory path", self.out)
+        _check(not (self.dataset == "synthetic" and self.data_dir), "data_dir",
+               "empty with dataset 'synthetic' (which is generated, not read)", self.data_dir)
         _check(all(0 < m < 1 for m in self.milestones), "milestones",
                "fractions of training in (0, 1)", self.milestones)
         for name, choices in (("local_pairing", LOCAL_PAIRINGS), ("global_pairing", GLOBAL_PAIRINGS)):
@@ -240,7 +242,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         shown = ",".join(map(str, default)) if isinstance(default, list) else default
-        help_text = f"{f.metadata['help']} (default: {shown})"
+        help_text = f.metadata["help"] + (f" (default: {shown})" if shown != "" else "")
         if _field_types()[f.name] is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=None, help=help_text)

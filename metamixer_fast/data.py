@@ -156,11 +156,16 @@ def _fashion_split(directory: Path, prefix: str) -> ImageDataset:
     return ImageDataset(images.unsqueeze(1), labels.long(), 10, mean, std, "fashion-mnist", pad, flip)
 
 
+def _not_a_directory(path: Path) -> str:
+    if path.exists():
+        return f"{path} is a file, not a directory (--data-dir names the folder of the files)"
+    return f"directory {path} does not exist"
+
+
 def load_fashion_mnist(data_dir: str | Path | None = None) -> tuple[ImageDataset, ImageDataset]:
     directory = Path(data_dir) if data_dir is not None else FASHION_MNIST_DIR
     if not directory.is_dir():
-        raise DatasetNotFoundError(f"fashion-mnist: directory {directory} does not exist; "
-                                   f"{FASHION_MNIST_HINT}")
+        raise DatasetNotFoundError(f"fashion-mnist: {_not_a_directory(directory)}; {FASHION_MNIST_HINT}")
     if (directory / "fashion-mnist").is_dir() and not list(directory.glob("*-ubyte*")):
         directory = directory / "fashion-mnist"
     train, test = _fashion_split(directory, "train"), _fashion_split(directory, "t10k")
@@ -254,7 +259,7 @@ def load_cifar(name: str, data_dir: str | Path | None) -> tuple[ImageDataset, Im
         raise DatasetNotFoundError(f"{name}: no data directory given; {hint}")
     directory = Path(data_dir)
     if not directory.is_dir():
-        raise DatasetNotFoundError(f"{name}: directory {directory} does not exist; {hint}")
+        raise DatasetNotFoundError(f"{name}: {_not_a_directory(directory)}; {hint}")
     if (directory / sub).is_dir():
         directory = directory / sub
     if name == "cifar10":
@@ -317,10 +322,15 @@ def load_dataset(name: str, data_dir: str | Path | None = None,
     if synthetic_options:
         raise ValueError(f"options {sorted(synthetic_options)} apply to the synthetic dataset only")
     if key in ("fashion-mnist", "fashionmnist", "fmnist"):
-        return load_fashion_mnist(data_dir)
-    if key in ("cifar10", "cifar-10", "cifar100", "cifar-100"):
-        return load_cifar(key.replace("-", ""), data_dir)
-    raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+        splits = load_fashion_mnist(data_dir)
+    elif key in ("cifar10", "cifar-10", "cifar100", "cifar-100"):
+        splits = load_cifar(key.replace("-", ""), data_dir)
+    else:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    for split, dataset in zip(("training", "test"), splits):
+        if len(dataset) == 0:  # well-formed files that hold nothing: a cut-short download
+            raise DatasetError(f"{key}: the {split} files hold no images; fetch them again")
+    return splits
 
 
 from .loader import BatchLoader, augment_batch, normalize  # noqa: E402  (re-export)

@@ -90,6 +90,9 @@ class BatchLoader:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"BatchLoader: need 0 <= rank < world_size, "
                              f"got rank={rank}, world_size={world_size}")
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"BatchLoader: 'dtype' must be a floating torch.dtype (the batches are "
+                            f"normalised images), got {dtype!r}")
         pad = dataset.crop_padding if crop_padding is None else crop_padding
         if pad < 0:
             raise ValueError(f"BatchLoader: 'crop_padding' must be >= 0, got {pad}")

@@ -63,6 +63,7 @@ def test_single_arch_repeats_for_every_peer():
     (("--seed", str(2**32)), "seed"),
     (("--seed", "99999999999999999999"), "seed"),
     (("--out", ""), "out"),
+    (("--dataset", "synthetic", "--data-dir", "somewhere"), "data_dir"),
 ])
 def test_bad_options_name_the_option(argv, match):
     with pytest.raises(ConfigError, match=f"config '{match}'"):

@@ -183,6 +183,17 @@ def test_missing_fashion_mnist_says_how_to_get_it(tmp_path, rng) -> None:
         load_dataset("fashion-mnist", tmp_path)
 
 
+def test_a_data_dir_that_is_a_file_or_files_without_images_are_named(tmp_path, rng) -> None:
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    for name in ("fashion-mnist", "cifar10"):
+        with pytest.raises(DatasetNotFoundError, match=r"is a file, not a directory"):
+            load_dataset(name, not_a_dir)
+    fake_fashion_mnist(tmp_path / "empty", rng, n_test=0)
+    with pytest.raises(DatasetError, match=r"fashion-mnist: the test files hold no images; fetch them"):
+        load_dataset("fashion-mnist", tmp_path / "empty")
+
+
 def test_real_fashion_mnist() -> None:
     if not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file():
         pytest.skip(f"Fashion-MNIST is not installed in {FASHION_MNIST_DIR} "
@@ -426,3 +437,6 @@ def test_loader_bad_arguments() -> None:
         BatchLoader(ds, 0)
     with pytest.raises(ValueError, match=r"no batches"):
         BatchLoader(ds, 11, drop_last=True)
+    for dtype in (torch.int64, torch.uint8, "float32"):
+        with pytest.raises(TypeError, match=r"'dtype' must be a floating torch.dtype"):
+            BatchLoader(ds, 4, dtype=dtype)
