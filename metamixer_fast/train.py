@@ -503,10 +503,11 @@ def resume_config(state: dict[str, Any], overrides: dict[str, Any],
     for name, value in overrides.items():
         if name in RESUME_MUTABLE:
             continue
-        if getattr(from_mapping({name: value}), name) != getattr(saved, name):
+        given = getattr(from_mapping({name: value}), name)
+        if given != getattr(saved, name):
             raise checkpoint.CheckpointError(
                 f"--resume: option '{name}' is {getattr(saved, name)!r} in the checkpoint but "
-                f"{value!r} was given; a resumed run must keep its configuration (only "
+                f"{given!r} was given; a resumed run must keep its configuration (only "
                 f"{', '.join(RESUME_MUTABLE)} may change)")
     return from_mapping({k: v for k, v in overrides.items() if k in RESUME_MUTABLE}, saved).validate()
 
