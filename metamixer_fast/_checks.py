@@ -24,6 +24,26 @@ def _describe(t: Tensor) -> str:
     return f"{t.dtype} tensor of shape {list(t.shape)} on {t.device}"
 
 
+def _type_name(value: object) -> str:
+    cls = type(value)
+    return cls.__name__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _show(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def require_tensor(op: str, name: str, value: object, optional: bool = False) -> None:
+    """A TypeError naming ``name`` unless ``value`` is a tensor (or None, when ``optional``)."""
+    if isinstance(value, Tensor) or (optional and value is None):
+        return
+    fix = ("convert it with torch.from_numpy" if type(value).__module__ == "numpy"
+           else "wrap it with torch.tensor(...)")
+    raise TypeError(f"{op}: '{name}' must be a torch.Tensor{' or None' if optional else ''}, got "
+                    f"{_type_name(value)} {_show(value)}; {fix}")
+
+
 def logits_shape(logits: Sequence[Tensor]) -> tuple[int, int, int]:
     """(K, B, C) of logits given as [one [K, B, C] tensor] or K tensors [B, C]; checks them."""
     op = "mixed_kd_loss"
@@ -146,8 +166,15 @@ def check_finite_peer_matrix(peer_matrix: Tensor) -> None:
     _value_check(peer_matrix.isfinite().all(), "mixed_kd_loss: 'peer_matrix' has NaN or inf entries")
 
 
-def check_mix_args(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None) -> None:
-    op = "mix"
+def check_mix_types(x: object, src: object, w: object, box: object, op: str = "mix") -> None:
+    """Tensors where the op's schema wants them (a call with anything else never reaches
+    check_mix_args: the op's argument parser refuses it with a schema dump)."""
+    for name, t in (("x", x), ("src", src), ("w", w)):
+        require_tensor(op, name, t)
+    require_tensor(op, "box", box, optional=True)
+
+
+def check_mix_args(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None, op: str = "mix") -> None:
     if x.dtype not in MIX_DTYPES:
         raise TypeError(f"{op}: 'x' must be uint8/float16/bfloat16/float32/float64, got a {_describe(x)}")
     if x.dim() not in (2, 4) or x.shape[0] < 1:
@@ -173,8 +200,19 @@ def check_mix_args(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None) -> Non
                              f"move it with .to({str(x.device)!r})")
 
 
-def check_mix_values(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None) -> None:
-    op = "mix"
+def check_no_grad_through_integers(x: Tensor, needs_grad: Sequence[bool], names: Sequence[str],
+                                   op: str) -> None:
+    """A blend weight that requires grad mixing integer images: the uint8 output carries no
+    gradient, so autograd would silently drop w's. ``needs_grad`` follows ``names``."""
+    if x.dtype == torch.uint8:
+        for name, needed in zip(names, needs_grad):
+            if needed:
+                raise ValueError(f"{op}: '{name}' requires grad, but 'x' is uint8: integer images "
+                                 f"carry no gradient; pass {name}.detach() or mix a floating x "
+                                 f"(e.g. x.float())")
+
+
+def check_mix_values(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None, op: str = "mix") -> None:
     n = x.shape[0]
     _value_check(((src >= 0) & (src < n)).all(),
                  f"{op}: 'src' must hold sample indices in [0, N={n})")
@@ -189,7 +227,8 @@ def check_mix_values(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None) -> N
 
 def check_mix2_values(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None, src2: Tensor,
                       w2: Tensor) -> None:
-    check_mix_values(x, src, w, box)
+    op = "mix2"
+    check_mix_values(x, src, w, box, op)
     n = x.shape[0]
-    _value_check(((src2 >= 0) & (src2 < n)).all(), f"mix: 'src2' must hold sample indices in [0, N={n})")
-    _value_check(((w2 >= 0) & (w2 <= 1)).all(), "mix: 'w2' must lie in [0, 1] (and not be NaN)")
+    _value_check(((src2 >= 0) & (src2 < n)).all(), f"{op}: 'src2' must hold sample indices in [0, N={n})")
+    _value_check(((w2 >= 0) & (w2 <= 1)).all(), f"{op}: 'w2' must lie in [0, 1] (and not be NaN)")

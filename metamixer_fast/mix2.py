@@ -13,7 +13,14 @@ import torch
 from torch import Tensor
 
 from . import _backend, reference
-from ._checks import _describe, check_mix2_values, check_mix_args
+from ._checks import (
+    _describe,
+    check_mix2_values,
+    check_mix_args,
+    check_mix_types,
+    check_no_grad_through_integers,
+    require_tensor,
+)
 from ._layout import mix_output
 from .ops import call_mix, call_mix_backward
 
@@ -30,19 +37,40 @@ def _check_global_args(x: Tensor, src2: Tensor, w2: Tensor) -> None:
                          f"on {x.device}, got a {_describe(w2)}")
 
 
+def _check_mix2_args(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None, src2: Tensor,
+                     w2: Tensor) -> None:
+    check_mix_args(x, src, w, box, "mix2")
+    _check_global_args(x, src2, w2)
+
+
+def _check_mix2_types(x: object, src: object, w: object, box: object, src2: object,
+                      w2: object) -> None:
+    check_mix_types(x, src, w, box, "mix2")
+    require_tensor("mix2", "src2", src2)
+    require_tensor("mix2", "w2", w2)
+
+
 def _explain_mix2(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None, src2: Tensor,
                   w2: Tensor) -> None:
-    check_mix_args(x, src, w, box)
-    _check_global_args(x, src2, w2)
+    """The Python checks, run when the C++ entry or kernel rejects a call: its messages about
+    values say ``mix:`` for either op."""
+    _check_mix2_args(x, src, w, box, src2, w2)
+    if x.device.type == "cpu":
+        check_mix2_values(x, src, w, box, src2, w2)
 
 
 def _mix2_forward(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None, src2: Tensor,
                   w2: Tensor) -> Tensor:
-    _explain_mix2(x, src, w, box, src2, w2)
+    _check_mix2_args(x, src, w, box, src2, w2)
     run = _backend.kernel("mix2", x.device)
     if not getattr(run, "checks_values", False):
         check_mix2_values(x, src, w, box, src2, w2)
-    return run(x, src, w, box, src2, w2)
+        return run(x, src, w, box, src2, w2)
+    try:
+        return run(x, src, w, box, src2, w2)
+    except ValueError:
+        _explain_mix2(x, src, w, box, src2, w2)
+        raise
 
 
 _mix2 = torch.library.custom_op("metamixer::mix2", _mix2_forward, mutates_args=())
@@ -50,13 +78,14 @@ _mix2 = torch.library.custom_op("metamixer::mix2", _mix2_forward, mutates_args=(
 
 @_mix2.register_fake
 def _(x, src, w, box, src2, w2):
-    check_mix_args(x, src, w, box)
-    _check_global_args(x, src2, w2)
+    _check_mix2_args(x, src, w, box, src2, w2)
     return mix_output(x)
 
 
 def _setup_context(ctx, inputs, output) -> None:
     x, src, w, box, src2, w2 = inputs
+    need = ctx.needs_input_grad
+    check_no_grad_through_integers(x, (need[2], need[5]), ("w", "w2"), "mix2")
     ctx.has_box = box is not None
     ctx.save_for_backward(x, src, w, src2, w2, *([box] if box is not None else []))
 
@@ -103,4 +132,5 @@ def mix2(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None, src2: Tensor, w2
         return _mix2_forward(x, src, w, box, src2, w2)  # the op's own body, as in ops.mix
     if _backend.runs_direct(x, src, w, box, src2, w2):
         return _Mix2.apply(x, src, w, box, src2, w2)
+    _check_mix2_types(x, src, w, box, src2, w2)  # (tracing, or not all tensors)
     return torch.ops.metamixer.mix2(x, src, w, box, src2, w2)

@@ -30,9 +30,11 @@ from . import _backend, reference
 from ._checks import (
     as_label_plan,
     check_mix_args,
+    check_mix_types,
     check_mix_values,
     check_mixed_kd_loss_args,
     check_mixed_kd_loss_values,
+    check_no_grad_through_integers,
     check_no_grad_to,
 )
 from ._layout import mix_output
@@ -240,6 +242,7 @@ def _(grad, x, src, w, box, need_dw=True):
 
 def _mix_setup_context(ctx, inputs, output) -> None:
     x, src, w, box = inputs
+    check_no_grad_through_integers(x, ctx.needs_input_grad[2:3], ("w",), "mix")
     ctx.has_box = box is not None
     ctx.save_for_backward(x, src, w, *([box] if box is not None else []))
 
@@ -306,4 +309,5 @@ def mix(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None = None) -> Tensor:
         return _mix_forward(x, src, w, box)  # the op's own body: same checks, same kernel
     if _backend.runs_direct(x, src, w, box):
         return _Mix.apply(x, src, w, box)  # the same body and backward rule
+    check_mix_types(x, src, w, box)  # (tracing, or not all tensors)
     return torch.ops.metamixer.mix(x, src, w, box)

@@ -107,3 +107,45 @@ def test_cpp_backend_without_the_extension_is_refused():
     proc = _run(blocked, METAMIXER_BACKEND="cpp")
     assert proc.returncode != 0
     assert "METAMIXER_BACKEND=cpp cannot run" in proc.stderr and "not built" in proc.stderr
+
+
+XU = torch.randint(0, 256, (3, 2, 4, 4), dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: mf.mix(X, SRC, 0.5, BOX), "'w' must be a torch.Tensor, got float"),
+    (lambda: mf.mix(X, [1, 2, 0], W, BOX), "'src' must be a torch.Tensor, got list"),
+    (lambda: mf.mix(X.numpy(), SRC, W, BOX), "'x' must be a torch.Tensor, got numpy.ndarray"),
+    (lambda: mf.mix(X, SRC, W, [[0, 2, 0, 2]] * 3), "'box' must be a torch.Tensor or None"),
+    (lambda: mf.mix2(X, SRC, W, BOX, SRC, 0.5), "^mix2: 'w2' must be a torch.Tensor"),
+    (lambda: mf.mix2(X, SRC, W, BOX, (1, 2, 0), W), "^mix2: 'src2' must be a torch.Tensor"),
+])
+def test_mix_non_tensor_arguments_are_named(call, match):
+    with pytest.raises(TypeError, match=match):
+        call()
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: mf.mix(XU, SRC, W.clone().requires_grad_(), BOX), r"^mix: 'w' requires grad.*w.detach\(\)"),
+    (lambda: mf.mix2(XU, SRC, W.clone().requires_grad_(), BOX, SRC, W), "^mix2: 'w' requires grad"),
+    (lambda: mf.mix2(XU, SRC, W, BOX, SRC, W.clone().requires_grad_()),
+     r"^mix2: 'w2' requires grad.*w2.detach\(\)"),
+])
+def test_mix_of_integer_images_refuses_a_weight_that_needs_a_gradient(mix_backend, call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+    with torch.no_grad():  # no gradient asked for: fine
+        mf.mix(XU, SRC, W.clone().requires_grad_(), BOX)
+    mf.mix(XU, SRC, W, BOX)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: mf.mix2(X, SRC, W, BOX, SRC, torch.tensor([0.0, 2.0, 0.0])), "^mix2: 'w2'"),
+    (lambda: mf.mix2(X, SRC, W, BOX, torch.tensor([0, 5, 0]), W), "^mix2: 'src2'"),
+    (lambda: mf.mix2(X, SRC, torch.tensor([0.0, 2.0, 0.0]), BOX, SRC, W), "^mix2: 'w'"),
+    (lambda: mf.mix2(X, SRC, W.clone().requires_grad_(), BOX, SRC, torch.tensor([0.0, 2.0, 0.0])),
+     "^mix2: 'w2'"),
+])
+def test_mix2_errors_say_mix2(mix_backend, call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
