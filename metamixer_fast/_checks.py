@@ -44,6 +44,32 @@ def require_tensor(op: str, name: str, value: object, optional: bool = False) ->
                     f"{_type_name(value)} {_show(value)}; {fix}")
 
 
+def as_number(op: str, name: str, value: object) -> float:
+    """``float(value)``, refusing what is not a number (a bool, a string, None) by name."""
+    if not isinstance(value, (bool, str, bytes)) and type(value).__name__ != "bool_":
+        try:
+            return float(value)  # type: ignore[arg-type]
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    raise TypeError(f"{op}: '{name}' must be a number, got {_type_name(value)} {_show(value)}")
+
+
+def check_flag(op: str, name: str, value: object) -> bool:
+    if type(value) is not bool:
+        raise TypeError(f"{op}: '{name}' must be True or False, got {_type_name(value)} "
+                        f"{_show(value)}")
+    return value
+
+
+def check_options(temperature: object, label_smoothing: object, detach_targets: object) -> None:
+    """mixed_kd_loss's scalar options that a bare float() / truth test would misread: a bool
+    taken as 1.0 or 0.0, a string taken as True."""
+    op = "mixed_kd_loss"
+    as_number(op, "temperature", temperature)
+    as_number(op, "label_smoothing", label_smoothing)
+    check_flag(op, "detach_targets", detach_targets)
+
+
 def logits_shape(logits: Sequence[Tensor]) -> tuple[int, int, int]:
     """(K, B, C) of logits given as [one [K, B, C] tensor] or K tensors [B, C]; checks them."""
     op = "mixed_kd_loss"
@@ -91,16 +117,32 @@ def as_label_plan(labels: Tensor, weights: Tensor | None) -> tuple[Tensor, Tenso
     return labels, weights
 
 
+def _check_labels(op: str, labels: Tensor, b: int, given: Tensor) -> None:
+    """labels [B, M] int64; ``given`` is the tensor the caller passed (class indices [B] become
+    [B, 1] on the way), which the message shows."""
+    if labels.dtype == torch.int64 and labels.dim() == 2 and labels.shape[0] == b \
+            and labels.shape[1] >= 1:
+        return
+    if given.dim() not in (1, 2) or given.shape[-1] < 1:
+        raise ValueError(f"{op}: 'labels' must be class indices [B] = [{b}] or a label mixture "
+                         f"[B, M] = [{b}, M] with M >= 1 (and 'weights'); got a {_describe(given)}")
+    if given.shape[0] != b:
+        raise ValueError(f"{op}: 'labels' must have B = {b} {'entries' if given.dim() == 1 else 'rows'}, "
+                         f"one per row of the logits; got a {_describe(given)}")
+    raise ValueError(f"{op}: 'labels' must be int64 class indices; got a {_describe(given)}; "
+                     f"pass labels.long()")
+
+
 def check_mixed_kd_loss_args(logits: Sequence[Tensor], labels: Tensor, weights: Tensor,
                              temperature: float, label_smoothing: float, mode: str,
-                             peer_matrix: Tensor | None) -> tuple[int, int, int]:
+                             peer_matrix: Tensor | None,
+                             given_labels: Tensor | None = None) -> tuple[int, int, int]:
+    """``given_labels``: the labels as the caller passed them, when ``labels`` is their [B, M]
+    form (for the message)."""
     op = "mixed_kd_loss"
     k, b, c = logits_shape(logits)
     device = logits[0].device
-    if labels.dtype != torch.int64 or labels.dim() != 2 or labels.shape[0] != b or labels.shape[1] < 1:
-        raise ValueError(f"{op}: 'labels' must be an int64 tensor [B, M] with B={b}, M >= 1; "
-                         f"got a {_describe(labels)} (plain class indices [B] go through "
-                         f"metamixer_fast.mixed_kd_loss or MixedKDLoss)")
+    _check_labels(op, labels, b, labels if given_labels is None else given_labels)
     if not weights.is_floating_point() or weights.shape != labels.shape:
         raise ValueError(f"{op}: 'weights' must be a floating tensor shaped like labels "
                          f"{list(labels.shape)}; got a {_describe(weights)}")
@@ -108,9 +150,10 @@ def check_mixed_kd_loss_args(logits: Sequence[Tensor], labels: Tensor, weights: 
         if t.device != device:
             raise ValueError(f"{op}: '{name}' is on {t.device} but the logits are on {device}; "
                              f"move it with .to({str(device)!r})")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+    if not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
+            and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"{op}: 'temperature' must be a finite number > 0, got {temperature!r}")
-    if not (0.0 <= label_smoothing <= 1.0):
+    if isinstance(label_smoothing, bool) or not (0.0 <= label_smoothing <= 1.0):
         raise ValueError(f"{op}: 'label_smoothing' must be in [0, 1], got {label_smoothing!r}")
     if mode not in MODES:
         raise ValueError(f"{op}: 'mode' must be one of {MODES}, got {mode!r}")
@@ -150,9 +193,13 @@ def _value_check(ok: Tensor, message: str) -> None:
 def check_mixed_kd_loss_values(labels: Tensor, weights: Tensor, num_classes: int,
                                peer_matrix: Tensor | None) -> None:
     op = "mixed_kd_loss"
-    if labels.device.type == "cpu" and not bool(((labels >= 0) & (labels < num_classes)).all()):
-        raise ValueError(f"{op}: 'labels' must hold class indices in [0, {num_classes}); "
-                         f"found values from {int(labels.min())} to {int(labels.max())}")
+    in_range = ((labels >= 0) & (labels < num_classes)).all()
+    if labels.device.type == "cpu":
+        if not bool(in_range):
+            raise ValueError(f"{op}: 'labels' must hold class indices in [0, {num_classes}); "
+                             f"found values from {int(labels.min())} to {int(labels.max())}")
+    else:
+        torch._assert_async(in_range, f"{op}: 'labels' must hold class indices in [0, {num_classes})")
     _value_check(((weights >= 0) & weights.isfinite()).all(),
                  f"{op}: 'weights' must be finite and >= 0 (a mixture of labels per row)")
     _value_check(((weights.sum(1, dtype=torch.float32) - 1).abs() <= 1e-3).all(),

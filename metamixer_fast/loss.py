@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_flag
 from .ops import mixed_kd_loss
 from .reference import MODES
 
@@ -30,6 +32,35 @@ class MixedKDLossOutput(NamedTuple):
     kd: Tensor
 
 
+def _number(name: str, value: object, *, positive: bool = False, at_most: float = math.inf) -> float:
+    """A finite real number (not a bool) >= 0 (> 0 if ``positive``, <= ``at_most``), as float."""
+    bound = "> 0" if positive else ">= 0" if at_most == math.inf else f"in [0, {at_most:g}]"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"MixedKDLoss: '{name}' must be a number {bound}, got "
+                        f"{type(value).__name__} {value!r}")
+    v = float(value)
+    if not (math.isfinite(v) and (v > 0 if positive else v >= 0) and v <= at_most):
+        raise ValueError(f"MixedKDLoss: '{name}' must be a finite number {bound}, got {value!r}")
+    return v
+
+
+def _mode(value: object) -> str:
+    if value not in MODES:
+        raise ValueError(f"MixedKDLoss: 'mode' must be one of {MODES}, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
+# Checked on every assignment (MixedKDLoss.__setattr__), in __init__ and between steps alike.
+_CHECKS = {
+    "temperature": lambda v: _number("temperature", v, positive=True),
+    "ce_weight": lambda v: _number("ce_weight", v),
+    "kd_weight": lambda v: _number("kd_weight", v),
+    "label_smoothing": lambda v: _number("label_smoothing", v, at_most=1.0),
+    "detach_targets": lambda v: check_flag("MixedKDLoss", "detach_targets", v),
+    "mode": _mode,
+}
+
+
 class MixedKDLoss(nn.Module):
     """Cross-entropy on (mixed) labels plus mutual distillation between K peers.
 
@@ -41,8 +72,13 @@ class MixedKDLoss(nn.Module):
             logit-space ensemble of the peers, weights given by ``peer_weights``).
         label_smoothing: eps in [0, 1], spread uniformly over all classes.
         detach_targets: if True (default) the distillation targets pass no gradient.
-        peer_weights: [K, K] matrix A for ``mode="ensemble"``; row k weighs the peers' logits
-            that form peer k's target. Default: the mean of the other peers.
+        peer_weights: [K, K] matrix A for ``mode="ensemble"``; row k weighs the peers'
+            logits that form peer k's target. Default: the mean of the other peers. Held as a
+            buffer (``criterion.to(device)`` moves it); it gets no gradient, so one that
+            requires grad (an ``nn.Parameter``) is refused.
+
+    The options are checked whenever they are set, so ``criterion.kd_weight = w`` between steps
+    refuses a NaN, negative or bool ``w`` as the constructor does.
 
     The losses are summed over peers, so each peer receives the gradient of its own
     ``ce_weight * ce[k] + kd_weight * kd[k]``, exactly as with one optimizer per peer.
@@ -52,31 +88,41 @@ class MixedKDLoss(nn.Module):
                  mode: str = "pairwise", label_smoothing: float = 0.0,
                  detach_targets: bool = True, peer_weights: Tensor | None = None) -> None:
         super().__init__()
-        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
-                and temperature > 0):
-            raise ValueError(f"MixedKDLoss: 'temperature' must be a finite number > 0, got {temperature!r}")
-        for name, value in (("ce_weight", ce_weight), ("kd_weight", kd_weight)):
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"MixedKDLoss: '{name}' must be a finite number >= 0, got {value!r}")
-        if mode not in MODES:
-            raise ValueError(f"MixedKDLoss: 'mode' must be one of {MODES}, got {mode!r}")
-        if not (isinstance(label_smoothing, (int, float)) and 0.0 <= label_smoothing <= 1.0):
-            raise ValueError(f"MixedKDLoss: 'label_smoothing' must be in [0, 1], got {label_smoothing!r}")
-        if peer_weights is not None:
-            if mode != "ensemble":
-                raise ValueError("MixedKDLoss: 'peer_weights' is used only with mode='ensemble'")
-            peer_weights = torch.as_tensor(peer_weights, dtype=torch.float32)
-            if peer_weights.dim() != 2 or peer_weights.shape[0] != peer_weights.shape[1] \
-                    or peer_weights.shape[0] < 2 or not bool(peer_weights.isfinite().all()):
-                raise ValueError(f"MixedKDLoss: 'peer_weights' must be a finite [K, K] matrix "
-                                 f"with K >= 2, got shape {list(peer_weights.shape)}")
-        self.temperature = float(temperature)
-        self.ce_weight = float(ce_weight)
-        self.kd_weight = float(kd_weight)
+        self.temperature = temperature
+        self.ce_weight = ce_weight
+        self.kd_weight = kd_weight
         self.mode = mode
-        self.label_smoothing = float(label_smoothing)
-        self.detach_targets = bool(detach_targets)
-        self.register_buffer("peer_weights", peer_weights)
+        self.label_smoothing = label_smoothing
+        self.detach_targets = detach_targets
+        self.register_buffer("peer_weights", self._checked_peer_weights(peer_weights))
+
+    def __setattr__(self, name: str, value: object) -> None:
+        check = _CHECKS.get(name)
+        if check is not None:
+            value = check(value)
+        elif name == "peer_weights":
+            value = self._checked_peer_weights(value)
+        super().__setattr__(name, value)
+
+    def _checked_peer_weights(self, peer_weights: object) -> Tensor | None:
+        if peer_weights is None:
+            return None
+        if self.mode != "ensemble":
+            raise ValueError("MixedKDLoss: 'peer_weights' is used only with mode='ensemble'")
+        if isinstance(peer_weights, Tensor) and peer_weights.requires_grad:
+            raise ValueError("MixedKDLoss: 'peer_weights' requires grad (an nn.Parameter?), but "
+                             "the loss gives gradients to the logits only; pass "
+                             "peer_weights.detach() (or compute a learnable peer matrix's loss "
+                             "with metamixer_fast.reference.mixed_kd_loss)")
+        try:
+            a = torch.as_tensor(peer_weights, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"MixedKDLoss: 'peer_weights' must be a [K, K] tensor (or nested "
+                            f"lists) of numbers, got {type(peer_weights).__name__}") from None
+        if a.dim() != 2 or a.shape[0] != a.shape[1] or a.shape[0] < 2 or not bool(a.isfinite().all()):
+            raise ValueError(f"MixedKDLoss: 'peer_weights' must be a finite [K, K] matrix "
+                             f"with K >= 2, got shape {list(a.shape)}")
+        return a
 
     def forward(self, peer_logits: Tensor | Sequence[Tensor],
                 target: Tensor | MixedTarget) -> MixedKDLossOutput:
@@ -98,11 +144,30 @@ class MixedKDLoss(nn.Module):
             if peer_matrix.shape[0] != k:
                 raise ValueError(f"MixedKDLoss: 'peer_weights' is {list(peer_matrix.shape)} but "
                                  f"{k} peers were given")
-        ce, kd = mixed_kd_loss(peer_logits, labels, weights, temperature=self.temperature,
-                               label_smoothing=self.label_smoothing, mode=self.mode,
-                               peer_matrix=peer_matrix, detach_targets=self.detach_targets)
+        try:
+            ce, kd = mixed_kd_loss(peer_logits, labels, weights, temperature=self.temperature,
+                                   label_smoothing=self.label_smoothing, mode=self.mode,
+                                   peer_matrix=peer_matrix, detach_targets=self.detach_targets)
+        except (RuntimeError, TypeError, ValueError):
+            self._explain(peer_logits)  # errors that only the module's own names explain
+            raise
         loss = self.ce_weight * ce.sum() + self.kd_weight * kd.sum()
         return MixedKDLossOutput(loss, ce, kd)
+
+    def _explain(self, peer_logits: Tensor | Sequence[Tensor]) -> None:
+        """The functional API names its 'peer_matrix'; the module's is its buffer peer_weights."""
+        a = self.peer_weights
+        if a is None:
+            return
+        first = peer_logits if isinstance(peer_logits, Tensor) else next(iter(peer_logits), None)
+        if isinstance(first, Tensor) and a.device != first.device:
+            raise ValueError(f"MixedKDLoss: its 'peer_weights' buffer is on {a.device} but the "
+                             f"logits are on {first.device}; move the criterion with "
+                             f"criterion.to({str(first.device)!r})")
+        if a.requires_grad and torch.is_grad_enabled():
+            raise ValueError("MixedKDLoss: 'peer_weights' requires grad, but the loss gives "
+                             "gradients to the logits only; call "
+                             "criterion.peer_weights.requires_grad_(False)")
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, ce_weight={self.ce_weight}, "

@@ -29,6 +29,7 @@ from torch import Tensor
 from . import _backend, reference
 from ._checks import (
     as_label_plan,
+    as_number,
     check_mix_args,
     check_mix_types,
     check_mix_values,
@@ -36,6 +37,8 @@ from ._checks import (
     check_mixed_kd_loss_values,
     check_no_grad_through_integers,
     check_no_grad_to,
+    check_options,
+    require_tensor,
 )
 from ._layout import mix_output
 
@@ -159,12 +162,25 @@ _backend.register_kernel("mixed_kd_loss", "reference", _reference_forward)
 _backend.register_kernel("mixed_kd_loss_backward", "reference", _reference_backward)
 
 
-def _op_args(logits: Tensor | Sequence[Tensor], labels: Tensor,
-             weights: Tensor | None) -> tuple[list[Tensor], Tensor, Tensor]:
+def _op_args(logits: Tensor | Sequence[Tensor], labels: Tensor, weights: Tensor | None,
+             peer_matrix: Tensor | None) -> tuple[list[Tensor], Tensor, Tensor]:
     """(logits as a list, labels [B, M], weights [B, M]), as the custom op takes them."""
-    z = [logits] if isinstance(logits, Tensor) else list(logits)
-    if not isinstance(labels, Tensor):
-        raise TypeError(f"mixed_kd_loss: 'labels' must be a tensor, got {type(labels).__name__}")
+    op = "mixed_kd_loss"
+    if isinstance(logits, Tensor):
+        z = [logits]
+    else:
+        if not isinstance(logits, (list, tuple)):
+            try:
+                logits = list(logits)
+            except TypeError:
+                raise TypeError(f"{op}: 'logits' must be a [K, B, C] tensor or a list of K [B, C] "
+                                f"tensors, got {type(logits).__name__}") from None
+        z = list(logits)
+        for i, t in enumerate(z):
+            require_tensor(op, f"logits[{i}]", t)
+    require_tensor(op, "labels", labels)
+    require_tensor(op, "weights", weights, optional=True)
+    require_tensor(op, "peer_matrix", peer_matrix, optional=True)
     labels, weights = as_label_plan(labels, weights)
     return z, labels, weights
 
@@ -172,11 +188,14 @@ def _op_args(logits: Tensor | Sequence[Tensor], labels: Tensor,
 def _explain_mixed_kd_loss(logits: Tensor | Sequence[Tensor], labels: Tensor,
                            weights: Tensor | None, temperature: float, label_smoothing: float,
                            mode: str, peer_matrix: Tensor | None, detach_targets: bool) -> None:
-    """The Python checks of mixed_kd_loss, run when the eager entry rejects a call."""
-    z, labels, weights = _op_args(logits, labels, weights)
+    """The Python checks of mixed_kd_loss, run when the eager entry or the op body rejects a
+    call; they name the argument as the caller gave it."""
+    given_labels = labels
+    check_options(temperature, label_smoothing, detach_targets)
+    z, labels, weights = _op_args(logits, labels, weights, peer_matrix)
     check_no_grad_to(weights, peer_matrix)
     check_mixed_kd_loss_args(z, labels, weights, float(temperature), float(label_smoothing), mode,
-                             peer_matrix)
+                             peer_matrix, given_labels)
 
 
 def mixed_kd_loss(logits: Tensor | Sequence[Tensor], labels: Tensor, weights: Tensor | None = None,
@@ -189,18 +208,29 @@ def mixed_kd_loss(logits: Tensor | Sequence[Tensor], labels: Tensor, weights: Te
     ``labels``: class indices [B], or a label mixture [B, M] with ``weights`` [B, M].
     See ``metamixer_fast.reference.mixed_kd_loss`` for the exact formulas.
     """
+    # what the C++ entry would read as a number or a truth value: True as 1.0, "no" as True
+    if type(temperature) is bool or type(label_smoothing) is bool or type(detach_targets) is not bool:
+        check_options(temperature, label_smoothing, detach_targets)
     out = _backend.eager_call("mixed_kd_loss", (logits, labels, weights, temperature,
                                                 label_smoothing, mode, peer_matrix, detach_targets),
                               _explain_mixed_kd_loss)
     if out is not None:  # e.g. the C++ op with its C++ autograd node
         return out  # type: ignore[return-value]
-    z, labels, weights = _op_args(logits, labels, weights)
-    check_no_grad_to(weights, peer_matrix)
-    args = (float(temperature), float(label_smoothing), mode, peer_matrix, bool(detach_targets))
-    if _backend.runs_direct(*z, labels, weights, peer_matrix):
-        ce, kd, _ = _MixedKDLoss.apply(labels, weights, *args, *z)
+    z, plan_labels, plan_weights = _op_args(logits, labels, weights, peer_matrix)
+    check_no_grad_to(plan_weights, peer_matrix)
+    args = (as_number("mixed_kd_loss", "temperature", temperature),
+            as_number("mixed_kd_loss", "label_smoothing", label_smoothing), mode, peer_matrix,
+            detach_targets)
+    if _backend.runs_direct(*z, plan_labels, plan_weights, peer_matrix):
+        try:
+            ce, kd, _ = _MixedKDLoss.apply(plan_labels, plan_weights, *args, *z)
+        except (RuntimeError, TypeError, ValueError):
+            # the op body saw labels [B] as [B, 1]: name them as the caller gave them
+            _explain_mixed_kd_loss(z, labels, weights, temperature, label_smoothing, mode,
+                                   peer_matrix, detach_targets)
+            raise
     else:
-        ce, kd, _ = torch.ops.metamixer.mixed_kd_loss(z, labels, weights, *args)
+        ce, kd, _ = torch.ops.metamixer.mixed_kd_loss(z, plan_labels, plan_weights, *args)
     return ce, kd
 
 

@@ -109,6 +109,89 @@ def test_cpp_backend_without_the_extension_is_refused():
     assert "METAMIXER_BACKEND=cpp cannot run" in proc.stderr and "not built" in proc.stderr
 
 
+# --------------------------------------------------------------------------- audit of bad input
+
+L2 = Y[:, None].repeat(1, 2)
+W2 = torch.full((4, 2), 0.5)
+
+
+@pytest.mark.parametrize("call, match", [
+    # bools are not numbers, and only bools are flags
+    (lambda: MixedKDLoss(temperature=True), "'temperature'"),
+    (lambda: MixedKDLoss(kd_weight=True), "'kd_weight'"),
+    (lambda: MixedKDLoss(ce_weight=False), "'ce_weight'"),
+    (lambda: MixedKDLoss(label_smoothing=False), "'label_smoothing'"),
+    (lambda: MixedKDLoss(detach_targets="no"), "'detach_targets'"),
+    (lambda: mf.mixed_kd_loss(Z, Y, temperature=True), "'temperature'"),
+    (lambda: mf.mixed_kd_loss(Z, Y, label_smoothing=True), "'label_smoothing'"),
+    (lambda: mf.mixed_kd_loss(Z, Y, detach_targets="no"), "'detach_targets'"),
+    (lambda: mf.mixed_kd_loss(Z, Y, detach_targets=1), "'detach_targets'"),
+    # not numbers at all
+    (lambda: mf.mixed_kd_loss(Z, Y, temperature=None), "'temperature' must be a number"),
+    (lambda: mf.mixed_kd_loss(Z, Y, temperature="abc"), "'temperature' must be a number"),
+    (lambda: mf.mixed_kd_loss(Z, Y, label_smoothing=None), "'label_smoothing' must be a number"),
+    # not tensors
+    (lambda: mf.mixed_kd_loss(Z, L2, [[0.5, 0.5]] * 4), "'weights' must be a torch.Tensor"),
+    (lambda: mf.mixed_kd_loss(Z, Y, mode="ensemble", peer_matrix=[[0, 1], [1, 0]]),
+     "'peer_matrix' must be a torch.Tensor"),
+    (lambda: mf.mixed_kd_loss([[1.0, 2.0]] * 2, Y), r"'logits\[0\]' must be a torch.Tensor"),
+    (lambda: mf.mixed_kd_loss(3.0, Y), "'logits'"),
+    (lambda: MixedKDLoss(mode="ensemble", peer_weights=torch.ones(2, 2, requires_grad=True)),
+     "'peer_weights' requires grad.*peer_weights.detach()"),
+    (lambda: MixedKDLoss(mode="ensemble", peer_weights=torch.nn.Parameter(torch.ones(2, 2))),
+     "'peer_weights' requires grad"),
+])
+def test_mixed_kd_loss_bad_options(call, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        call()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -0.5, True, "1", None])
+def test_kd_weight_set_between_steps_is_checked(value):
+    criterion = MixedKDLoss()
+    with pytest.raises((ValueError, TypeError), match="'kd_weight'"):
+        criterion.kd_weight = value
+    assert criterion.kd_weight == 1.0  # unchanged
+    criterion.kd_weight = 0.25  # a ramp
+    assert criterion.kd_weight == 0.25
+    torch.testing.assert_close(criterion(Z, Y).loss,
+                               MixedKDLoss(kd_weight=0.25)(Z, Y).loss)
+
+
+def test_other_options_set_later_are_checked():
+    criterion = MixedKDLoss()
+    for name, value in [("temperature", 0.0), ("temperature", True), ("ce_weight", -1.0),
+                        ("label_smoothing", 2.0), ("detach_targets", "no"), ("mode", "dml")]:
+        with pytest.raises((ValueError, TypeError), match=f"'{name}'"):
+            setattr(criterion, name, value)
+    with pytest.raises(ValueError, match="'peer_weights'"):
+        criterion.peer_weights = torch.ones(2, 2)  # pairwise mode
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: mf.mixed_kd_loss(Z, Y.int()), r"torch.int32 tensor of shape \[4\] .*pass labels.long\(\)"),
+    (lambda: mf.mixed_kd_loss(Z, Y.float()), r"shape \[4\] .*pass labels.long\(\)"),
+    (lambda: MixedKDLoss()(Z, Y[:3]), r"B = 4 entries, one per row of the logits; got a torch.int64 "
+                                      r"tensor of shape \[3\]"),
+    (lambda: mf.mixed_kd_loss(Z, L2[:3], W2[:3]), r"B = 4 rows.*shape \[3, 2\]"),
+    (lambda: mf.mixed_kd_loss(Z, L2.int(), W2), r"shape \[4, 2\].*pass labels.long\(\)"),
+])
+def test_label_errors_show_the_labels_as_given(loss_backend, call, match):
+    with pytest.raises(ValueError, match=match) as info:
+        call()
+    assert "[4, 1]" not in str(info.value) and "go through" not in str(info.value)
+
+
+def test_peer_weights_errors_name_the_module_buffer():
+    criterion = MixedKDLoss(mode="ensemble", peer_weights=torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
+    with pytest.raises(ValueError, match=r"'peer_weights'.*criterion.to\('cpu'\)"):
+        criterion.to("meta")(Z, Y)
+    criterion = MixedKDLoss(mode="ensemble", peer_weights=torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
+    criterion.peer_weights.requires_grad_(True)
+    with pytest.raises(ValueError, match="'peer_weights' requires grad"):
+        criterion(Z, Y)
+
+
 XU = torch.randint(0, 256, (3, 2, 4, 4), dtype=torch.uint8)
 
 
@@ -149,3 +232,16 @@ def test_mix_of_integer_images_refuses_a_weight_that_needs_a_gradient(mix_backen
 def test_mix2_errors_say_mix2(mix_backend, call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_label_range_is_asserted_on_the_device(monkeypatch):
+    # no GPU here: a meta tensor takes the non-CPU branch, which must queue a device assert
+    # for the labels as it does for the weights
+    from metamixer_fast import _checks
+
+    asserted = []
+    monkeypatch.setattr(torch, "_assert_async", lambda ok, message: asserted.append(message))
+    labels, weights = L2.to("meta"), W2.to("meta")
+    _checks.check_mixed_kd_loss_values(labels, weights, 5, None)
+    assert any("'labels'" in m and "[0, 5)" in m for m in asserted), asserted
+    assert any("'weights'" in m for m in asserted)
