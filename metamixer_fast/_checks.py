@@ -9,6 +9,7 @@ asserts, never as a host sync.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -206,11 +207,50 @@ def check_mixed_kd_loss_values(labels: Tensor, weights: Tensor, num_classes: int
                  f"{op}: each row of 'weights' must sum to 1; normalise it with "
                  f"weights / weights.sum(1, keepdim=True)")
     if peer_matrix is not None:
-        check_finite_peer_matrix(peer_matrix)
+        check_peer_matrix_values(peer_matrix)
 
 
-def check_finite_peer_matrix(peer_matrix: Tensor) -> None:
-    _value_check(peer_matrix.isfinite().all(), "mixed_kd_loss: 'peer_matrix' has NaN or inf entries")
+def check_peer_matrix_values(peer_matrix: Tensor, op: str = "mixed_kd_loss",
+                             name: str = "peer_matrix") -> None:
+    """A[k, j] >= 0 and finite: row k weighs the peers' logits that form peer k's target (an
+    ensemble, DESIGN.md 2.1). A zero row (a uniform target) and a non-zero diagonal (a peer in
+    its own ensemble) are allowed."""
+    ok = (peer_matrix.isfinite() & (peer_matrix >= 0)).all()
+    if ok.device.type != "cpu":
+        torch._assert_async(ok, f"{op}: '{name}' must be finite and >= 0")
+    elif not bool(ok):
+        if not bool(peer_matrix.isfinite().all()):
+            raise ValueError(f"{op}: '{name}' has NaN or inf entries")
+        raise ValueError(f"{op}: '{name}' has negative entries (min {float(peer_matrix.min()):g}); "
+                         f"row k weighs the peers' logits that form peer k's target, so every "
+                         f"weight must be >= 0")
+
+
+# kernels/mixed_kd_loss.py imports it by this name
+check_finite_peer_matrix = check_peer_matrix_values
+
+# id -> (weak reference, version) of CPU peer matrices that passed check_peer_matrix_values
+_checked_peer_matrices: dict[int, tuple[weakref.ref, int]] = {}
+
+
+def check_peer_matrix_once(peer_matrix: object) -> None:
+    """check_peer_matrix_values for the eager path (the C++ entry checks finiteness only), run
+    once per CPU tensor and version: a MixedKDLoss's buffer, passed every step, costs a lookup.
+    Other tensors are left to the op body (a device assert on CUDA)."""
+    seen = _checked_peer_matrices.get(id(peer_matrix))
+    if seen is not None and seen[0]() is peer_matrix and seen[1] == peer_matrix._version:  # type: ignore[attr-defined]
+        return
+    require_tensor("mixed_kd_loss", "peer_matrix", peer_matrix, optional=True)
+    t: Tensor = peer_matrix  # type: ignore[assignment]
+    if (t.device.type != "cpu" or type(t) not in (Tensor, torch.nn.Parameter)
+            or torch._C._functorch.is_functorch_wrapped_tensor(t) or t.is_inference()
+            or not t.is_floating_point() or torch._C._len_torch_dispatch_stack() > 0
+            or torch._C._is_torch_function_mode_enabled()):
+        return  # not ours to read here (a mode would see the reads), or a dtype the shape checks name
+    check_peer_matrix_values(t)
+    if len(_checked_peer_matrices) >= 16:
+        _checked_peer_matrices.clear()
+    _checked_peer_matrices[id(t)] = (weakref.ref(t), t._version)
 
 
 def check_mix_types(x: object, src: object, w: object, box: object, op: str = "mix") -> None:

@@ -10,7 +10,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_flag
+from ._checks import check_flag, check_peer_matrix_values
 from .ops import mixed_kd_loss
 from .reference import MODES
 
@@ -72,7 +72,7 @@ class MixedKDLoss(nn.Module):
             logit-space ensemble of the peers, weights given by ``peer_weights``).
         label_smoothing: eps in [0, 1], spread uniformly over all classes.
         detach_targets: if True (default) the distillation targets pass no gradient.
-        peer_weights: [K, K] matrix A for ``mode="ensemble"``; row k weighs the peers'
+        peer_weights: [K, K] matrix A >= 0 for ``mode="ensemble"``; row k weighs the peers'
             logits that form peer k's target. Default: the mean of the other peers. Held as a
             buffer (``criterion.to(device)`` moves it); it gets no gradient, so one that
             requires grad (an ``nn.Parameter``) is refused.
@@ -119,9 +119,10 @@ class MixedKDLoss(nn.Module):
         except (TypeError, ValueError, RuntimeError):
             raise TypeError(f"MixedKDLoss: 'peer_weights' must be a [K, K] tensor (or nested "
                             f"lists) of numbers, got {type(peer_weights).__name__}") from None
-        if a.dim() != 2 or a.shape[0] != a.shape[1] or a.shape[0] < 2 or not bool(a.isfinite().all()):
+        if a.dim() != 2 or a.shape[0] != a.shape[1] or a.shape[0] < 2:
             raise ValueError(f"MixedKDLoss: 'peer_weights' must be a finite [K, K] matrix "
                              f"with K >= 2, got shape {list(a.shape)}")
+        check_peer_matrix_values(a, "MixedKDLoss", "peer_weights")
         return a
 
     def forward(self, peer_logits: Tensor | Sequence[Tensor],
@@ -168,6 +169,7 @@ class MixedKDLoss(nn.Module):
             raise ValueError("MixedKDLoss: 'peer_weights' requires grad, but the loss gives "
                              "gradients to the logits only; call "
                              "criterion.peer_weights.requires_grad_(False)")
+        check_peer_matrix_values(a, "MixedKDLoss", "peer_weights")  # (changed in place)
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, ce_weight={self.ce_weight}, "

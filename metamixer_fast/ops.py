@@ -38,6 +38,7 @@ from ._checks import (
     check_no_grad_through_integers,
     check_no_grad_to,
     check_options,
+    check_peer_matrix_once,
     require_tensor,
 )
 from ._layout import mix_output
@@ -56,6 +57,8 @@ def _mixed_kd_loss_forward(logits: list[Tensor], labels: Tensor, weights: Tensor
     run = _backend.kernel("mixed_kd_loss", logits[0].device)
     if not getattr(run, "checks_values", False):  # the C++ and Triton kernels check themselves
         check_mixed_kd_loss_values(labels, weights, c, peer_matrix)
+    elif peer_matrix is not None:  # ... but the C++ kernel only for NaN/inf in the peer matrix
+        check_peer_matrix_once(peer_matrix)
     return run(logits, labels, weights, temperature, label_smoothing, mode, peer_matrix,
                detach_targets)
 
@@ -206,11 +209,15 @@ def mixed_kd_loss(logits: Tensor | Sequence[Tensor], labels: Tensor, weights: Te
 
     ``logits``: a [K, B, C] tensor or K tensors [B, C] (no stacking copy is made).
     ``labels``: class indices [B], or a label mixture [B, M] with ``weights`` [B, M].
+    ``peer_matrix``: for ``mode="ensemble"``, [K, K] weights >= 0; row k weighs the peers' logits
+    that form peer k's target (default: the mean of the other peers).
     See ``metamixer_fast.reference.mixed_kd_loss`` for the exact formulas.
     """
     # what the C++ entry would read as a number or a truth value: True as 1.0, "no" as True
     if type(temperature) is bool or type(label_smoothing) is bool or type(detach_targets) is not bool:
         check_options(temperature, label_smoothing, detach_targets)
+    if peer_matrix is not None and not _backend._is_compiling():
+        check_peer_matrix_once(peer_matrix)  # the C++ entry checks its finiteness only
     out = _backend.eager_call("mixed_kd_loss", (logits, labels, weights, temperature,
                                                 label_smoothing, mode, peer_matrix, detach_targets),
                               _explain_mixed_kd_loss)

@@ -136,6 +136,11 @@ W2 = torch.full((4, 2), 0.5)
      "'peer_matrix' must be a torch.Tensor"),
     (lambda: mf.mixed_kd_loss([[1.0, 2.0]] * 2, Y), r"'logits\[0\]' must be a torch.Tensor"),
     (lambda: mf.mixed_kd_loss(3.0, Y), "'logits'"),
+    # the peer matrix weighs an ensemble: no negative weights
+    (lambda: mf.mixed_kd_loss(Z, Y, mode="ensemble", peer_matrix=torch.tensor([[0.0, 1.5], [-0.5, 0.0]])),
+     "'peer_matrix' has negative entries"),
+    (lambda: MixedKDLoss(mode="ensemble", peer_weights=torch.tensor([[0.0, 1.0], [-1.0, 0.0]])),
+     "'peer_weights' has negative entries"),
     (lambda: MixedKDLoss(mode="ensemble", peer_weights=torch.ones(2, 2, requires_grad=True)),
      "'peer_weights' requires grad.*peer_weights.detach()"),
     (lambda: MixedKDLoss(mode="ensemble", peer_weights=torch.nn.Parameter(torch.ones(2, 2))),
@@ -166,6 +171,33 @@ def test_other_options_set_later_are_checked():
             setattr(criterion, name, value)
     with pytest.raises(ValueError, match="'peer_weights'"):
         criterion.peer_weights = torch.ones(2, 2)  # pairwise mode
+
+
+def test_peer_matrix_may_include_self_and_zero_rows(loss_backend):
+    # DESIGN 2.1 sums A[k, j] z_j over every j: a peer may be in its own ensemble, and a zero
+    # row (a uniform target) is allowed; only negative weights are refused
+    a = torch.tensor([[0.5, 0.5], [0.0, 0.0]])
+    ce, kd = mf.mixed_kd_loss(Z, Y, mode="ensemble", peer_matrix=a, temperature=3.0)
+    assert torch.isfinite(ce).all() and torch.isfinite(kd).all()
+    out = MixedKDLoss(mode="ensemble", peer_weights=a)(Z, Y)
+    torch.testing.assert_close(out.kd, kd)
+
+
+def test_negative_peer_matrix_is_refused_on_every_backend(loss_backend):
+    a = torch.tensor([[0.0, 1.0], [-1.0, 0.0]])
+    with pytest.raises(ValueError, match="'peer_matrix' has negative entries"):
+        mf.mixed_kd_loss(Z, Y, mode="ensemble", peer_matrix=a)
+    # a checked matrix changed in place afterwards is checked again
+    b = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    mf.mixed_kd_loss(Z, Y, mode="ensemble", peer_matrix=b)
+    b[1, 0] = -1.0
+    with pytest.raises(ValueError, match="'peer_matrix' has negative entries"):
+        mf.mixed_kd_loss(Z, Y, mode="ensemble", peer_matrix=b)
+    criterion = MixedKDLoss(mode="ensemble", peer_weights=torch.tensor([[0.0, 1.0], [1.0, 0.0]]))
+    criterion(Z, Y)
+    criterion.load_state_dict({"peer_weights": a})  # copied into the buffer in place
+    with pytest.raises(ValueError, match="'peer_weights' has negative entries"):
+        criterion(Z, Y)
 
 
 @pytest.mark.parametrize("call, match", [

@@ -114,7 +114,7 @@ def test_gradcheck_float64_ensemble_with_peer_matrix(loss_backend, temperature, 
     # exp(z/T) and T = 1.7 takes two exps, so both forms are checked against finite differences.
     z = _logits(3, 2, 5, rng)
     labels, weights = _plan(2, 5, 2, rng)
-    peer = torch.rand(3, 3, generator=rng, dtype=torch.float64) - 0.2
+    peer = torch.rand(3, 3, generator=rng, dtype=torch.float64)  # weights >= 0 (an ensemble)
     leaves = [p.clone().requires_grad_(True) for p in z.unbind(0)]
 
     def f(*logits):
