@@ -87,6 +87,10 @@ def logits_shape(logits: Sequence[Tensor]) -> tuple[int, int, int]:
             raise ValueError(f"{op}: every peer's logits must share shape, dtype and device; "
                              f"logits[0] is a {_describe(first)}, logits[{i}] is a {_describe(z)}")
     if len(logits) == 1:
+        if first.dim() == 2:  # one peer's [B, C], alone or in a list
+            raise ValueError(f"{op}: distillation needs K >= 2 peers, got the logits of one peer "
+                             f"({_describe(first)}); pass a list of K [B, C] tensors or one "
+                             f"[K, B, C] tensor")
         if first.dim() != 3:
             raise ValueError(f"{op}: 'logits' must be [K, B, C] (or a list of K [B, C] tensors), "
                              f"got a {_describe(first)}")

@@ -18,6 +18,8 @@ Y = torch.tensor([0, 1, 2, 3])
 
 @pytest.mark.parametrize("call, match", [
     (lambda: mf.mixed_kd_loss(torch.randn(1, 4, 5), Y), "K >= 2"),
+    (lambda: mf.mixed_kd_loss([torch.randn(4, 5)], Y), "K >= 2 peers, got the logits of one peer"),
+    (lambda: mf.mixed_kd_loss(torch.randn(4, 5), Y), "K >= 2 peers, got the logits of one peer"),
     (lambda: mf.mixed_kd_loss(torch.randn(4, 5), Y), "logits"),
     (lambda: mf.mixed_kd_loss(Z.int(), Y), "logits"),
     (lambda: mf.mixed_kd_loss([Z[0], Z[1, :3]], Y), "share shape"),
