@@ -1,22 +1,28 @@
 """GPU benchmark of the Triton kernels: mixing and the multi-peer loss, on CUDA tensors.
 
-    python bench/bench_cuda.py [--out bench/results/<commit>/cuda.json] [--no-compile]
+    python bench/bench_cuda.py --out bench/results/<commit>/cuda.json [--no-compile]
+    python bench/bench_cuda.py --render bench/results/gpu-h200/cuda.json   # a JSON's table again
 
-Every row is timed by ``triton.testing.do_bench`` (CUDA events, L2 cleared before every call,
-so inputs come from memory as a new batch does; the median of the calls in about 200 ms). The
-GB/s column divides the fewest bytes the row's job must move by its time:
+Every call is timed alone: the L2 cache is flushed (a 256 MB write), the GPU is synchronised,
+and CUDA events bracket the call, so its inputs come from memory as a new batch's do and the
+call's host work (Python, the op's dispatch, the launches) lies inside its time: a call whose
+GPU work is shorter than its launch shows the launch. (``triton.testing.do_bench``, which timed
+the JSON of 455a162+gpu-check3, records its start event right behind its own flush without
+waiting for it, so up to the flush's duration of a call's host work fell outside that time.) A row's
+figure is the median over its calls in about 200 ms; the table gives the median of the passes.
 
-- input stage (local CutMix box + global blend, forward): read the batch once, write it once;
-  ``clone`` moves the same bytes and is the floor;
-- feature stage, forward + backward of the global blend: forward reads h and writes the output,
-  backward reads the upstream gradient and h (for dw) and writes dh: 5 passes;
+The GB/s column divides the fewest bytes the row's job must move by its time, in passes over
+the batch (or the logits):
+
+- input stage (local CutMix box + global blend, forward): read the batch once, write it once
+  (2); ``clone`` moves the same bytes and is the floor;
+- feature stage, forward + backward of the global blend: the forward reads h and writes the
+  output, the backward reads the upstream gradient and writes dh (4; the blend weight needs no
+  gradient, so h is not read again); ``clone``: 2;
 - loss, forward + backward of ``mixed_kd_loss``: read the logits [K, B, C] in the forward, read
-  them again and write their gradient in the backward: 3 passes. The softmax row (``softmax``
-  forward + backward of one [K*B, C] tensor, a floor for anything that exponentiates the
-  logits) is divided by the same count, though it moves 5 passes (x, y, y, dy, dx).
-
-The host work of each call (Python, the op's dispatch, the launch) is inside its time: a call
-whose GPU work is shorter than its launch shows the launch.
+  them again and write their gradient in the backward (3); the softmax row (``softmax`` forward
+  + backward of one [K*B, C] tensor, a floor for anything that exponentiates the logits): 5
+  (x, y, y, dy, dx).
 """
 
 from __future__ import annotations
@@ -81,7 +87,7 @@ def input_rows(shape: tuple[int, ...], dtype: torch.dtype, compile_: bool
     if compile_:
         compiled = torch.compile(reference.mix2, fullgraph=True, dynamic=False)
         rows["reference x2, compiled"] = lambda: compiled(x, *plan)
-    return rows, 2 * nbytes(x)
+    return rows, nbytes(x)
 
 
 def feature_rows(shape: tuple[int, ...], dtype: torch.dtype, compile_: bool
@@ -102,7 +108,7 @@ def feature_rows(shape: tuple[int, ...], dtype: torch.dtype, compile_: bool
             "reference fwd+bwd": fwd_bwd(reference.mix)}
     if compile_:
         rows["reference fwd+bwd, compiled"] = fwd_bwd(torch.compile(reference.mix, dynamic=False))
-    return rows, 5 * nbytes(h)
+    return rows, nbytes(h)
 
 
 def loss_rows(shape: Shape, compile_: bool) -> tuple[dict[str, Callable[[], object]], int]:
@@ -142,25 +148,48 @@ def loss_rows(shape: Shape, compile_: bool) -> tuple[dict[str, Callable[[], obje
             dml_pair_loop(z, labels, t).backward()
             return z.grad
         rows["dml_pair_loop"] = dml
-    return rows, 3 * nbytes(z)
+    return rows, nbytes(z)
 
 
-def time_rows(rows: dict[str, Callable[[], object]]) -> dict[str, float]:
-    """Median ms per row (each row warmed and, where compiled, compiled before its timing)."""
-    from triton.testing import do_bench
+# Passes over one batch (or the logits) that each kind of case's job must move, and the rows
+# that move another count; see the module docstring.
+PASSES = {"input": (2, {}), "features": (4, {"clone": 2}), "loss": (3, {"softmax fwd+bwd": 5})}
+# What the JSON's "bytes" counted before it recorded "pass_bytes" (feature stage: 5 passes).
+OLD_PASSES = {"input": 2, "features": 5, "loss": 3}
 
+
+def time_call(fn: Callable[[], object], flush: Tensor) -> float:
+    """ms of one call from a cold L2 cache, its host work included (see the module docstring)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    flush.zero_()
+    torch.cuda.synchronize()  # the flush is over before the call's clock starts
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def time_rows(rows: dict[str, Callable[[], object]], budget_ms: float = 200.0) -> dict[str, float]:
+    """Median ms per row over its calls in about ``budget_ms`` (at least 10; each row warmed
+    and, where compiled, compiled before its timing)."""
+    flush = torch.empty(256 * 2**20, dtype=torch.int8, device=CUDA)
     out = {}
     for name, fn in rows.items():
-        fn()  # compile / autotune outside the timing
-        torch.cuda.synchronize()
-        out[name] = float(do_bench(fn, warmup=25, rep=200, return_mode="median"))
+        for _ in range(3):
+            fn()  # compile / autotune and warm up outside the timing
+        times: list[float] = []
+        while len(times) < 10 or sum(times) < budget_ms:
+            times.append(time_call(fn, flush))
+        out[name] = statistics.median(times)
     return out
 
 
 def run(compile_: bool, repeats: int) -> dict:
     props = torch.cuda.get_device_properties(CUDA)
     result = {"commit": commit(), "device": props.name, "torch": torch.__version__,
-              "triton": mf._backend.triton_version(), "repeats": repeats, "cases": {}}
+              "triton": mf._backend.triton_version(), "repeats": repeats,
+              "timing": "each call alone: L2 flush, synchronize, CUDA events", "cases": {}}
     cases = [(name, lambda s=s, d=d, name=name: input_rows(s, d, compile_ and name in COMPILED))
              for name, (s, d) in INPUT_CASES.items()]
     cases += [(name, lambda s=s, d=d, name=name: feature_rows(s, d, compile_ and name in COMPILED))
@@ -170,7 +199,7 @@ def run(compile_: bool, repeats: int) -> dict:
     for name, build in cases:
         rows, moved = build()
         runs = [time_rows(rows) for _ in range(repeats)]  # the spread between whole passes
-        result["cases"][name] = {"bytes": moved, "rows": {
+        result["cases"][name] = {"pass_bytes": moved, "rows": {
             row: {"median_ms": statistics.median(r[row] for r in runs),
                   "all_ms": [r[row] for r in runs]} for row in rows}}
         print(f"{name}: " + ", ".join(f"{row} {v['median_ms']:.3f} ms" for row, v in
@@ -180,9 +209,18 @@ def run(compile_: bool, repeats: int) -> dict:
     return result
 
 
+def row_bytes(case: str, entry: dict, row: str) -> float:
+    """The fewest bytes ``row`` of ``case`` must move (older JSON: from its "bytes")."""
+    kind = case.split()[0]
+    one_pass = entry.get("pass_bytes") or entry["bytes"] / OLD_PASSES[kind]
+    passes, other = PASSES[kind]
+    return other.get(row, passes) * one_pass
+
+
 def markdown(result: dict) -> str:
+    how = result.get("timing", "triton.testing.do_bench medians")
     lines = [f"GPU: {result['device']}; torch {result['torch']}, triton {result['triton']}; commit "
-             f"{result['commit']}; median of {result['repeats']} passes of do_bench medians.", "",
+             f"{result['commit']}; median of {result['repeats']} passes ({how}).", "",
              "| case | implementation | median ms | GB/s (fewest bytes) | ours is x faster |",
              "|---|---|---:|---:|---:|"]
     ours_rows = ("mix2 fused", "mix fwd+bwd", "fused")
@@ -192,16 +230,25 @@ def markdown(result: dict) -> str:
         for row, v in rows.items():
             t = v["median_ms"]
             faster = "" if row in ours_rows or row in ("clone", "softmax fwd+bwd") else f"{t / ours:.1f}"
-            lines.append(f"| {case} | {row} | {t:.3f} | {entry['bytes'] / t / 1e6:.0f} | {faster} |")
+            gbs = row_bytes(case, entry, row) / t / 1e6
+            lines.append(f"| {case} | {row} | {t:.3f} | {gbs:.0f} | {faster} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=None, help="JSON path (default: none written)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON path, e.g. bench/results/<commit>/cuda.json (default: none written)")
+    parser.add_argument("--render", type=Path, default=None, metavar="JSON",
+                        help="print the table of a JSON written earlier, run nothing")
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile rows")
     parser.add_argument("--repeats", type=int, default=3, help="whole passes over the rows (default 3)")
     args = parser.parse_args()
+    if args.render is not None:
+        print(markdown(json.loads(args.render.read_text())))
+        return
+    if args.repeats < 1 or args.repeats % 2 == 0:
+        sys.exit("bench_cuda: --repeats must be odd (the median of an even count is a mean)")
     if not torch.cuda.is_available():
         sys.exit("bench_cuda: torch sees no CUDA device; this benchmark runs on a GPU only")
     result = run(not args.no_compile, args.repeats)
