@@ -54,7 +54,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _meta import commit  # bench/ is on sys.path (script or pytest)
+from _meta import commit, cpu_name  # bench/ is on sys.path (script or pytest)
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -248,6 +248,9 @@ def main() -> None:
                         help="run every row alone in a fresh process, ROUNDS times, rows "
                              "interleaved round by round; the naive rows then keep the C "
                              "library's allocator defaults, as research code does")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON path, e.g. bench/results/<commit>/train_step_1.json (default: "
+                             "bench/results/train_step_<arch>_b<batch>[_<rows>][_fresh-processes].json)")
     parser.add_argument("--emit-json", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     retain = args.retain_memory == "on"
@@ -266,6 +269,7 @@ def main() -> None:
         return
     rates, conv = measured["images_per_s_median"], measured.get("convolution_ms_per_step")
     meta = {"arch": args.arch, "peers": 2, "batch_size": args.batch_size, "image": "3x32x32",
+            "cpu": cpu_name(), "steps": args.steps, "warmup": args.warmup, "rows": list(rows),
             "threads": torch.get_num_threads(), "torch": torch.__version__, "commit": commit(),
             "retain_memory": retain, "fresh_processes": args.fresh_processes, **measured}
     how = (f"each row alone in a fresh process, median of {args.fresh_processes} rounds of"
@@ -276,12 +280,12 @@ def main() -> None:
     print_rates(rates, measured["page_faults_per_step"], measured["first_step_s"])
     if conv is not None:
         print_ceiling(rates, conv, args.batch_size, measured["gflop_per_step"])
-    RESULTS.mkdir(exist_ok=True)
     suffix = "" if set(rows) == set(ROWS) else "_" + "_".join(r.replace(" ", "").replace(",", "")
                                                               for r in rows)
     suffix += "" if retain else "_retain-memory-off"
     suffix += "_fresh-processes" if args.fresh_processes else ""
-    out = RESULTS / f"train_step_{args.arch}_b{args.batch_size}{suffix}.json"
+    out = args.out or RESULTS / f"train_step_{args.arch}_b{args.batch_size}{suffix}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(meta, indent=2) + "\n")
     print(f"\nwrote {out}")
 
