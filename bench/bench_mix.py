@@ -19,8 +19,8 @@ Rows, per case (threads fixed by --threads, default 2):
   input stage, forward - the batch x [N, C, H, W] gets a CutMix box from a local partner, then a
   whole-sample blend with a global partner:
     clone           one x.clone(): the floor (reads and writes the batch once)
-    add             torch.add of x and a second batch: the floor of any op that, like the
-                    global blend, reads two samples for every sample it writes
+    add             torch.add of x and a second batch: a point of reference, not a floor (it
+                    reads two batches; the global blend reads one batch twice)
     mix x2          metamixer::mix twice (box call, then blend call), as two separate ops
     mix2 fused      metamixer::mix2: both stages in one pass
     mix2, cached stores / mix2, streamed stores
@@ -162,8 +162,9 @@ class WithStores:
 
 
 def core_rows(batches: Batches) -> dict[str, Callable[[], object] | str]:
-    """The floors, our two ways of doing the input stage, and the fused one with its store mode
-    forced each way (see the module docstring)."""
+    """The floor (clone), a point of reference (add of two different batches, which reads twice
+    the data the blend does), our two ways of doing the input stage, and the fused one with its
+    store mode forced each way (see the module docstring)."""
     def clone() -> object:
         return batches()[0].clone()
 
@@ -344,7 +345,7 @@ def markdown(result: dict) -> str:
              f"rounds" + (f"; a fresh batch every call (rings of {ring} batches)"
                           if result.get("fresh_batches") else "") + ".", "",
              "| case | implementation | median ms | min ms | median / clone median | "
-             "min / clone min | ours (median) is x faster |",
+             "min / clone min | fused (median) is x faster |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for case, rows in result["cases"].items():
         clone, clone_min = rows["clone"]["median_ms"], rows["clone"]["min_ms"]

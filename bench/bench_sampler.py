@@ -36,7 +36,7 @@ def measure(shape: tuple[int, int, int, int], rounds: int) -> dict[str, float]:
     y = torch.randint(0, 100, (n,), generator=torch.Generator().manual_seed(0))
     rows = {"clone of the fp32 batch": x.clone}
     for name, sampler in (("MetaMixer sample+resolve+target", MetaMixer()),
-                          ("CutMixOrMixup(elem) sample+target", CutMixOrMixup(mode="elem"))):
+                          ("CutMixOrMixup(elem) sample+resolve+target", CutMixOrMixup(mode="elem"))):
         def step(s=sampler) -> object:
             return s.sample(y).resolve((h, w)).target
 

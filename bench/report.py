@@ -111,14 +111,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--retain-memory", choices=["on", "off"], default="off",
                         help="glibc keeps freed memory mapped, as the training loop's "
                              "retain_memory option does (default off: malloc's defaults)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON path (default: bench/results/mixed_kd_loss-<commit>"
+                             "[-retain-memory].json, which a second run at the commit replaces)")
     args = parser.parse_args(argv)
     report = loss_report(args.threads, args.rounds, args.retain_memory == "on")
     print(loss_markdown(report))
     suffix = "-retain-memory" if report["retain_memory"] else ""
-    out = ROOT / "bench" / "results" / f"mixed_kd_loss-{report['commit']}{suffix}.json"
+    out = args.out or ROOT / "bench" / "results" / f"mixed_kd_loss-{report['commit']}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out.relative_to(ROOT)}")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
