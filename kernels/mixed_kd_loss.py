@@ -15,8 +15,14 @@ s_k = softmax(z_k), p_k = softmax(z_k / T), lse1_k = logsumexp(z_k), lseT_k = lo
 Forward: one pass over Z. Each row's K peers are one [K_PAD, BLOCK_C] tile per chunk of
 classes, reduced with an online softmax (flash-attention style running max and rescaled sums):
 per peer the max, sum exp(z - m), sum exp((z - m)/T); pairwise the K x K sums
-U[j,k] = sum_c exp((z_j,c - m_j)/T) (z_j,c - z_k,c); ensemble the running max/sum of E/T and
-V[k] = sum_c exp((E_k,c - mE_k)/T) (E_k,c - z_k,c). Label logits are gathered (M loads).
+U[j,k] = sum_c exp(d_j,c/T) (d_j,c - d_k,c), d = z - m (each peer's running max); ensemble the
+running max/sum of E/T and V[k] = sum_c exp(dE_k,c/T) (dE_k,c - d_k,c), dE = E - mE. Then
+KL(p_j || p_k) = U[j,k]/(T S_j) - log(S_j/S_k) (S = sum exp(d/T)) and the ensemble's
+V[k]/(T SE_k) - log(SE_k/S_k): the (m_j - m_k)/T of lseT_j - lseT_k cancels the one inside the
+sums exactly and is never formed, so a per-peer constant offset of the logits (to which softmax
+is blind) costs no precision. When a running max moves, every old term's bracket moves by the
+same constant: U += (dm_j - dm_k) S_j (V likewise) besides the usual exp rescaling.
+Label logits are gathered (M loads).
 When C fits one chunk, ROWS rows share a program (packed); otherwise one row per program walks
 the chunks. Writes per-row losses [K, B] x 2 (averaged by the launcher) and row_stats [K, B, 3]
 = (lse1, lseT, lseE or 0).
@@ -161,26 +167,38 @@ def _mixed_kd_loss_fwd_kernel(
                 z, mask, cmask = _load_tile(base, c0 + cc, kmask, C, stride_c, ACC)
                 m_new = tl.maximum(m, tl.max(z, axis=1))
                 ms = _safe_max(m_new)
+                # dm = m_old - m_new (<= 0): every old bracket (d_j - d_k) of U (V) moves by
+                # dm_j - dm_k when the maxima move; where m_old = -inf the old sums are 0.
+                dm = _safe_max(m) - ms
                 d = z - ms[:, None]
                 et = tl.exp(d / t)
                 s1 = s1 * tl.exp(m - ms) + tl.sum(tl.exp(d), axis=1)
-                st = st * tl.exp((m - ms) / t) + tl.sum(et, axis=1)
+                st_old = st * tl.exp((m - ms) / t)  # the old S_T, rescaled to the new max
+                st = st_old + tl.sum(et, axis=1)
                 if HAS_EPS:
                     zsum += tl.sum(tl.where(mask, z, 0.0), axis=1)
                 if ENSEMBLE:
-                    e = _ensemble_logits(a2, z, cmask)
+                    # E from d = z - m plus sum_j A[k,j] m_j: z is dead after d (registers).
+                    em = tl.sum(tl.where(a2 != 0, a2 * ms[None, :], 0.0), axis=1)
+                    e = _ensemble_logits(a2, d, cmask) + em[:, None]
                     me_new = tl.maximum(me, tl.max(e, axis=1))
                     mes = _safe_max(me_new)
-                    ee = tl.exp((e - mes[:, None]) / t)
-                    alpha = tl.exp((me - mes) / t)
-                    se = se * alpha + tl.sum(ee, axis=1)
-                    v = v * alpha + tl.sum(tl.where(ee > 0, ee * (e - z), 0.0), axis=1)
+                    dme = _safe_max(me) - mes
+                    de = e - mes[:, None]
+                    ee = tl.exp(de / t)
+                    se_old = se * tl.exp((me - mes) / t)
+                    se = se_old + tl.sum(ee, axis=1)
+                    # V[k] = sum_c exp(dE_k,c / T) (dE_k,c - d_k,c), dE = E - mE, d = z - m.
+                    v = (v * tl.exp((me - mes) / t) + (dme - dm) * se_old
+                         + tl.sum(tl.where(ee > 0, ee * (de - d), 0.0), axis=1))
                     me = me_new
                 else:
-                    # U[j, k] += sum_c exp((z_j - m_j)/T) (z_j - z_k), zero where p_j = 0.
+                    # U[j, k] = sum_c exp(d_j,c / T) (d_j,c - d_k,c), d = z - (running max),
+                    # zero where p_j = 0: the peers' maxima (offsets) never enter it.
                     ej = et[:, None, :]
-                    du = tl.where(ej > 0, ej * (z[:, None, :] - z[None, :, :]), 0.0)
-                    u = u * tl.exp((m - ms) / t)[:, None] + tl.sum(du, axis=2)
+                    du = tl.where(ej > 0, ej * (d[:, None, :] - d[None, :, :]), 0.0)
+                    u = (u * tl.exp((m - ms) / t)[:, None]
+                         + (dm[:, None] - dm[None, :]) * st_old[:, None] + tl.sum(du, axis=2))
                 m = m_new
             ms = _safe_max(m)
             lse1 = ms + tl.log(s1)
@@ -207,16 +225,18 @@ def _mixed_kd_loss_fwd_kernel(
             nbad += (tl.abs(wsum - 1) > 1e-3).to(tl.int32)
             if nbad > 0:
                 tl.store(ok_ptr, 0)
+            # The KLs in max-relative coordinates: the (m_j - m_k) / T of the lse difference
+            # cancels the one inside U (V) exactly, so it is never formed (a per-peer offset of
+            # the logits would otherwise cancel in float arithmetic, losing precision).
             if ENSEMBLE:
-                mes = _safe_max(me)
-                lsee = mes / t + tl.log(se)
-                kl = v / (t * se) - ((mes - ms) / t + tl.log(se) - tl.log(st))
+                lsee = _safe_max(me) / t + tl.log(se)
+                kl = v / (t * se) - tl.log(se / st)
                 kd = t * t * kl
             else:
                 lsee = tl.zeros([K_PAD], ACC)
-                # KL(p_j || p_k) = U[j,k] / (T S_j) - (lseT_j - lseT_k), j along axis 0.
-                dl = (ms[:, None] - ms[None, :]) / t + tl.log(st)[:, None] - tl.log(st)[None, :]
-                kl = u / (t * st)[:, None] - dl
+                # KL(p_j || p_k) = U[j,k] / (T S_j) - log(S_j / S_k), j along axis 0 (one log of
+                # the ratio: log S_j - log S_k would add two roundings of log S ~ log C).
+                kl = u / (t * st)[:, None] - tl.log(st[:, None] / st[None, :])
                 kd = t * t / (K - 1) * tl.sum(tl.where(pair, kl, 0.0), axis=0)
             out = kk * B + row
             tl.store(stats_ptr + out * 3, lse1, mask=kmask)
