@@ -57,6 +57,10 @@ double chunk_sum(const A* p, int64_t n) {
 
 // Factors that bring the row's sums (taken relative to max M) and a chunk's (relative to its
 // max m, or to 0 when m = -inf: then its sums are 0, or NaN for a NaN chunk) to a common max.
+// The running max after a chunk of max m (as Rescale::max).
+inline double running_max(double M, double m) {
+  return m != kNegInf && (M == kNegInf || m > M) ? m : M;
+}
 struct Rescale {
   double row1 = 1, rowT = 1, chunk1 = 1, chunkT = 1, max = kNegInf;
   Rescale(double M, double m, double invT) {
@@ -70,6 +74,19 @@ struct Rescale {
     }
   }
 };
+
+// The reference a running max stands for in the pair sums (0 while a peer has only -inf, as
+// the chunk references), and the change of a pair term (z_t - at(M_t)) - (z_s - at(M_s)) when
+// the references move from (t0, s0) to (t1, s1).
+inline double at(double max) { return max == kNegInf ? 0.0 : max; }
+inline double shift(double t0, double t1, double s0, double s1) {
+  return (at(t0) - at(t1)) - (at(s0) - at(s1));
+}
+// 0 where both maxima are finite; NaN where a peer's row is all -inf (its softmax is undefined),
+// as the difference of the lse terms gave before the maxima were cancelled from it.
+inline double unbounded(double max_t, double max_s) {
+  return max_t == kNegInf || max_s == kNegInf ? std::numeric_limits<double>::quiet_NaN() : 0.0;
+}
 
 // Calls f(std::integral_constant<int, K>) for K in 2..8 (loops over peers unroll and the
 // per-peer accumulators live in registers), else f(std::integral_constant<int, 0>) (run time K).
@@ -102,7 +119,10 @@ inline U int_pow(const U& x, int n) {
 }
 
 // Column sums of target t over [i0, i1): exp(z_t - ref), exp((z_t - ref)/T), and for every
-// other peer s (pairwise mode) y[s] += e_T (z_t - z_s) where e_T > 0 (the test, Masked, is
+// other peer s (pairwise mode) y[s] += e_T (z_t - z_s) where e_T > 0. The forward passes every
+// peer's logits minus its own chunk max (ref = 0), so that an offset between the peers' logits,
+// which softmax ignores, never enters a sum (with raw z_t - z_s the KL came out of a difference
+// of two terms of the offset's size, losing ~eps * offset / T). (The test, Masked, is
 // needed only where 0 * -inf would give NaN; the caller reruns masked when the unmasked sums
 // come out NaN). KC: K if known, else 0.
 // With eo set, e_T is also stored to eo[i] (the stored exponentials, LossArgs::chunk_scale).
@@ -153,18 +173,29 @@ void target_cols(const A* const* zc, int64_t K_rt, int64_t t, int64_t i0, int64_
     for (int64_t s = 0; s < K; ++s) y[s] += yl[s];
 }
 
-// Ensemble target of one peer: sums of exp((E - ref)/T) and e (E - z_k) where e > 0.
+// Ensemble target of one peer over [0, nv): sums of exp((E - ref)/T) and
+// e ((E - ref) - (z_k - ref_k)) where e > 0 (each relative to its own reference, as in
+// target_cols). With tail_n > 0 one more vector follows, the chunk's ragged end: E from
+// e + nv (any finite padding) and z_k from zk_tail (padded), its first tail_n lanes counted.
+// The sums run in the same lane order as target_cols' T-sum, so that where E_k equals a peer's
+// logits (K = 2) the two sums round alike and a KL of nearly equal rows keeps its digits.
 template <typename U, typename A>
-void ensemble_cols(const A* e, const A* zk, int64_t i0, int64_t i1, A ref, A invT, U& se, U& de) {
+void ensemble_cols(const A* e, const A* zk, int64_t nv, A ref, A ref_k, A invT, const A* zk_tail,
+                   int64_t tail_n, U& se, U& de) {
   constexpr int64_t W = sizeof(U) / sizeof(A);
   const U zero{};
   U ls{}, ld{};
-  for (int64_t i = i0; i < i1; i += W) {
-    const U ev = load<U>(e + i);
-    const U x = vexp_bounded((ev - ref) * invT);
+  const auto step = [&](const A* ep, const A* zp, auto padded) {
+    U d = load<U>(ep) - ref;
+    const auto valid = lane_index<U>() < static_cast<A>(tail_n);  // (used when padded)
+    if constexpr (decltype(padded)::value) d = select(valid, d, zero);
+    U x = vexp_bounded(d * invT);
+    if constexpr (decltype(padded)::value) x = select(valid, x, zero);
     ls += x;
-    ld += select(x > zero, x * (ev - load<U>(zk + i)), zero);
-  }
+    ld += select(x > zero, x * (d - (load<U>(zp) - ref_k)), zero);
+  };
+  for (int64_t i = 0; i < nv; i += W) step(e + i, zk + i, std::false_type{});
+  if (tail_n > 0) step(e + nv, zk_tail, std::true_type{});
   se += ls, de += ld;
 }
 
@@ -207,12 +238,17 @@ struct RowScratch {
   std::vector<A> tail_z, tail_e, tail_g;
   std::vector<const A*> tz, te;
   std::vector<A*> tg;
+  // The forward's chunk of every peer minus its chunk max (dc), and its padded ragged end (td).
+  std::vector<A> dbuf, tail_d;
+  std::vector<const A*> dc, td;
   RowScratch(const LossArgs<T>& a, bool grad)
       : K(a.K), zbuf(std::is_same_v<T, A> ? 0 : a.K * kChunk), ebuf(kChunk),
         gbuf(grad && !std::is_same_v<T, A> ? a.K * kChunk : 0), coef(a.K * a.K), zc(a.K),
-        tail_z(a.K * W), tail_e(a.K * W), tail_g(a.K * W), tz(a.K), te(a.K), tg(a.K) {
+        tail_z(a.K * W), tail_e(a.K * W), tail_g(a.K * W), tz(a.K), te(a.K), tg(a.K),
+        dbuf(grad ? 0 : a.K * kChunk), tail_d(a.K * W), dc(a.K), td(a.K) {
     for (int64_t k = 0; k < K; ++k)
-      tz[k] = tail_z.data() + k * W, te[k] = tail_e.data() + k * W, tg[k] = tail_g.data() + k * W;
+      tz[k] = tail_z.data() + k * W, te[k] = tail_e.data() + k * W, tg[k] = tail_g.data() + k * W,
+      td[k] = tail_d.data() + k * W;
     V* v = vector_slots<V>(store_v, K * K + 3 * K);
     v1 = v, v2 = v + K * K, v3 = v2 + K, v4 = v3 + K;
     store_s.assign(K * K + K, A(0));
@@ -224,6 +260,20 @@ struct RowScratch {
     for (int64_t k = 0; k < K; ++k)
       zc[k] = chunk_view(a.z[k] + b * a.z_stride[k] + c0, n,
                          zbuf.empty() ? nullptr : zbuf.data() + k * kChunk);
+  }
+  // dc[k] = zc[k] - ref[k] over the chunk's n columns, and td its ragged end [nv, n) padded
+  // with -inf (padding lanes: exp(-inf) = 0, and the masked path keeps their pair terms 0).
+  // The forward's pair sums then take differences of centred logits.
+  void center_chunk(const A* ref, int64_t nv, int64_t n) {
+    for (int64_t k = 0; k < K; ++k) {
+      A* d = dbuf.data() + k * kChunk;
+      const A* z = zc[k];
+      const A r = ref[k];
+      for (int64_t i = 0; i < nv; i += W) store(d + i, load<V>(z + i) - r);
+      for (int64_t i = nv; i < n; ++i) d[i] = z[i] - r;
+      dc[k] = d;
+    }
+    if (nv < n) pad_tail(dc.data(), tail_d, nv, n, A(kNegInf));
   }
   // dst[k * W ...] = the columns [nv, n) of src[k], then `pad` up to a whole vector.
   template <typename P>
@@ -247,9 +297,12 @@ void forward_rows(const LossArgs<T>& a, int64_t b_begin, int64_t b_end) {
   const TempPow tp(a.temperature);
   RowScratch<T> sc(a, false);
   // Per-row running state: max, sum exp(z - max), sum exp((z - max)/T), sum z, pair sums
-  // Y[t*K + s] (scaled like the T-sum of t), and the ensemble target's max and sums.
-  std::vector<double> M(K), S1(K), ST(K), SZ(K), Y(K * K), ME(K), SE(K), DE(K), LT(K);
-  std::vector<A> ys(K);  // one target's pair sums of a chunk, reduced
+  // Y[t*K + s] (scaled like the T-sum of t; in the coordinates z_t - at(M_t), z_s - at(M_s)),
+  // and the ensemble target's max and sums (DE in the coordinates E - at(ME), z_k - at(M_k)).
+  std::vector<double> M(K), S1(K), ST(K), SZ(K), Y(K * K), ME(K), SE(K), DE(K), LT(K), logST(K);
+  std::vector<double> M_before(K), M_after(K);  // the running maxima before and after a chunk
+  std::vector<A> ys(K);             // one target's pair sums of a chunk, reduced
+  std::vector<A> cmax(K), cref(K);  // this chunk's max per peer, and its reference
   // Stored exponentials (LossArgs::chunk_scale): each chunk's max per peer, for its scale.
   const bool keep = std::is_same_v<T, A> && a.chunk_scale != nullptr;
   const int64_t n_chunks = (C + kChunk - 1) / kChunk;
@@ -261,11 +314,15 @@ void forward_rows(const LossArgs<T>& a, int64_t b_begin, int64_t b_end) {
     for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
       const int64_t n = std::min(kChunk, C - c0), nv = n / W * W;
       sc.load_chunk(a, b, c0, n);
-      // padding lanes: exp(-inf) = 0, and the masked path keeps their pair terms 0
-      if (nv < n) sc.pad_tail(sc.zc.data(), sc.tail_z, nv, n, A(kNegInf));
+      for (int64_t k = 0; k < K; ++k) {
+        cmax[k] = chunk_max(sc.zc[k], n);
+        cref[k] = cmax[k] == A(kNegInf) ? A(0) : cmax[k];
+        M_before[k] = M[k];
+        M_after[k] = running_max(M[k], cmax[k]);
+      }
+      sc.center_chunk(cref.data(), nv, n);
       for (int64_t t = 0; t < K; ++t) {
-        const A m = chunk_max(sc.zc[t], n);
-        const A ref = m == A(kNegInf) ? A(0) : m;
+        const A m = cmax[t], ref = cref[t];
         A* eo = nullptr;
         if constexpr (std::is_same_v<T, A>)
           if (keep) eo = a.dz[t] + b * a.dz_stride[t] + c0, chunk_max_of[t * n_chunks + c0 / kChunk] = m;
@@ -275,8 +332,8 @@ void forward_rows(const LossArgs<T>& a, int64_t b_begin, int64_t b_end) {
           std::fill(sc.v2, sc.v2 + K, V{});
           with_peers(K, [&](auto kc) {
             target_cols<decltype(kc)::value, decltype(masked)::value, V>(
-                sc.zc.data(), K, t, 0, nv, ref, invT, tp, pairs, sc.v2, vs1, vsT, eo,
-                nv < n ? sc.tz.data() : nullptr, n - nv, eo ? sc.tg[t] : nullptr);
+                sc.dc.data(), K, t, 0, nv, A(0), invT, tp, pairs, sc.v2, vs1, vsT, eo,
+                nv < n ? sc.td.data() : nullptr, n - nv, eo ? sc.tg[t] : nullptr);
           });
         };
         sums(std::false_type{});
@@ -291,12 +348,20 @@ void forward_rows(const LossArgs<T>& a, int64_t b_begin, int64_t b_end) {
         }
         if (eo && nv < n) std::copy(sc.tg[t], sc.tg[t] + (n - nv), eo + nv);
         const Rescale r(M[t], m, invT_d);
+        const double st_before = ST[t], st_chunk = double(hsum(vsT));
         M[t] = r.max;
         S1[t] = S1[t] * r.row1 + double(hsum(vs1)) * r.chunk1;
-        ST[t] = ST[t] * r.rowT + double(hsum(vsT)) * r.chunkT;
+        ST[t] = ST[t] * r.rowT + st_chunk * r.chunkT;
         if (eps > 0) SZ[t] += chunk_sum(sc.zc[t], n);
-        if (pairs)
-          for (int64_t s = 0; s < K; ++s) Y[t * K + s] = Y[t * K + s] * r.rowT + double(ys[s]) * r.chunkT;
+        if (!pairs) continue;
+        for (int64_t s = 0; s < K; ++s) {
+          if (s == t) continue;
+          // Moving every term's coordinates adds the same shift to each: shift * its T-sum.
+          const double old_shift = shift(M_before[t], r.max, M_before[s], M_after[s]);
+          const double chunk_shift = shift(ref, r.max, cref[s], M_after[s]);
+          Y[t * K + s] = (Y[t * K + s] + old_shift * st_before) * r.rowT +
+                         (double(ys[s]) + chunk_shift * st_chunk) * r.chunkT;
+        }
       }
       if (pairs) continue;
       for (int64_t k = 0; k < K; ++k) {
@@ -304,19 +369,22 @@ void forward_rows(const LossArgs<T>& a, int64_t b_begin, int64_t b_end) {
         const A m = chunk_max(sc.ebuf.data(), n);
         const A ref = m == A(kNegInf) ? A(0) : m;
         V vse{}, vde{};
-        A sse = 0, sde = 0;
-        ensemble_cols<V>(sc.ebuf.data(), sc.zc[k], 0, nv, ref, invT, vse, vde);
-        ensemble_cols<A>(sc.ebuf.data(), sc.zc[k], nv, n, ref, invT, sse, sde);
+        if (nv < n) std::fill(sc.ebuf.begin() + n, sc.ebuf.begin() + nv + W, A(0));
+        ensemble_cols<V>(sc.ebuf.data(), sc.dc[k], nv, ref, A(0), invT, sc.td[k], n - nv, vse, vde);
         const Rescale r(ME[k], m, invT_d);
+        const double se_before = SE[k], se_chunk = double(hsum(vse));
+        const double old_shift = shift(ME[k], r.max, M_before[k], M[k]);  // (M[k]: updated above)
+        const double chunk_shift = shift(ref, r.max, cref[k], M[k]);
         ME[k] = r.max;
-        SE[k] = SE[k] * r.rowT + (double(hsum(vse)) + sse) * r.chunkT;
-        DE[k] = DE[k] * r.rowT + (double(hsum(vde)) + sde) * r.chunkT;
+        SE[k] = SE[k] * r.rowT + se_chunk * r.chunkT;
+        DE[k] = (DE[k] + old_shift * se_before) * r.rowT +
+                (double(hsum(vde)) + chunk_shift * se_chunk) * r.chunkT;
       }
     }
     // Row results.
     const int64_t* lab = a.labels + b * a.M;
     const double* wts = a.weights + b * a.M;
-    for (int64_t k = 0; k < K; ++k) LT[k] = M[k] * invT_d + std::log(ST[k]);
+    for (int64_t k = 0; k < K; ++k) logST[k] = std::log(ST[k]), LT[k] = M[k] * invT_d + logST[k];
     if (keep) {  // p = e * exp((m_chunk - M)/T) / ST; a chunk of -inf (e = 0) gets 0, not NaN,
                  // unless the whole row is -inf: its loss is NaN, and so must its gradient be
       for (int64_t k = 0; k < K; ++k) {
@@ -346,13 +414,15 @@ void forward_rows(const LossArgs<T>& a, int64_t b_begin, int64_t b_end) {
       }
       a.ce_rows[k * B + b] = ce;
       double kd = 0;
+      // KL = sum p_t (z_t - z_s)/T - (lseT_t - lseT_s), with the maxima's part of both terms
+      // cancelled exactly: in the coordinates of Y, sum p_t (...)/T - (log S_t - log S_s).
       if (pairs) {
         for (int64_t t = 0; t < K; ++t) {
           if (t == k) continue;
-          kd += Y[t * K + k] * invT_d / ST[t] - (LT[t] - lseT);
+          kd += Y[t * K + k] * invT_d / ST[t] - (logST[t] - logST[k]) + unbounded(M[t], M[k]);
         }
       } else {
-        kd = DE[k] * invT_d / SE[k] - (lseE - lseT);
+        kd = DE[k] * invT_d / SE[k] - (std::log(SE[k]) - logST[k]) + unbounded(ME[k], M[k]);
       }
       a.kd_rows[k * B + b] = kd;
     }
@@ -360,13 +430,16 @@ void forward_rows(const LossArgs<T>& a, int64_t b_begin, int64_t b_end) {
 }
 
 // Target-side sums for detach_targets=false over [i0, i1):
-// pairwise X[t*K + s] += p_t (z_t - z_s); ensemble X[k] += q_k (E_k - z_k) (where p, q > 0).
+// pairwise X[t*K + s] += p_t (z_t - z_s); ensemble X[k] += q_k (E_k - z_k) (where p, q > 0),
+// each logit taken relative to its peer's anchor (anc: lse1; ancE: T lseE, as an fp32 number),
+// so that an offset between the peers' logits cancels before it is summed (grad_cols uses the
+// same anchors, and the differences of anchors cancel between the two).
 // With ec set, p = ec * es (the stored exponentials, as grad_cols takes them: the two must
 // agree, or the target terms that cancel exactly in exact arithmetic leave a residue).
 template <typename U, typename A>
 void target_grad_sums(const A* const* zc, const A* const* ec, const A* es, const A* coef, int64_t K,
                       bool pairs, int64_t i0, int64_t i1, A invT, const A* lseT, const A* lseE,
-                      U* x, U* zv) {
+                      const A* anc, const A* ancE, U* x, U* zv) {
   constexpr int64_t W = sizeof(U) / sizeof(A);
   const U zero{};
   for (int64_t i = i0; i < i1; i += W) {
@@ -375,13 +448,13 @@ void target_grad_sums(const A* const* zc, const A* const* ec, const A* es, const
       if (pairs) {
         const U p = ec ? load<U>(ec[t] + i) * es[t] : vexp_bounded(zv[t] * invT - lseT[t]);
         for (int64_t s = 0; s < K; ++s)
-          if (s != t) x[t * K + s] += select(p > zero, p * (zv[t] - zv[s]), zero);
+          if (s != t) x[t * K + s] += select(p > zero, p * ((zv[t] - anc[t]) - (zv[s] - anc[s])), zero);
       } else {
         U e{};
         for (int64_t j = 0; j < K; ++j)
           if (coef[t * K + j] != A(0)) e += coef[t * K + j] * zv[j];
         const U q = vexp_bounded(e * invT - lseE[t]);
-        x[t] += select(q > zero, q * (e - zv[t]), zero);
+        x[t] += select(q > zero, q * ((e - ancE[t]) - (zv[t] - anc[t])), zero);
       }
     }
   }
@@ -390,7 +463,7 @@ void target_grad_sums(const A* const* zc, const A* const* ec, const A* es, const
 // Per-row constants of the gradient pass.
 template <typename A>
 struct GradRow {
-  const A *lse1, *lseT, *lseE, *a1, *a0, *beta, *H, *coef, *cT;
+  const A *lse1, *lseT, *lseE, *a1, *a0, *beta, *H, *coef, *cT, *anc, *ancE;
   A invT;
   int64_t K;
   TempPow tp;
@@ -437,7 +510,7 @@ void grad_cols(const GradRow<A>& g, const A* const* zc, const A* const* ec, cons
         for (int64_t t = 0; t < K; ++t) {  // target: p_t (sum_s beta_s (z_t - z_s)/T - H_t)
           U acc{};
           for (int64_t s = 0; s < K; ++s)
-            if (s != t) acc += g.beta[s] * (zv[t] - zv[s]);
+            if (s != t) acc += g.beta[s] * ((zv[t] - g.anc[t]) - (zv[s] - g.anc[s]));
           gv[t] += select(pv[t] > zero, pv[t] * (acc * g.invT - g.H[t]), zero);
         }
       }
@@ -449,7 +522,9 @@ void grad_cols(const GradRow<A>& g, const A* const* zc, const A* const* ec, cons
         const U q = vexp_bounded(e * g.invT - g.lseE[k]);
         gv[k] += g.beta[k] * (pv[k] - q);
         if (g.targets) {  // through E into every peer j with A[k, j] != 0
-          const U r = select(q > zero, g.beta[k] * q * ((e - zv[k]) * g.invT - g.H[k]), zero);
+          const U r = select(q > zero,
+                             g.beta[k] * q * (((e - g.ancE[k]) - (zv[k] - g.anc[k])) * g.invT - g.H[k]),
+                             zero);
           for (int64_t j = 0; j < K; ++j)
             if (g.coef[k * K + j] != A(0)) gv[j] += g.coef[k * K + j] * r;
         }
@@ -467,7 +542,7 @@ void backward_rows(const LossArgs<T>& a, int64_t b_begin, int64_t b_end) {
   const int64_t K = a.K, C = a.C, B = a.B;
   const double T_ = a.temperature, eps = a.label_smoothing;
   RowScratch<T> sc(a, true);
-  std::vector<A> lse1(K), lseT(K), lseE(K), a1(K), a0(K), beta(K), H(K), cT(K);
+  std::vector<A> lse1(K), lseT(K), lseE(K), a1(K), a0(K), beta(K), H(K), cT(K), anc(K), ancE(K);
   std::vector<double> alpha(K), Xd(K * K);
   std::vector<A*> gc(K);
   std::vector<const A*> ec(K);
@@ -491,7 +566,8 @@ void backward_rows(const LossArgs<T>& a, int64_t b_begin, int64_t b_end) {
     any_kd = any_kd || a.grad_kd[k] != 0;
   }
   GradRow<A> g{lse1.data(), lseT.data(), lseE.data(), a1.data(), a0.data(), beta.data(), H.data(),
-               sc.coef.data(), cT.data(), static_cast<A>(1.0 / T_), K, TempPow(T_), !a.ensemble,
+               sc.coef.data(), cT.data(), anc.data(), ancE.data(), static_cast<A>(1.0 / T_), K,
+               TempPow(T_), !a.ensemble,
                !a.detach_targets && any_kd};
   for (int64_t b = b_begin; b < b_end; ++b) {
     const int64_t* lab = a.labels + b * a.M;
@@ -501,6 +577,10 @@ void backward_rows(const LossArgs<T>& a, int64_t b_begin, int64_t b_end) {
     for (int64_t k = 0; k < K; ++k) {
       const A* st = a.row_stats + (k * B + b) * 3;
       lse1[k] = st[0], lseT[k] = st[1], lseE[k] = st[2];
+      // anchors near each peer's logits (lse1 <= max + log C) and its ensemble target's (its
+      // lse at T, times T); 0 where not finite (the terms are then NaN or masked anyway)
+      anc[k] = std::isfinite(st[0]) ? st[0] : A(0);
+      ancE[k] = std::isfinite(st[2]) ? static_cast<A>(T_ * double(st[2])) : A(0);
       cT[k] = stored ? a.chunk_scale[(k * B + b) * (n_chunks + 1) + n_chunks]
                      : static_cast<A>(std::exp(double(st[1]) * T_ - double(st[0])));
       a1[k] = static_cast<A>(alpha[k] * wsum);
@@ -516,11 +596,11 @@ void backward_rows(const LossArgs<T>& a, int64_t b_begin, int64_t b_end) {
         std::fill(sc.s1, sc.s1 + K * K, A(0));
         const A* const* e = stored ? ec.data() : nullptr;
         target_grad_sums<V>(sc.zc.data(), e, es.data(), sc.coef.data(),
-                            K, g.pairs, 0, nv, g.invT, lseT.data(), lseE.data(), sc.v1,
-                            sc.v2);
+                            K, g.pairs, 0, nv, g.invT, lseT.data(), lseE.data(), anc.data(),
+                            ancE.data(), sc.v1, sc.v2);
         target_grad_sums<A>(sc.zc.data(), e, es.data(), sc.coef.data(),
-                            K, g.pairs, nv, n, g.invT, lseT.data(), lseE.data(), sc.s1,
-                            sc.s2);
+                            K, g.pairs, nv, n, g.invT, lseT.data(), lseE.data(), anc.data(),
+                            ancE.data(), sc.s1, sc.s2);
         for (int64_t i = 0; i < K * K; ++i) Xd[i] += double(hsum(sc.v1[i])) + sc.s1[i];
       }
       for (int64_t t = 0; t < K; ++t) {
