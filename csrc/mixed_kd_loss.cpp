@@ -283,13 +283,13 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(const Peers& p, const Plan& plan
                                                 StoredExp* keep) {
   const auto odt = out_dtype(dtype);
   const auto opts = at::TensorOptions().dtype(odt);
-  Tensor stats = at::empty({p.K, p.B, 3}, opts);
+  Tensor stats = at::empty({p.K, p.B, 3}, opts.dtype(at::kDouble));
   std::vector<double> ce_rows(p.K * p.B), kd_rows(p.K * p.B);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "mixed_kd_loss", [&] {
     using T = typename CoreType<scalar_t>::type;
     std::vector<const T*> z;
     core::LossArgs<T> a = make_args<T>(p, plan, z);
-    a.row_stats = stats.data_ptr<core::acc_t<T>>();
+    a.row_stats = stats.data_ptr<double>();
     a.ce_rows = ce_rows.data(), a.kd_rows = kd_rows.data();
     std::vector<T*> dz;
     if (keep) {  // (only float32 logits get here: see stored_exp_for)
@@ -334,7 +334,7 @@ std::vector<double> grad_values(const Tensor& g, int64_t K, const char* name) {
 
 // The backward on peers p = view_peers(logits) with a checked plan: into `stored` (which holds
 // the forward's exponentials) or into fresh buffers like the logits.
-// `stats`: the forward's row_stats, contiguous, in out_dtype of the logits' dtype.
+// `stats`: the forward's row_stats, contiguous, float64.
 std::vector<Tensor> backward_impl(const Peers& p, const Plan& plan, TensorList logits,
                                   const Tensor& stats, const Tensor& grad_ce,
                                   const Tensor& grad_kd, StoredExp* stored) {
@@ -349,7 +349,7 @@ std::vector<Tensor> backward_impl(const Peers& p, const Plan& plan, TensorList l
     std::vector<T*> dz;
     for (void* o : buf.out) dz.push_back(static_cast<T*>(o));
     core::LossArgs<T> a = make_args<T>(p, plan, z);
-    a.row_stats = const_cast<core::acc_t<T>*>(stats.data_ptr<core::acc_t<T>>());
+    a.row_stats = const_cast<double*>(stats.data_ptr<double>());
     a.grad_ce = gce.data(), a.grad_kd = gkd.data();
     a.dz = dz.data(), a.dz_stride = buf.stride.data();
     if (stored) set_chunk_scale(a, stored->chunk_scale);
@@ -370,7 +370,7 @@ std::vector<Tensor> mixed_kd_loss_bwd(const Tensor& grad_ce, const Tensor& grad_
   TORCH_CHECK_VALUE(row_stats.dim() == 3 && row_stats.size(0) == p.K && row_stats.size(1) == p.B &&
                         row_stats.size(2) == 3,
                     "mixed_kd_loss backward: 'row_stats' must be [K, B, 3]");
-  const Tensor stats = row_stats.to(out_dtype(logits[0].scalar_type())).contiguous();
+  const Tensor stats = row_stats.to(at::kDouble).contiguous();
   return backward_impl(p, plan, logits, stats, grad_ce, grad_kd, nullptr);
 }
 

@@ -51,7 +51,8 @@ def _mixed_kd_loss_forward(logits: list[Tensor], labels: Tensor, weights: Tensor
                            temperature: float, label_smoothing: float, mode: str,
                            peer_matrix: Tensor | None,
                            detach_targets: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (ce[K], kd[K], row_stats[K, B, 3]); row_stats is what the backward reuses."""
+    """Returns (ce[K], kd[K], row_stats[K, B, 3]); row_stats (float64) is what the backward
+    reuses."""
     _, _, c = check_mixed_kd_loss_args(logits, labels, weights, temperature, label_smoothing,
                                        mode, peer_matrix)
     run = _backend.kernel("mixed_kd_loss", logits[0].device)
@@ -73,7 +74,8 @@ def _(logits, labels, weights, temperature, label_smoothing, mode, peer_matrix, 
                                        mode, peer_matrix)
     dtype = reference.output_dtype(logits[0].dtype)
     z = logits[0]
-    return z.new_empty(k, dtype=dtype), z.new_empty(k, dtype=dtype), z.new_empty(k, b, 3, dtype=dtype)
+    return (z.new_empty(k, dtype=dtype), z.new_empty(k, dtype=dtype),
+            z.new_empty(k, b, 3, dtype=torch.float64))  # row_stats: float64 on every backend
 
 
 def _mixed_kd_loss_backward_body(grad_ce: Tensor, grad_kd: Tensor, logits: list[Tensor],

@@ -136,10 +136,12 @@ def row_stats(
     mode: str,
     peer_matrix: Tensor | None,
 ) -> Tensor:
-    """Per-row log-sum-exps the fused backward reuses: [K, B, 3] =
-    (logsumexp(z), logsumexp(z / T), logsumexp(E / T) for the ensemble target E, else 0)."""
+    """Per-row log-sum-exps the fused backward reuses: [K, B, 3] float64 =
+    (logsumexp(z), logsumexp(z / T), logsumexp(E / T) for the ensemble target E, else 0).
+    Float64 whatever the logits' dtype: a backward rebuilds its softmaxes from them, and an lse
+    of ~1000 in fp32 would carry a rounding of ~6e-5 into every probability."""
     z = stack_logits(logits).detach()
-    out_dtype = output_dtype(z.dtype)
+    out_dtype = torch.float64
     zf = z.to(out_dtype)
     lse1 = torch.logsumexp(zf, dim=-1)
     lse_t = torch.logsumexp(zf / temperature, dim=-1)

@@ -101,3 +101,54 @@ def test_gradient_not_detached_at_per_peer_offsets(loss_backend, mode, t, offset
     want = _ref(z, labels, weights, gce, gkd, **kw)
     assert_results_close(got, want)
     assert_results_close(_ref(z, labels, weights, gce, gkd, dtype=torch.float32, **kw), want)
+
+
+# ------------------------------------------------------- a large common offset in the backward
+# The backward rebuilds its softmaxes from the forward's per-row log-sum-exps (row_stats). Kept
+# in fp32, an lse of ~1000 carried an absolute rounding of ~6e-5 into every probability; they
+# are float64, and the backward takes the logits relative to an anchor near them.
+
+def _op_loss(z, labels, weights, *, temperature, label_smoothing, mode, peer_matrix,
+             detach_targets):
+    """The custom op itself (no eager shortcut: the backward reads row_stats on every backend)."""
+    ce, kd, _ = torch.ops.metamixer.mixed_kd_loss([z], labels, weights.float(), temperature,
+                                                  label_smoothing, mode, peer_matrix,
+                                                  detach_targets)
+    return ce, kd
+
+
+@pytest.mark.parametrize("detach", [True, False])
+# (At 1e4 the ensemble target sum_j A z_j itself rounds by ~1e-3 in fp32, and the float32
+# reference misses the rule there: no fp32 kernel can be asked for it.)
+@pytest.mark.parametrize("mode, offset, t", [("pairwise", 1000.0, 1.0), ("ensemble", 1000.0, 1.0),
+                                             ("pairwise", 1e4, 0.5)])
+@pytest.mark.parametrize("k, c", [(3, 8), (2, 1271)])
+def test_gradient_at_a_large_common_offset(loss_backend, mode, detach, offset, t, k, c):
+    g = torch.Generator().manual_seed(int(offset) + 10 * k + c)
+    z = (torch.randn(k, 2, c, generator=g, dtype=torch.float64) * 2 + offset).float()
+    labels = torch.randint(0, c, (2, 1), generator=g)
+    weights = torch.ones(2, 1, dtype=torch.float64)
+    gce, gkd = _grad_outputs(k, g)
+    kw = dict(temperature=t, label_smoothing=0.1, mode=mode, detach_targets=detach)
+    want = _ref(z, labels, weights, gce, gkd, **kw)
+    assert_results_close(_ours(z, labels, weights.float(), gce.float(), gkd.float(), **kw), want)
+    assert_results_close(_run_op(z, labels, weights, gce, gkd, kw), want)
+    assert_results_close(_ref(z, labels, weights, gce, gkd, dtype=torch.float32, **kw), want)
+
+
+def _run_op(z, labels, weights, gce, gkd, kw):
+    leaf = z.detach().clone().requires_grad_(True)
+    ce, kd = _op_loss(leaf, labels, weights, peer_matrix=None, **kw)
+    torch.autograd.backward((ce, kd), (gce.to(ce.dtype), gkd.to(kd.dtype)))
+    return ce, kd, [leaf.grad]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_stats_are_float64(loss_backend, dtype):
+    z = torch.randn(2, 3, 5).to(dtype)
+    labels, weights = torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1)
+    *_, stats = torch.ops.metamixer.mixed_kd_loss([z], labels, weights, 2.0, 0.0, "pairwise", None,
+                                                   True)
+    assert stats.dtype == torch.float64 and stats.shape == (2, 3, 3)
+    torch.testing.assert_close(stats[..., 1], torch.logsumexp(z.double() / 2, -1), rtol=1e-6,
+                               atol=1e-6)

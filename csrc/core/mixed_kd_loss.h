@@ -44,7 +44,10 @@ struct LossArgs {
   bool ensemble = false;
   const double* peer = nullptr;  // [K, K] row-major, ensemble mode only
   bool detach_targets = true;
-  acc_t<T>* row_stats = nullptr;  // [K, B, 3]: written by forward, read by backward
+  // [K, B, 3] (lse1, lseT, lseE), float64 whatever T: written by the forward, read by the
+  // backward, which rebuilds its softmaxes from them; in fp32 an lse of ~1000 would carry an
+  // absolute rounding of ~6e-5 into every probability.
+  double* row_stats = nullptr;
   double* ce_rows = nullptr;      // [K, B] forward output
   double* kd_rows = nullptr;      // [K, B] forward output
   const double* grad_ce = nullptr;  // [K] backward input

@@ -404,8 +404,8 @@ void forward_rows(const LossArgs<T>& a, int64_t b_begin, int64_t b_end) {
       const double lse1 = M[k] + std::log(S1[k]);
       const double lseT = LT[k];
       const double lseE = pairs ? 0.0 : ME[k] * invT_d + std::log(SE[k]);
-      A* st = a.row_stats + (k * B + b) * 3;
-      st[0] = static_cast<A>(lse1), st[1] = static_cast<A>(lseT), st[2] = static_cast<A>(lseE);
+      double* st = a.row_stats + (k * B + b) * 3;
+      st[0] = lse1, st[1] = lseT, st[2] = lseE;
       double ce = 0;
       for (int64_t m = 0; m < a.M; ++m) {
         const double nll = lse1 - double(to_acc(a.z[k][b * a.z_stride[k] + lab[m]]));
@@ -431,14 +431,14 @@ void forward_rows(const LossArgs<T>& a, int64_t b_begin, int64_t b_end) {
 
 // Target-side sums for detach_targets=false over [i0, i1):
 // pairwise X[t*K + s] += p_t (z_t - z_s); ensemble X[k] += q_k (E_k - z_k) (where p, q > 0),
-// each logit taken relative to its peer's anchor (anc: lse1; ancE: T lseE, as an fp32 number),
-// so that an offset between the peers' logits cancels before it is summed (grad_cols uses the
-// same anchors, and the differences of anchors cancel between the two).
+// each logit taken relative to its peer's anchor (see GradRow), so that an offset between the
+// peers' logits cancels before it is summed (grad_cols uses the same anchors, and the
+// differences of anchors cancel between the two).
 // With ec set, p = ec * es (the stored exponentials, as grad_cols takes them: the two must
 // agree, or the target terms that cancel exactly in exact arithmetic leave a residue).
 template <typename U, typename A>
 void target_grad_sums(const A* const* zc, const A* const* ec, const A* es, const A* coef, int64_t K,
-                      bool pairs, int64_t i0, int64_t i1, A invT, const A* lseT, const A* lseE,
+                      bool pairs, int64_t i0, int64_t i1, A invT, const A* rT, const A* rE,
                       const A* anc, const A* ancE, U* x, U* zv) {
   constexpr int64_t W = sizeof(U) / sizeof(A);
   const U zero{};
@@ -446,24 +446,28 @@ void target_grad_sums(const A* const* zc, const A* const* ec, const A* es, const
     for (int64_t k = 0; k < K; ++k) zv[k] = load<U>(zc[k] + i);
     for (int64_t t = 0; t < K; ++t) {
       if (pairs) {
-        const U p = ec ? load<U>(ec[t] + i) * es[t] : vexp_bounded(zv[t] * invT - lseT[t]);
+        const U p = ec ? load<U>(ec[t] + i) * es[t] : vexp_bounded((zv[t] - anc[t]) * invT - rT[t]);
         for (int64_t s = 0; s < K; ++s)
           if (s != t) x[t * K + s] += select(p > zero, p * ((zv[t] - anc[t]) - (zv[s] - anc[s])), zero);
       } else {
         U e{};
         for (int64_t j = 0; j < K; ++j)
           if (coef[t * K + j] != A(0)) e += coef[t * K + j] * zv[j];
-        const U q = vexp_bounded(e * invT - lseE[t]);
+        const U q = vexp_bounded((e - ancE[t]) * invT - rE[t]);
         x[t] += select(q > zero, q * ((e - ancE[t]) - (zv[t] - anc[t])), zero);
       }
     }
   }
 }
 
-// Per-row constants of the gradient pass.
+// Per-row constants of the gradient pass. The softmaxes are rebuilt from the row stats relative
+// to per-peer anchors near the logits: s = exp((z - anc) - r1), p = exp((z - anc)/T - rT),
+// q = exp((E - ancE)/T - rE), with anc = lse1 and ancE = T lseE rounded to A, and r1, rT, rE
+// the rest of lse1, lseT, lseE, taken in double: (z - anc) stays small, so no probability
+// carries the rounding of an lse of the logits' size (~6e-5 at 1000 in fp32).
 template <typename A>
 struct GradRow {
-  const A *lse1, *lseT, *lseE, *a1, *a0, *beta, *H, *coef, *cT, *anc, *ancE;
+  const A *r1, *rT, *rE, *a1, *a0, *beta, *H, *coef, *cT, *anc, *ancE;
   A invT;
   int64_t K;
   TempPow tp;
@@ -491,12 +495,12 @@ void grad_cols(const GradRow<A>& g, const A* const* zc, const A* const* ec, cons
       U s, p;
       if (ec) {
         p = load<U>(ec[k] + i) * es[k];
-        s = g.tp.n == 1 ? p : g.tp.n ? int_pow(p, g.tp.n) * g.cT[k] : vexp_bounded(z - g.lse1[k]);
+        s = g.tp.n == 1 ? p : g.tp.n ? int_pow(p, g.tp.n) * g.cT[k] : vexp_bounded((z - g.anc[k]) - g.r1[k]);
       } else if (g.tp.n == 1) {
-        s = p = vexp_bounded(z - g.lse1[k]);
+        s = p = vexp_bounded((z - g.anc[k]) - g.r1[k]);
       } else {
-        p = vexp_bounded(z * g.invT - g.lseT[k]);
-        s = g.tp.n ? int_pow(p, g.tp.n) * g.cT[k] : vexp_bounded(z - g.lse1[k]);
+        p = vexp_bounded((z - g.anc[k]) * g.invT - g.rT[k]);
+        s = g.tp.n ? int_pow(p, g.tp.n) * g.cT[k] : vexp_bounded((z - g.anc[k]) - g.r1[k]);
       }
       zv[k] = z;
       pv[k] = p;
@@ -519,7 +523,7 @@ void grad_cols(const GradRow<A>& g, const A* const* zc, const A* const* ec, cons
         U e{};
         for (int64_t j = 0; j < K; ++j)
           if (g.coef[k * K + j] != A(0)) e += g.coef[k * K + j] * zv[j];
-        const U q = vexp_bounded(e * g.invT - g.lseE[k]);
+        const U q = vexp_bounded((e - g.ancE[k]) * g.invT - g.rE[k]);
         gv[k] += g.beta[k] * (pv[k] - q);
         if (g.targets) {  // through E into every peer j with A[k, j] != 0
           const U r = select(q > zero,
@@ -542,7 +546,7 @@ void backward_rows(const LossArgs<T>& a, int64_t b_begin, int64_t b_end) {
   const int64_t K = a.K, C = a.C, B = a.B;
   const double T_ = a.temperature, eps = a.label_smoothing;
   RowScratch<T> sc(a, true);
-  std::vector<A> lse1(K), lseT(K), lseE(K), a1(K), a0(K), beta(K), H(K), cT(K), anc(K), ancE(K);
+  std::vector<A> r1(K), rT(K), rE(K), a1(K), a0(K), beta(K), H(K), cT(K), anc(K), ancE(K);
   std::vector<double> alpha(K), Xd(K * K);
   std::vector<A*> gc(K);
   std::vector<const A*> ec(K);
@@ -565,7 +569,7 @@ void backward_rows(const LossArgs<T>& a, int64_t b_begin, int64_t b_end) {
     beta[k] = static_cast<A>(a.grad_kd[k] * T_ / (double(B) * (a.ensemble ? 1 : K - 1)));
     any_kd = any_kd || a.grad_kd[k] != 0;
   }
-  GradRow<A> g{lse1.data(), lseT.data(), lseE.data(), a1.data(), a0.data(), beta.data(), H.data(),
+  GradRow<A> g{r1.data(), rT.data(), rE.data(), a1.data(), a0.data(), beta.data(), H.data(),
                sc.coef.data(), cT.data(), anc.data(), ancE.data(), static_cast<A>(1.0 / T_), K,
                TempPow(T_), !a.ensemble,
                !a.detach_targets && any_kd};
@@ -575,14 +579,16 @@ void backward_rows(const LossArgs<T>& a, int64_t b_begin, int64_t b_end) {
     double wsum = 0;
     for (int64_t m = 0; m < a.M; ++m) wsum += wts[m];
     for (int64_t k = 0; k < K; ++k) {
-      const A* st = a.row_stats + (k * B + b) * 3;
-      lse1[k] = st[0], lseT[k] = st[1], lseE[k] = st[2];
+      const double* st = a.row_stats + (k * B + b) * 3;
       // anchors near each peer's logits (lse1 <= max + log C) and its ensemble target's (its
       // lse at T, times T); 0 where not finite (the terms are then NaN or masked anyway)
-      anc[k] = std::isfinite(st[0]) ? st[0] : A(0);
-      ancE[k] = std::isfinite(st[2]) ? static_cast<A>(T_ * double(st[2])) : A(0);
+      anc[k] = std::isfinite(st[0]) ? static_cast<A>(st[0]) : A(0);
+      ancE[k] = std::isfinite(st[2]) ? static_cast<A>(T_ * st[2]) : A(0);
+      r1[k] = static_cast<A>(st[0] - double(anc[k]));
+      rT[k] = static_cast<A>(st[1] - double(anc[k]) / T_);
+      rE[k] = static_cast<A>(st[2] - double(ancE[k]) / T_);
       cT[k] = stored ? a.chunk_scale[(k * B + b) * (n_chunks + 1) + n_chunks]
-                     : static_cast<A>(std::exp(double(st[1]) * T_ - double(st[0])));
+                     : static_cast<A>(std::exp(st[1] * T_ - st[0]));
       a1[k] = static_cast<A>(alpha[k] * wsum);
       a0[k] = static_cast<A>(eps > 0 ? alpha[k] * eps * wsum / double(C) : 0.0);
     }
@@ -596,10 +602,10 @@ void backward_rows(const LossArgs<T>& a, int64_t b_begin, int64_t b_end) {
         std::fill(sc.s1, sc.s1 + K * K, A(0));
         const A* const* e = stored ? ec.data() : nullptr;
         target_grad_sums<V>(sc.zc.data(), e, es.data(), sc.coef.data(),
-                            K, g.pairs, 0, nv, g.invT, lseT.data(), lseE.data(), anc.data(),
+                            K, g.pairs, 0, nv, g.invT, rT.data(), rE.data(), anc.data(),
                             ancE.data(), sc.v1, sc.v2);
         target_grad_sums<A>(sc.zc.data(), e, es.data(), sc.coef.data(),
-                            K, g.pairs, nv, n, g.invT, lseT.data(), lseE.data(), anc.data(),
+                            K, g.pairs, nv, n, g.invT, rT.data(), rE.data(), anc.data(),
                             ancE.data(), sc.s1, sc.s2);
         for (int64_t i = 0; i < K * K; ++i) Xd[i] += double(hsum(sc.v1[i])) + sc.s1[i];
       }

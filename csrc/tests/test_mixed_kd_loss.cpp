@@ -223,7 +223,7 @@ void run_kernel(const Problem& p, Fwd fwd, Bwd bwd, std::vector<double>& ce, std
   std::vector<T*> gp;
   std::vector<int64_t> stride(K, C);
   for (int k = 0; k < K; ++k) zp.push_back(&zt[k * B * C]), gp.push_back(&gt[k * B * C]);
-  std::vector<A> stats(K * B * 3);
+  std::vector<double> stats(K * B * 3);
   std::vector<double> ce_rows(K * B), kd_rows(K * B);
   LossArgs<T> a;
   a.K = K, a.B = B, a.C = C, a.M = p.M;
