@@ -45,7 +45,7 @@ def aot_compile(backward: bool, k: int, c: int, mode: str, arch: int,
                            "metamixer_fast.kernels.aot --json")
     out = "fp64" if dtype == torch.float64 else "fp32"
     pointers = {"z_ptr": _TRITON_DTYPES[dtype], "dz_ptr": _TRITON_DTYPES[dtype], "lab_ptr": "i64",
-                "w_ptr": "fp32", "a_ptr": out, "stats_ptr": out, "ce_ptr": out, "kd_ptr": out,
+                "w_ptr": "fp32", "a_ptr": out, "stats_ptr": "fp64", "ce_ptr": out, "kd_ptr": out,
                 "gce_ptr": out, "gkd_ptr": out, "ok_ptr": "i32"}
     constexprs = {"K": k, "K_PAD": k_pad, "BLOCK_C": block_c, "ROWS": rows, "ENSEMBLE": ensemble,
                   "ACC": _acc(dtype), "stride_c": 1, "dstride_c": 1, "M": 1}

@@ -25,8 +25,9 @@ same constant: U += (dm_j - dm_k) S_j (V likewise) besides the usual exp rescali
 Label logits are gathered (M loads).
 When C fits one chunk, ROWS rows share a program (packed); otherwise one row per program walks
 the chunks. Writes per-row losses [K, B] x 2 (averaged by the launcher) and row_stats [K, B, 3]
-= (lse1, lseT, lseE or 0).
-Bytes: reads K*B*C*sizeof(Z) + B*M*(8 + sizeof(W)); writes 5*K*B*sizeof(out).
+= (lse1, lseT, lseE or 0), float64 for every logits dtype: each is summed in float64 from the
+exact running max and the small ACC log-sum (an fp32 lse ~ 1000 would be rounded to ulp(1000)).
+Bytes: reads K*B*C*sizeof(Z) + B*M*(8 + sizeof(W)); writes 2*K*B*sizeof(out) + 3*K*B*8.
 
 Backward: dZ[k,b,c] for upstream g_ce[k], g_kd[k], rebuilt from row_stats:
     g_ce/B (Wsum s_k,c - (1-eps) sum_m W_m [c = L_m] - eps Wsum / C)
@@ -35,6 +36,10 @@ Backward: dZ[k,b,c] for upstream g_ce[k], g_kd[k], rebuilt from row_stats:
       D_k,c = sum_i g_kd[i] (log p_k,c - log p_i,c)
   + ensemble: T g_kd[k] / B (p_k,c - q_k,c)
       not detached, + T/B sum_i A[i,k] g_kd[i] q_i,c (log q_i,c - log p_i,c - KL_i)
+The softmaxes are rebuilt around a per-(peer, row) ACC anchor a = lse1 (see _row_anchors):
+log s = (z - a) - r1, log p = (z - a)/T - rT, log q = sum_j A[k,j] (z_j - a_j)/T - rE, with the
+small residuals r taken from the float64 stats in float64, so no large lse is subtracted from a
+large logit in fp32 (logits ~ 1000 or T = 1e-3 stay within fp32 rounding of the reference).
 Detached: one pass over Z: reads K*B*C elements of Z and 3*K*B row stats, writes K*B*C
 elements of dZ. Not detached, the per-row scalars sum_c p D (pairwise) / KL_i (ensemble) need
 the whole row first, so Z is read twice (for a row that fits one chunk, the second read is of
@@ -201,8 +206,11 @@ def _mixed_kd_loss_fwd_kernel(
                          + (dm[:, None] - dm[None, :]) * st_old[:, None] + tl.sum(du, axis=2))
                 m = m_new
             ms = _safe_max(m)
-            lse1 = ms + tl.log(s1)
-            lset = ms / t + tl.log(st)
+            # The row stats leave in float64, summed there from the exact max and the small
+            # log-sum: an ACC sum would round lse ~ 1000 to ulp(1000) (kernel docstring).
+            t64 = _split_scalar(t_hi, t_lo, tl.float64)
+            lse1 = ms.to(tl.float64) + tl.log(s1).to(tl.float64)
+            lset = ms.to(tl.float64) / t64 + tl.log(st).to(tl.float64)
             # Cross-entropy from M gathered label logits.
             ce = tl.zeros([K_PAD], ACC)
             wsum = tl.zeros([], ACC)
@@ -229,11 +237,11 @@ def _mixed_kd_loss_fwd_kernel(
             # cancels the one inside U (V) exactly, so it is never formed (a per-peer offset of
             # the logits would otherwise cancel in float arithmetic, losing precision).
             if ENSEMBLE:
-                lsee = _safe_max(me) / t + tl.log(se)
+                lsee = _safe_max(me).to(tl.float64) / t64 + tl.log(se).to(tl.float64)
                 kl = v / (t * se) - tl.log(se / st)
                 kd = t * t * kl
             else:
-                lsee = tl.zeros([K_PAD], ACC)
+                lsee = tl.zeros([K_PAD], tl.float64)
                 # KL(p_j || p_k) = U[j,k] / (T S_j) - log(S_j / S_k), j along axis 0 (one log of
                 # the ratio: log S_j - log S_k would add two roundings of log S ~ log C).
                 kl = u / (t * st)[:, None] - tl.log(st[:, None] / st[None, :])
@@ -249,20 +257,41 @@ def _mixed_kd_loss_fwd_kernel(
 # ----------------------------------------------------------------------------------- backward
 
 @_jit
-def _pairwise_d(z, p, lset, gkd, kmask, t):
-    """D[k, c] = sum_i g_kd[i] (log p_k,c - log p_i,c) and log p (masked peers contribute 0)."""
-    lp = z / t - lset[:, None]
+def _row_anchors(sp, kmask, a2, t64, inv_t64, ENSEMBLE: tl.constexpr, ACC: tl.constexpr):
+    """(a, r1, rt, re) [K_PAD] of one row from its float64 stats (lse1, lseT, lseE): an ACC
+    anchor a = lse1 near the logits and small residuals taken in float64, then rounded:
+    r1 = lse1 - a, rt = lseT - a / T and re = lseE - sum_j A[k,j] a_j / T, so that with
+    zd = z - a (exact-ish, small)
+        log s = zd - r1,   log p = zd / T - rt,   log q = sum_j A[k,j] zd_j / T - re
+    and no large lse is subtracted from a large z in ACC (an fp32 lse ~ 1000 alone carries
+    ulp(1000) = 6e-5 into every softmax). Where lse1 is not finite the anchor is 0: the old
+    unanchored forms, NaN/inf alike."""
+    lse1 = tl.load(sp, mask=kmask, other=0.0).to(tl.float64)
+    lset = tl.load(sp + 1, mask=kmask, other=0.0).to(tl.float64)
+    a = tl.where(tl.abs(lse1) < float("inf"), lse1, 0.0).to(ACC)
+    a64 = a.to(tl.float64)
+    if ENSEMBLE:
+        lsee = tl.load(sp + 2, mask=kmask, other=0.0).to(tl.float64)
+        ea = tl.sum(a2.to(tl.float64) * a64[None, :], axis=1)  # the anchors are finite
+        re = (lsee - ea * inv_t64).to(ACC)
+    else:
+        re = tl.zeros([a.shape[0]], ACC)
+    return a, (lse1 - a64).to(ACC), (lset - a64 * inv_t64).to(ACC), re
+
+
+@_jit
+def _pairwise_d(lp, gkd, kmask):
+    """D[k, c] = sum_i g_kd[i] (log p_k,c - log p_i,c) (masked peers contribute 0)."""
     gsum = tl.sum(gkd, axis=0)
     lsum = tl.sum(tl.where(kmask[:, None], gkd[:, None] * lp, 0.0), axis=0)
     return gsum * lp - lsum[None, :]
 
 
 @_jit
-def _ensemble_q(a2, z, cmask, lsee, lset, t):
-    """(q, log q - log p) of the ensemble targets for one tile."""
-    e = _ensemble_logits(a2, z, cmask)
-    lq = e / t - lsee[:, None]
-    return tl.exp(lq), lq - (z / t - lset[:, None])
+def _ensemble_q(a2, zd, cmask, re, lp, t):
+    """(q, log q - log p) of the ensemble targets for one tile, from the anchored logits zd."""
+    lq = _ensemble_logits(a2, zd, cmask) / t - re[:, None]
+    return tl.exp(lq), lq - lp
 
 
 @_jit
@@ -278,6 +307,8 @@ def _mixed_kd_loss_bwd_kernel(
 ):
     pid = tl.program_id(0)
     t = _split_scalar(t_hi, t_lo, ACC)
+    t64 = _split_scalar(t_hi, t_lo, tl.float64)
+    inv_t64 = 1.0 / t64
     eps = _split_scalar(eps_hi, eps_lo, ACC)
     kk = tl.arange(0, K_PAD)
     kmask = kk < K
@@ -299,10 +330,8 @@ def _mixed_kd_loss_bwd_kernel(
         if row < B:
             base = z_ptr + offs + row.to(tl.int64) * stride_b
             dbase = dz_ptr + doffs + row.to(tl.int64) * dstride_b
-            sp = stats_ptr + (kk * B + row) * 3
-            lse1 = tl.load(sp, mask=kmask, other=0.0)
-            lset = tl.load(sp + 1, mask=kmask, other=0.0)
-            lsee = tl.load(sp + 2, mask=kmask, other=0.0)
+            anc, r1, rt, re = _row_anchors(stats_ptr + (kk * B + row) * 3, kmask, a2, t64,
+                                           inv_t64, ENSEMBLE, ACC)
             wsum = tl.zeros([], ACC)
             for i in range(M):
                 wsum += tl.load(w_ptr + row * w_sb + i * w_sm).to(ACC)
@@ -311,18 +340,22 @@ def _mixed_kd_loss_bwd_kernel(
             if not DETACH:
                 for c0 in range(0, C, BLOCK_C):
                     z, mask, cmask = _load_tile(base, c0 + cc, kmask, C, stride_c, ACC)
+                    zd = z - anc[:, None]
+                    lp = zd / t - rt[:, None]
                     if ENSEMBLE:
-                        q, lqp = _ensemble_q(a2, z, cmask, lsee, lset, t)
+                        q, lqp = _ensemble_q(a2, zd, cmask, re, lp, t)
                         rowdot += tl.sum(tl.where(q > 0, q * lqp, 0.0), axis=1)
                     else:
-                        p = tl.exp(z / t - lset[:, None])
-                        dd = _pairwise_d(z, p, lset, gkd, kmask, t)
+                        p = tl.exp(lp)
+                        dd = _pairwise_d(lp, gkd, kmask)
                         rowdot += tl.sum(tl.where(p > 0, p * dd, 0.0), axis=1)
             for c0 in range(0, C, BLOCK_C):
                 cols = c0 + cc
                 z, mask, cmask = _load_tile(base, cols, kmask, C, stride_c, ACC)
-                s = tl.exp(z - lse1[:, None])
-                p = tl.exp(z / t - lset[:, None])
+                zd = z - anc[:, None]
+                s = tl.exp(zd - r1[:, None])
+                lp = zd / t - rt[:, None]
+                p = tl.exp(lp)
                 onehot = tl.zeros([BLOCK_C], ACC)
                 for i in range(M):
                     lab = tl.load(lab_ptr + row * lab_sb + i * lab_sm)
@@ -330,7 +363,7 @@ def _mixed_kd_loss_bwd_kernel(
                     onehot += tl.where(cols == lab, w, 0.0)
                 g = cscale[:, None] * (wsum * s - (1 - eps) * onehot[None, :] - eps * wsum / C)
                 if ENSEMBLE:
-                    q, lqp = _ensemble_q(a2, z, cmask, lsee, lset, t)
+                    q, lqp = _ensemble_q(a2, zd, cmask, re, lp, t)
                     g += kscale[:, None] * (p - q)
                     if not DETACH:
                         f = tl.where(kmask[:, None] & (q > 0),
@@ -340,7 +373,7 @@ def _mixed_kd_loss_bwd_kernel(
                 else:
                     g += kscale[:, None] * (K * p - tl.sum(p, axis=0)[None, :])
                     if not DETACH:
-                        dd = _pairwise_d(z, p, lset, gkd, kmask, t)
+                        dd = _pairwise_d(lp, gkd, kmask)
                         g += (t / (B * (K - 1))) * tl.where(p > 0, p * (dd - rowdot[:, None]), 0.0)
                 tl.store(dbase[:, None] + cols[None, :].to(tl.int64) * dstride_c,
                          cast_out(g, dz_ptr.dtype.element_ty, SOFT_BF16), mask=mask)
@@ -444,10 +477,10 @@ def mixed_kd_loss_forward(logits: list[Tensor], labels: Tensor, weights: Tensor,
     base = keep[0]
     k, (b, c) = len(offsets), logits[-1].shape[-2:]
     out_dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
-    stats = torch.empty(k, b, 3, device=base.device, dtype=out_dtype)
+    stats = torch.empty(k, b, 3, device=base.device, dtype=torch.float64)
     ce_rows = torch.empty(k, b, device=base.device, dtype=out_dtype)
     kd_rows = torch.empty(k, b, device=base.device, dtype=out_dtype)
-    a = _peer_matrix(mode, peer_matrix, k, stats, out_dtype)
+    a = _peer_matrix(mode, peer_matrix, k, ce_rows, out_dtype)
 
     def explain() -> None:
         check_mixed_kd_loss_values(labels, weights, c, peer_matrix)
@@ -489,8 +522,8 @@ def mixed_kd_loss_backward(grad_ce: Tensor, grad_kd: Tensor, logits: list[Tensor
     grads = [torch.empty(z.shape, dtype=z.dtype, device=z.device) for z in logits] if mixed else wanted
     gkeep, goffsets, gsb, gsc = _peers(grads)
     gbase = gkeep[0]
-    out_dtype = row_stats.dtype
-    stats = row_stats.contiguous()
+    out_dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
+    stats = row_stats.to(torch.float64).contiguous()  # float64 on every backend already
     a = _peer_matrix(mode, peer_matrix, k, stats, out_dtype)
     k_pad, block_c, rows, warps = launch_config(k, c, mode == "ensemble", True)
     with _masked_lanes_quiet():

@@ -321,3 +321,62 @@ def test_kd_at_offsets_covers_the_chunked_online_path():
             assert block_c < 4099 and rows == 1
             _, block_c, _, _ = tk.launch_config(3, 1271, ensemble, False)
             assert block_c < 1271
+
+
+# ------------------------------------------------------- a common offset of the logits (row stats)
+
+def _exact_ensemble(k):
+    """A peer matrix whose targets E_k are one peer each (E exact in fp32 at any offset), or
+    None for the default mean of the others where that is exact too (K = 2). With the default
+    matrix of K = 3 the fp32 sum 0.5 z_1 + 0.5 z_2 itself rounds by ulp(offset), in the float32
+    reference as much as here, so it cannot be judged by the fp32 rule at these offsets."""
+    if k == 2:
+        return None
+    return torch.roll(torch.eye(k, dtype=torch.float64), 1, dims=1)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("detach", [True, False])
+@pytest.mark.parametrize("k,c", [(2, 8), (3, 8), (2, 1271), (3, 1271)])
+@pytest.mark.parametrize("offset,t", [(1000.0, 1.0), (1e4, 0.5)])
+def test_gradient_at_a_large_common_offset(mode, detach, k, c, offset, t, rng):
+    """Logits ~ offset: the backward rebuilds s, p, q from the float64 row stats around fp32
+    anchors near the logits, so nothing of size z / T ~ offset / T is subtracted in fp32 (an fp32
+    lse ~ 1000 alone carries ulp(1000) = 6e-5 into every softmax: ~2e-5 relative at 1000, ~1e-3
+    at 2e4). The float32 reference meets the same fp32 rule here."""
+    z, labels, weights = _inputs(k, 2, c, 2, rng)
+    z = (z + offset).float()
+    gce, gkd = _grad_outputs(k, rng)
+    pm = _exact_ensemble(k) if mode == "ensemble" else None
+    # (no label smoothing: the forward's eps term sums the raw logits, ~C * offset, in fp32)
+    kw = dict(temperature=t, mode=mode, detach_targets=detach)
+    got = _ours(z, labels, weights.float(), gce.float(), gkd.float(),
+                peer_matrix=None if pm is None else pm.float(), **kw)
+    want = _ref(z, labels, weights, gce, gkd, peer_matrix=pm, **kw)
+    fp32_ref = _ref(z, labels, weights, gce, gkd, peer_matrix=pm, dtype=torch.float32, **kw)
+    assert_results_close(fp32_ref, want)
+    assert_results_close(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", MODES)
+def test_row_stats_are_float64(dtype, mode, rng):
+    """row_stats (the op's third output) is float64 for every logits dtype, and as precise as the
+    forward has it: lse ~ 1000 to ~1e-6, not to the ulp(1000) = 6e-5 of an fp32 value (the
+    ensemble targets of ``_exact_ensemble``, exact in fp32, so that lseE is judged alone)."""
+    k, c, t = 3, 40, 0.5
+    z, labels, weights = _inputs(k, 4, c, 2, rng)
+    z = (z + 1000.0).to(dtype)
+    pm = _exact_ensemble(k).float() if mode == "ensemble" else None
+    _, _, stats = torch.ops.metamixer.mixed_kd_loss(list(z.unbind(0)), labels, weights.float(),
+                                                    t, 0.0, mode, pm, True)
+    assert stats.dtype == torch.float64 and stats.shape == (k, 4, 3)
+    zz = z.double()
+    want = [torch.logsumexp(zz, -1), torch.logsumexp(zz / t, -1)]
+    if mode == "ensemble":
+        e = reference._ensemble_logits(zz, pm.double())
+        want.append(torch.logsumexp(e / t, -1))
+    else:
+        want.append(torch.zeros_like(want[0]))
+    want = torch.stack(want, -1)
+    torch.testing.assert_close(stats, want, rtol=0, atol=2e-6)
