@@ -55,20 +55,20 @@ double chunk_sum(const A* p, int64_t n) {
   return r;
 }
 
-// Factors that bring the row's sums (taken relative to max M) and a chunk's (relative to its
-// max m, or to 0 when m = -inf: then its sums are 0, or NaN for a NaN chunk) to a common max.
-// The running max after a chunk of max m (as Rescale::max).
+// The running max after a chunk of max m (a chunk of -inf leaves it; a NaN one only sets it
+// while it is -inf).
 inline double running_max(double M, double m) {
   return m != kNegInf && (M == kNegInf || m > M) ? m : M;
 }
+
+// Factors that bring the row's sums (taken relative to max M) and a chunk's (relative to its
+// max m, or to 0 when m = -inf: then its sums are 0, or NaN for a NaN chunk) to a common max.
 struct Rescale {
   double row1 = 1, rowT = 1, chunk1 = 1, chunkT = 1, max = kNegInf;
-  Rescale(double M, double m, double invT) {
-    max = M;
+  Rescale(double M, double m, double invT) : max(running_max(M, m)) {
     if (m == kNegInf) return;
     if (M == kNegInf || m > M) {
       if (M != kNegInf) row1 = std::exp(M - m), rowT = std::exp((M - m) * invT);
-      max = m;
     } else if (m < M) {
       chunk1 = std::exp(m - M), chunkT = std::exp((m - M) * invT);
     }
