@@ -161,6 +161,8 @@ def _coerce(name: str, value: Any, kind: Any) -> Any:
     try:
         if typing.get_origin(kind) is list:
             item = typing.get_args(kind)[0]
+            if not isinstance(value, (str, list, tuple)):  # a TOML table would give its keys
+                raise ValueError(value)
             items = value.split(",") if isinstance(value, str) else list(value)
             return [_number(v.strip() if isinstance(v, str) else v, item) for v in items if v != ""]
         if kind is bool:

@@ -43,13 +43,13 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     k = len(records[0]["top1"])
 
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
-    ax[0].plot(epochs, [r["train_loss"] for r in records], label="total loss")
+    ax[0].plot(epochs, [r["train_loss"] for r in records], marker=".", label="total loss")
     for p in range(k):
-        ax[0].plot(epochs, [r["train_ce"][p] for r in records], "--", label=f"CE peer {p}")
+        ax[0].plot(epochs, [r["train_ce"][p] for r in records], "--", marker=".", label=f"CE peer {p}")
     ax[0].set(xlabel="epoch", ylabel="loss", title="training loss")
     ax[0].legend()
     for p in range(k):
-        ax[1].plot(epochs, [r["train_kd"][p] for r in records], label=f"KD peer {p}")
+        ax[1].plot(epochs, [r["train_kd"][p] for r in records], marker=".", label=f"KD peer {p}")
     ax[1].set(xlabel="epoch", ylabel="KD", title="distillation term")
     ax[1].legend()
     fig.tight_layout()

@@ -27,7 +27,9 @@ checkpoint, in that directory. The study file must still describe the runs alrea
 option that changes the results (lr, epochs, ...) cannot differ from a run's checkpoint; the study
 stops before training anything and names the run (move it aside to train it afresh).
 
-A run that fails (a non-finite loss, missing or bad data) is reported (``error: ...`` naming the
+A run that fails (a non-finite loss, missing or bad data, settings that cannot train: a batch
+larger than the data, a device this machine lacks, a run directory it may not overwrite) is
+reported (``error: ...`` naming the
 variant and seed) and marked with ``study_failed.txt`` in its directory; the study carries on with
 the other runs and exits with status 2 at the end. A rerun tries a failed run again.
 
@@ -60,6 +62,8 @@ TABLES = ("study", "base", "variant")
 STUDY_KEYS = ("out", "seeds")
 SET_BY_STUDY = ("seed", "out")  # per run, from [study]; a value in [base] or a variant would be ignored
 FAILED = "study_failed.txt"  # in a run's directory: why its last attempt failed
+# What the report writes into [study] out, beside the variants' directories.
+REPORT_FILES = ("results.md", "results.csv", "final_accuracy.png", "accuracy_curves.png")
 
 
 @dataclass
@@ -133,6 +137,14 @@ def _seeds(path: Path, head: dict[str, Any]) -> list[int]:
     return list(seeds)
 
 
+def _good_name(name: object) -> bool:
+    """A variant name is a directory under [study] out, beside the report's files, and a cell
+    of the results table."""
+    return (isinstance(name, str) and name.strip() != "" and name.isprintable()
+            and not name.startswith(".") and "/" not in name and "|" not in name
+            and name not in REPORT_FILES and name != FAILED)
+
+
 def _variants(path: Path, data: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     entries = data.get("variant", [])
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
@@ -141,8 +153,10 @@ def _variants(path: Path, data: dict[str, Any]) -> list[tuple[str, dict[str, Any
     for i, entry in enumerate(entries):
         entry = dict(entry)
         name = entry.pop("name", None)
-        if not isinstance(name, str) or not name or "/" in name:
-            raise ConfigError(f"{path}: variant {i} needs a 'name' (a string without '/')")
+        if not _good_name(name):
+            raise ConfigError(f"{path}: variant {i} needs a 'name': a directory name of printable "
+                              f"characters, without '/', '|' or a leading '.', and not one of the "
+                              f"report's files ({', '.join(REPORT_FILES)}); got {name!r}")
         _check_not_set(path, f"variant '{name}'", entry)
         variants.append((name, entry))
     if not variants:
@@ -220,8 +234,10 @@ def _run_one(study: Study, name: str, overrides: dict[str, Any], seed: int, labe
         else:
             print(f"{label}: training", flush=True)
             fit(cfg)
-    except (NonFiniteLossError, DatasetError) as exc:
-        # one variant's divergence (or its data) should not cost the other variants their runs
+    except (NonFiniteLossError, DatasetError, ConfigError, checkpoint.CheckpointError) as exc:
+        # one variant's divergence, data or settings (a batch larger than its data, a device
+        # this machine lacks, a run directory it may not overwrite) should not cost the other
+        # variants their runs
         aside = f"move {run_dir} aside, then " if (run_dir / checkpoint.NAME).exists() else ""
         message = (f"study variant '{name}' seed {seed} failed: {exc}. A rerun tries it again; to "
                    f"retry with other settings, {aside}change them in the study file")
@@ -309,7 +325,7 @@ def write_report(study: Study) -> list[Path]:
     if not any(r["seeds"] for r in rows):
         return []
     study.out.mkdir(parents=True, exist_ok=True)
-    csv_path, md_path = study.out / "results.csv", study.out / "results.md"
+    md_path, csv_path = (study.out / name for name in REPORT_FILES[:2])
     with open(csv_path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -357,7 +373,7 @@ def _plots(study: Study, rows: list[dict[str, Any]], results: dict[str, Outcome]
     ax.set(ylabel="final test top-1 (%)", title="mean ± std over seeds")
     ax.legend()
     fig.tight_layout()
-    bars = study.out / "final_accuracy.png"
+    bars = study.out / REPORT_FILES[2]
     fig.savefig(bars, dpi=110)
     plt.close(fig)
 
@@ -366,12 +382,12 @@ def _plots(study: Study, rows: list[dict[str, Any]], results: dict[str, Outcome]
         runs = results[name].finished
         length = min(len(r["history"]) for r in runs)
         curve = [statistics.fmean(r["history"][e]["ensemble_top1"] for r in runs) for e in range(length)]
-        ax.plot(range(1, length + 1), curve, label=name)
+        ax.plot(range(1, length + 1), curve, marker=".", label=name)
     ax.set(xlabel="epoch", ylabel="ensemble test top-1 (%)", title="accuracy curves (mean over seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    curves = study.out / "accuracy_curves.png"
+    curves = study.out / REPORT_FILES[3]
     fig.savefig(curves, dpi=110)
     plt.close(fig)
     return [bars, curves]

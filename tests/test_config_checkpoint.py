@@ -77,6 +77,7 @@ def test_bad_options_name_the_option(argv, match):
     ({"milestones": [0.5, True]}, "'milestones' must be a list"),
     ({"out": 5}, "'out' must be a string; got 5"),
     ({"nesterov": 1}, "'nesterov' must be true or false; got 1"),
+    ({"arch": {"resnet8": 1, "tiny": 2}}, "'arch' must be a list (or comma-separated string)"),
 ])
 def test_config_values_of_the_wrong_type_are_refused(values, match):
     """TOML's true is not 1 epoch nor a learning rate of 1.0."""

@@ -65,6 +65,12 @@ def test_study_runs_reports_and_skips_finished_runs(tmp_path, capsys):
     ("[base]\nseed = 3\n[[variant]]\nname = 'a'\n", "\\[base\\] sets 'seed'"),
     ("[[variant]]\nname = 'a'\nout = 'x'\n", "variant 'a' sets 'out'"),
     ("[variant]\nname = 'a'\n", "\\[\\[variant\\]\\] tables"),
+    ("[[variant]]\nname = '..'\n", "needs a 'name'.*got '..'"),
+    ("[[variant]]\nname = 'results.md'\n", "needs a 'name'.*report's files"),
+    ("[[variant]]\nname = 'a|b'\n", "needs a 'name'"),
+    ("[[variant]]\nname = '  '\n", "needs a 'name'"),
+    ('[[variant]]\nname = "a\\u0000b"\n', "needs a 'name'"),
+    ("[[variant]]\nname = 'a'\narch = {tiny = 1}\n", "variant 'a'.*'arch' must be a list"),
 ])
 def test_bad_study_files(tmp_path, text, match):
     path = tmp_path / "s.toml"
@@ -163,15 +169,21 @@ def test_a_failed_run_is_reported_and_the_study_carries_on(tmp_path, capsys):
 name = "nodata"
 dataset = "fashion-mnist"
 data_dir = "{tmp_path / 'empty'}"
+
+[[variant]]
+name = "toobig"
+batch_size = 256
 """)
     assert main([str(path)]) == 2
     err = capsys.readouterr().err
     assert "error: study variant 'diverges' seed 0 failed: non-finite loss" in err
     assert "error: study variant 'nodata' seed 0 failed: " in err
-    assert "2 run(s) failed: diverges seed 0, nodata seed 0" in err and "Traceback" not in err
+    assert "error: study variant 'toobig' seed 0 failed: config 'batch_size' 256" in err
+    assert ("3 run(s) failed: diverges seed 0, nodata seed 0, toobig seed 0" in err
+            and "Traceback" not in err)
     rows = {r["variant"]: r for r in csv.DictReader(open(tmp_path / "out" / "results.csv"))}
     assert rows["metamixer-random"]["seeds"] == "1"
-    for name in ("diverges", "nodata"):
+    for name in ("diverges", "nodata", "toobig"):
         assert (rows[name]["seeds"], rows[name]["failed_seeds"], rows[name]["ensemble_top1_mean"]) == (
             "0", "0", "")
         assert "failed" in (tmp_path / "out" / name / "seed0" / FAILED).read_text()
