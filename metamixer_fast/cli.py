@@ -34,8 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         return study_main(rest)
     if command == "info":
         from .info import main as info_main
-        info_main()
-        return 0
+        return info_main(rest)
     print(f"metamixer-fast: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import sys
@@ -66,9 +67,15 @@ def report() -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    print(report())
+def main(argv: list[str] | None = None) -> int:
+    """Prints the report; status 1 when a line of it is an ERROR (a bad METAMIXER_BACKEND, a
+    backend that cannot run here), so that scripts can check the setting."""
+    argparse.ArgumentParser(prog="metamixer-fast info", description=__doc__.splitlines()[0]
+                            ).parse_args(argv)
+    text = report()
+    print(text)
+    return 1 if "ERROR:" in text else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

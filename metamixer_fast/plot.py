@@ -19,12 +19,22 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
         raise FileNotFoundError(f"{path} does not exist; pass the directory of a training run "
                                 f"(its --out)")
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number} is not valid JSON ({exc})") from None
+    lines = path.read_text().splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if number == len(lines):  # the epoch being written when the run was stopped
+                print(f"warning: {path}:{number} is cut short; plotting the {len(records)} "
+                      f"complete epoch(s) before it", file=sys.stderr)
+                break
+            raise ValueError(f"{path}:{number} is not valid JSON ({exc})") from None
+        if not (isinstance(record, dict) and {"epoch", "top1", "ensemble_top1", "train_loss",
+                                              "train_ce", "train_kd"} <= set(record)):
+            raise ValueError(f"{path}:{number} is not an epoch record of a training run")
+        records.append(record)
     if not records:
         raise ValueError(f"{path} holds no epochs yet; plot after the first epoch has finished")
     return records
@@ -38,6 +48,8 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
 
     records = read_metrics(run_dir)
     out = Path(out_dir or run_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; pass a directory for the PNGs")
     out.mkdir(parents=True, exist_ok=True)
     epochs = [r["epoch"] for r in records]
     k = len(records[0]["top1"])

@@ -234,6 +234,9 @@ def test_info_reports_a_bad_backend_setting_on_its_line(monkeypatch):
     (line,) = [x for x in lines if x.startswith("METAMIXER_BACKEND")]
     assert "ERROR:" in line and "'bogus' is not a backend" in line
     assert any("mixed_kd_loss" in x and "ERROR:" in x for x in lines)
+    assert info.main([]) == 1  # scripts can check the setting
+    monkeypatch.setenv("METAMIXER_BACKEND", "reference")
+    assert info.main([]) == 0
 
 
 def test_shipped_configs_are_valid():

@@ -158,6 +158,17 @@ def test_plot_writes_pngs(tmp_path):
         path = tmp_path / "run" / name
         assert str(path) in proc.stdout
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a last line cut short (a run stopped while writing it) is left out, with a warning
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"epoch": 3, "top')
+    from metamixer_fast import plot
+    assert plot.main([str(tmp_path / "run")]) == 0
+    assert len(plot.read_metrics(tmp_path / "run")) == 2
+    (tmp_path / "afile").write_text("x")
+    assert plot.main([str(tmp_path / "run"), "--out", str(tmp_path / "afile")]) == 2
+    metrics.write_text('{"epoch": 1}\n')
+    with pytest.raises(ValueError, match="not an epoch record"):
+        plot.read_metrics(tmp_path / "run")
 
 
 def test_ddp_two_cpu_processes_stay_in_sync(tmp_path):
