@@ -63,7 +63,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from metamixer_fast._checks import check_finite_peer_matrix, check_mixed_kd_loss_values
+from metamixer_fast._checks import check_mixed_kd_loss_values, check_peer_matrix_values
 
 from ._flag import assert_ok, ok_flag
 
@@ -488,7 +488,7 @@ def mixed_kd_loss_forward(logits: list[Tensor], labels: Tensor, weights: Tensor,
     if weights.dtype != out_dtype:  # the kernel sees them cast: check them as given
         explain()
     elif peer_matrix is not None:
-        check_finite_peer_matrix(peer_matrix)
+        check_peer_matrix_values(peer_matrix)
     ok = ok_flag(base.device)
     k_pad, block_c, rows, warps = launch_config(k, c, mode == "ensemble", False)
     with _masked_lanes_quiet():

@@ -230,9 +230,6 @@ def check_peer_matrix_values(peer_matrix: Tensor, op: str = "mixed_kd_loss",
                          f"weight must be >= 0")
 
 
-# kernels/mixed_kd_loss.py imports it by this name
-check_finite_peer_matrix = check_peer_matrix_values
-
 # id -> (weak reference, version) of CPU peer matrices that passed check_peer_matrix_values
 _checked_peer_matrices: dict[int, tuple[weakref.ref, int]] = {}
 

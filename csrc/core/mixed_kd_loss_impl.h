@@ -173,14 +173,15 @@ void target_cols(const A* const* zc, int64_t K_rt, int64_t t, int64_t i0, int64_
     for (int64_t s = 0; s < K; ++s) y[s] += yl[s];
 }
 
-// Ensemble target of one peer over [0, nv): sums of exp((E - ref)/T) and
-// e ((E - ref) - (z_k - ref_k)) where e > 0 (each relative to its own reference, as in
-// target_cols). With tail_n > 0 one more vector follows, the chunk's ragged end: E from
-// e + nv (any finite padding) and z_k from zk_tail (padded), its first tail_n lanes counted.
+// Ensemble target of one peer over [0, nv): sums of exp((E - ref)/T) and e ((E - ref) - d_k)
+// where e > 0, d_k being peer k's logits minus their own chunk max (RowScratch::center_chunk;
+// each relative to its own reference, as in target_cols). With tail_n > 0 one more vector
+// follows, the chunk's ragged end: E from e + nv (any finite padding) and d_k from dk_tail
+// (padded), its first tail_n lanes counted.
 // The sums run in the same lane order as target_cols' T-sum, so that where E_k equals a peer's
 // logits (K = 2) the two sums round alike and a KL of nearly equal rows keeps its digits.
 template <typename U, typename A>
-void ensemble_cols(const A* e, const A* zk, int64_t nv, A ref, A ref_k, A invT, const A* zk_tail,
+void ensemble_cols(const A* e, const A* dk, int64_t nv, A ref, A invT, const A* dk_tail,
                    int64_t tail_n, U& se, U& de) {
   constexpr int64_t W = sizeof(U) / sizeof(A);
   const U zero{};
@@ -192,10 +193,10 @@ void ensemble_cols(const A* e, const A* zk, int64_t nv, A ref, A ref_k, A invT, 
     U x = vexp_bounded(d * invT);
     if constexpr (decltype(padded)::value) x = select(valid, x, zero);
     ls += x;
-    ld += select(x > zero, x * (d - (load<U>(zp) - ref_k)), zero);
+    ld += select(x > zero, x * (d - load<U>(zp)), zero);
   };
-  for (int64_t i = 0; i < nv; i += W) step(e + i, zk + i, std::false_type{});
-  if (tail_n > 0) step(e + nv, zk_tail, std::true_type{});
+  for (int64_t i = 0; i < nv; i += W) step(e + i, dk + i, std::false_type{});
+  if (tail_n > 0) step(e + nv, dk_tail, std::true_type{});
   se += ls, de += ld;
 }
 
@@ -370,7 +371,7 @@ void forward_rows(const LossArgs<T>& a, int64_t b_begin, int64_t b_end) {
         const A ref = m == A(kNegInf) ? A(0) : m;
         V vse{}, vde{};
         if (nv < n) std::fill(sc.ebuf.begin() + n, sc.ebuf.begin() + nv + W, A(0));
-        ensemble_cols<V>(sc.ebuf.data(), sc.dc[k], nv, ref, A(0), invT, sc.td[k], n - nv, vse, vde);
+        ensemble_cols<V>(sc.ebuf.data(), sc.dc[k], nv, ref, invT, sc.td[k], n - nv, vse, vde);
         const Rescale r(ME[k], m, invT_d);
         const double se_before = SE[k], se_chunk = double(hsum(vse));
         const double old_shift = shift(ME[k], r.max, M_before[k], M[k]);  // (M[k]: updated above)
