@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_mixed_kd_loss_triton import _grad_outputs, _ours, _ref, assert_results_close
+from loss_autograd import assert_results_close, grad_outputs, ours_with_grads, reference_with_grads
 
 import metamixer_fast as mf
 from metamixer_fast import reference
@@ -95,12 +95,12 @@ def test_gradient_not_detached_at_per_peer_offsets(loss_backend, mode, t, offset
     z = _offset_peers([o * t for o in offsets], b, c, rng, sigma=1.0)  # kd of O(1): the fp32 rule
     labels = torch.randint(0, c, (b, 2), generator=rng)
     weights = torch.full((b, 2), 0.5, dtype=torch.float64)
-    gce, gkd = _grad_outputs(k, rng)
+    gce, gkd = grad_outputs(k, rng)
     kw = dict(temperature=t, label_smoothing=0.1, mode=mode, detach_targets=False)
-    got = _ours(z, labels, weights.float(), gce.float(), gkd.float(), **kw)
-    want = _ref(z, labels, weights, gce, gkd, **kw)
+    got = ours_with_grads(z, labels, weights.float(), gce.float(), gkd.float(), **kw)
+    want = reference_with_grads(z, labels, weights, gce, gkd, **kw)
     assert_results_close(got, want)
-    assert_results_close(_ref(z, labels, weights, gce, gkd, dtype=torch.float32, **kw), want)
+    assert_results_close(reference_with_grads(z, labels, weights, gce, gkd, dtype=torch.float32, **kw), want)
 
 
 # ------------------------------------------------------- a large common offset in the backward
@@ -128,12 +128,12 @@ def test_gradient_at_a_large_common_offset(loss_backend, mode, detach, offset, t
     z = (torch.randn(k, 2, c, generator=g, dtype=torch.float64) * 2 + offset).float()
     labels = torch.randint(0, c, (2, 1), generator=g)
     weights = torch.ones(2, 1, dtype=torch.float64)
-    gce, gkd = _grad_outputs(k, g)
+    gce, gkd = grad_outputs(k, g)
     kw = dict(temperature=t, label_smoothing=0.1, mode=mode, detach_targets=detach)
-    want = _ref(z, labels, weights, gce, gkd, **kw)
-    assert_results_close(_ours(z, labels, weights.float(), gce.float(), gkd.float(), **kw), want)
+    want = reference_with_grads(z, labels, weights, gce, gkd, **kw)
+    assert_results_close(ours_with_grads(z, labels, weights.float(), gce.float(), gkd.float(), **kw), want)
     assert_results_close(_run_op(z, labels, weights, gce, gkd, kw), want)
-    assert_results_close(_ref(z, labels, weights, gce, gkd, dtype=torch.float32, **kw), want)
+    assert_results_close(reference_with_grads(z, labels, weights, gce, gkd, dtype=torch.float32, **kw), want)
 
 
 def _run_op(z, labels, weights, gce, gkd, kw):

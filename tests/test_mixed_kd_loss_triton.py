@@ -5,6 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from loss_autograd import (
+    assert_results_close,
+    flat_results,
+    grad_outputs,
+    ours_with_grads,
+    reference_with_grads,
+)
 from test_mixed_kd_loss_kernels import assert_fp32_close, zero_kd_tolerances
 
 import metamixer_fast as mf
@@ -36,50 +43,6 @@ def _peer_matrix(k, g, with_zeros=True):
     return a
 
 
-def _run(fn, peers, labels, weights, gce, gkd, **kw):
-    """(ce, kd, [grad of each peer tensor]) of fn (the op or the reference) under autograd."""
-    leaves = [p.detach().clone().requires_grad_(True) for p in peers] if isinstance(peers, list) \
-        else [peers.detach().clone().requires_grad_(True)]
-    logits = leaves if isinstance(peers, list) else leaves[0]
-    ce, kd = fn(logits, labels, weights, **kw)
-    torch.autograd.backward((ce, kd), (gce.to(ce.dtype), gkd.to(kd.dtype)))
-    return ce, kd, [leaf.grad for leaf in leaves]
-
-
-def _ours(peers, labels, weights, gce, gkd, *, temperature=1.0, label_smoothing=0.0,
-          mode="pairwise", peer_matrix=None, detach_targets=True):
-    return _run(mf.mixed_kd_loss, peers, labels, weights, gce, gkd, temperature=temperature,
-                label_smoothing=label_smoothing, mode=mode, peer_matrix=peer_matrix,
-                detach_targets=detach_targets)
-
-
-def _ref(peers, labels, weights, gce, gkd, *, temperature=1.0, label_smoothing=0.0,
-         mode="pairwise", peer_matrix=None, detach_targets=True, dtype=torch.float64):
-    """The reference with its arithmetic in ``dtype`` (float64: the oracle)."""
-    cast = [p.to(dtype) for p in peers] if isinstance(peers, list) else peers.to(dtype)
-    pm = None if peer_matrix is None else peer_matrix.to(dtype)
-    return _run(lambda z, lab, w, **kw: reference.mixed_kd_loss(z, lab, w, **kw), cast, labels,
-                weights.to(dtype), gce, gkd, temperature=temperature,
-                label_smoothing=label_smoothing, mode=mode, peer_matrix=pm,
-                detach_targets=detach_targets)
-
-
-def _flat(result):
-    ce, kd, grads = result
-    return [ce, kd, *grads]
-
-
-def assert_results_close(got, want):
-    """(ce, kd, grads) in fp32 against the float64 reference, by the one fp32 rule."""
-    for a, b in zip(_flat(got), _flat(want)):
-        assert_fp32_close(a, b.detach())
-
-
-def _grad_outputs(k, g):
-    gce, gkd = torch.randn(2, k, generator=g, dtype=torch.float64)
-    return gce, gkd
-
-
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("detach", [True, False])
 @pytest.mark.parametrize("k,b,c,m,eps,t", [
@@ -91,13 +54,13 @@ def _grad_outputs(k, g):
 ])
 def test_fp32_matches_float64_reference(mode, detach, k, b, c, m, eps, t, rng):
     z, labels, weights = _inputs(k, b, c, m, rng, torch.float32)
-    gce, gkd = _grad_outputs(k, rng)
+    gce, gkd = grad_outputs(k, rng)
     pm = _peer_matrix(k, rng) if mode == "ensemble" and k % 2 else None
     kw = dict(temperature=t, label_smoothing=eps, mode=mode, detach_targets=detach)
-    got = _ours(z, labels, weights.float(), gce.float(), gkd.float(),
+    got = ours_with_grads(z, labels, weights.float(), gce.float(), gkd.float(),
                 peer_matrix=None if pm is None else pm.float(), **kw)
     assert got[0].dtype == got[1].dtype == torch.float32 and got[2][0].dtype == torch.float32
-    assert_results_close(got, _ref(z, labels, weights, gce, gkd, peer_matrix=pm, **kw))
+    assert_results_close(got, reference_with_grads(z, labels, weights, gce, gkd, peer_matrix=pm, **kw))
 
 
 def test_packed_and_chunked_paths_are_both_covered():
@@ -115,21 +78,21 @@ def test_packed_and_chunked_paths_are_both_covered():
 @pytest.mark.parametrize("mode,detach", [("pairwise", True), ("ensemble", False)])
 def test_large_c(mode, detach, rng):
     z, labels, weights = _inputs(2, 1, 32768, 2, rng, torch.float32)
-    gce, gkd = _grad_outputs(2, rng)
+    gce, gkd = grad_outputs(2, rng)
     kw = dict(temperature=2.0, label_smoothing=0.1, mode=mode, detach_targets=detach)
-    got = _ours(list(z.unbind(0)), labels, weights.float(), gce.float(), gkd.float(), **kw)
-    assert_results_close(got, _ref(list(z.unbind(0)), labels, weights, gce, gkd, **kw))
+    got = ours_with_grads(list(z.unbind(0)), labels, weights.float(), gce.float(), gkd.float(), **kw)
+    assert_results_close(got, reference_with_grads(list(z.unbind(0)), labels, weights, gce, gkd, **kw))
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("detach", [True, False])
 def test_float64_accumulates_in_float64(mode, detach, rng):
     z, labels, weights = _inputs(3, 3, 1300, 2, rng)  # chunked: the online rescaling in fp64
-    gce, gkd = _grad_outputs(3, rng)
+    gce, gkd = grad_outputs(3, rng)
     kw = dict(temperature=0.7, label_smoothing=0.1, mode=mode, detach_targets=detach)
-    got = _ours(list(z.unbind(0)), labels, weights, gce, gkd, **kw)
-    want = _ref(list(z.unbind(0)), labels, weights, gce, gkd, **kw)
-    for a, b in zip(_flat(got), _flat(want)):
+    got = ours_with_grads(list(z.unbind(0)), labels, weights, gce, gkd, **kw)
+    want = reference_with_grads(list(z.unbind(0)), labels, weights, gce, gkd, **kw)
+    for a, b in zip(flat_results(got), flat_results(want)):
         assert a.dtype == torch.float64
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
@@ -138,13 +101,13 @@ def test_float64_accumulates_in_float64(mode, detach, rng):
 @pytest.mark.parametrize("mode", MODES)
 def test_low_precision_within_twice_the_reference_error(dtype, mode, rng):
     z, labels, weights = _inputs(3, 4, 300, 2, rng, dtype)
-    gce, gkd = _grad_outputs(3, rng)
+    gce, gkd = grad_outputs(3, rng)
     kw = dict(temperature=2.0, label_smoothing=0.1, mode=mode, detach_targets=False)
-    got = _ours(z, labels, weights.float(), gce.float(), gkd.float(), **kw)
+    got = ours_with_grads(z, labels, weights.float(), gce.float(), gkd.float(), **kw)
     assert got[2][0].dtype == dtype
-    oracle = _ref(z, labels, weights, gce, gkd, **kw)
-    same_dtype = _ref(z, labels, weights, gce, gkd, dtype=dtype, **kw)
-    for ours, want, ref_low in zip(_flat(got), _flat(oracle), _flat(same_dtype)):
+    oracle = reference_with_grads(z, labels, weights, gce, gkd, **kw)
+    same_dtype = reference_with_grads(z, labels, weights, gce, gkd, dtype=dtype, **kw)
+    for ours, want, ref_low in zip(*map(flat_results, (got, oracle, same_dtype))):
         err = (ours.double() - want).abs().max()
         allowed = 2 * (ref_low.double() - want).abs().max() + 1e-6 * want.abs().max()
         assert err <= allowed, (err, allowed)
@@ -164,14 +127,14 @@ def _layouts(k, b, c, g):
 def test_noncontiguous_and_separate_peers(mode, rng):
     k, b, c = 3, 4, 9
     _, labels, weights = _inputs(k, b, c, 2, rng)
-    gce, gkd = _grad_outputs(k, rng)
+    gce, gkd = grad_outputs(k, rng)
     kw = dict(temperature=2.0, label_smoothing=0.1, mode=mode, detach_targets=False)
     for peers in _layouts(k, b, c, rng):
-        got = _ours(peers, labels, weights.float(), gce.float(), gkd.float(), **kw)
+        got = ours_with_grads(peers, labels, weights.float(), gce.float(), gkd.float(), **kw)
         shapes = [p.shape for p in peers] if isinstance(peers, list) else [peers.shape]
         assert [g.shape for g in got[2]] == shapes
         ref_peers = [p.double() for p in peers] if isinstance(peers, list) else peers.double()
-        assert_results_close(got, _ref(ref_peers, labels, weights, gce, gkd, **kw))
+        assert_results_close(got, reference_with_grads(ref_peers, labels, weights, gce, gkd, **kw))
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -199,7 +162,7 @@ def test_identical_peers_give_zero_kd_and_zero_kd_gradient(mode, detach, rng):
     z, labels, weights = _inputs(1, b, c, 1, rng, torch.float32)
     peers = [z[0].clone() for _ in range(k)]
     gkd = torch.randn(k, generator=rng)
-    _, kd, grads = _ours(peers, labels, weights.float(), torch.zeros(k), gkd, temperature=3.0,
+    _, kd, grads = ours_with_grads(peers, labels, weights.float(), torch.zeros(k), gkd, temperature=3.0,
                           mode=mode, detach_targets=detach)
     kd_tol, grad_tol = zero_kd_tolerances(3.0, gkd.abs().max().item())
     torch.testing.assert_close(kd, torch.zeros(k), rtol=0, atol=kd_tol)
@@ -215,8 +178,8 @@ def test_gradient_of_ce_alone_and_kd_alone(which, mode, rng):
     gce, gkd = (g, torch.zeros(3, dtype=torch.float64)) if which == "ce" else \
         (torch.zeros(3, dtype=torch.float64), g)
     kw = dict(temperature=2.0, label_smoothing=0.1, mode=mode, detach_targets=False)
-    got = _ours(z, labels, weights.float(), gce.float(), gkd.float(), **kw)
-    assert_results_close(got, _ref(z, labels, weights, gce, gkd, **kw))
+    got = ours_with_grads(z, labels, weights.float(), gce.float(), gkd.float(), **kw)
+    assert_results_close(got, reference_with_grads(z, labels, weights, gce, gkd, **kw))
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -229,13 +192,13 @@ def test_neg_inf_logits_masked_in_every_peer(mode, detach, c, rng):
     labels[labels == 1] = 0
     labels[labels == 5] = 0
     labels[labels == c - 1] = 0
-    gce, gkd = _grad_outputs(3, rng)
+    gce, gkd = grad_outputs(3, rng)
     kw = dict(temperature=2.0, mode=mode, detach_targets=detach)
-    got = _ours(z, labels, weights.float(), gce.float(), gkd.float(), **kw)
-    assert all(torch.isfinite(t).all() for t in _flat(got))
-    assert_results_close(got, _ref(z, labels, weights, gce, gkd, **kw))
+    got = ours_with_grads(z, labels, weights.float(), gce.float(), gkd.float(), **kw)
+    assert all(torch.isfinite(t).all() for t in flat_results(got))
+    assert_results_close(got, reference_with_grads(z, labels, weights, gce, gkd, **kw))
     # Label smoothing spreads mass onto the masked classes too: ce is +inf, as in the reference.
-    ce, _, _ = _ours(z, labels, weights.float(), gce.float(), gkd.float(), label_smoothing=0.1,
+    ce, _, _ = ours_with_grads(z, labels, weights.float(), gce.float(), gkd.float(), label_smoothing=0.1,
                      **kw)
     assert torch.isinf(ce).all()
 
@@ -248,13 +211,13 @@ def test_neg_inf_in_one_peer(mode, rng):
     z, labels, weights = _inputs(3, 2, 10, 1, rng, torch.float32)
     z[0, :, 4] = float("-inf")
     labels[labels == 4] = 0
-    gce, gkd = _grad_outputs(3, rng)
+    gce, gkd = grad_outputs(3, rng)
     pm = torch.tensor([[0.0, 0.5, 0.5], [0.0, 0.0, 1.0], [0.0, 1.0, 0.0]], dtype=torch.float64)
     kw = dict(temperature=2.0, mode=mode, detach_targets=True,
               peer_matrix=pm if mode == "ensemble" else None)
-    got = _ours(z, labels, weights.float(), gce.float(), gkd.float(),
+    got = ours_with_grads(z, labels, weights.float(), gce.float(), gkd.float(),
                 **{**kw, "peer_matrix": None if kw["peer_matrix"] is None else pm.float()})
-    want = _ref(z, labels, weights, gce, gkd, **kw)
+    want = reference_with_grads(z, labels, weights, gce, gkd, **kw)
     assert torch.isinf(got[1][0]) and torch.isfinite(got[1][1:]).all()
     assert torch.isfinite(got[0]).all() and all(torch.isfinite(g).all() for g in got[2])
     assert_results_close(got, want)
@@ -265,12 +228,12 @@ def test_neg_inf_in_one_peer(mode, rng):
 def test_nan_in_nan_out(mode, c, rng):
     z, labels, weights = _inputs(3, 3, c, 2, rng, torch.float32)
     z[1, 0, c // 2] = float("nan")
-    gce, gkd = _grad_outputs(3, rng)
+    gce, gkd = grad_outputs(3, rng)
     kw = dict(temperature=2.0, mode=mode, detach_targets=False)
-    got = _ours(z, labels, weights.float(), gce.float(), gkd.float(), **kw)
-    want = _ref(z, labels, weights, gce, gkd, **kw)
+    got = ours_with_grads(z, labels, weights.float(), gce.float(), gkd.float(), **kw)
+    want = reference_with_grads(z, labels, weights, gce, gkd, **kw)
     assert torch.isnan(got[0][1]) and torch.isnan(got[1]).any()
-    for a, b in zip(_flat(got), _flat(want)):
+    for a, b in zip(flat_results(got), flat_results(want)):
         assert torch.equal(torch.isnan(a), torch.isnan(b))
     assert_results_close(got, want)
 
@@ -346,14 +309,14 @@ def test_gradient_at_a_large_common_offset(mode, detach, k, c, offset, t, rng):
     at 2e4). The float32 reference meets the same fp32 rule here."""
     z, labels, weights = _inputs(k, 2, c, 2, rng)
     z = (z + offset).float()
-    gce, gkd = _grad_outputs(k, rng)
+    gce, gkd = grad_outputs(k, rng)
     pm = _exact_ensemble(k) if mode == "ensemble" else None
     # (no label smoothing: the forward's eps term sums the raw logits, ~C * offset, in fp32)
     kw = dict(temperature=t, mode=mode, detach_targets=detach)
-    got = _ours(z, labels, weights.float(), gce.float(), gkd.float(),
+    got = ours_with_grads(z, labels, weights.float(), gce.float(), gkd.float(),
                 peer_matrix=None if pm is None else pm.float(), **kw)
-    want = _ref(z, labels, weights, gce, gkd, peer_matrix=pm, **kw)
-    fp32_ref = _ref(z, labels, weights, gce, gkd, peer_matrix=pm, dtype=torch.float32, **kw)
+    want = reference_with_grads(z, labels, weights, gce, gkd, peer_matrix=pm, **kw)
+    fp32_ref = reference_with_grads(z, labels, weights, gce, gkd, peer_matrix=pm, dtype=torch.float32, **kw)
     assert_results_close(fp32_ref, want)
     assert_results_close(got, want)
 
