@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import re
 import sys
 
 USAGE = """usage: metamixer-fast COMMAND [options]
@@ -12,6 +14,18 @@ commands:
   study   run a resumable grid of methods x seeds and summarise it: metamixer-fast study STUDY.toml
   info    versions, what was built, and the kernel backend per device
 """
+
+
+_ROLE = re.compile(r":[a-z]+:`~?([^`]*)`")  # :func:`name`, :class:`~pkg.Name`
+
+
+def plain_text(doc: str) -> str:
+    """A docstring as a command's ``--help`` description: argparse prints it as it is, so the
+    reStructuredText markup the docstrings use for Sphinx (``code``, roles, the '::' that opens a
+    literal block) is taken out. Print it with ``argparse.RawDescriptionHelpFormatter`` to keep
+    its line breaks (examples, TOML)."""
+    text = _ROLE.sub(r"\1", doc).replace("``", "")
+    return re.sub(r"::$", ":", inspect.cleandoc(text), flags=re.MULTILINE)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""``python -m metamixer_fast.info``: versions, what was built, and the backend per device."""
+"""``metamixer-fast info`` (or ``python -m metamixer_fast.info``): versions, what was built, and
+the backend per device."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 
 from . import __version__, _backend
 from . import ops as _ops  # noqa: F401  (registers the ops and their reference kernels)
+from .cli import plain_text
 
 OPS = ("mixed_kd_loss", "mixed_kd_loss_backward", "mix", "mix_backward", "mix2")
 STREAM_STORES_VAR = "METAMIXER_STREAM_STORES"  # read by the C++ mix2 on every call (csrc/mix.cpp)
@@ -70,7 +72,7 @@ def report() -> str:
 def main(argv: list[str] | None = None) -> int:
     """Prints the report; status 1 when a line of it is an ERROR (a bad METAMIXER_BACKEND, a
     backend that cannot run here), so that scripts can check the setting."""
-    argparse.ArgumentParser(prog="metamixer-fast info", description=__doc__.splitlines()[0]
+    argparse.ArgumentParser(prog="metamixer-fast info", description=plain_text(__doc__)
                             ).parse_args(argv)
     text = report()
     print(text)

@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any
 
 from . import checkpoint
+from .cli import plain_text
 from .config import ConfigError, TrainConfig, from_mapping
 from .data import DatasetError
 from .train import NonFiniteLossError, fit, resume_config
@@ -394,7 +395,8 @@ def _plots(study: Study, rows: list[dict[str, Any]], results: dict[str, Outcome]
 
 
 def main(argv: list[str] | None = None, prog: str = "metamixer-fast study") -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=prog, description=plain_text(__doc__),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="study TOML file ([study], [base], [[variant]] tables)")
     parser.add_argument("--report-only", action="store_true",
                         help="only write the tables and plots from the runs finished so far "

@@ -150,6 +150,19 @@ def test_help_lists_every_option():
         assert option in proc.stdout
 
 
+@pytest.mark.parametrize("command", ["train", "study", "plot", "info"])
+def test_help_is_plain_text(command, capsys):
+    """The descriptions come from docstrings: their reStructuredText markup must not show."""
+    from metamixer_fast import cli
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main([command, "--help"])
+    out = capsys.readouterr().out
+    assert exc.value.code == 0 and f"metamixer-fast {command}" in out
+    for markup in ("``", ":func:", ":class:", ":mod:", "::\n"):
+        assert markup not in out, (markup, out)
+
+
 def test_plot_writes_pngs(tmp_path):
     fit(_cfg(tmp_path, epochs=2))
     proc = subprocess.run([sys.executable, "-m", "metamixer_fast.cli", "plot", str(tmp_path / "run")],
