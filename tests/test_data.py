@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 
 from metamixer_fast.data import (
-    FASHION_MNIST_DIR,
     BatchLoader,
     DatasetError,
     DatasetNotFoundError,
@@ -192,18 +191,6 @@ def test_a_data_dir_that_is_a_file_or_files_without_images_are_named(tmp_path, r
     fake_fashion_mnist(tmp_path / "empty", rng, n_test=0)
     with pytest.raises(DatasetError, match=r"fashion-mnist: the test files hold no images; fetch them"):
         load_dataset("fashion-mnist", tmp_path / "empty")
-
-
-def test_real_fashion_mnist() -> None:
-    if not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file():
-        pytest.skip(f"Fashion-MNIST is not installed in {FASHION_MNIST_DIR} "
-                    "(apt-get install dataset-fashion-mnist)")
-    train, test = load_dataset("fashion-mnist")
-    assert train.images.shape == (60000, 1, 28, 28) and test.images.shape == (10000, 1, 28, 28)
-    assert torch.equal(train.labels.bincount(), torch.full((10,), 6000))
-    assert torch.equal(test.labels.bincount(), torch.full((10,), 1000))
-    pixels = train.images.double() / 255
-    assert abs(pixels.mean().item() - train.mean[0]) < 1e-3 and abs(pixels.std().item() - train.std[0]) < 1e-3
 
 
 # ----------------------------------------------------------------------------- CIFAR
