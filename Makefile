@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.metamixer-installed
 CMAKE_BUILD := build/cmake
 
-.PHONY: install demo quickstart test test-python test-cpp test-sanitize lint bench gpu-check clean
+.PHONY: install fashion-mnist demo quickstart test test-python test-cpp test-sanitize lint bench gpu-check clean
 
 $(STAMP): pyproject.toml setup.py requirements-dev.txt $(wildcard csrc/*.cpp csrc/*/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,9 +21,9 @@ install: $(STAMP)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-# The main job: MetaMixer with 2 peers on Fashion-MNIST (Debian's dataset-fashion-mnist package,
-# installed here when missing and apt-get is available).
-demo: install
+# Debian's dataset-fashion-mnist package, installed when missing and apt-get is available: the
+# main job's data, and that of tests/test_real_data.py (which CI runs with it).
+fashion-mnist:
 	@if [ ! -f $(FASHION_MNIST)/train-images-idx3-ubyte.gz ]; then \
 	  if command -v apt-get >/dev/null; then \
 	    $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; \
@@ -33,6 +33,9 @@ demo: install
 	    exit 1; \
 	  fi; \
 	fi
+
+# The main job: MetaMixer with 2 peers on Fashion-MNIST.
+demo: install fashion-mnist
 	rm -rf runs/demo-fashion-mnist
 	$(PY) -m metamixer_fast.train --config configs/demo-fashion-mnist.toml
 	$(PY) -m metamixer_fast.plot runs/demo-fashion-mnist
