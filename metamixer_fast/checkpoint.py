@@ -22,7 +22,14 @@ REQUIRED = ("format", "config", "epoch", "step", "peers", "optimizer", "schedule
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, corrupt, or does not belong to this run."""
+    """A checkpoint that is missing, corrupt, or does not belong to this run.
+
+    ``problem`` is the message without its advice (``fix``), for a caller that advises otherwise
+    (a study moves a run's directory aside; it has no --out to change)."""
+
+    def __init__(self, problem: str, fix: str = "") -> None:
+        super().__init__(f"{problem}; {fix}" if fix else problem)
+        self.problem = problem
 
 
 def save(state: dict[str, Any], run_dir: str | Path) -> Path:
@@ -52,8 +59,8 @@ def save(state: dict[str, Any], run_dir: str | Path) -> Path:
 def load(run_dir: str | Path) -> dict[str, Any]:
     path = Path(run_dir) / NAME
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}; --resume needs the run directory of an "
-                              f"earlier run that finished at least one epoch")
+        raise CheckpointError(f"no checkpoint at {path}", fix="--resume needs the run directory of "
+                              "an earlier run that finished at least one epoch")
     # torch.load checks no CRC: a flipped bit in a tensor would load as a silently wrong weight.
     # So every member's CRC is checked first; and any failure of the load itself (the
     # weights-only unpickler meets damage with KeyError and friends too) is the same clear error.
@@ -65,8 +72,8 @@ def load(run_dir: str | Path) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # whatever the damage, the answer is the same
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated and was left untouched "
-                              f"({type(exc).__name__}: {exc}); resume from a copy of it if you have "
-                              f"one, or start the run afresh with another --out") from None
+                              f"({type(exc).__name__}: {exc})", fix="resume from a copy of it if you "
+                              "have one, or start the run afresh with another --out") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"{path} is not a metamixer_fast checkpoint (format {found!r}, "

@@ -16,27 +16,38 @@ from . import checkpoint
 from .config import ConfigError, TrainConfig
 
 
+class NotFreshError(ConfigError):
+    """A fresh run's directory holds what the run may not overwrite. ``problem`` is the message
+    without its advice (``fix``), for a caller that advises otherwise (a study sets each run's
+    directory itself: the fix there is to move that directory aside, not to choose another --out)."""
+
+    def __init__(self, problem: str, fix: str) -> None:
+        super().__init__(f"{problem}; {fix}")
+        self.problem = problem
+
+
 def check_fresh(run_dir: Path) -> None:
     """A fresh run writes config.json, metrics.jsonl and checkpoint.pt into ``run_dir``: refuse
     a directory where that would overwrite anything of value. The files of a run that ended
     before its first epoch (a config.json of ours, an empty metrics.jsonl) may be replaced."""
     if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"config 'out' names {run_dir}, which is a file, not a directory; "
-                          f"choose another --out")
+        raise NotFreshError(f"config 'out' names {run_dir}, which is a file, not a directory",
+                            "choose another --out")
     if (run_dir / checkpoint.NAME).exists():
-        raise ConfigError(f"run directory {run_dir} already holds a checkpoint; continue it with "
-                          f"--resume {run_dir} or choose another --out")
+        raise NotFreshError(f"run directory {run_dir} already holds a checkpoint",
+                            f"continue it with --resume {run_dir} or choose another --out")
     metrics = run_dir / "metrics.jsonl"
     if metrics.exists() and (not metrics.is_file() or metrics.stat().st_size > 0):
-        raise ConfigError(f"run directory {run_dir} already holds a metrics.jsonl (but no "
-                          f"checkpoint); choose another --out, or move the file aside")
+        raise NotFreshError(f"run directory {run_dir} already holds a metrics.jsonl (but no "
+                            f"checkpoint)", "choose another --out, or move the file aside")
     config_file = run_dir / "config.json"
-    if config_file.exists() and not _is_run_config(config_file):
-        raise ConfigError(f"run directory {run_dir} holds a config.json that is not a run's "
-                          f"config; choose another --out, or move the file aside")
+    if config_file.exists() and not is_run_config(config_file):
+        raise NotFreshError(f"run directory {run_dir} holds a config.json that is not a run's "
+                            f"config", "choose another --out, or move the file aside")
 
 
-def _is_run_config(path: Path) -> bool:
+def is_run_config(path: Path) -> bool:
+    """Whether ``path`` holds a config.json that a run wrote (a mapping of TrainConfig's fields)."""
     try:
         saved = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):

@@ -21,17 +21,21 @@ The study file is TOML::
     global_pairing = "random"
 
 Unknown tables or ``[study]`` keys, repeated seeds, and ``seed`` / ``out`` in ``[base]`` or a
-variant (the study sets them) are errors. Every run lives in ``OUT/VARIANT/seedS``. A finished run
-(all epochs in its checkpoint) is skipped on a rerun; an interrupted one is resumed from its last
-checkpoint, in that directory. The study file must still describe the runs already there: an
-option that changes the results (lr, epochs, ...) cannot differ from a run's checkpoint; the study
-stops before training anything and names the run (move it aside to train it afresh).
+variant (the study sets them) are errors. Every run lives in ``OUT/VARIANT/seedS``, and the report
+and a rerun judge it the same way: with a checkpoint, the checkpoint decides (a
+run is finished when its history holds every epoch); without one (deleted to save space, say),
+``metrics.jsonl`` does. A finished run is counted in the report and skipped on a rerun; an
+unfinished one is left out of the means and resumed from its last checkpoint, in its directory.
+The study file must still describe the runs already there: an option that changes the results
+(lr, epochs, ...) cannot differ from a run's checkpoint or, without one, its ``config.json``; the
+study, and the report, stop before anything is trained and name the run and the fix (move
+``OUT/VARIANT/seedS`` aside to train it afresh).
 
 A run that fails (a non-finite loss, missing or bad data, settings that cannot train: a batch
-larger than the data, a device this machine lacks, a run directory it may not overwrite) is
-reported (``error: ...`` naming the
-variant and seed) and marked with ``study_failed.txt`` in its directory; the study carries on with
-the other runs and exits with status 2 at the end. A rerun tries a failed run again.
+larger than the data, a device this machine lacks; a directory holding metrics but no checkpoint
+to resume) is reported (``error: ...`` naming the variant and seed, and the fix) and marked with
+``study_failed.txt`` in its directory; the study carries on with the other runs and exits with
+status 2 at the end. A rerun tries a failed run again.
 
 At the end (and with ``--report-only`` at any time) the study writes ``results.md`` and
 ``results.csv`` (final per-peer mean and ensemble top-1: mean and standard deviation over the
@@ -47,11 +51,11 @@ import json
 import sys
 import tomllib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import checkpoint
+from . import checkpoint, run_directory
 from .cli import plain_text
 from .config import ConfigError, TrainConfig, from_mapping
 from .data import DatasetError
@@ -172,38 +176,119 @@ def study_config(study: Study, name: str, overrides: dict[str, Any], seed: int) 
         raise ConfigError(f"study variant '{name}': {exc}") from None
 
 
-# ------------------------------------------------------------------------------ running
+# ------------------------------------------------------------------------------ runs on disk
 
-def existing_run(study: Study, name: str, seed: int,
-                 cfg: TrainConfig) -> tuple[TrainConfig, dict[str, Any]] | None:
-    """The run's checkpoint and the config that continues it, or None if it has no checkpoint.
+@dataclass
+class RunOnDisk:
+    """A run's directory as the study judges it: the one judgement that the report and a rerun
+    both use, so that a run the table counts as finished is one a rerun skips, and the reverse."""
+    history: list[dict[str, Any]] = field(default_factory=list)  # its epochs' records
+    finished: bool = False  # every epoch the study asks for is recorded
+    resume: tuple[TrainConfig, dict[str, Any]] | None = None  # (config, checkpoint); None without one
 
-    The study file must still describe the run: were an option that changes the results (lr,
-    epochs, ...) allowed to differ, a rerun would continue (or skip) a run made with other
-    settings, and the table would carry the new ones. ``resume_config`` decides what may change.
+
+def run_on_disk(study: Study, name: str, overrides: dict[str, Any], seed: int) -> RunOnDisk:
+    """The run in OUT/VARIANT/seedS; ConfigError if the study cannot use it as it is.
+
+    With a checkpoint, the checkpoint decides: its history is the run's epochs (a resume rewrites
+    metrics.jsonl from it; a metrics line past it is an epoch that runs again). Without one
+    (deleted to save space, say), metrics.jsonl's complete epochs are the run's, and config.json
+    stands in for the checkpoint's config. Either way the saved settings must be the study file's:
+    were an option that changes the results (lr, epochs, ...) allowed to differ, a rerun would
+    continue or skip a run made with other settings, and the table would carry the new ones.
     """
+    cfg = study_config(study, name, overrides, seed)
     run_dir = study.run_dir(name, seed)
-    if not (run_dir / checkpoint.NAME).exists():
-        return None
-    state = checkpoint.load(run_dir)
+    label = f"study variant '{name}' seed {seed}"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"{label}: {run_dir} is a file, not a run directory; move {run_dir} aside "
+                          f"so that the study can train the run there")
+    if (run_dir / checkpoint.NAME).exists():
+        try:
+            state = checkpoint.load(run_dir)
+        except checkpoint.CheckpointError as exc:
+            raise ConfigError(f"{label}: {exc.problem}; put a good copy of it back, or move {run_dir} "
+                              f"aside to train the run afresh") from None
+        resumed = _same_settings(label, run_dir, state["config"], cfg, "its checkpoint")
+        history = list(state.get("history", []))
+        return RunOnDisk(history, _complete(history, cfg),
+                         (dataclasses.replace(resumed, out=str(run_dir)), state))
+    history = _history(run_dir / "metrics.jsonl")
+    if history:
+        _same_settings(label, run_dir, _saved_config(label, run_dir), cfg, "its config.json")
+    return RunOnDisk(history, _complete(history, cfg))
+
+
+def _complete(history: list[dict[str, Any]], cfg: TrainConfig) -> bool:
+    return bool(history) and history[-1]["epoch"] >= cfg.epochs
+
+
+def _same_settings(label: str, run_dir: Path, saved: dict[str, Any], cfg: TrainConfig,
+                   saved_in: str) -> TrainConfig:
+    """The config that continues the run saved with ``saved``; ConfigError if the study's
+    ``cfg`` changes an option that ``resume_config`` keeps."""
     # 'out' is not compared: the run is the one in run_dir (a copied study continues in its copy),
-    # whichever directory its checkpoint was first written in
+    # whichever directory it was first written in
     wanted = {key: value for key, value in cfg.to_dict().items() if key != "out"}
     try:
-        resumed = resume_config(state, wanted)
+        return resume_config({"config": saved}, wanted, saved_in=saved_in)
     except (checkpoint.CheckpointError, ConfigError) as exc:
         reason = str(exc).removeprefix("--resume: ")
-        raise ConfigError(f"study variant '{name}' seed {seed}: {run_dir} holds a run made with other "
-                          f"settings: {reason}; put the setting back in the study file, or move "
-                          f"{run_dir} aside to train the run afresh") from None
-    return dataclasses.replace(resumed, out=str(run_dir)), state
+        raise ConfigError(f"{label}: {run_dir} holds a run made with other settings: {reason}; put "
+                          f"the setting back in the study file, or move {run_dir} aside to train the "
+                          f"run afresh") from None
+
+
+def _saved_config(label: str, run_dir: Path) -> dict[str, Any]:
+    """config.json of a run without a checkpoint: without it the run's settings are unknown."""
+    path = run_dir / "config.json"
+    if not run_directory.is_run_config(path):
+        raise ConfigError(f"{label}: {run_dir} holds a metrics.jsonl but neither a checkpoint nor a "
+                          f"run's config.json, so the settings it was trained with cannot be checked "
+                          f"against the study file; move {run_dir} aside to train the run afresh")
+    return json.loads(path.read_text())
+
+
+def _history(path: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl's epoch records, up to a line cut short by a kill (that epoch runs again on
+    resume) or anything else that is not an epoch's record (what follows it is not trusted)."""
+    try:
+        lines = path.read_text().splitlines() if path.is_file() else []
+    except (OSError, UnicodeDecodeError):
+        return []
+    records = []
+    for line in filter(str.strip, lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        if not (isinstance(record, dict) and {"epoch", "top1", "ensemble_top1"} <= set(record)):
+            break
+        records.append(record)
+    return records
 
 
 def check_existing_runs(study: Study) -> None:
-    """Raise ConfigError if a run already on disk no longer matches the study file."""
+    """Raise ConfigError if a run already on disk cannot be used as the study file describes it."""
     for name, overrides, seed in study.runs():
-        existing_run(study, name, seed, study_config(study, name, overrides, seed))
+        run_on_disk(study, name, overrides, seed)
 
+
+def outcomes(study: Study) -> dict[str, Outcome]:
+    """Each variant's runs by state, for the report (``run_on_disk`` decides which finished)."""
+    result = {name: Outcome() for name, _ in study.variants}
+    for name, overrides, seed in study.runs():
+        disk = run_on_disk(study, name, overrides, seed)
+        if disk.finished:
+            result[name].finished.append({"seed": seed, "history": disk.history})
+        elif (study.run_dir(name, seed) / FAILED).is_file():
+            result[name].failed.append(seed)
+        else:
+            result[name].unfinished.append(seed)
+    return result
+
+
+# ------------------------------------------------------------------------------ running
 
 def run_study(study: Study) -> list[str]:
     """Train every run not finished yet; returns the runs that failed ("VARIANT seed S")."""
@@ -218,61 +303,45 @@ def run_study(study: Study) -> list[str]:
 
 def _run_one(study: Study, name: str, overrides: dict[str, Any], seed: int, label: str) -> bool:
     """Train, continue or skip one run; False if it failed (reported on stderr and marked)."""
-    cfg = study_config(study, name, overrides, seed)
     run_dir = study.run_dir(name, seed)
-    existing = existing_run(study, name, seed, cfg)
-    if existing is not None and existing[1]["epoch"] >= existing[0].epochs:
-        print(f"{label}: finished earlier, skipped", flush=True)
+    disk = run_on_disk(study, name, overrides, seed)
+    if disk.finished:
+        note = ""
+        if disk.resume is not None and _history(run_dir / "metrics.jsonl") != disk.history:
+            run_directory.rewrite_metrics(run_dir, disk.history)  # as a resume would
+            note = " (metrics.jsonl written again from its checkpoint)"
+        print(f"{label}: finished earlier, skipped{note}", flush=True)
         return True
     (run_dir / FAILED).unlink(missing_ok=True)  # an earlier failure; this attempt decides
+    where = f"study variant '{name}' seed {seed} failed"
+    if disk.resume is None:
+        try:  # checked here, not in fit: its advice (another --out) is no fix in a study
+            run_directory.check_fresh(run_dir)
+        except run_directory.NotFreshError as exc:
+            return _failed(run_dir, f"{where}: {exc.problem}, which the study neither resumes nor "
+                                    f"overwrites; move {run_dir} aside to train the run afresh")
     try:
-        if existing is not None:
-            print(f"{label}: resuming at epoch {existing[1]['epoch'] + 1}", flush=True)
-            fit(existing[0], resume=existing[1])
+        if disk.resume is not None:
+            print(f"{label}: resuming at epoch {len(disk.history) + 1}", flush=True)
+            fit(disk.resume[0], resume=disk.resume[1])
         else:
             print(f"{label}: training", flush=True)
-            fit(cfg)
+            fit(study_config(study, name, overrides, seed))
     except (NonFiniteLossError, DatasetError, ConfigError, checkpoint.CheckpointError) as exc:
         # one variant's divergence, data or settings (a batch larger than its data, a device
-        # this machine lacks, a run directory it may not overwrite) should not cost the other
-        # variants their runs
+        # this machine lacks) should not cost the other variants their runs
         aside = f"move {run_dir} aside, then " if (run_dir / checkpoint.NAME).exists() else ""
-        message = (f"study variant '{name}' seed {seed} failed: {exc}. A rerun tries it again; to "
-                   f"retry with other settings, {aside}change them in the study file")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / FAILED).write_text(message + "\n")
-        print(f"error: {message}. Carrying on with the other runs.", file=sys.stderr, flush=True)
-        return False
+        return _failed(run_dir, f"{where}: {exc}. A rerun tries it again; to retry with other "
+                                f"settings, {aside}change them in the study file")
     return True
 
 
-# ------------------------------------------------------------------------------ the runs' states
-
-def _history(path: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl's records, up to a line cut short by a kill (that epoch runs again on resume)."""
-    records = []
-    lines = path.read_text().splitlines() if path.is_file() else []
-    for line in filter(str.strip, lines):
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return records
-
-
-def outcomes(study: Study) -> dict[str, Outcome]:
-    """Each variant's runs by state: only runs with all their epochs count as finished."""
-    result = {name: Outcome() for name, _ in study.variants}
-    for name, overrides, seed in study.runs():
-        run_dir = study.run_dir(name, seed)
-        history = _history(run_dir / "metrics.jsonl")
-        if history and history[-1]["epoch"] >= study_config(study, name, overrides, seed).epochs:
-            result[name].finished.append({"seed": seed, "history": history})
-        elif (run_dir / FAILED).is_file():
-            result[name].failed.append(seed)
-        else:
-            result[name].unfinished.append(seed)
-    return result
+def _failed(run_dir: Path, message: str) -> bool:
+    """Report a failed run on stderr and mark it failed in its directory; returns False."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / FAILED).write_text(message + "\n")
+    print(f"error: {message}. Carrying on with the other runs.", file=sys.stderr, flush=True)
+    return False
 
 
 def main(argv: list[str] | None = None, prog: str = "metamixer-fast study") -> int:
@@ -286,9 +355,7 @@ def main(argv: list[str] | None = None, prog: str = "metamixer-fast study") -> i
     failed: list[str] = []
     try:
         study = load_study(args.config)
-        if args.report_only:
-            check_existing_runs(study)  # a table must not carry settings its runs were not made with
-        else:
+        if not args.report_only:  # the report checks the runs on disk against the study file too
             failed = run_study(study)
         paths = write_report(study.out, outcomes(study))
         if not paths and args.report_only:

@@ -485,12 +485,14 @@ def fit(cfg: TrainConfig, resume: dict[str, Any] | None = None) -> dict[str, Any
     return run.history[-1]
 
 
-def resume_config(state: dict[str, Any], overrides: dict[str, Any],
-                  run_dir: str | Path | None = None) -> TrainConfig:
+def resume_config(state: dict[str, Any], overrides: dict[str, Any], run_dir: str | Path | None = None,
+                  saved_in: str = "the checkpoint") -> TrainConfig:
     """The checkpoint's config; an override may only change what does not alter the results.
 
     ``run_dir``: where the checkpoint was read. The resumed run writes there (the directory may
-    have moved since), never elsewhere: an 'out' override must name the same directory."""
+    have moved since), never elsewhere: an 'out' override must name the same directory.
+    ``saved_in``: where ``state['config']`` was read, for the message (a study also checks a
+    run's config.json this way)."""
     overrides = {key.replace("-", "_"): value for key, value in overrides.items()}
     saved = from_mapping({**state["config"], "stop_after_epochs": 0})  # a new invocation
     if run_dir is not None:
@@ -506,7 +508,7 @@ def resume_config(state: dict[str, Any], overrides: dict[str, Any],
         given = getattr(from_mapping({name: value}), name)
         if given != getattr(saved, name):
             raise checkpoint.CheckpointError(
-                f"--resume: option '{name}' is {getattr(saved, name)!r} in the checkpoint but "
+                f"--resume: option '{name}' is {getattr(saved, name)!r} in {saved_in} but "
                 f"{given!r} was given; a resumed run must keep its configuration (only "
                 f"{', '.join(RESUME_MUTABLE)} may change)")
     return from_mapping({k: v for k, v in overrides.items() if k in RESUME_MUTABLE}, saved).validate()

@@ -188,3 +188,100 @@ batch_size = 256
             "0", "0", "")
         assert "failed" in (tmp_path / "out" / name / "seed0" / FAILED).read_text()
     assert "| diverges | 0 | — | — | — | failed: 0 |" in (tmp_path / "out" / "results.md").read_text()
+
+
+def _finished_run(tmp_path, capsys):
+    """A study of one run, trained to its end: (the study file, the run's directory)."""
+    path = _one_run(tmp_path / "s.toml", tmp_path / "out", stop=0)
+    assert main([path]) == 0
+    capsys.readouterr()
+    return path, tmp_path / "out" / "dml" / "seed0"
+
+
+def _report_row(out):
+    [row] = list(csv.DictReader(open(out / "results.csv")))
+    return row
+
+
+@pytest.mark.parametrize("config_json", ["kept", "deleted"])
+def test_a_run_without_a_checkpoint_is_checked_against_the_study_too(tmp_path, capsys, config_json):
+    """A run whose checkpoint.pt was deleted (to save space) keeps its config.json: the report
+    and a rerun check it as they check a checkpoint's, and refuse a run they cannot check."""
+    _, run_dir = _finished_run(tmp_path, capsys)
+    (run_dir / checkpoint.NAME).unlink()
+    if config_json == "deleted":
+        (run_dir / "config.json").unlink()
+    changed = _one_run(tmp_path / "s.toml", tmp_path / "out", lr=0.01, stop=0)
+    for argv in ([changed, "--report-only"], [changed]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: study variant 'dml' seed 0") and "Traceback" not in err
+        assert ("'lr'" in err and "config.json" in err) if config_json == "kept" else "cannot" in err
+        assert f"move {run_dir} aside" in err
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted(
+        ["config.json", "metrics.jsonl"][config_json == "deleted":])
+
+
+def test_a_run_without_a_checkpoint_but_with_all_its_epochs_is_finished(tmp_path, capsys):
+    path, run_dir = _finished_run(tmp_path, capsys)
+    (run_dir / checkpoint.NAME).unlink()
+    metrics = (run_dir / "metrics.jsonl").read_text()
+    assert main([path, "--report-only"]) == 0
+    assert _report_row(tmp_path / "out")["seeds"] == "1"
+    assert main([path]) == 0  # skipped as finished, not trained again nor failed
+    assert "finished earlier, skipped" in capsys.readouterr().out
+    assert (run_dir / "metrics.jsonl").read_text() == metrics and not (run_dir / checkpoint.NAME).exists()
+
+
+def test_a_finished_checkpoint_decides_over_a_short_metrics_file(tmp_path, capsys):
+    """The checkpoint holds the run's history: the report reads the epochs from it, and a rerun
+    skips the run and writes metrics.jsonl back from it (as train --resume does)."""
+    path, run_dir = _finished_run(tmp_path, capsys)
+    metrics = (run_dir / "metrics.jsonl").read_text()
+    (run_dir / "metrics.jsonl").write_text(metrics.splitlines(keepends=True)[0])
+    assert main([path, "--report-only"]) == 0
+    final = json.loads(metrics.splitlines()[-1])
+    row = _report_row(tmp_path / "out")
+    assert (row["seeds"], row["epochs"]) == ("1", "2")
+    assert float(row["ensemble_top1_mean"]) == round(final["ensemble_top1"], 2)
+    assert main([path]) == 0
+    assert "finished earlier, skipped" in capsys.readouterr().out
+    assert (run_dir / "metrics.jsonl").read_text() == metrics
+
+
+def test_a_metrics_line_past_the_checkpoint_is_not_a_finished_epoch(tmp_path, capsys):
+    """A kill between an epoch's metrics line and its checkpoint: that epoch runs again, so the
+    run is unfinished for the report as for a rerun (which resumes it)."""
+    path = _one_run(tmp_path / "s.toml", tmp_path / "out", stop=1)
+    run_dir = tmp_path / "out" / "dml" / "seed0"
+    assert main([path]) == 0  # epoch 1 of 2
+    line = json.loads((run_dir / "metrics.jsonl").read_text())
+    with open(run_dir / "metrics.jsonl", "a") as fh:
+        fh.write(json.dumps({**line, "epoch": 2}) + "\n")
+    capsys.readouterr()
+    assert main([path, "--report-only"]) == 2
+    assert "error: no run under" in capsys.readouterr().err
+    assert main([_one_run(tmp_path / "s.toml", tmp_path / "out", stop=0)]) == 0
+    assert "resuming at epoch 2" in capsys.readouterr().out
+    assert _epochs_done(run_dir) == (2, 2)
+
+
+@pytest.mark.parametrize("damage", ["a file", "metrics without a checkpoint", "corrupt checkpoint"])
+def test_a_run_directory_the_study_cannot_use_is_named_with_the_fix(tmp_path, capsys, damage):
+    """The fix is to move OUT/VARIANT/seedS aside, not to pass --out (the study sets it)."""
+    path = _one_run(tmp_path / "s.toml", tmp_path / "out", stop=1)
+    run_dir = tmp_path / "out" / "dml" / "seed0"
+    if damage == "a file":
+        run_dir.parent.mkdir(parents=True)
+        run_dir.write_text("not a run\n")
+    else:
+        assert main([path]) == 0  # epoch 1 of 2
+        if damage == "corrupt checkpoint":
+            (run_dir / checkpoint.NAME).write_bytes(b"garbage")
+        else:
+            (run_dir / checkpoint.NAME).unlink()
+    capsys.readouterr()
+    assert main([path]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: study variant 'dml' seed 0") and str(run_dir) in err
+    assert f"move {run_dir} aside" in err and "--out" not in err and "Traceback" not in err
