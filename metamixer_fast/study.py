@@ -39,7 +39,8 @@ status 2 at the end. A rerun tries a failed run again.
 
 At the end (and with ``--report-only`` at any time) the study writes ``results.md`` and
 ``results.csv`` (final per-peer mean and ensemble top-1: mean and standard deviation over the
-seeds whose runs finished; failed and unfinished runs are left out of the means and listed),
+seeds whose runs finished, the mean alone, marked "(1 seed)", where one finished; failed and
+unfinished runs are left out of the means and listed),
 ``final_accuracy.png`` and ``accuracy_curves.png`` into OUT.
 """
 

@@ -25,13 +25,16 @@ class Outcome:
     unfinished: list[int] = field(default_factory=list)  # interrupted, stopped early or not started
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+def _mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation, rounded for the table; no std from one value (a
+    spread of 0.00 would read as a measured one)."""
+    std = round(statistics.stdev(values), 2) if len(values) > 1 else None
+    return round(statistics.fmean(values), 2), std
 
 
 def summarise(results: dict[str, Outcome]) -> list[dict[str, Any]]:
     """One row per variant: mean/std over its finished runs of the final peer-mean and ensemble
-    top-1 (empty if none finished), and the seeds left out of the means."""
+    top-1 (empty if none finished; the std empty too with one), and the seeds left out."""
     rows = []
     for name, o in results.items():
         row: dict[str, Any] = {
@@ -44,8 +47,7 @@ def summarise(results: dict[str, Outcome]) -> list[dict[str, Any]]:
             peer = [statistics.fmean(r["history"][-1]["top1"]) for r in o.finished]
             ens = [r["history"][-1]["ensemble_top1"] for r in o.finished]
             (pm, ps), (em, es) = _mean_std(peer), _mean_std(ens)
-            row.update(peer_top1_mean=round(pm, 2), peer_top1_std=round(ps, 2),
-                       ensemble_top1_mean=round(em, 2), ensemble_top1_std=round(es, 2))
+            row.update(peer_top1_mean=pm, peer_top1_std=ps, ensemble_top1_mean=em, ensemble_top1_std=es)
         rows.append(row)
     return rows
 
@@ -68,7 +70,7 @@ def write_report(out: Path, results: dict[str, Outcome]) -> list[Path]:
     with open(csv_path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
-        writer.writerows(rows)  # a variant with no finished run has empty mean/std cells
+        writer.writerows(rows)  # None is an empty cell: no finished run, or no std of one seed
     md_path.write_text(_markdown(rows))
     done = [r for r in rows if r["seeds"]]
     return [md_path, csv_path, *_plots(out, done, results)]
@@ -76,7 +78,9 @@ def write_report(out: Path, results: dict[str, Outcome]) -> list[Path]:
 
 def _markdown(rows: list[dict[str, Any]]) -> str:
     def cell(mean: float | None, std: float | None) -> str:
-        return "—" if mean is None else f"{mean:.2f} ± {std:.2f}"
+        if mean is None:
+            return "—"
+        return f"{mean:.2f} (1 seed)" if std is None else f"{mean:.2f} ± {std:.2f}"
 
     def seeds_left(r: dict[str, Any]) -> str:
         parts = [f"{what}: {r[f'{what}_seeds']}" for what in ("failed", "unfinished") if r[f"{what}_seeds"]]
@@ -101,15 +105,19 @@ def _plots(out: Path, rows: list[dict[str, Any]], results: dict[str, Outcome]) -
 
     names = [r["variant"] for r in rows]
     x = range(len(rows))
+    def spread(key: str) -> list[float]:  # no error bar (not one of height 0) for one seed
+        return [float("nan") if r[key] is None else r[key] for r in rows]
+
     fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 4))
     ax.bar([i - 0.2 for i in x], [r["peer_top1_mean"] for r in rows], 0.4,
-           yerr=[r["peer_top1_std"] for r in rows], label="peer (mean of peers)", capsize=3)
+           yerr=spread("peer_top1_std"), label="peer (mean of peers)", capsize=3)
     ax.bar([i + 0.2 for i in x], [r["ensemble_top1_mean"] for r in rows], 0.4,
-           yerr=[r["ensemble_top1_std"] for r in rows], label="ensemble", capsize=3)
+           yerr=spread("ensemble_top1_std"), label="ensemble", capsize=3)
     low = min(min(r["peer_top1_mean"], r["ensemble_top1_mean"]) for r in rows)
     ax.set_ylim(max(0.0, low - 3), None)
     ax.set_xticks(list(x), names, rotation=20, ha="right")
-    ax.set(ylabel="final test top-1 (%)", title="mean ± std over seeds")
+    one_seed = " (no bar: one seed)" if any(r["seeds"] == 1 for r in rows) else ""
+    ax.set(ylabel="final test top-1 (%)", title=f"mean ± std over seeds{one_seed}")
     ax.legend()
     fig.tight_layout()
     bars = out / REPORT_FILES[2]

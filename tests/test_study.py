@@ -285,3 +285,18 @@ def test_a_run_directory_the_study_cannot_use_is_named_with_the_fix(tmp_path, ca
     err = capsys.readouterr().err
     assert err.startswith("error: study variant 'dml' seed 0") and str(run_dir) in err
     assert f"move {run_dir} aside" in err and "--out" not in err and "Traceback" not in err
+
+
+def test_one_seed_shows_no_spread(tmp_path, capsys):
+    """A standard deviation over one seed is not a measured zero: the table says '(1 seed)' and
+    the CSV leaves the std empty; two seeds show 'mean ± std'."""
+    path, _ = _finished_run(tmp_path, capsys)
+    assert main([path, "--report-only"]) == 0
+    md = (tmp_path / "out" / "results.md").read_text()
+    row = _report_row(tmp_path / "out")
+    assert "(1 seed)" in md and "±" not in md.split("\n", 2)[2]  # the header may say mean ± std
+    assert row["ensemble_top1_mean"] != "" and (row["peer_top1_std"], row["ensemble_top1_std"]) == ("", "")
+    assert main([_one_run(tmp_path / "s.toml", tmp_path / "out", seeds="[0, 1]", stop=0)]) == 0
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "(1 seed)" not in md and md.split("\n", 2)[2].count("±") == 2
+    assert _report_row(tmp_path / "out")["ensemble_top1_std"] != ""
