@@ -41,7 +41,9 @@ At the end (and with ``--report-only`` at any time) the study writes ``results.m
 ``results.csv`` (final per-peer mean and ensemble top-1: mean and standard deviation over the
 seeds whose runs finished, the mean alone, marked "(1 seed)", where one finished; failed and
 unfinished runs are left out of the means and listed),
-``final_accuracy.png`` and ``accuracy_curves.png`` into OUT.
+``final_accuracy.png`` and ``accuracy_curves.png`` into OUT. It does so before any run has
+finished too, once OUT exists: the tables then list the runs left out and the plots are removed,
+so that an earlier grid's report in the same OUT cannot pass for this one's.
 """
 
 from __future__ import annotations
@@ -358,19 +360,23 @@ def main(argv: list[str] | None = None, prog: str = "metamixer-fast study") -> i
         study = load_study(args.config)
         if not args.report_only:  # the report checks the runs on disk against the study file too
             failed = run_study(study)
-        paths = write_report(study.out, outcomes(study))
-        if not paths and args.report_only:
-            raise ConfigError(f"no run under {study.out} has finished yet, so there is nothing to report; "
-                              f"run the study (without --report-only) to train them")
+        results = outcomes(study)
+        paths = write_report(study.out, results)  # also when none finished: no stale report stays
+        finished = any(o.finished for o in results.values())
+        if not finished and args.report_only:
+            listed = f" ({paths[0]} lists the runs left out)" if paths else ""
+            raise ConfigError(f"no run under {study.out} has finished yet, so there is nothing to "
+                              f"report{listed}; run the study (without --report-only) to train them")
     except (ConfigError, checkpoint.CheckpointError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for path in paths:
         print(path)
-    if paths:
-        print((study.out / "results.md").read_text())
+    if finished:
+        print(paths[0].read_text())
     else:  # e.g. every run stopped early as asked (stop_after_epochs): not an error
-        print("no run has finished yet, so no report was written; rerun the study to go on", file=sys.stderr)
+        print("no run has finished yet, so the report has no means; rerun the study to go on",
+              file=sys.stderr)
     if failed:
         print(f"error: {len(failed)} run(s) failed: {', '.join(failed)}; the reasons are above and in "
               f"{FAILED} in each run's directory, and the table leaves them out", file=sys.stderr)

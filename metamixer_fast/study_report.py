@@ -61,9 +61,14 @@ def left_out(rows: list[dict[str, Any]]) -> str:
 
 
 def write_report(out: Path, results: dict[str, Outcome]) -> list[Path]:
-    """Write the tables and plots into ``out``; returns their paths ([] if no run has finished)."""
+    """Write the tables, and the plots if a run finished, into ``out``; returns the paths written.
+
+    Every report file is written again or removed, even when no run has finished: a report of
+    an earlier grid left in OUT would pass for this one's. Only where OUT does not exist and no
+    run finished is nothing written (there is nothing to report, and nothing stale)."""
     rows = summarise(results)
-    if not any(r["seeds"] for r in rows):
+    done = [r for r in rows if r["seeds"]]
+    if not done and not out.is_dir():
         return []
     out.mkdir(parents=True, exist_ok=True)
     md_path, csv_path = (out / name for name in REPORT_FILES[:2])
@@ -72,8 +77,11 @@ def write_report(out: Path, results: dict[str, Outcome]) -> list[Path]:
         writer.writeheader()
         writer.writerows(rows)  # None is an empty cell: no finished run, or no std of one seed
     md_path.write_text(_markdown(rows))
-    done = [r for r in rows if r["seeds"]]
-    return [md_path, csv_path, *_plots(out, done, results)]
+    if done:
+        return [md_path, csv_path, *_plots(out, done, results)]
+    for name in REPORT_FILES[2:]:  # nothing to plot: an earlier grid's plots must go
+        (out / name).unlink(missing_ok=True)
+    return [md_path, csv_path]
 
 
 def _markdown(rows: list[dict[str, Any]]) -> str:
@@ -91,7 +99,10 @@ def _markdown(rows: list[dict[str, Any]]) -> str:
     lines += [f"| {r['variant']} | {r['seeds']} | {r['epochs'] or '—'} | "
               f"{cell(r['peer_top1_mean'], r['peer_top1_std'])} | "
               f"{cell(r['ensemble_top1_mean'], r['ensemble_top1_std'])} | {seeds_left(r)} |" for r in rows]
-    if left_out(rows):
+    if not any(r["seeds"] for r in rows):
+        lines += ["", f"No run has finished yet, so there are no means and no plots; left out: "
+                      f"{left_out(rows)} run(s)."]
+    elif left_out(rows):
         lines += ["", f"Means over finished runs only; left out: {left_out(rows)} run(s)."]
     return "\n".join(lines) + "\n"
 

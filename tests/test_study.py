@@ -300,3 +300,31 @@ def test_one_seed_shows_no_spread(tmp_path, capsys):
     md = (tmp_path / "out" / "results.md").read_text()
     assert "(1 seed)" not in md and md.split("\n", 2)[2].count("±") == 2
     assert _report_row(tmp_path / "out")["ensemble_top1_std"] != ""
+
+
+@pytest.mark.parametrize("report_only", [False, True], ids=["run", "report-only"])
+def test_a_new_grid_without_a_finished_run_leaves_no_stale_report(tmp_path, capsys, report_only):
+    """A new grid in the OUT of an earlier one: until one of its runs finishes, the earlier
+    grid's tables and plots must not stay there looking current (its runs stay)."""
+    from metamixer_fast.study_report import REPORT_FILES
+
+    _, old_run = _finished_run(tmp_path, capsys)
+    out = tmp_path / "out"
+    assert all((out / name).is_file() for name in REPORT_FILES)
+    path = tmp_path / "new.toml"
+    path.write_text(ONE_RUN.format(out=out, seeds="[0]", lr=0.1, stop=1).replace('"dml"', '"kdcl"'))
+    if report_only:
+        assert main([str(path), "--report-only"]) == 2
+        assert "error: no run under" in capsys.readouterr().err
+    else:
+        assert main([str(path)]) == 0  # kdcl: epoch 1 of 2
+    md = (out / "results.md").read_text()
+    assert "| dml |" not in md and "| kdcl | 0 |" in md and "No run has finished yet" in md
+    assert [(r["variant"], r["seeds"]) for r in csv.DictReader(open(out / "results.csv"))] == [("kdcl", "0")]
+    assert not any((out / name).exists() for name in REPORT_FILES[2:])
+    assert (old_run / checkpoint.NAME).is_file()
+
+
+def test_report_only_writes_nothing_where_the_study_has_no_directory(tmp_path, capsys):
+    assert main([_one_run(tmp_path / "s.toml", tmp_path / "out"), "--report-only"]) == 2
+    assert "error: no run under" in capsys.readouterr().err and not (tmp_path / "out").exists()
