@@ -34,6 +34,14 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
+    try:
+        return _run(command, rest)
+    except KeyboardInterrupt:  # train and study say what is saved; here: an import, plot, info
+        print(f"metamixer-fast {command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run(command: str, rest: list[str]) -> int:
     if command == "train":
         from . import process_group, train
         rc = train.main(rest)

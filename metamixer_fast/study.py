@@ -35,7 +35,8 @@ A run that fails (a non-finite loss, missing or bad data, settings that cannot t
 larger than the data, a device this machine lacks; a directory holding metrics but no checkpoint
 to resume) is reported (``error: ...`` naming the variant and seed, and the fix) and marked with
 ``study_failed.txt`` in its directory; the study carries on with the other runs and exits with
-status 2 at the end. A rerun tries a failed run again.
+status 2 at the end. A rerun tries a failed run again. Ctrl-C ends the study with status 130 and
+one line instead of a traceback: every run keeps its last checkpoint, and the same command goes on.
 
 At the end (and with ``--report-only`` at any time) the study writes ``results.md`` and
 ``results.csv`` (final per-peer mean and ensemble top-1: mean and standard deviation over the
@@ -356,6 +357,7 @@ def main(argv: list[str] | None = None, prog: str = "metamixer-fast study") -> i
                              "(failed and unfinished runs are listed, not averaged)")
     args = parser.parse_args(argv)
     failed: list[str] = []
+    study: Study | None = None
     try:
         study = load_study(args.config)
         if not args.report_only:  # the report checks the runs on disk against the study file too
@@ -370,6 +372,14 @@ def main(argv: list[str] | None = None, prog: str = "metamixer-fast study") -> i
     except (ConfigError, checkpoint.CheckpointError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C: every run's checkpoint is written atomically after each epoch, so a traceback
+        # would only hide what to do next: the same command goes on where the study stopped
+        where = f" under {study.out}" if study is not None else ""
+        print(f"interrupted; the finished runs, and the last checkpoint of an unfinished one (written "
+              f"after every epoch), are kept{where}: rerun {prog} {args.config} to go on from there",
+              file=sys.stderr, flush=True)
+        return 130
     for path in paths:
         print(path)
     if finished:

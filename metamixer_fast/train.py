@@ -7,6 +7,7 @@ CPU, nccl on CUDA). One optimizer steps all peers; the loss of a step is
 
 Each epoch appends a line to ``RUN_DIR/metrics.jsonl`` and then writes ``RUN_DIR/checkpoint.pt``
 atomically with the complete state, so ``--resume RUN_DIR`` continues bit for bit (on CPU).
+Ctrl-C ends a run with status 130 and one line naming that command (no traceback).
 """
 
 from __future__ import annotations
@@ -535,6 +536,7 @@ def build_parser(prog: str = "metamixer-fast train") -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, prog: str = "metamixer-fast train") -> int:
     args = build_parser(prog).parse_args(argv)
+    run_dir: str | None = args.resume  # where the run writes, once known (for Ctrl-C's note)
     # a process group that fit() starts (under torchrun) is ended here, not left to the
     # interpreter's exit (the command's entry points then leave through exit_process)
     try:
@@ -544,13 +546,35 @@ def main(argv: list[str] | None = None, prog: str = "metamixer-fast train") -> i
                 cfg = resume_config(state, resume_overrides(args), run_dir=args.resume)
                 final = fit(cfg, resume=state)
             else:
-                final = fit(from_args(args))
+                cfg = from_args(args)
+                run_dir = cfg.out
+                final = fit(cfg)
     except (ConfigError, checkpoint.CheckpointError, NonFiniteLossError, DatasetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C: the checkpoint of the last finished epoch is intact (written atomically), so a
+        # traceback would only hide what to do next. Under torchrun every process gets it and
+        # returns; rank 0 says so, and the status (128 + SIGINT) tells torchrun the run stopped.
+        if os.environ.get("RANK", "0") == "0":
+            print(interrupted_note(prog, run_dir), file=sys.stderr, flush=True)
+        return 130
     if final and os.environ.get("RANK", "0") == "0":  # one line per run under torchrun
         print(f"final: top-1 per peer {final['top1']}  ensemble {final['ensemble_top1']}")
     return 0
+
+
+def interrupted_note(prog: str, run_dir: str | None) -> str:
+    """The one line that ends an interrupted run: what is saved, and how to go on."""
+    if run_dir is None:
+        return "interrupted before training started; nothing was written"
+    if not (Path(run_dir) / checkpoint.NAME).is_file():
+        return (f"interrupted before the first epoch ended, so {run_dir} holds no checkpoint; run "
+                f"the same command again to start afresh")
+    torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    processes = " (under torchrun, with as many processes)" if torchrun else ""
+    return (f"interrupted; the last checkpoint in {run_dir} (written after every epoch) is intact: "
+            f"continue with {prog} --resume {run_dir}{processes}")
 
 
 if __name__ == "__main__":

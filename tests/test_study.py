@@ -328,3 +328,26 @@ def test_a_new_grid_without_a_finished_run_leaves_no_stale_report(tmp_path, caps
 def test_report_only_writes_nothing_where_the_study_has_no_directory(tmp_path, capsys):
     assert main([_one_run(tmp_path / "s.toml", tmp_path / "out"), "--report-only"]) == 2
     assert "error: no run under" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_ends_the_study_with_one_line_and_status_130(tmp_path, capsys, monkeypatch):
+    """The checkpoints are intact: no traceback, but what is kept and the command that goes on."""
+    from metamixer_fast import cli, study
+
+    path = _one_run(tmp_path / "s.toml", tmp_path / "out", stop=1)
+    assert main([path]) == 0  # epoch 1 of 2 saved
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(study, "fit", interrupted)
+    capsys.readouterr()
+    try:
+        rc = cli.main(["study", path])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped the study command as a KeyboardInterrupt (a traceback)")
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert rc == 130 and line.startswith("interrupted") and "checkpoint" in line
+    assert f"metamixer-fast study {path}" in line
+    monkeypatch.undo()
+    assert main([path]) == 0 and "resuming at epoch 2" in capsys.readouterr().out

@@ -163,6 +163,38 @@ def test_help_is_plain_text(command, capsys):
         assert markup not in out, (markup, out)
 
 
+@pytest.mark.parametrize("epochs_saved", [0, 1])
+def test_ctrl_c_ends_train_with_one_line_and_status_130(tmp_path, capsys, monkeypatch, epochs_saved):
+    """No traceback: one line saying what is saved and how to go on (--resume), status 130."""
+    from metamixer_fast import cli
+
+    real_epoch = train.Run.train_epoch
+
+    def train_epoch(self):
+        if self.epoch == epochs_saved:
+            raise KeyboardInterrupt
+        return real_epoch(self)
+
+    monkeypatch.setattr(train.Run, "train_epoch", train_epoch)
+    out = tmp_path / "run"
+    argv = ["train", "--dataset", "synthetic", "--synthetic-size", "64", "--arch", "tiny", "--batch-size",
+            "32", "--epochs", "2", "--limit-train-batches", "1", "--limit-eval-batches", "1",
+            "--no-progress", "--out", str(out)]
+    try:
+        rc = cli.main(argv)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped the train command as a KeyboardInterrupt (a traceback)")
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert rc == 130 and line.startswith("interrupted")
+    if epochs_saved:
+        assert f"metamixer-fast train --resume {out}" in line and "checkpoint" in line
+    else:
+        assert "no checkpoint" in line and "--resume" not in line
+    monkeypatch.undo()
+    assert cli.main(["train", "--resume", str(out)] if epochs_saved else argv) == 0
+    assert len(_metrics(out)) == 2
+
+
 def test_plot_writes_pngs(tmp_path):
     fit(_cfg(tmp_path, epochs=2))
     proc = subprocess.run([sys.executable, "-m", "metamixer_fast.cli", "plot", str(tmp_path / "run")],
