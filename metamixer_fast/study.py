@@ -266,7 +266,8 @@ def _history(path: Path) -> list[dict[str, Any]]:
             record = json.loads(line)
         except json.JSONDecodeError:
             break
-        if not (isinstance(record, dict) and {"epoch", "top1", "ensemble_top1"} <= set(record)):
+        if not (isinstance(record, dict) and {"epoch", "top1", "ensemble_top1"} <= set(record)
+                and isinstance(record["epoch"], int)):
             break
         records.append(record)
     return records
