@@ -5,8 +5,9 @@
 CPU, nccl on CUDA). One optimizer steps all peers; the loss of a step is
 ``ce_weight * sum_k CE_k + kd_weight(t) * sum_k KD_k`` on the (mixed) batch.
 
-Each epoch appends a line to ``RUN_DIR/metrics.jsonl`` and then writes ``RUN_DIR/checkpoint.pt``
-atomically with the complete state, so ``--resume RUN_DIR`` continues bit for bit (on CPU).
+Each epoch writes ``RUN_DIR/checkpoint.pt`` atomically with the complete state and then appends a
+line to ``RUN_DIR/metrics.jsonl``, so ``--resume RUN_DIR`` continues bit for bit (on CPU), and a
+run stopped between the two still resumes (its metrics are rewritten from the checkpoint).
 Ctrl-C ends a run with status 130 and one line naming that command (no traceback).
 """
 
@@ -470,9 +471,12 @@ def fit(cfg: TrainConfig, resume: dict[str, Any] | None = None) -> dict[str, Any
         run.history.append(record)
         state = run.state_dict()  # on every rank: it gathers the ranks' mixer and RNG states
         if run.rank == 0:
+            # checkpoint first: a run stopped between the two writes then has a checkpoint to
+            # resume from, while a metrics line without one would leave a first epoch's
+            # directory neither resumable nor fresh
+            checkpoint.save(state, run_dir)
             with open(run_dir / "metrics.jsonl", "a") as fh:
                 fh.write(json.dumps(record) + "\n")
-            checkpoint.save(state, run_dir)
             print(f"epoch {record['epoch']}/{cfg.epochs}  loss {record['train_loss']:.4f}  "
                   f"top-1 per peer {record['top1']}  ensemble {record['ensemble_top1']}  "
                   f"{record['images_per_s']:.0f} img/s", flush=True)

@@ -267,6 +267,30 @@ def test_cpu_runs_retain_freed_memory_unless_told_not_to(tmp_path, monkeypatch, 
     assert "retain_memory" in train.RESUME_MUTABLE  # it changes speed, not results
 
 
+@pytest.mark.parametrize("saved", [False, True], ids=["before-the-checkpoint", "after-it"])
+def test_a_run_stopped_while_saving_its_first_epoch_can_go_on(tmp_path, monkeypatch, saved):
+    """Stopped around the first checkpoint: either nothing is saved, and the same command starts
+    afresh, or the checkpoint is, and --resume finishes the run with every epoch's metrics."""
+    save = checkpoint.save
+
+    def stop(state, run_dir):
+        if saved:
+            save(state, run_dir)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save", stop)
+    with pytest.raises(KeyboardInterrupt):
+        fit(_cfg(tmp_path))
+    monkeypatch.setattr(checkpoint, "save", save)
+    run_dir = tmp_path / "run"
+    if saved:
+        fit(_cfg(tmp_path), resume=checkpoint.load(run_dir))
+    else:
+        fit(_cfg(tmp_path))
+    assert [r["epoch"] for r in _metrics(run_dir)] == [1, 2]
+    assert checkpoint.load(run_dir)["epoch"] == 2
+
+
 def test_resume_writes_only_into_the_resumed_directory(tmp_path, capsys):
     run, other = tmp_path / "a" / "run", tmp_path / "other" / "run"
     fit(_cfg(tmp_path / "a", stop_after_epochs=1))
