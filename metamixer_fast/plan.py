@@ -262,6 +262,12 @@ class MixPlan:
         """``blend`` for the peers' shared input: blended once, reused while x is unchanged."""
         if self._input_blended:
             return x  # ``apply`` has blended the batch already
+        if torch.compiler.is_compiling():
+            # A compiled forward that traces the hook: the cache's identity and ``_version``
+            # tests are data-dependent to dynamo (a graph break, and with fullgraph=True an
+            # error) and its contents would be guarded on, recompiling every step; each peer
+            # blends its own input instead (the same values).
+            return self.blend(x)
         cache = self._input_cache
         if cache is not None and cache[0] is x and cache[1] == x._version:
             return cache[2]

@@ -399,6 +399,34 @@ def test_apply_local_after_apply_blends_at_the_input_again(rng):
         torch.testing.assert_close(out, fused, rtol=0, atol=0)
 
 
+def test_a_compiled_forward_traces_the_input_blend_without_a_break_or_recompiling(rng):
+    """torch.compile(fullgraph=True) of a function that runs the peers inside a global_mixing
+    block traces the input hook: its blend cache (an identity and ``_version`` test, and a tuple
+    kept on the plan) was a graph break, so fullgraph=True failed, and without it every new plan
+    recompiled. Under tracing each peer blends its own input: one graph for every plan."""
+    from torch._dynamo.testing import CompileCounter
+
+    peers = nn.ModuleList([seq("a", "b"), seq("a", "b")])
+    counter = CompileCounter()
+
+    def forward(u: torch.Tensor) -> list[torch.Tensor]:
+        return [p(u) for p in peers]
+
+    compiled = torch.compile(forward, backend=counter, fullgraph=True)
+    mixer = MetaMixer(stages=("input",), generator=seeded(rng))
+    for _ in range(3):
+        x = torch.randn(6, 5, dtype=torch.float64, generator=rng)
+        plan = mixer.sample(torch.randint(0, 3, (6,), generator=rng))
+        with plan.global_mixing(peers):
+            got = compiled(x)
+        with torch.no_grad():
+            want = [p(global_mixture(x, plan)) for p in peers]
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+    assert counter.frame_count == 1
+    assert no_hooks_left(*peers)
+
+
 @pytest.mark.parametrize("outer, inner", [("input", "trunk"), ("trunk", "input")])
 def test_nested_blocks_of_two_plans_over_the_same_peers_are_refused(outer, inner, rng):
     """Two plans at different stages would each blend the same forward: refused, whichever
