@@ -150,7 +150,7 @@ def eager_call(op: str, args: tuple, explain: Callable[..., object]) -> object |
     it relies on, tersely; when it raises, ``explain(*args)`` runs first (the Python checks,
     which name the argument and the fix), off the hot path."""
     eager = eager_entries.get(op)
-    if eager is None or _is_compiling():
+    if eager is None or _is_compiling() or _in_transform():
         return None
     try:
         return eager(*args)
@@ -159,11 +159,19 @@ def eager_call(op: str, args: tuple, explain: Callable[..., object]) -> object |
         raise
 
 
+def _in_transform() -> bool:
+    """True inside a torch.func transform (grad, vjp, vmap, ...). Its inputs are wrapped, but a
+    tensor captured from outside is not: a call on captured tensors alone looks plain, yet the
+    transform's dispatch layer is active, so the ATen calls of a C++ entry would make wrapped
+    tensors it cannot read ("Cannot access data pointer of Tensor that doesn't have storage")."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
 def _tracing() -> bool:
-    """True while something must see every custom op call: torch.compile tracing, or a dispatch
-    or function mode (make_fx, FakeTensorMode, user modes)."""
+    """True while something must see every custom op call: torch.compile tracing, a dispatch
+    or function mode (make_fx, FakeTensorMode, user modes), or a torch.func transform."""
     return (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
-            or torch._C._is_torch_function_mode_enabled())
+            or torch._C._is_torch_function_mode_enabled() or _in_transform())
 
 
 def _plain(x: torch.Tensor) -> bool:

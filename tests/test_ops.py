@@ -187,6 +187,29 @@ def test_mix_direct_route_equals_the_op(mix_backend, fused, rng):
         assert torch.equal(got, want)
 
 
+def test_calls_inside_a_torch_func_transform_on_captured_tensors_take_the_op(rng):
+    """Inside torch.func.grad a tensor captured from outside is not wrapped, so a call on such
+    tensors alone looks plain; the C++ eager entries took it and crashed ("Cannot access data
+    pointer of Tensor that doesn't have storage"), since the transform's layer wraps what their
+    ATen calls make. Such calls take the custom op: the input-stage blend of a model whose
+    parameters torch.func.grad differentiates, for one."""
+    x = torch.randn(4, 3, 5, 6, generator=rng)
+    src, src2 = torch.randperm(4, generator=rng), torch.randperm(4, generator=rng)
+    w, w2 = torch.rand(4, generator=rng), torch.rand(4, generator=rng)
+    box = torch.tensor([[0, 3, 1, 4], [1, 5, 0, 6], [2, 2, 0, 3], [0, 5, 2, 3]])
+    z = torch.randn(2, 4, 5, generator=rng)
+    labels = torch.randint(0, 5, (4,), generator=rng)
+    scale = torch.tensor(1.5)
+
+    def f(s):
+        ce, kd = mf.mixed_kd_loss(z, labels, temperature=2.0)
+        return (s * (mf.mix(x, src, w, box).sum() + mf.mix2(x, src, w, box, src2, w2).sum()
+                     + ce.sum() + kd.sum()))
+
+    want = f(torch.tensor(1.0))
+    torch.testing.assert_close(torch.func.grad(f)(scale), want)
+
+
 def test_direct_route_refuses_double_backward_as_the_op_does(rng):
     """With create_graph=True the backward rule calls the backward op through the dispatcher,
     so a second backward fails as it does for the op (no formula registered) instead of
