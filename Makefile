@@ -21,12 +21,13 @@ install: $(STAMP)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-# Debian's dataset-fashion-mnist package, installed when missing and apt-get is available: the
+# Debian's dataset-fashion-mnist package, installed when its files are missing and apt-get is
+# available (--reinstall: also when the package is installed but its files were deleted): the
 # main job's data, and that of tests/test_real_data.py (which CI runs with it).
 fashion-mnist:
 	@if [ ! -f $(FASHION_MNIST)/train-images-idx3-ubyte.gz ]; then \
 	  if command -v apt-get >/dev/null; then \
-	    $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; \
+	    $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --reinstall dataset-fashion-mnist; \
 	  else \
 	    echo "Fashion-MNIST is not in $(FASHION_MNIST): install Debian's dataset-fashion-mnist, or"; \
 	    echo "download the four IDX .gz files and run: $(PY) -m metamixer_fast.train --config configs/demo-fashion-mnist.toml --data-dir DIR"; \
