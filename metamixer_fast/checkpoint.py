@@ -32,6 +32,11 @@ class CheckpointError(RuntimeError):
         self.problem = problem
 
 
+class DataMismatchError(CheckpointError):
+    """The data a run is resumed on is not the data it was trained on (its fix names where the
+    data directory is set: --data-dir for ``train``, 'data_dir' in a study file)."""
+
+
 def save(state: dict[str, Any], run_dir: str | Path) -> Path:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

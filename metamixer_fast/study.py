@@ -235,9 +235,10 @@ def _same_settings(label: str, run_dir: Path, saved: dict[str, Any], cfg: TrainC
     # whichever directory it was first written in
     wanted = {key: value for key, value in cfg.to_dict().items() if key != "out"}
     try:
-        return resume_config({"config": saved}, wanted, saved_in=saved_in)
+        return resume_config({"config": saved}, wanted, saved_in=saved_in, wanted_by="the study file")
     except (checkpoint.CheckpointError, ConfigError) as exc:
-        reason = str(exc).removeprefix("--resume: ")
+        # the problem alone: train's advice (keep the configuration) is not the study's
+        reason = exc.problem if isinstance(exc, checkpoint.CheckpointError) else str(exc)
         raise ConfigError(f"{label}: {run_dir} holds a run made with other settings: {reason}; put "
                           f"the setting back in the study file, or move {run_dir} aside to train the "
                           f"run afresh") from None
@@ -332,6 +333,9 @@ def _run_one(study: Study, name: str, overrides: dict[str, Any], seed: int, labe
         else:
             print(f"{label}: training", flush=True)
             fit(study_config(study, name, overrides, seed))
+    except checkpoint.DataMismatchError as exc:  # train's fix (--data-dir) is a setting here
+        return _failed(run_dir, f"{where}: {exc.problem}; set data_dir in the study file to the "
+                                f"directory of the original files, and a rerun continues it")
     except (NonFiniteLossError, DatasetError, ConfigError, checkpoint.CheckpointError) as exc:
         # one variant's divergence, data or settings (a batch larger than its data, a device
         # this machine lacks) should not cost the other variants their runs

@@ -340,9 +340,9 @@ class Run:
         saved = data.get("train_labels_sha256") if isinstance(data, dict) else None
         if saved is not None and saved != self.data_fingerprint:
             where = self.cfg.data_dir or "the default data directory"
-            raise checkpoint.CheckpointError(
+            raise checkpoint.DataMismatchError(
                 f"the training data in {where} is not the data this run was trained on (its labels "
-                f"differ); resume with --data-dir pointing at the original {self.cfg.dataset} files")
+                f"differ)", f"resume with --data-dir pointing at the original {self.cfg.dataset} files")
 
     # -- training --------------------------------------------------------------------------
     def train_epoch(self) -> dict[str, Any]:
@@ -491,13 +491,13 @@ def fit(cfg: TrainConfig, resume: dict[str, Any] | None = None) -> dict[str, Any
 
 
 def resume_config(state: dict[str, Any], overrides: dict[str, Any], run_dir: str | Path | None = None,
-                  saved_in: str = "the checkpoint") -> TrainConfig:
+                  saved_in: str = "the checkpoint", wanted_by: str = "--resume") -> TrainConfig:
     """The checkpoint's config; an override may only change what does not alter the results.
 
     ``run_dir``: where the checkpoint was read. The resumed run writes there (the directory may
     have moved since), never elsewhere: an 'out' override must name the same directory.
-    ``saved_in``: where ``state['config']`` was read, for the message (a study also checks a
-    run's config.json this way)."""
+    ``saved_in``: where ``state['config']`` was read, and ``wanted_by`` who asks for the
+    overrides, for the message (a study also checks a run's config.json this way)."""
     overrides = {key.replace("-", "_"): value for key, value in overrides.items()}
     saved = from_mapping({**state["config"], "stop_after_epochs": 0})  # a new invocation
     if run_dir is not None:
@@ -513,9 +513,10 @@ def resume_config(state: dict[str, Any], overrides: dict[str, Any], run_dir: str
         given = getattr(from_mapping({name: value}), name)
         if given != getattr(saved, name):
             raise checkpoint.CheckpointError(
-                f"--resume: option '{name}' is {getattr(saved, name)!r} in {saved_in} but "
-                f"{given!r} was given; a resumed run must keep its configuration (only "
-                f"{', '.join(RESUME_MUTABLE)} may change)")
+                f"option '{name}' is {getattr(saved, name)!r} in {saved_in} but {wanted_by} asks "
+                f"for {given!r}",
+                f"a resumed run must keep its configuration (only {', '.join(RESUME_MUTABLE)} "
+                f"may change)")
     return from_mapping({k: v for k, v in overrides.items() if k in RESUME_MUTABLE}, saved).validate()
 
 

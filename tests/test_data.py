@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from idx_files import fake_fashion_mnist, write_idx
 
 from metamixer_fast.data import (
     BatchLoader,
@@ -27,25 +28,6 @@ from metamixer_fast.data import (
 )
 
 # ----------------------------------------------------------------------------- file writers
-
-
-def write_idx(path: Path, array: np.ndarray, compress: bool = True) -> None:
-    """The IDX format: magic 0x0000 08 ndim, big-endian uint32 dims, then the bytes."""
-    header = bytes([0, 0, 8, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
-    raw = header + array.astype(np.uint8).tobytes()
-    path.write_bytes(gzip.compress(raw) if compress else raw)
-
-
-def fake_fashion_mnist(directory: Path, rng: torch.Generator, n_train: int = 30, n_test: int = 12):
-    directory.mkdir(parents=True, exist_ok=True)
-    arrays = {}
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        images = torch.randint(0, 256, (n, 28, 28), generator=rng, dtype=torch.uint8).numpy()
-        labels = torch.randint(0, 10, (n,), generator=rng).numpy().astype(np.uint8)
-        write_idx(directory / f"{prefix}-images-idx3-ubyte.gz", images)
-        write_idx(directory / f"{prefix}-labels-idx1-ubyte.gz", labels)
-        arrays[prefix] = (images, labels)
-    return arrays
 
 
 class Py2Pickler(pickle._Pickler):  # type: ignore[name-defined]

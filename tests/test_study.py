@@ -7,6 +7,8 @@ import json
 import shutil
 
 import pytest
+import torch
+from idx_files import fake_fashion_mnist
 
 from metamixer_fast import checkpoint
 from metamixer_fast.config import ConfigError
@@ -132,8 +134,32 @@ def test_a_changed_setting_of_a_run_on_disk_is_refused(tmp_path, capsys, stop):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: study variant 'dml' seed 0") and "'lr'" in err
+        assert "the study file asks for 0.01" in err and "--resume" not in err  # no train advice
         assert "move" in err and "Traceback" not in err
     assert (run_dir / checkpoint.NAME).read_bytes() == before
+
+
+def test_a_run_resumed_on_other_data_names_the_study_setting(tmp_path, capsys):
+    """Train's fix for other data (--data-dir) is the study file's 'data_dir' setting here."""
+    data, other = tmp_path / "data", tmp_path / "other"
+    fake_fashion_mnist(data, torch.Generator().manual_seed(0), n_train=64, n_test=16)
+    fake_fashion_mnist(other, torch.Generator().manual_seed(0), n_train=64, n_test=16,
+                       shuffle_train_labels=True)
+    path, out = tmp_path / "s.toml", tmp_path / "out"
+    _one_run(path, out)
+    on = path.read_text().replace('dataset = "synthetic"', 'dataset = "fashion-mnist"\ndata_dir = "{}"')
+    path.write_text(on.format(data))
+    assert main([str(path)]) == 0  # epoch 1 of 2
+    path.write_text(on.format(other))
+    capsys.readouterr()
+    assert main([str(path)]) == 2  # the run failed; the checkpoint is kept
+    err = capsys.readouterr().err
+    assert "not the data this run was trained on" in err and "set data_dir in the study file" in err
+    assert "--data-dir" not in err
+    shutil.move(data, tmp_path / "moved")
+    path.write_text(on.format(tmp_path / "moved"))
+    assert main([str(path)]) == 0
+    assert _epochs_done(out / "dml" / "seed0") == (2, 2)
 
 
 def test_a_copied_study_continues_in_its_copy(tmp_path):

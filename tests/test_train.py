@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import shutil
-import struct
 import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
+from idx_files import fake_fashion_mnist
 
 from metamixer_fast import checkpoint, train
 from metamixer_fast.config import METHODS, ConfigError, from_mapping
@@ -307,25 +305,11 @@ def test_resume_writes_only_into_the_resumed_directory(tmp_path, capsys):
     assert _files(other) == before and len(_metrics(run)) == 2
 
 
-def _write_idx(path: Path, array: np.ndarray) -> None:
-    header = bytes([0, 0, 8, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
-    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
-
-
-def _fake_fashion_mnist(directory: Path, shuffle_labels: bool = False) -> None:
-    g = np.random.default_rng(0)
-    directory.mkdir(parents=True)
-    for prefix, n in (("train", 64), ("t10k", 16)):
-        labels = g.integers(0, 10, n)
-        _write_idx(directory / f"{prefix}-images-idx3-ubyte.gz", g.integers(0, 256, (n, 28, 28)))
-        _write_idx(directory / f"{prefix}-labels-idx1-ubyte.gz",
-                   np.roll(labels, 1) if shuffle_labels and prefix == "train" else labels)
-
-
 def test_resume_after_the_data_directory_moved(tmp_path, capsys):
     data, moved, other = tmp_path / "data", tmp_path / "moved", tmp_path / "other"
-    _fake_fashion_mnist(data)
-    _fake_fashion_mnist(other, shuffle_labels=True)
+    fake_fashion_mnist(data, torch.Generator().manual_seed(0), n_train=64, n_test=16)
+    fake_fashion_mnist(other, torch.Generator().manual_seed(0), n_train=64, n_test=16,
+                       shuffle_train_labels=True)
     run = tmp_path / "run"
     fit(_cfg(tmp_path, dataset="fashion-mnist", data_dir=str(data), batch_size=16, stop_after_epochs=1))
     shutil.move(data, moved)
