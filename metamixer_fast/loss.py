@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -74,7 +74,8 @@ class MixedKDLoss(nn.Module):
         detach_targets: if True (default) the distillation targets pass no gradient.
         peer_weights: [K, K] matrix A >= 0 for ``mode="ensemble"``; row k weighs the peers'
             logits that form peer k's target. Default: the mean of the other peers. Held as a
-            buffer (``criterion.to(device)`` moves it); it gets no gradient, so one that
+            float32 buffer (``criterion.to(device)`` moves it; ``.half()`` and other dtype
+            changes leave it float32); it gets no gradient, so one that
             requires grad (an ``nn.Parameter``) is refused.
 
     The options are checked whenever they are set, so ``criterion.kd_weight = w`` between steps
@@ -124,6 +125,16 @@ class MixedKDLoss(nn.Module):
                              f"with K >= 2, got shape {list(a.shape)}")
         check_peer_matrix_values(a, "MixedKDLoss", "peer_weights")
         return a
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> MixedKDLoss:
+        """``.to(device)`` moves 'peer_weights'; ``.half()``, ``.double()`` or ``.to(dtype)`` leave
+        it float32, the precision the loss reads it in (fp16 would round a weight of 1/3)."""
+        before = self._buffers.get("peer_weights")
+        super()._apply(fn, recurse)
+        after = self._buffers.get("peer_weights")
+        if before is not None and after is not None and after.dtype != before.dtype:
+            self._buffers["peer_weights"] = before.to(after.device)
+        return self
 
     def forward(self, peer_logits: Tensor | Sequence[Tensor],
                 target: Tensor | MixedTarget) -> MixedKDLossOutput:

@@ -72,3 +72,22 @@ def test_peer_weights_select_a_single_teacher(rng):
     ens = MixedKDLoss(mode="ensemble", peer_weights=a)(z, y)
     pair = MixedKDLoss(mode="pairwise")(z, y)
     torch.testing.assert_close(ens.kd, pair.kd)  # with K=2 both are KL(other || self)
+
+
+@pytest.mark.parametrize("convert", ["half", "double", "to_bf16", "module_half"])
+def test_converting_the_criterion_keeps_its_peer_weights_float32(convert, rng):
+    """``.half()`` on a criterion (or on a module holding it) would round a weight of 1/3 to
+    fp16 and change the loss; the weights stay float32, the precision the loss reads them in."""
+    a = torch.tensor([[0.0, 1 / 3, 2 / 3], [0.5, 0.0, 0.5], [1 / 3, 2 / 3, 0.0]])
+    criterion = MixedKDLoss(mode="ensemble", peer_weights=a)
+    z = torch.randn(3, 4, 5, generator=rng)
+    y = torch.randint(0, 5, (4,), generator=rng)
+    before = criterion(z, y)
+    {"half": lambda: criterion.half(), "double": lambda: criterion.double(),
+     "to_bf16": lambda: criterion.to(torch.bfloat16),
+     "module_half": lambda: torch.nn.ModuleList([criterion]).half()}[convert]()
+    assert criterion.peer_weights.dtype == torch.float32 and torch.equal(criterion.peer_weights, a)
+    after = criterion(z, y)
+    assert torch.equal(after.kd, before.kd) and torch.equal(after.ce, before.ce)
+    criterion.to("cpu")  # a device move still applies
+    assert criterion.peer_weights.device.type == "cpu"
