@@ -1,54 +1,144 @@
 """How far torch.compile's (inductor's) parameter gradients lie from a float64 reference, next to
 eager fp32's, for two ``tiny`` peers on CPU: no mixing and no custom op, only the model and
-cross-entropy.
+cross-entropy; and whether a ReLU input within rounding of 0 explains each large difference.
 
     python bench/compiled_gradients.py [--batches 16,24,32,48,64] [--seeds 0,1] [--threads 2]
 
-One row per (batch size, seed): the largest relative error over the parameters (max |g - g64|
-over max |g64|, per parameter tensor), compiled and eager, then the same compiled run with the
-input moved by 1e-6 and with ``torch._inductor.config.layout_optimization = False``.
+One row per (batch size, seed). Gradient errors are the largest over the parameter tensors of
+max |g - g64| / max |g64|. Columns:
+
+- ``compiled``, ``eager``: fp32 gradients against float64's;
+- ``compiled, no layout opt``: compiled with ``torch._inductor.config.layout_optimization = False``;
+- ``smallest ReLU input``: the smallest |input| of a ReLU in the float64 forward (the distance
+  to the nearest kink);
+- ``compiled vs float64, one gate flipped``: the smallest compiled error against float64 with
+  the ReLU gate of one unit whose input lies within ``--near`` of 0 set the other way (the
+  float64 gradient of a network on the other side of that kink), and ``at`` that unit's |input|;
+  ``-`` where no flip comes closer than the plain comparison;
+- ``logits: eager``, ``compiled``, ``compiled, no layout opt``: the forward's largest absolute
+  logit error against float64.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch._inductor.config as inductor_config
+import torch.nn.functional as F
 from torch import nn
 
 from metamixer_fast.models import build_model
 
+Grads = list[torch.Tensor]
 
-def _grads(peers: nn.ModuleList, forward: Callable, x: torch.Tensor, y: torch.Tensor) -> list:
-    loss = sum(nn.functional.cross_entropy(p, y) for p in forward(x))
+
+def _grads(peers: nn.ModuleList, forward: Callable, x: torch.Tensor, y: torch.Tensor) -> Grads:
+    loss = sum(F.cross_entropy(p, y) for p in forward(x))
     return list(torch.autograd.grad(loss, list(peers.parameters())))
 
 
-def _worst(grads: list, truth: list) -> float:
+def _worst(grads: Grads, truth: Grads) -> float:
     return max(((g.double() - t).abs().max() / t.abs().max()).item() for g, t in zip(grads, truth))
 
 
-def _compiled(peers: nn.ModuleList, x: torch.Tensor, y: torch.Tensor, layout_optimization: bool) -> list:
+def _eager(peers: nn.ModuleList) -> Callable:
+    return lambda u: [p(u) for p in peers]
+
+
+def _compiled_run(peers: nn.ModuleList, x: torch.Tensor, y: torch.Tensor,
+                  layout_optimization: bool = True) -> tuple[Grads, torch.Tensor]:
+    """Compiled fp32 gradients and logits. Dynamo is reset first: its cache does not key on
+    inductor's config, so a frame compiled under one setting would be reused under the other."""
     torch._dynamo.reset()
     with inductor_config.patch(layout_optimization=layout_optimization):
-        forward = torch.compile(lambda u: [p(u) for p in peers], dynamic=False)
-        return _grads(peers, forward, x, y)
+        forward = torch.compile(_eager(peers), dynamic=False)
+        grads = _grads(peers, forward, x, y)
+        with torch.no_grad():
+            logits = torch.stack(forward(x))
+    return grads, logits
 
 
-def row(n: int, seed: int) -> dict[str, float]:
+class _Gates:
+    """What F.relu (the models' ReLU) saw in one float64 pass: its smallest |input|, and each
+    unit within ``near`` of 0 as (|input|, (call, flat index))."""
+
+    def __init__(self, near: float) -> None:
+        self.near, self.smallest = near, float("inf")
+        self.units: list[tuple[float, tuple[int, int]]] = []
+
+
+@contextlib.contextmanager
+def _relu_gates(seen: _Gates, flip: tuple[int, int] | None = None) -> Iterator[None]:
+    """Within the block F.relu records into ``seen`` and, with ``flip``, gates that one unit the
+    other way: relu(t) = t * gate, whose gradient is the one on the other side of the kink."""
+    relu, calls = F.relu, [0]
+
+    def gated(t: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+        call, calls[0] = calls[0], calls[0] + 1
+        size = t.detach().abs().flatten()
+        seen.smallest = min(seen.smallest, size.min().item())
+        seen.units.extend((size[i].item(), (call, i))
+                          for i in (size < seen.near).nonzero().flatten().tolist())
+        gate = (t.detach() > 0).to(t.dtype).flatten()
+        if flip is not None and flip[0] == call:
+            gate[flip[1]] = 1 - gate[flip[1]]
+        return t * gate.view_as(t)
+
+    F.relu = gated
+    try:
+        yield
+    finally:
+        F.relu = relu
+
+
+def _one_gate_flipped(p64: nn.ModuleList, x: torch.Tensor, y: torch.Tensor, compiled: Grads,
+                      near: float) -> tuple[str, float]:
+    """The error of ``compiled`` against float64 with the one near-zero ReLU unit flipped that
+    brings them closest (``-`` if none does better than no flip), and float64's smallest
+    |ReLU input|."""
+    seen = _Gates(near)
+    with _relu_gates(seen):
+        truth = _grads(p64, _eager(p64), x, y)
+    best, best_distance = _worst(compiled, truth), None
+    for distance, unit in seen.units:
+        with _relu_gates(_Gates(0.0), flip=unit):
+            error = _worst(compiled, _grads(p64, _eager(p64), x, y))
+        if error < best:
+            best, best_distance = error, distance
+    flipped = "-" if best_distance is None else f"{best:.1e} at {best_distance:.1e}"
+    return flipped, seen.smallest
+
+
+def row(n: int, seed: int, near: float) -> dict[str, str]:
     torch.manual_seed(seed)
     peers = nn.ModuleList([build_model("tiny", 10, 3) for _ in range(2)])
     x, y = torch.randn(n, 3, 16, 16), torch.randint(0, 10, (n,))
     p64 = copy.deepcopy(peers).double()
-    truth = _grads(p64, lambda u: [p(u) for p in p64], x.double(), y)
-    nudged = x + 1e-6 * torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
-    return {"compiled": _worst(_compiled(peers, x, y, True), truth),
-            "eager": _worst(_grads(peers, lambda u: [p(u) for p in peers], x, y), truth),
-            "compiled, input + 1e-6": _worst(_compiled(peers, nudged, y, True), truth),
-            "compiled, no layout optimization": _worst(_compiled(peers, x, y, False), truth)}
+    truth = _grads(p64, _eager(p64), x.double(), y)
+    with torch.no_grad():
+        logits64 = torch.stack(_eager(p64)(x.double()))
+        logits = torch.stack(_eager(peers)(x))
+    compiled, compiled_logits = _compiled_run(peers, x, y)
+    plain, plain_logits = _compiled_run(peers, x, y, layout_optimization=False)
+    flipped, smallest = _one_gate_flipped(p64, x.double(), y, compiled, near)
+
+    def off(z: torch.Tensor) -> str:
+        return f"{(z.double() - logits64).abs().max().item():.1e}"
+
+    return {
+        "compiled": f"{_worst(compiled, truth):.1e}",
+        "eager": f"{_worst(_grads(peers, _eager(peers), x, y), truth):.1e}",
+        "compiled, no layout opt": f"{_worst(plain, truth):.1e}",
+        "smallest ReLU input": f"{smallest:.1e}",
+        "compiled vs float64, one gate flipped": flipped,
+        "logits: eager": off(logits),
+        "logits: compiled": off(compiled_logits),
+        "logits: compiled, no layout opt": off(plain_logits),
+    }
 
 
 def main() -> None:
@@ -56,17 +146,19 @@ def main() -> None:
     parser.add_argument("--batches", default="16,24,32,48,64")
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--near", type=float, default=2e-6,
+                        help="ReLU inputs within this of 0 are tried flipped (default 2e-6)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    rows = [(n, s, row(n, s)) for n in map(int, args.batches.split(","))
+    rows = [(n, s, row(n, s, args.near)) for n in map(int, args.batches.split(","))
             for s in map(int, args.seeds.split(","))]
     names = list(rows[0][2])
-    print(f"torch {torch.__version__}, {args.threads} threads; largest relative gradient error "
-          f"against float64\n")
+    print(f"torch {torch.__version__}, {args.threads} threads; gradient errors: largest over the "
+          f"parameters of max |g - g64| / max |g64|; logits: largest absolute error\n")
     print("| N | seed | " + " | ".join(names) + " |")
     print("|---|---|" + "---|" * len(names))
     for n, s, r in rows:
-        print(f"| {n} | {s} | " + " | ".join(f"{r[k]:.1e}" for k in names) + " |")
+        print(f"| {n} | {s} | " + " | ".join(r.values()) + " |")
 
 
 if __name__ == "__main__":
