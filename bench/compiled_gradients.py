@@ -17,6 +17,9 @@ max |g - g64| / max |g64|. Columns:
   ``-`` where no flip comes closer than the plain comparison;
 - ``logits: eager``, ``compiled``, ``compiled, no layout opt``: the forward's largest absolute
   logit error against float64.
+
+A second table repeats the gradient errors under bf16 autocast, eager and compiled, and their
+ratio (``bf16_row``).
 """
 
 from __future__ import annotations
@@ -141,6 +144,32 @@ def row(n: int, seed: int, near: float) -> dict[str, str]:
     }
 
 
+def bf16_row(n: int, seed: int) -> dict[str, str]:
+    """The same peers and batch under bf16 autocast: eager's and compiled's gradient errors
+    against float64 (the precision's own error, which a compiled run should not exceed by much)."""
+    torch.manual_seed(seed)
+    peers = nn.ModuleList([build_model("tiny", 10, 3) for _ in range(2)])
+    x, y = torch.randn(n, 3, 16, 16), torch.randint(0, 10, (n,))
+    p64 = copy.deepcopy(peers).double()
+    truth = _grads(p64, _eager(p64), x.double(), y)
+    torch._dynamo.reset()
+    compiled = torch.compile(_eager(peers), dynamic=False)
+    with torch.autocast("cpu", torch.bfloat16):
+        eager_grads = _grads(peers, _eager(peers), x, y)
+        compiled_grads = _grads(peers, compiled, x, y)
+    eager_error, compiled_error = _worst(eager_grads, truth), _worst(compiled_grads, truth)
+    return {"bf16 eager": f"{eager_error:.2f}", "bf16 compiled": f"{compiled_error:.2f}",
+            "compiled / eager": f"{compiled_error / eager_error:.2f}",
+            "compiled vs eager": f"{_worst(compiled_grads, [g.double() for g in eager_grads]):.2f}"}
+
+
+def _table(rows: list[tuple[int, int, dict[str, str]]]) -> None:
+    print("| N | seed | " + " | ".join(rows[0][2]) + " |")
+    print("|---|---|" + "---|" * len(rows[0][2]))
+    for n, s, r in rows:
+        print(f"| {n} | {s} | " + " | ".join(r.values()) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", default="16,24,32,48,64")
@@ -150,15 +179,12 @@ def main() -> None:
                         help="ReLU inputs within this of 0 are tried flipped (default 2e-6)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    rows = [(n, s, row(n, s, args.near)) for n in map(int, args.batches.split(","))
-            for s in map(int, args.seeds.split(","))]
-    names = list(rows[0][2])
+    pairs = [(n, s) for n in map(int, args.batches.split(",")) for s in map(int, args.seeds.split(","))]
     print(f"torch {torch.__version__}, {args.threads} threads; gradient errors: largest over the "
           f"parameters of max |g - g64| / max |g64|; logits: largest absolute error\n")
-    print("| N | seed | " + " | ".join(names) + " |")
-    print("|---|---|" + "---|" * len(names))
-    for n, s, r in rows:
-        print(f"| {n} | {s} | " + " | ".join(r.values()) + " |")
+    _table([(n, s, row(n, s, args.near)) for n, s in pairs])
+    print("\nUnder bf16 autocast, gradient errors against float64 as above:\n")
+    _table([(n, s, bf16_row(n, s)) for n, s in pairs])
 
 
 if __name__ == "__main__":
