@@ -11,6 +11,7 @@ bench/results/gpu-h200/host_profile.txt.)
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from collections.abc import Callable
@@ -41,6 +42,8 @@ def per_call(fn: Callable[[], object], calls: int = 300) -> str:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+                            ).parse_args()  # no options: --help works without a GPU
     if not torch.cuda.is_available():
         sys.exit("cuda_host_profile: torch sees no CUDA device")
     n = 256
