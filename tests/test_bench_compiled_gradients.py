@@ -37,12 +37,14 @@ def test_the_gated_relu_without_a_flip_is_relu() -> None:
 
 def test_the_search_finds_the_one_flip_that_explains_a_gradient() -> None:
     p64, x, y = _tiny_pair()
-    seen = cg._Gates(float("inf"))
-    with cg._relu_gates(seen):
+    everything = cg._Gates(float("inf"))
+    with cg._relu_gates(everything):
         cg._grads(p64, cg._eager(p64), x, y)
-    distance, unit = sorted(seen.units)[1]  # the second nearest: the search must not take the first
+    distance, unit = sorted(everything.units)[1]  # the second nearest: the search must not take the first
     with cg._relu_gates(cg._Gates(0.0), flip=unit):
         other_side = cg._grads(p64, cg._eager(p64), x, y)
-    found, smallest = cg._one_gate_flipped(p64, x, y, other_side, near=distance * 1.001)
-    assert cg._worst(other_side, cg._grads(p64, cg._eager(p64), x, y)) > 1e-6  # a real change
-    assert found == f"{0.0:.1e} at {distance:.1e}" and smallest == seen.smallest
+    seen = cg._Gates(distance * 1.001)
+    with cg._relu_gates(seen):
+        truth = cg._grads(p64, cg._eager(p64), x, y)
+    assert len(seen.units) == 2 and cg._worst(other_side, truth) > 1e-6  # a real change
+    assert cg._one_gate_flipped(p64, x, y, other_side, truth, seen) == f"{0.0:.1e} at {distance:.1e}"
