@@ -1,5 +1,6 @@
-"""The configs under configs/ are valid as shipped: each train config validates and names stages
-its peers have; the study file builds a valid config for every run."""
+"""The configs under configs/ are valid as shipped: each train config validates (its stage names
+included: the built-in models' stages are checked in test_models.py); the study file builds a
+valid config for every run."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from metamixer_fast.config import from_mapping, load_toml
-from metamixer_fast.models import build_model
 from metamixer_fast.study import load_study, study_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -22,11 +22,7 @@ def test_the_configs_directory_holds_both_kinds() -> None:
 
 @pytest.mark.parametrize("path", TRAIN, ids=lambda p: p.name)
 def test_a_shipped_train_config_is_valid(path: Path) -> None:
-    cfg = from_mapping(load_toml(path)).validate()
-    classes = {"cifar100": 100}.get(cfg.dataset, 10)
-    for arch in cfg.peer_archs:
-        modules = dict(build_model(arch, classes).named_modules())
-        assert all(stage == "input" or stage in modules for stage in cfg.stages), (arch, cfg.stages)
+    from_mapping(load_toml(path)).validate()
 
 
 @pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.name)
