@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 from collections.abc import Callable, Iterator
 
 import torch
@@ -112,7 +113,19 @@ def _one_gate_flipped(p64: nn.ModuleList, x: torch.Tensor, y: torch.Tensor, comp
     return "-" if best_distance is None else f"{best:.1e} at {best_distance:.1e}"
 
 
-def row(n: int, seed: int, near: float) -> dict[str, str]:
+@dataclasses.dataclass
+class Case:
+    """Two ``tiny`` peers and a batch, with the float64 gradients of that batch (``truth``) and
+    the ReLU kinks its pass found (``seen``); both tables use one Case per (batch size, seed)."""
+    peers: nn.ModuleList
+    p64: nn.ModuleList
+    x: torch.Tensor
+    y: torch.Tensor
+    truth: Grads
+    seen: _Gates
+
+
+def case(n: int, seed: int, near: float) -> Case:
     torch.manual_seed(seed)
     peers = nn.ModuleList([build_model("tiny", 10, 3) for _ in range(2)])
     x, y = torch.randn(n, 3, 16, 16), torch.randint(0, 10, (n,))
@@ -120,8 +133,13 @@ def row(n: int, seed: int, near: float) -> dict[str, str]:
     seen = _Gates(near)
     with _relu_gates(seen):  # F.relu's gradient bit for bit, and where its kinks lie
         truth = _grads(p64, _eager(p64), x.double(), y)
+    return Case(peers, p64, x, y, truth, seen)
+
+
+def row(c: Case) -> dict[str, str]:
+    peers, x, y, truth = c.peers, c.x, c.y, c.truth
     with torch.no_grad():
-        logits64 = torch.stack(_eager(p64)(x.double()))
+        logits64 = torch.stack(_eager(c.p64)(x.double()))
         logits = torch.stack(_eager(peers)(x))
     compiled, compiled_logits = _compiled_run(peers, x, y)
     plain, plain_logits = _compiled_run(peers, x, y, layout_optimization=False)
@@ -133,29 +151,24 @@ def row(n: int, seed: int, near: float) -> dict[str, str]:
         "compiled": f"{_worst(compiled, truth):.1e}",
         "eager": f"{_worst(_grads(peers, _eager(peers), x, y), truth):.1e}",
         "compiled, no layout opt": f"{_worst(plain, truth):.1e}",
-        "smallest ReLU input": f"{seen.smallest:.1e}",
-        "compiled vs float64, one gate flipped": _one_gate_flipped(p64, x.double(), y, compiled,
-                                                                   truth, seen),
+        "smallest ReLU input": f"{c.seen.smallest:.1e}",
+        "compiled vs float64, one gate flipped": _one_gate_flipped(c.p64, x.double(), y, compiled,
+                                                                   truth, c.seen),
         "logits: eager": off(logits),
         "logits: compiled": off(compiled_logits),
         "logits: compiled, no layout opt": off(plain_logits),
     }
 
 
-def bf16_row(n: int, seed: int) -> dict[str, str]:
+def bf16_row(c: Case) -> dict[str, str]:
     """The same peers and batch under bf16 autocast: eager's and compiled's gradient errors
     against float64 (the precision's own error, which a compiled run should not exceed by much)."""
-    torch.manual_seed(seed)
-    peers = nn.ModuleList([build_model("tiny", 10, 3) for _ in range(2)])
-    x, y = torch.randn(n, 3, 16, 16), torch.randint(0, 10, (n,))
-    p64 = copy.deepcopy(peers).double()
-    truth = _grads(p64, _eager(p64), x.double(), y)
     torch._dynamo.reset()
-    compiled = torch.compile(_eager(peers), dynamic=False)
+    compiled = torch.compile(_eager(c.peers), dynamic=False)
     with torch.autocast("cpu", torch.bfloat16):
-        eager_grads = _grads(peers, _eager(peers), x, y)
-        compiled_grads = _grads(peers, compiled, x, y)
-    eager_error, compiled_error = _worst(eager_grads, truth), _worst(compiled_grads, truth)
+        eager_grads = _grads(c.peers, _eager(c.peers), c.x, c.y)
+        compiled_grads = _grads(c.peers, compiled, c.x, c.y)
+    eager_error, compiled_error = _worst(eager_grads, c.truth), _worst(compiled_grads, c.truth)
     return {"bf16 eager": f"{eager_error:.2f}", "bf16 compiled": f"{compiled_error:.2f}",
             "compiled / eager": f"{compiled_error / eager_error:.2f}",
             "compiled vs eager": f"{_worst(compiled_grads, [g.double() for g in eager_grads]):.2f}"}
@@ -180,9 +193,10 @@ def main() -> None:
     pairs = [(n, s) for n in map(int, args.batches.split(",")) for s in map(int, args.seeds.split(","))]
     print(f"torch {torch.__version__}, {args.threads} threads; gradient errors: largest over the "
           f"parameters of max |g - g64| / max |g64|; logits: largest absolute error\n")
-    _table([(n, s, row(n, s, args.near)) for n, s in pairs])
+    cases = {pair: case(*pair, args.near) for pair in pairs}
+    _table([(n, s, row(c)) for (n, s), c in cases.items()])
     print("\nUnder bf16 autocast, gradient errors against float64 as above:\n")
-    _table([(n, s, bf16_row(n, s)) for n, s in pairs])
+    _table([(n, s, bf16_row(c)) for (n, s), c in cases.items()])
 
 
 if __name__ == "__main__":
