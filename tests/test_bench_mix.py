@@ -80,3 +80,28 @@ def test_fresh_batches_hand_every_call_the_next_batch(monkeypatch: pytest.Monkey
 def test_fixed_batch_is_the_same_every_call() -> None:
     batches = bench_mix.Batches((4, 2, 5, 5), torch.float32, torch.Generator().manual_seed(0))
     assert len(batches.entries) == 1 and batches()[0] is batches()[0]
+
+
+@pytest.mark.parametrize("row, mode", list(bench_mix.STORE_ROWS.items()))
+def test_pytest_benchmark_rows_run_in_their_store_mode(row: str, mode: str,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """`make bench` times each row through pytest-benchmark: a store-mode row must run with its
+    mode set there too, and leave the variable and the thread count as they were."""
+    monkeypatch.delenv("METAMIXER_STREAM_STORES", raising=False)
+    seen: list[str | None] = []
+
+    class Benchmark:  # pytest-benchmark's fixture, as far as test_mix_benchmark uses it
+        def __init__(self) -> None:
+            self.extra_info: dict = {}
+
+        def __call__(self, fn) -> None:
+            seen.append(bench_mix.os.environ.get("METAMIXER_STREAM_STORES"))
+            fn()
+
+    threads = torch.get_num_threads()
+    case = "input 256x3x32x32 fp32"
+    shape, dtype = bench_mix.INPUT_CASES[case]
+    bench_mix.test_mix_benchmark(Benchmark(), case, shape, dtype, "input", row)
+    assert seen == [mode]
+    assert "METAMIXER_STREAM_STORES" not in bench_mix.os.environ
+    assert torch.get_num_threads() == threads
