@@ -44,6 +44,8 @@ from ._flag import assert_ok, ok_flag
 
 BLOCK = 1024
 NUM_WARPS = 4
+# every launch's compile options: no FMA contraction (see above); tests compile with these
+LAUNCH_OPTIONS = {"num_warps": NUM_WARPS, "enable_fp_fusion": False}
 
 
 @triton.jit
@@ -234,7 +236,7 @@ def mix(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None) -> Tensor:
     _mix_fwd_kernel[grid](xr, out, src.contiguous(), _compute_w(xr, w), _box_arg(boxes, src), ok,
                           size, rows, row_len, scale, HAS_BOX=boxes is not None,
                           IS_UINT8=xr.dtype == torch.uint8, SOFT_BF16=soft_bf16(xr.dtype), BLOCK=BLOCK,
-                          num_warps=NUM_WARPS, enable_fp_fusion=False)
+                          **LAUNCH_OPTIONS)
     assert_ok(ok, _BAD_VALUES.format(op="mix"), lambda: check_mix_values(x, src, w, box))
     return out
 
@@ -255,8 +257,7 @@ def mix2(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None, src2: Tensor, w2
     _mix2_fwd_kernel[grid](xr, out, src.contiguous(), _compute_w(xr, w), _box_arg(boxes, src),
                            src2.contiguous(), _compute_w(xr, w2), ok, size, rows, row_len, scale,
                            HAS_BOX=boxes is not None, IS_UINT8=xr.dtype == torch.uint8,
-                           SOFT_BF16=soft_bf16(xr.dtype), BLOCK=BLOCK, num_warps=NUM_WARPS,
-                           enable_fp_fusion=False)
+                           SOFT_BF16=soft_bf16(xr.dtype), BLOCK=BLOCK, **LAUNCH_OPTIONS)
     assert_ok(ok, _BAD_VALUES.format(op="mix2"), explain)
     return out
 
@@ -296,8 +297,7 @@ def mix_backward(grad: Tensor, x: Tensor, src: Tensor, w: Tensor, box: Tensor | 
     _mix_bwd_kernel[(blocks, n)](g, xr, src.contiguous(), wc, _box_arg(boxes, src), offsets, order,
                                  dx, dw_part, size, rows, row_len, scale,
                                  HAS_BOX=boxes is not None, SOFT_BF16=soft_bf16(xr.dtype),
-                                 NEED_DW=need_dw, BLOCK=BLOCK, num_warps=NUM_WARPS,
-                                 enable_fp_fusion=False)
+                                 NEED_DW=need_dw, BLOCK=BLOCK, **LAUNCH_OPTIONS)
     return dx, dw_part.sum(1).to(w.dtype) if need_dw else torch.zeros_like(w)
 
 

@@ -51,11 +51,14 @@ for dtype, ptr in PTR.items():
                          "SOFT_BF16": "constexpr", "NEED_DW": "constexpr", "BLOCK": "constexpr"},
                          {"SOFT_BF16": False, "NEED_DW": need_dw, "BLOCK": m.BLOCK,
                           "HAS_BOX": True}))
-    for name, sig, consts in variants:
-        name_out = name + ("" if consts.get("NEED_DW", True) else "_dx_only")
+    if dtype == "float32":  # the same kernel with contraction allowed: the FMA count can fail
+        variants.append(("_mix_fwd_kernel", *variants[0][1:], {"enable_fp_fusion": True}))
+    for name, sig, consts, *override in variants:
+        options = {**m.LAUNCH_OPTIONS, **(override[0] if override else {})}
+        name_out = (name + ("" if consts.get("NEED_DW", True) else "_dx_only")
+                    + ("_fused" if override else ""))
         src = ASTSource(getattr(m, name), sig, constexprs=consts)
-        k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                           options={"num_warps": m.NUM_WARPS, "enable_fp_fusion": False})
+        k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
         ptx = k.asm["ptx"]
         with tempfile.TemporaryDirectory() as d:
             path = d + "/k.ptx"
@@ -66,6 +69,7 @@ for dtype, ptr in PTR.items():
         spills = [int(a) + int(b) for a, b in
                   re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)]
         results.append({"kernel": name_out, "dtype": dtype, "n_spills": sum(spills),
+                        "ptxas_reports": len(spills),
                         "fma": len(re.findall(r"\bfma\.", ptx)),
                         "loads": len(re.findall(r"\bld\.global", ptx)), "log": log})
 print(json.dumps(results))
@@ -79,11 +83,16 @@ def test_triton_mix_compiles_without_spills(arch):
                           env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    # mix and mix2 fwd for 5 dtypes, bwd with and without dw for the 4 float dtypes
-    assert len(results) == 18
+    # mix and mix2 fwd for 5 dtypes, bwd with and without dw for the 4 float dtypes, and fp32
+    # mix fwd compiled with contraction allowed
+    assert len(results) == 19
+    fused = [r for r in results if r["kernel"].endswith("_fused")]
+    assert len(fused) == 1 and fused[0]["fma"] > 0, "with contraction allowed the blend is FMAs"
+    results = [r for r in results if r not in fused]
     loads = {(r["kernel"], r["dtype"]): r["loads"] for r in results}
     for dtype in ("float16", "bfloat16", "float32", "float64"):  # dx only: x is never read
         assert loads[("_mix_bwd_kernel_dx_only", dtype)] < loads[("_mix_bwd_kernel", dtype)]
     for r in results:
+        assert r["ptxas_reports"] > 0, ("ptxas -v printed no spill line", r["log"])
         assert r["n_spills"] == 0, r
         assert r["fma"] == 0, (r["kernel"], r["dtype"], "the blend must not be contracted into an FMA")
