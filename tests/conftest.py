@@ -68,7 +68,13 @@ if ON_CUDA:
 
 def cpu_backends(op: str) -> list[str]:
     """Backends that can run ``op`` on CPU tensors in this process (the reference always;
-    C++ once built and registered; Triton under TRITON_INTERPRET=1)."""
+    C++ once built and registered; Triton under TRITON_INTERPRET=1).
+
+    Under the ``reference`` parameter a kernel test compares the reference with itself, so its
+    numbers cannot fail there: that parameter checks the route a package without the C++
+    extension takes (op registration, autograd glue, output layout and dtype, list or stacked
+    logits). The reference's own maths is checked against independent plain loops
+    (tests/naive.py) in test_reference.py, and a hand-written DML loss in test_loss.py."""
     names = []
     for name in _backend.BACKENDS:
         if _backend._usable(name, torch.device("cpu")) is None and (op, name) in _backend._kernels:

@@ -17,6 +17,7 @@ from metamixer_fast import _backend, reference
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 REQUIRE_CPP = os.environ.get("METAMIXER_REQUIRE_CPP") == "1"
+REQUIRE_TRITON = os.environ.get("METAMIXER_REQUIRE_TRITON") == "1"
 
 
 def _python(code: str, cwd: pathlib.Path, **env: str) -> str:
@@ -41,6 +42,19 @@ def test_cpp_module_builds_and_registers_its_ops():
     want_ce, want_kd = reference.mixed_kd_loss(z.double(), labels, torch.ones(5, 1), 2.0)
     torch.testing.assert_close(ce.double(), want_ce, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(kd.double(), want_kd, rtol=1e-5, atol=1e-6)
+
+
+def test_triton_kernels_join_the_cpu_test_matrix():
+    """Without a usable triton the ``triton`` parameter drops out of every kernel test and the
+    AOT tests skip; CI sets METAMIXER_REQUIRE_TRITON=1 so that cannot pass unnoticed."""
+    from conftest import cpu_backends
+
+    missing = [op for op in ("mixed_kd_loss", "mix", "mix2") if "triton" not in cpu_backends(op)]
+    if missing:
+        why = _backend._usable("triton", torch.device("cpu"))
+        assert not REQUIRE_TRITON, (f"METAMIXER_REQUIRE_TRITON=1 but the triton backend does not "
+                                    f"run {missing} on CPU tensors: {why}")
+        pytest.skip(f"triton backend unusable here ({why}); METAMIXER_REQUIRE_TRITON=1 fails")
 
 
 def test_info_reports_build_and_backends(tmp_path):
