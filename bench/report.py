@@ -106,6 +106,8 @@ def loss_markdown(report: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("which", choices=["loss"], help="which benchmark to report")
+    parser.add_argument("--render", type=Path, default=None, metavar="JSON",
+                        help="print the table of a stored run instead of timing a new one")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds per shape")
     parser.add_argument("--retain-memory", choices=["on", "off"], default="off",
@@ -115,6 +117,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="JSON path (default: bench/results/mixed_kd_loss-<commit>"
                              "[-retain-memory].json, which a second run at the commit replaces)")
     args = parser.parse_args(argv)
+    if args.render is not None:
+        print(loss_markdown(json.loads(args.render.read_text())))
+        return
     report = loss_report(args.threads, args.rounds, args.retain_memory == "on")
     print(loss_markdown(report))
     suffix = "-retain-memory" if report["retain_memory"] else ""

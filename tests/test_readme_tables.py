@@ -1,0 +1,35 @@
+"""The README's benchmark tables are the stored runs they cite, rendered by the benchmark's own
+formatter (a figure edited by hand, or rounded from the rounded milliseconds, fails here)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import bench_mix  # noqa: E402  (bench/ is not a package)
+import report  # noqa: E402
+
+README = (ROOT / "README.md").read_text()
+
+
+def _rows(markdown: str) -> list[str]:
+    """A table's data rows (not its header or separator)."""
+    lines = [line for line in markdown.splitlines() if line.startswith("| ")]
+    return [line for line in lines[1:] if not line.startswith("|---")]
+
+
+@pytest.mark.parametrize("record, render", [
+    ("95719c8/mixed_kd_loss_off_4.json", report.loss_markdown),
+    ("95719c8/mixed_kd_loss_on_4.json", report.loss_markdown),
+    ("f1f8a60/std2_usual_1.json", bench_mix.markdown),
+])
+def test_readme_table_is_the_cited_record(record: str, render) -> None:
+    rows = _rows(render(json.loads((ROOT / "bench" / "results" / record).read_text())))
+    assert rows
+    missing = [row for row in rows if row not in README]
+    assert not missing, f"README rows differ from {record}: {missing}"
