@@ -7,6 +7,8 @@ Contenders, all on the same fp32 logits [K, B, C] and labels, each timed as forw
 - ``compiled_reference``: ``torch.compile`` of the reference;
 - ``dml_pair_loop``: the DML-style research loop, cross_entropy per peer plus
   log_softmax/softmax/kl_div per ordered pair of peers;
+- ``dml_loop_peer_softmax``: the same loop with each peer's log_softmax and softmax computed
+  once (K of each instead of K(K-1)), as a careful hand-written loop would;
 - ``softmax_floor``: one ``torch.softmax`` over the same [K*B, C] logits, forward only (the
   machine's floor for anything that reads the logits and exponentiates them).
 
@@ -65,6 +67,23 @@ def dml_pair_loop(z: torch.Tensor, labels: torch.Tensor, t: float) -> torch.Tens
     return total
 
 
+def dml_loop_peer_softmax(z: torch.Tensor, labels: torch.Tensor, t: float) -> torch.Tensor:
+    """``dml_pair_loop``'s loss with every peer's softened outputs computed once, not per pair."""
+    k = z.shape[0]
+    log_p = [F.log_softmax(z[i] / t, dim=1) for i in range(k)]
+    p = [F.softmax(z[i].detach() / t, dim=1) for i in range(k)]
+    total = z.new_zeros(())
+    for i in range(k):
+        total = total + F.cross_entropy(z[i], labels)
+        for j in range(k):
+            if j != i:
+                total = total + F.kl_div(log_p[i], p[j], reduction="batchmean") * (t * t) / (k - 1)
+    return total
+
+
+DML_LOOPS = {"dml_pair_loop": dml_pair_loop, "dml_loop_peer_softmax": dml_loop_peer_softmax}
+
+
 def contenders(shape: Shape) -> dict[str, Callable[[], object]]:
     """name -> a zero-argument callable running one forward+backward (softmax: forward only)."""
     z0, labels, weights = make_inputs(shape)
@@ -90,22 +109,24 @@ def contenders(shape: Shape) -> dict[str, Callable[[], object]]:
     # symbolic sizes and temperature, and each shape would then run that dynamic graph.
     compiled = torch.compile(ref, dynamic=False)
 
-    def dml():
-        z.grad = None
-        dml_pair_loop(z, labels, t).backward()
+    def dml(loop):
+        def run():
+            z.grad = None
+            loop(z, labels, t).backward()
+        return run
 
     flat = z0.view(-1, shape.c)
-    out = {"fused": step(fused), "reference": step(ref), "compiled_reference": step(compiled),
-           "dml_pair_loop": dml, "softmax_floor": lambda: torch.softmax(flat, dim=-1)}
-    if shape.mode != "pairwise":
-        del out["dml_pair_loop"]
+    out = {"fused": step(fused), "reference": step(ref), "compiled_reference": step(compiled)}
+    if shape.mode == "pairwise":  # the loops compute DML only
+        out.update({name: dml(loop) for name, loop in DML_LOOPS.items()})
+    out["softmax_floor"] = lambda: torch.softmax(flat, dim=-1)
     return out
 
 
 def _cases():
     for shape in SHAPES:
-        for name in ("fused", "reference", "compiled_reference", "dml_pair_loop", "softmax_floor"):
-            if name == "dml_pair_loop" and shape.mode != "pairwise":
+        for name in ("fused", "reference", "compiled_reference", *DML_LOOPS, "softmax_floor"):
+            if name in DML_LOOPS and shape.mode != "pairwise":
                 continue
             yield pytest.param(shape, name, id=f"{shape}-{name}")
 
