@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.metamixer-installed
 CMAKE_BUILD := build/cmake
 
-.PHONY: install fashion-mnist demo quickstart test test-python test-cpp test-sanitize lint bench gpu-check clean
+.PHONY: install fashion-mnist demo quickstart test test-python test-cpp test-sanitize lint bench bench-check gpu-check clean
 
 $(STAMP): pyproject.toml setup.py requirements-dev.txt $(wildcard csrc/*.cpp csrc/*/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -61,10 +61,15 @@ test-sanitize:
 	cmake --build build/sanitize -j 2
 	ctest --test-dir build/sanitize --output-on-failure
 
-test: lint test-python test-cpp test-sanitize
+test: lint test-python bench-check test-cpp test-sanitize
 
 bench: install
 	$(PY) -m pytest -q bench
+
+# Every benchmark row run once as a test, untimed: the rows' own checks (each contender gives
+# the same result) run in CI without the minutes of timing.
+bench-check: install
+	$(PY) -m pytest -q bench --benchmark-disable
 
 # On a machine with a CUDA GPU (torch and triton installed; not part of `make test`): the Triton
 # test matrix compiled for the GPU, the CUDA tests, and the GPU benchmark (tests/gpu_check.sh).
