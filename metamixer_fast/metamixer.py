@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import abc
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,16 +35,21 @@ _STAT_KEYS = ("steps", "mixed_steps", "local_samples", "local_fallback", "global
               "global_fallback")
 
 
+def _is_real(value: object) -> bool:
+    """A real number, as ``MixedKDLoss`` takes them: numpy scalars (np.float32(0.5), read from an
+    array or a config) and Fractions too, but not a bool (np.bool_ is no ``numbers.Real``)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _check_alpha(owner: str, name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) \
-            or not math.isfinite(value) or value <= 0:
+    if not _is_real(value) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{owner}: '{name}' must be a finite number > 0 (the Beta(a, a) "
                          f"concentration), got {value!r}")
     return float(value)
 
 
 def _check_prob(owner: str, name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+    if not _is_real(value) or not 0.0 <= value <= 1.0:
         raise ValueError(f"{owner}: '{name}' must be a probability in [0, 1], got {value!r}")
     return float(value)
 
@@ -255,6 +261,12 @@ class CutMixOrMixup(_Sampler):
     ``prob`` is the chance that the step is mixed at all; ``mode="elem"``: all of them per
     sample, ``prob`` included, as timm's ``mix_prob``: a sample left unmixed keeps its pixels
     exactly (an empty box) and its target is its own label (lam = 1).
+
+    Inputs: a plan with CutMix rows needs [N, C, H, W] images (``CutMix``, and
+    ``CutMixOrMixup`` whenever a mixed sample drew CutMix: in "batch" mode a step that drew
+    it, in "elem" mode nearly every batch), and its ``target`` needs the image size
+    (``apply_local``, ``resolve`` or ``sample(size=...)``). A plan without (``Mixup`` in either
+    mode, unmixed samples included) also mixes [N, D] features and has its target at once.
     """
 
     name = "CutMixOrMixup"
@@ -280,21 +292,24 @@ class CutMixOrMixup(_Sampler):
         lam = torch.where(cut, _beta(self.cutmix_alpha, m, g), mixup_lam)
         center = torch.rand(m, 2, dtype=torch.float64, generator=g)
         cut, lam, center = cut.expand(n), lam.expand(n), center.expand(n, 2)
-        mixed = n
+        mixed, keep = n, None
         if self.mode == "elem" and self.prob < 1.0:  # (prob = 1 draws nothing: the same plans)
             unmixed = torch.rand(n, dtype=torch.float64, generator=g) >= self.prob
             mixed -= int(unmixed.sum())
             if mixed == 0:
                 return MixPlan.identity(y)
-            # lam = 1 makes an empty box: the sample is copied, exactly, whatever its partner holds
-            cut, lam = cut | unmixed, torch.where(unmixed, 1.0, lam)
+            # A kept row (lam = w = 1, an empty box) is copied exactly, whatever its partner
+            # holds, as timm skips it. It is no CutMix row even where a CutMix lam was drawn:
+            # so a plan whose mixed rows are all Mixup stays Mixup-only (a target before the
+            # image size is known; [N, D] features). The draws are the same as before.
+            cut, lam, keep = cut & ~unmixed, torch.where(unmixed, 1.0, lam), unmixed
         sigma = random_cycle(n, g)
         self._stats["local_samples"] += mixed
         has_cut = bool(cut.any())
         return MixPlan(labels=y, mixed=True, local_src=sigma,
                        local_w=torch.where(cut, 0.0, lam).float(), lam_draw=lam.contiguous(),
                        cut=cut.contiguous() if has_cut else None,
-                       center=center.contiguous() if has_cut else None)
+                       center=center.contiguous() if has_cut else None, keep=keep)
 
     def __repr__(self) -> str:
         return (f"{self.name}(cutmix_alpha={self.cutmix_alpha}, mixup_alpha={self.mixup_alpha}, "

@@ -5,7 +5,8 @@ A plan holds, for a batch of N samples (DESIGN.md section 1, "Our formulation"):
 
 - local mixing: partner sigma[N], and per sample either a CutMix box (pasted region of the
   partner; the box is fixed once the image size is known, and lam is the exact fraction of the
-  image left to the sample) or a Mixup blend (w = lam over the whole image);
+  image left to the sample), a Mixup blend (w = lam over the whole image), or (the baselines'
+  "elem" mode with prob < 1) nothing: the sample is copied as it is (an empty box, lam = 1);
 - global mixing (MetaMixer only): partner pi[N], mu[N] and a stage, where every peer replaces
   its activation h by h_i <- mu_i h_i + (1 - mu_i) h_pi(i);
 - the target: labels[N, 4] of the images (i, sigma(i), pi(i), sigma(pi(i))) with weights
@@ -84,15 +85,21 @@ class MixPlan:
         mixed: False for an identity plan (the step is not mixed).
         local_src: [N] int64 local partner sigma.
         local_w: [N] float32 weight of the sample itself inside its region (0 for CutMix rows,
-            lam for Mixup rows).
+            lam for Mixup rows, 1 for kept rows).
         lam_draw: [N] float64 lam as drawn (CutMix rows are corrected once the box is fixed;
-            Mixup rows hold float32-representable values, so local_w and the target agree).
-        cut: [N] bool, True for CutMix rows (a box), or None when no row has a box.
+            Mixup rows hold float32-representable values, so local_w and the target agree;
+            kept rows hold 1).
+        cut: [N] bool, True for CutMix rows (a box of a drawn size), or None when there are
+            none (the plan is then Mixup-only: its lam and target need no image size, and it
+            mixes [N, D] features too).
         center: [N, 2] float64 box centres as fractions of (H, W), or None.
         global_src: [N] int64 global partner pi, or None (no global mixing).
         mu: [N] float32 global blend weight of the sample itself, or None.
         stage: where the global blend happens ("input" or a stage name), or None.
         stages: every stage this plan's sampler may pick (checked against the peers).
+        keep: [N] bool, True for kept rows (left unmixed: copied bit for bit through an empty
+            box, whatever the partner holds, with lam = 1), or None when every row is mixed.
+            A kept row is no CutMix row.
     """
 
     labels: Tensor
@@ -106,10 +113,13 @@ class MixPlan:
     mu: Tensor | None = None
     stage: str | None = None
     stages: tuple[str, ...] = ()
+    keep: Tensor | None = None
     _size: tuple[int, int] | None = field(default=None, repr=False)
     _box: Tensor | None = field(default=None, repr=False)
     _lam: Tensor | None = field(default=None, repr=False)
-    _input_cache: tuple[Tensor, int, Tensor] | None = field(default=None, repr=False)
+    # The input-stage blend shared by the peers of a ``global_mixing`` block: (x, x._version,
+    # blend(x), its _version); see ``_blend_input`` for when it may be reused.
+    _input_cache: tuple[Tensor, int, Tensor, int] | None = field(default=None, repr=False)
     # Set by ``apply`` once it has done the input-stage blend: the input hook then leaves the
     # peers' inputs alone, whatever was done to the batch in between (a cast, a normalisation).
     _input_blended: bool = field(default=False, repr=False)
@@ -145,7 +155,8 @@ class MixPlan:
         return replace(self, labels=labels if labels is not None else move(self.labels),
                        local_src=move(self.local_src), local_w=move(self.local_w),
                        lam_draw=move(self.lam_draw), cut=move(self.cut), center=move(self.center),
-                       global_src=move(self.global_src), mu=move(self.mu), _box=move(self._box),
+                       global_src=move(self.global_src), mu=move(self.mu), keep=move(self.keep),
+                       _box=move(self._box),
                        _lam=move(self._lam), _input_cache=None,
                        _host=self._on_host(),
                        _host_lam=self._lam if self.device.type == "cpu" else self._host_lam)
@@ -156,7 +167,8 @@ class MixPlan:
 
     # --------------------------------------------------------------------------- local mixing
     def resolve(self, size: Sequence[int]) -> MixPlan:
-        """Fix the CutMix boxes for images of ``size`` = (H, W) and correct lam; returns self.
+        """Fix the boxes for images of ``size`` = (H, W) and correct the CutMix rows' lam;
+        returns self. (A kept row's box is empty and its lam 1 at every size.)
 
         Called by ``apply_local``; call it yourself to read ``target`` before mixing."""
         h, w = image_size("MixPlan.resolve", size)
@@ -166,23 +178,34 @@ class MixPlan:
                                  f"{self._size}, got images of size {(h, w)}; sample a new plan")
             return self
         if self.cut is None:
-            self._lam = self.lam_draw
-        else:
+            self._lam = self.lam_draw  # Mixup and kept rows: lam as drawn, whatever the size
+        if self.cut is not None or self.keep is not None:
             host = self._on_host() or self.to("cpu")  # a plan made on a device: copy it back
-            lam_draw, cut = host.lam_draw.double().numpy(), host.cut.numpy()
-            box, lam_cut = _cutmix_boxes(lam_draw, host.center.double().numpy(), h, w)
-            box[~cut] = (0, h, 0, w)  # Mixup rows: the whole image
-            self._host_lam = torch.from_numpy(np.where(cut, lam_cut, lam_draw))
+            if host.cut is not None:
+                lam_draw, cut = host.lam_draw.double().numpy(), host.cut.numpy()
+                box, lam_cut = _cutmix_boxes(lam_draw, host.center.double().numpy(), h, w)
+                box[~cut] = (0, h, 0, w)  # Mixup rows: the whole image
+                self._host_lam = torch.from_numpy(np.where(cut, lam_cut, lam_draw))
+                self._lam = self._host_lam.to(self.device, non_blocking=True)
+            else:
+                box = np.empty((self.num_samples, 4), dtype=np.int64)
+                box[:] = (0, h, 0, w)
+            if host.keep is not None:
+                box[host.keep.numpy()] = 0  # kept rows: an empty box, so copied exactly
             self._box = torch.from_numpy(box).to(self.device, non_blocking=True)
-            self._lam = self._host_lam.to(self.device, non_blocking=True)
         self._size = (h, w)
         return self
 
     @property
     def box(self) -> Tensor | None:
-        """[N, 4] int64 (y0, y1, x0, x1) regions (whole image for Mixup rows), or None."""
-        if self.cut is not None and self._box is None:
-            raise _unresolved("the CutMix boxes are fixed by the image size")
+        """[N, 4] int64 (y0, y1, x0, x1) regions (whole image for Mixup rows, empty for kept
+        rows), or None when the plan has neither CutMix nor kept rows."""
+        if self._box is None:
+            if self.cut is not None:
+                raise _unresolved("the CutMix boxes are fixed by the image size")
+            if self.keep is not None:
+                raise _unresolved("the boxes (the whole image for a Mixup row, empty for a kept "
+                                  "row) are fixed by the image size")
         return self._box
 
     @property
@@ -208,10 +231,11 @@ class MixPlan:
     def _prepare_images(self, x: Tensor, caller: str) -> None:
         """Check the images against the plan and fix the CutMix boxes for their size."""
         self._check_batch(x, "the images 'x'")
-        if self.cut is not None:
-            if x.dim() != 4:
-                raise ValueError(f"MixPlan.{caller}: CutMix boxes need [N, C, H, W] images, got "
-                                 f"shape {list(x.shape)}")
+        if self.cut is not None and x.dim() != 4:
+            raise ValueError(f"MixPlan.{caller}: CutMix boxes need [N, C, H, W] images, got "
+                             f"shape {list(x.shape)} (only a plan without CutMix rows mixes "
+                             f"[N, D] features)")
+        if self.cut is not None or (self.keep is not None and x.dim() == 4):
             self.resolve(x.shape[-2:])
 
     def _mu_for(self, t: Tensor) -> Tensor:
@@ -220,12 +244,31 @@ class MixPlan:
 
     def apply_local(self, x: Tensor) -> Tensor:
         """u = the locally mixed batch (one ``mix`` call). Returns ``x`` itself, uncopied, for an
-        identity plan. ``x``: [N, C, H, W] images ([N, D] also works for a Mixup-only plan)."""
+        identity plan. ``x``: [N, C, H, W] images ([N, D] features also work for a plan without
+        CutMix rows, ``cut is None``: Mixup, kept rows included)."""
         if not self.mixed:
             return x
         self._prepare_images(x, "apply_local")
         self._input_blended = False  # this batch still needs the global blend (see ``apply``)
+        if self.keep is not None and x.dim() == 2:
+            return self._mix_features_keeping(x)
         return mix(x, self.local_src, self.local_w, self.box)
+
+    def _mix_features_keeping(self, x: Tensor) -> Tensor:
+        """``apply_local`` of [N, D] features for a Mixup plan with kept rows.
+
+        ``mix`` takes no box for features, and a kept row's w = 1 alone would give
+        1 x_i + 0 x_sigma(i): NaN where the partner holds inf, not the copy timm makes (it skips
+        the row). So the features go through as [N, 1, 1, D] images (a view, no copy), each
+        Mixup row with the whole row as its box and each kept row with an empty one: one
+        ``mix`` call, every kept row copied bit for bit on every backend, as for images. The
+        boxes depend on D, so they are made here and not kept (``resolve`` fixes an image's).
+        """
+        n, d = x.shape
+        host = self._on_host() or self.to("cpu")  # a plan made on a device: copy it back
+        box = np.where(host.keep.numpy()[:, None], 0, np.array([0, 1, 0, d], dtype=np.int64))
+        box = torch.from_numpy(box).to(self.device, non_blocking=True)
+        return mix(x.view(n, 1, 1, d), self.local_src, self.local_w, box).view(n, d)
 
     def apply(self, x: Tensor) -> Tensor:
         """The batch as every peer sees it at its input: ``apply_local(x)``, and when the plan's
@@ -259,7 +302,8 @@ class MixPlan:
         return mix(h.reshape(h.shape[0], -1), self.global_src, mu, None).view(h.shape)
 
     def _blend_input(self, x: Tensor) -> Tensor:
-        """``blend`` for the peers' shared input: blended once, reused while x is unchanged."""
+        """``blend`` for the peers' shared input: blended once, reused while that blend is still
+        the one this call would make (same values, and a graph where this call needs one)."""
         if self._input_blended:
             return x  # ``apply`` has blended the batch already
         if torch.compiler.is_compiling():
@@ -268,11 +312,29 @@ class MixPlan:
             # error) and its contents would be guarded on, recompiling every step; each peer
             # blends its own input instead (the same values).
             return self.blend(x)
+        if x.is_inference():
+            # An inference tensor has no version counter (``_version`` raises), so a change in
+            # place could not be seen: each peer blends its own input (the same values).
+            return self.blend(x)
+        # Would this call record a graph back to x? Then only a blend that recorded one may
+        # serve it: a blend made under no_grad (a teacher peer run first) would silently cut
+        # x out of the later peers' gradients. The other way round is sound: under no_grad or
+        # inference_mode a peer reads a blend with a graph like any tensor, records nothing,
+        # and gets the same values, so the blend is shared.
+        needs_graph = torch.is_grad_enabled() and x.requires_grad
         cache = self._input_cache
-        if cache is not None and cache[0] is x and cache[1] == x._version:
-            return cache[2]
+        if cache is not None:
+            src, version, out, out_version = cache
+            # The blend's own version too: a peer may change its input in place (an inplace
+            # ReLU first), which must not reach the peers after it.
+            if src is x and version == x._version and out._version == out_version \
+                    and (out.requires_grad or not needs_graph):
+                return out
         out = self.blend(x)
-        self._input_cache = (x, x._version, out)
+        # A blend made under inference_mode is an inference tensor: autograd refuses it, and it
+        # has no version counter to check; it serves this call only.
+        if not out.is_inference():
+            self._input_cache = (x, x._version, out, out._version)
         return out
 
     @contextmanager
@@ -286,7 +348,10 @@ class MixPlan:
         stage name is the submodule name in every peer) or one dict per peer mapping stage
         name -> that peer's submodule name. Every stage the sampler may pick is checked
         against every peer on entry. The hooks are removed on exit, also when the block
-        raises. An identity plan installs nothing.
+        raises. An identity plan installs nothing. At "input" the peers share one blend of
+        their input while it is unchanged; a peer may run under ``torch.no_grad()`` or
+        ``torch.inference_mode()`` (a teacher) before or after the others without costing them
+        their gradient back to the input.
 
         A stage module must run exactly once per forward of its peer; otherwise the forward
         raises (the target would not describe the mixture). A stage module shared by several

@@ -4,7 +4,9 @@ float64 construction of the four-image mixture, and the sampler obeys its rules.
 from __future__ import annotations
 
 from collections import OrderedDict
+from fractions import Fraction
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -353,6 +355,82 @@ def test_input_blend_is_shared_by_peers_until_the_input_changes(rng):
     torch.testing.assert_close(recs[1].inputs["a"][0], recs[0].inputs["a"][0], rtol=0, atol=0)
     torch.testing.assert_close(recs[0].inputs["a"][0], global_mixture(x / 2, plan), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(recs[2].inputs["a"][0], global_mixture(x, plan), rtol=1e-12, atol=1e-12)
+    assert no_hooks_left(*peers)
+
+
+def counting_blends(plan: MixPlan) -> list[torch.Tensor]:
+    """The inputs of every ``plan.blend`` call from now on."""
+    blends: list[torch.Tensor] = []
+    blend = plan.blend
+    plan.blend = lambda h: blends.append(h) or blend(h)
+    return blends
+
+
+@pytest.mark.parametrize("no_graph", [torch.no_grad, torch.inference_mode])
+def test_a_peer_run_without_grad_leaves_the_others_their_input_gradient(no_graph, rng):
+    """A teacher peer run under no_grad/inference_mode first blends the shared input without a
+    graph; the blend cache gave that blend to the peers after it, so x's gradient from them was
+    silently lost (inference_mode: autograd refused the inference tensor). A blend with a graph
+    may serve a peer run without one (the same values, nothing recorded): shared."""
+    n = 6
+    peers = nn.ModuleList([seq("a", "b") for _ in range(3)])
+    y = torch.randint(0, 3, (n,), generator=rng)
+    plan = MetaMixer(stages=("input",), generator=seeded(rng)).sample(y)
+    x = torch.randn(n, 5, dtype=torch.float64, generator=rng, requires_grad=True)
+    with plan.global_mixing(peers[1:]):
+        alone = [p(x) for p in peers[1:]]  # the students without a teacher
+    (want,) = torch.autograd.grad(sum(o.sum() for o in alone), x)
+    blends = counting_blends(plan)
+    with plan.global_mixing(peers):
+        with no_graph():
+            first = peers[0](x)
+        students = [p(x) for p in peers[1:]]
+        with no_graph():
+            last = peers[0](x)
+    assert len(blends) == 2  # the teacher's own, then one with a graph shared by the rest
+    assert students[0].requires_grad and not first.requires_grad and not last.requires_grad
+    (grad,) = torch.autograd.grad(sum(o.sum() for o in students), x)
+    torch.testing.assert_close(grad, want, rtol=0, atol=0)
+    with torch.no_grad():
+        teacher = peers[0](global_mixture(x, plan))
+        for out, ref in zip(alone, students):
+            torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    for out in (first, last):
+        torch.testing.assert_close(out, teacher, rtol=1e-12, atol=1e-12)
+    assert no_hooks_left(*peers)
+
+
+def test_the_input_blend_of_an_inference_tensor(rng):
+    """In inference_mode the batch is an inference tensor, which has no version counter: the
+    blend cache's ``_version`` test raised. Each peer blends its own input instead."""
+    n = 6
+    peers = nn.ModuleList([seq("a", "b"), seq("a", "b")])
+    y = torch.randint(0, 3, (n,), generator=rng)
+    plan = MetaMixer(stages=("input",), generator=seeded(rng)).sample(y)
+    with torch.inference_mode():
+        x = torch.randn(n, 5, dtype=torch.float64, generator=rng)
+        with plan.global_mixing(peers):
+            outs = [p(x) for p in peers]
+        for p, out in zip(peers, outs):
+            torch.testing.assert_close(out, p(global_mixture(x, plan)), rtol=1e-12, atol=1e-12)
+    assert no_hooks_left(*peers)
+
+
+def test_a_peer_that_changes_its_input_in_place_does_not_change_the_next_peers(rng):
+    """The peers share one blend of their input; one that changes it in place (an inplace ReLU
+    first) changed it for the peers after it too. The blend is made again for them."""
+    n = 6
+    changer = nn.Sequential(OrderedDict(relu=nn.ReLU(inplace=True), a=nn.Linear(5, 6).double()))
+    peers = nn.ModuleList([changer, seq("a", "b")])
+    x = torch.randn(n, 5, dtype=torch.float64, generator=rng)
+    y = torch.randint(0, 3, (n,), generator=rng)
+    plan = MetaMixer(stages=("input",), generator=seeded(rng)).sample(y)
+    rec = Recorder(peers[1])
+    with torch.no_grad(), plan.global_mixing(peers):
+        peers[0](x)
+        peers[1](x)
+    rec.remove()
+    torch.testing.assert_close(rec.inputs["a"][0], global_mixture(x, plan), rtol=1e-12, atol=1e-12)
     assert no_hooks_left(*peers)
 
 
@@ -761,6 +839,71 @@ def test_elem_mode_applies_prob_per_sample(switch_prob, rng, mix_backend):
     assert all(bool((p.lam_draw < 1).all()) for p in plans if p.mixed)
 
 
+@pytest.mark.parametrize("shape", ["features", "transposed features", "images"])
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # interpreter: 0 * inf
+def test_mixup_elem_mode_with_unmixed_samples_stays_mixup_only(shape, rng, mix_backend):
+    """Mixup(mode="elem", prob < 1) encoded its unmixed samples as empty CutMix boxes, so its
+    plan needed an image size for its target and refused [N, D] features. A kept sample is no
+    CutMix row: the plan is Mixup-only, and a kept sample is still copied bit for bit (even
+    where its partner holds inf, as timm skips it) with its own label as target."""
+    n, d = 40, 9
+    y = torch.randint(0, 5, (n,), generator=rng)
+    mixer = Mixup(0.8, prob=0.6, mode="elem", generator=seeded(rng))
+    plan = mixer.sample(y)
+    keep = plan.keep
+    assert plan.mixed and plan.cut is None and keep is not None and bool(keep.any())
+    assert mixer.stats["local_samples"] == n - int(keep.sum())
+    t = plan.target  # before any image size is known
+    lam = plan.lam
+    assert bool((lam[keep] == 1).all())
+    torch.testing.assert_close(t.labels, torch.stack([y, y[plan.local_src], y, y[plan.local_src]], 1))
+    zeros = torch.zeros(n, dtype=torch.float64)
+    torch.testing.assert_close(t.weights, torch.stack([lam, 1 - lam, zeros, zeros], 1).float())
+    if shape == "images":
+        x = torch.randn(n, 3, 5, 6, generator=rng)
+    elif shape == "features":
+        x = torch.randn(n, d, generator=rng)
+    else:
+        x = torch.randn(d, n, generator=rng).t()
+    x[plan.local_src[keep]] = float("inf")  # the kept samples' partners
+    u = plan.apply_local(x)
+    assert u.shape == x.shape
+    assert torch.equal(u[keep], x[keep])
+    lam_x = lam.view(-1, *[1] * (x.dim() - 1))
+    expected = lam_x * x.double() + (1 - lam_x) * x.double()[plan.local_src]
+    blended = ~keep & expected.flatten(1).isfinite().all(1)  # (not the rows with an inf partner)
+    torch.testing.assert_close(u[blended].double(), expected[blended], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("make, features_ok", [
+    (lambda g: Mixup(prob=0.5, mode="batch", generator=g), True),
+    (lambda g: Mixup(prob=0.5, mode="elem", generator=g), True),
+    (lambda g: CutMixOrMixup(switch_prob=0.0, prob=0.5, mode="elem", generator=g), True),
+    (lambda g: CutMix(prob=0.5, mode="batch", generator=g), False),
+    (lambda g: CutMix(prob=0.5, mode="elem", generator=g), False),
+    (lambda g: CutMixOrMixup(switch_prob=0.5, prob=0.5, mode="elem", generator=g), False),
+], ids=["Mixup-batch", "Mixup-elem", "CutMixOrMixup-elem-switch0", "CutMix-batch", "CutMix-elem",
+        "CutMixOrMixup-elem"])
+def test_which_baseline_plans_mix_features(make, features_ok, rng):
+    """The rule for [N, D] features: a plan without CutMix rows mixes them and has its target
+    before any image size; one with CutMix rows needs [N, C, H, W] images, and says so."""
+    n = 64
+    mixer = make(seeded(rng))
+    plan = mixer.sample(torch.randint(0, 4, (n,), generator=rng))
+    while not plan.mixed:  # (batch mode: an unmixed step mixes anything)
+        plan = mixer.sample(torch.randint(0, 4, (n,), generator=rng))
+    x = torch.randn(n, 7, generator=rng)
+    if features_ok:
+        assert plan.cut is None
+        assert plan.target.weights.shape == (n, 4)
+        assert plan.apply_local(x).shape == x.shape
+    else:
+        with pytest.raises(RuntimeError, match="resolve"):
+            plan.target  # noqa: B018
+        with pytest.raises(ValueError, match=r"CutMix boxes need \[N, C, H, W\] images"):
+            plan.apply_local(x)
+
+
 # ----------------------------------------------------------------------------------- bad input
 
 Y = torch.tensor([0, 1, 1, 0])
@@ -781,6 +924,12 @@ Y = torch.tensor([0, 1, 1, 0])
     (lambda: Mixup(-2.0), "alpha"),
     (lambda: CutMixOrMixup(switch_prob=2.0), "switch_prob"),
     (lambda: CutMixOrMixup(mode="pair"), "mode"),
+    (lambda: MetaMixer(local_alpha=np.True_), "local_alpha"),
+    (lambda: MetaMixer(global_alpha=np.float32("inf")), "global_alpha"),
+    (lambda: CutMix(prob=np.float64(1.5)), "prob"),
+    (lambda: Mixup(prob=np.bool_(True)), "prob"),
+    (lambda: CutMixOrMixup(switch_prob=np.float32("nan")), "switch_prob"),
+    (lambda: Mixup("0.8"), "alpha"),
     (lambda: MetaMixer().sample(Y.float()), "int64"),
     (lambda: MetaMixer().sample(Y[None]), "1-D"),
     (lambda: MetaMixer().sample(Y[:0]), "N >= 1"),
@@ -803,6 +952,24 @@ Y = torch.tensor([0, 1, 1, 0])
 def test_bad_arguments_raise_clear_errors(make, match):
     with pytest.raises((ValueError, TypeError), match=match):
         make()
+
+
+@pytest.mark.parametrize("make, attrs", [
+    (lambda: MetaMixer(local_alpha=np.float32(0.5), global_alpha=np.int64(2),
+                       prob=np.float64(0.25)),
+     {"local_alpha": 0.5, "global_alpha": 2.0, "prob": 0.25}),
+    (lambda: CutMix(np.float32(0.5), prob=Fraction(1, 2)), {"cutmix_alpha": 0.5, "prob": 0.5}),
+    (lambda: Mixup(np.float64(0.2), prob=np.float32(1)), {"mixup_alpha": 0.2, "prob": 1.0}),
+    (lambda: CutMixOrMixup(np.int32(1), np.float16(0.5), switch_prob=np.float32(0.25)),
+     {"cutmix_alpha": 1.0, "mixup_alpha": 0.5, "switch_prob": 0.25}),
+], ids=["MetaMixer", "CutMix", "Mixup", "CutMixOrMixup"])
+def test_hyperparameters_may_be_any_real_number(make, attrs):
+    """numpy scalars (read from an array, a config) and Fractions are numbers: they were refused
+    as "must be a finite number > 0 ... got np.float32(0.5)". Kept as Python floats."""
+    mixer = make()
+    for name, value in attrs.items():
+        got = getattr(mixer, name)
+        assert type(got) is float and got == value, name
 
 
 def test_a_refused_sample_draws_and_counts_nothing():
@@ -847,3 +1014,18 @@ def test_plan_on_cuda_equals_the_cpu_plan(rng):
         torch.testing.assert_close(gpu.blend(x.cuda()).cpu(), cpu.blend(x))
         for a, b in zip(gpu.target, cpu.target):
             torch.testing.assert_close(a.cpu(), b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("shape", [(64, 7), (64, 3, 5, 6)], ids=["features", "images"])
+def test_mixup_plan_with_kept_samples_on_cuda_equals_the_cpu_plan(shape, rng):
+    seed = int(torch.randint(0, 2**62, (1,), generator=rng))
+    y = torch.randint(0, 4, (64,), generator=rng)
+    x = torch.randn(*shape, generator=rng)
+    cpu = Mixup(prob=0.5, mode="elem", generator=torch.Generator().manual_seed(seed)).sample(y)
+    gpu = Mixup(prob=0.5, mode="elem", generator=torch.Generator().manual_seed(seed)).sample(
+        y, device="cuda")
+    assert cpu.keep is not None and gpu.keep.is_cuda and gpu.cut is None
+    torch.testing.assert_close(gpu.apply_local(x.cuda()).cpu(), cpu.apply_local(x), rtol=0, atol=0)
+    for a, b in zip(gpu.target, cpu.target):
+        torch.testing.assert_close(a.cpu(), b)
