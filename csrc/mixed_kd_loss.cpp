@@ -26,6 +26,7 @@
 #include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <mutex>
 #include <optional>
@@ -67,6 +68,21 @@ std::vector<double> as_doubles(const Tensor& t) {
     for (size_t i = 0; i < out.size(); ++i) out[i] = static_cast<double>(p[i * step]);
   });
   return out;
+}
+
+// How far from 1 a row of M weights of dtype t may sum: max(1e-3, M eps(t)), the rule of
+// _checks.weight_sum_tolerance (which derives it): a row normalised in bf16 misses 1 by up to
+// M u / (1 - (M - 1) u), u = eps / 2 (~0.008 for two weights), which a fixed 1e-3 refused.
+double weight_sum_tolerance(at::ScalarType t, int64_t M) {
+  const double eps = t == at::kBFloat16 ? 0x1p-7 : t == at::kHalf ? 0x1p-10
+                     : t == at::kFloat  ? 0x1p-23 : 0x1p-52;  // torch.finfo(t).eps
+  return std::max(1e-3, static_cast<double>(M) * eps);
+}
+
+// The dtype as the Python message names it (str(torch.bfloat16) without "torch.").
+const char* weight_dtype_name(at::ScalarType t) {
+  return t == at::kBFloat16 ? "bfloat16" : t == at::kHalf ? "float16"
+         : t == at::kFloat  ? "float32" : "float64";
 }
 
 // Everything but the logits, checked with the messages of _checks.py: labels, weights (as
@@ -119,6 +135,7 @@ Plan make_plan(const Tensor& labels, const Tensor& weights, int64_t K, int64_t B
     plan.weights.assign(B, 1.0);
   } else {
     plan.weights = as_doubles(weights);
+    const double tol = weight_sum_tolerance(weights.scalar_type(), M);
     bool ok = true, sums = true;
     for (int64_t b = 0; b < B; ++b) {
       double s = 0;
@@ -127,11 +144,12 @@ Plan make_plan(const Tensor& labels, const Tensor& weights, int64_t K, int64_t B
         ok = ok && std::isfinite(v) && v >= 0;
         s += v;
       }
-      sums = sums && std::abs(s - 1.0) <= 1e-3;
+      sums = sums && std::abs(s - 1.0) <= tol;
     }
     TORCH_CHECK_VALUE(ok, "mixed_kd_loss: 'weights' must be finite and >= 0 (a mixture of labels per row)");
-    TORCH_CHECK_VALUE(sums, "mixed_kd_loss: each row of 'weights' must sum to 1; normalise it with "
-                            "weights / weights.sum(1, keepdim=True)");
+    TORCH_CHECK_VALUE(sums, "mixed_kd_loss: each row of 'weights' must sum to 1 (within ", tol,
+                      " for ", M, " ", weight_dtype_name(weights.scalar_type()),
+                      " weights per row); normalise it with weights / weights.sum(1, keepdim=True)");
   }
   if (mode == "ensemble") {
     if (peer_matrix.has_value()) {

@@ -46,7 +46,13 @@ def require_tensor(op: str, name: str, value: object, optional: bool = False) ->
 
 
 def as_number(op: str, name: str, value: object) -> float:
-    """``float(value)``, refusing what is not a number (a bool, a string, None) by name."""
+    """``float(value)``, refusing what is not a number (a bool, a string, None) by name, and a
+    tensor that requires grad: float() would cut it from the graph, so a learnable temperature
+    would silently get no gradient (torch only warns). A plain one-element tensor is a number."""
+    if isinstance(value, Tensor) and value.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{op}: '{name}' requires grad, but the op gives gradients to the logits "
+                         f"only; pass {name}.detach() or a float (or compute a learnable "
+                         f"{name}'s loss with metamixer_fast.reference.mixed_kd_loss)")
     if not isinstance(value, (bool, str, bytes)) and type(value).__name__ != "bool_":
         try:
             return float(value)  # type: ignore[arg-type]
@@ -195,6 +201,30 @@ def _value_check(ok: Tensor, message: str) -> None:
         torch._assert_async(ok, message)
 
 
+def weight_sum_tolerance(dtype: torch.dtype, m: int) -> float:
+    """How far from 1 a row of ``m`` label weights of ``dtype`` may sum: max(1e-3, m eps(dtype)).
+
+    1e-3 alone refused bf16 rows normalised in bf16 (they miss 1 by up to ~0.008). A row
+    normalised in ``dtype`` misses 1 only by roundings of u = eps / 2: each entry's rounding is
+    u times the entry (u in all, as the entries sum to ~1), and the divisor, the row's sum, is
+    off by u relative when rounded once from a wider accumulator (torch's ``sum``; a softmax
+    rounds only the entries) or by up to (m - 1) u when accumulated in ``dtype``. So
+    |row sum - 1| <= m u / (1 - (m - 1) u), which is <= m eps while (m - 1) u <= 1/2 (m = 1:
+    x / x is 1 exactly). Measured: up to 0.0059 for two bf16 weights normalised by torch, 0.016
+    for sixteen accumulated in bf16. A clearly wrong row is still refused: m eps is 0.016 for two
+    bf16 weights and 0.03 for four (a row summing to 0.9 or 1.1 is refused up to m = 12 in bf16,
+    102 in fp16); fp32 and fp64 keep 1e-3. The C++ (csrc/mixed_kd_loss.cpp) and Triton
+    (kernels/mixed_kd_loss.py) checks apply the same rule."""
+    return max(1e-3, m * torch.finfo(dtype).eps)
+
+
+def weight_sum_message(tol: float, dtype: torch.dtype, m: int) -> str:
+    """The message for a row of weights that does not sum to 1 (the C++ check's is the same)."""
+    return (f"mixed_kd_loss: each row of 'weights' must sum to 1 (within {tol:g} for {m} "
+            f"{str(dtype).removeprefix('torch.')} weights per row); normalise it with "
+            f"weights / weights.sum(1, keepdim=True)")
+
+
 def check_mixed_kd_loss_values(labels: Tensor, weights: Tensor, num_classes: int,
                                peer_matrix: Tensor | None) -> None:
     op = "mixed_kd_loss"
@@ -207,9 +237,9 @@ def check_mixed_kd_loss_values(labels: Tensor, weights: Tensor, num_classes: int
         torch._assert_async(in_range, f"{op}: 'labels' must hold class indices in [0, {num_classes})")
     _value_check(((weights >= 0) & weights.isfinite()).all(),
                  f"{op}: 'weights' must be finite and >= 0 (a mixture of labels per row)")
-    _value_check(((weights.sum(1, dtype=torch.float32) - 1).abs() <= 1e-3).all(),
-                 f"{op}: each row of 'weights' must sum to 1; normalise it with "
-                 f"weights / weights.sum(1, keepdim=True)")
+    tol = weight_sum_tolerance(weights.dtype, weights.shape[1])
+    _value_check(((weights.sum(1, dtype=torch.float32) - 1).abs() <= tol).all(),
+                 weight_sum_message(tol, weights.dtype, weights.shape[1]))
     if peer_matrix is not None:
         check_peer_matrix_values(peer_matrix)
 

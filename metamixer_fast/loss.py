@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 import torch
@@ -48,6 +48,22 @@ def _mode(value: object) -> str:
     if value not in MODES:
         raise ValueError(f"MixedKDLoss: 'mode' must be one of {MODES}, got {value!r}")
     return value  # type: ignore[return-value]
+
+
+def _peer_count(peer_logits: object) -> int | None:
+    """K as mixed_kd_loss reads it (one [K, B, C] tensor, alone or in a list, or K [B, C]
+    tensors), or None where it would refuse the logits itself (a [B, C] tensor alone, not
+    tensors, ...): its message names the real problem, not a K mismatch with peer_weights."""
+    if isinstance(peer_logits, Tensor):
+        return peer_logits.shape[0] if peer_logits.dim() == 3 else None
+    if not isinstance(peer_logits, (list, tuple)) or not peer_logits:
+        return None
+    first = peer_logits[0]
+    if not isinstance(first, Tensor):
+        return None
+    if len(peer_logits) == 1:
+        return first.shape[0] if first.dim() == 3 else None
+    return len(peer_logits)
 
 
 # Checked on every assignment (MixedKDLoss.__setattr__), in __init__ and between steps alike.
@@ -136,9 +152,10 @@ class MixedKDLoss(nn.Module):
             self._buffers["peer_weights"] = before.to(after.device)
         return self
 
-    def forward(self, peer_logits: Tensor | Sequence[Tensor],
+    def forward(self, peer_logits: Tensor | Iterable[Tensor],
                 target: Tensor | MixedTarget) -> MixedKDLossOutput:
-        """``peer_logits``: [K, B, C] or K tensors [B, C]; ``target``: class indices [B] or a
+        """``peer_logits``: [K, B, C] or K tensors [B, C] (a list, a tuple or any iterable, such
+        as a generator, as ``mixed_kd_loss`` takes them); ``target``: class indices [B] or a
         ``MixedTarget``."""
         if isinstance(target, MixedTarget):
             labels, weights = target.labels, target.weights
@@ -150,10 +167,17 @@ class MixedKDLoss(nn.Module):
         else:
             raise TypeError(f"MixedKDLoss: 'target' must be a tensor of class indices or a "
                             f"MixedTarget, got {type(target).__name__}")
+        if not isinstance(peer_logits, (Tensor, list, tuple)):
+            try:
+                # a generator or other iterable, as mixed_kd_loss takes it: read once, here, so
+                # the K check below, the op and _explain all see the same tensors
+                peer_logits = list(peer_logits)
+            except TypeError:
+                pass  # not iterable: mixed_kd_loss names 'logits'
         peer_matrix = self.peer_weights
         if peer_matrix is not None:
-            k = peer_logits.shape[0] if isinstance(peer_logits, Tensor) else len(peer_logits)
-            if peer_matrix.shape[0] != k:
+            k = _peer_count(peer_logits)
+            if k is not None and peer_matrix.shape[0] != k:
                 raise ValueError(f"MixedKDLoss: 'peer_weights' is {list(peer_matrix.shape)} but "
                                  f"{k} peers were given")
         try:
@@ -166,12 +190,16 @@ class MixedKDLoss(nn.Module):
         loss = self.ce_weight * ce.sum() + self.kd_weight * kd.sum()
         return MixedKDLossOutput(loss, ce, kd)
 
-    def _explain(self, peer_logits: Tensor | Sequence[Tensor]) -> None:
-        """The functional API names its 'peer_matrix'; the module's is its buffer peer_weights."""
+    def _explain(self, peer_logits: object) -> None:
+        """The functional API names its 'peer_matrix'; the module's is its buffer peer_weights.
+        ``peer_logits`` as forward passed it on (a tensor, a list or tuple, or what mixed_kd_loss
+        refused as not iterable: then there is nothing to add to its message)."""
         a = self.peer_weights
         if a is None:
             return
-        first = peer_logits if isinstance(peer_logits, Tensor) else next(iter(peer_logits), None)
+        first = (peer_logits if isinstance(peer_logits, Tensor)
+                 else peer_logits[0] if isinstance(peer_logits, (list, tuple)) and peer_logits
+                 else None)
         if isinstance(first, Tensor) and a.device != first.device:
             raise ValueError(f"MixedKDLoss: its 'peer_weights' buffer is on {a.device} but the "
                              f"logits are on {first.device}; move the criterion with "
