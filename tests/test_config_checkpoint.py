@@ -55,6 +55,7 @@ def test_single_arch_repeats_for_every_peer():
     (("--lr", "nan"), "lr"),
     (("--weight-decay", "inf"), "weight_decay"),
     (("--warmup-epochs", "inf"), "warmup_epochs"),
+    (("--epochs", "2", "--warmup-epochs", "2.5"), "warmup_epochs"),
     (("--gamma", "-1"), "gamma"),
     (("--gamma", "0"), "gamma"),
     (("--gamma", "inf"), "gamma"),
