@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch.autograd import forward_ad as _forward_ad
 
 BACKENDS = ("reference", "cpp", "triton")
 ENV_VAR = "METAMIXER_BACKEND"
@@ -136,12 +137,21 @@ def register_eager(op: str, fn: Callable) -> None:
     tracing: called with the op's arguments, it returns the op's result, doing its own autograd
     (e.g. a C++ autograd node), or None when the call is not one it takes (another backend
     forced or needed, a dispatch or torch-function mode, a tensor subclass, a torch.func
-    transform); then the custom op runs. It must decide that cheaply: it runs on every call."""
+    transform, torch.jit.trace, an open forward-AD level); then the custom op runs. It must
+    decide that cheaply: it runs on every call."""
     eager_entries[op] = fn
 
 
 # Bound once: the eager path runs on every call, and dynamo folds this function when tracing.
 _is_compiling = torch.compiler.is_compiling
+# torch.jit.trace records the ops that pass the dispatcher's Tracer key: a C++ entry, which
+# writes its outputs through raw pointers, would leave the traced graph an aten::empty (replayed
+# as uninitialised memory), and a direct route the kernel's inner ops, not metamixer::*.
+_is_jit_tracing = torch._C._is_tracing
+# ``_forward_ad._current_level >= 0`` (one attribute read, no call, so inlined where tested):
+# inside ``torch.autograd.forward_ad.dual_level``, also entered by torch.func.jvp and jacfwd, a
+# tensor may carry a tangent, which only the op's forward-AD refusal (refuse_forward_ad) sees;
+# the C++ entries and the op bodies would silently drop it.
 
 
 def eager_call(op: str, args: tuple, explain: Callable[..., object]) -> object | None:
@@ -150,7 +160,9 @@ def eager_call(op: str, args: tuple, explain: Callable[..., object]) -> object |
     it relies on, tersely; when it raises, ``explain(*args)`` runs first (the Python checks,
     which name the argument and the fix), off the hot path."""
     eager = eager_entries.get(op)
-    if eager is None or _is_compiling() or _in_transform():
+    # the last two: a jit trace and an open forward-AD level must see the op (see _tracing)
+    if (eager is None or _is_compiling() or _in_transform() or _is_jit_tracing()
+            or _forward_ad._current_level >= 0):
         return None
     try:
         return eager(*args)
@@ -169,9 +181,12 @@ def _in_transform() -> bool:
 
 def _tracing() -> bool:
     """True while something must see every custom op call: torch.compile tracing, a dispatch
-    or function mode (make_fx, FakeTensorMode, user modes), or a torch.func transform."""
+    or function mode (make_fx, FakeTensorMode, user modes), a torch.func transform,
+    torch.jit.trace (it records the op, not what its body does through raw pointers), or an
+    open forward-AD level (the op refuses a tangent, which the body would silently drop)."""
     return (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
-            or torch._C._is_torch_function_mode_enabled() or _in_transform())
+            or torch._C._is_torch_function_mode_enabled() or _in_transform()
+            or _is_jit_tracing() or _forward_ad._current_level >= 0)
 
 
 def _plain(x: torch.Tensor) -> bool:
@@ -208,3 +223,70 @@ def body_or_op(body: Callable, op: Callable, *tensors: torch.Tensor | None) -> C
     """What a backward rule calls for a backward (or forward) op on ``tensors``: the op's body
     where ``runs_without_dispatcher`` allows it, else the op itself."""
     return body if runs_without_dispatcher(*tensors) else op
+
+
+# ------------------------------------------------------------------------ forward-mode AD
+
+# torch.library has no forward-mode formula for a custom op (no register_jvp): without one, an
+# op call whose inputs carry tangents runs its body below autograd and returns outputs without
+# tangents, so torch.func.jvp / jacfwd and torch.autograd.forward_ad would report a zero
+# derivative. refuse_forward_ad makes such a call raise instead, as the README promises for
+# every transform that would otherwise miss a term.
+_refusals = torch.library.Library("metamixer", "IMPL")
+_after_ad_inplace_or_view = torch._C._after_ADInplaceOrView_keyset
+# Added to a keyset below autograd, it makes the Autograd kernel of _unpack_dual the one that
+# runs (AutogradCPU, AutogradCUDA, ... by the tensor's backend).
+_autograd = torch._C.DispatchKeySet(torch._C.DispatchKey.AutogradFunctionality)
+_unpack_dual = torch.ops.aten._unpack_dual.default
+
+
+def forward_ad_refusal(op: str) -> str:
+    """The message of a forward-AD refusal; "forward-mode AD is not supported" is also in the
+    C++ loss entry's refusal (csrc/mixed_kd_loss.cpp)."""
+    return (f"{op}: forward-mode AD is not supported (a tangent reached metamixer::{op} through "
+            f"torch.func.jvp, jacfwd or torch.autograd.forward_ad); use reverse mode: backward() "
+            f"or torch.autograd.grad")
+
+
+def _carries_tangent(keyset: torch._C.DispatchKeySet, args: tuple) -> bool:
+    """Whether a floating tensor among ``args`` (or in a list among them) has a tangent at the
+    open forward-AD level. The ADInplaceOrView kernel runs below autograd, where a plain
+    ``forward_ad.unpack_dual`` would reach functorch's layer first, which unwraps a jvp
+    transform's tensor and loses its tangent; redispatching to _unpack_dual's Autograd kernel
+    reads the tangent of the tensor as given. Forward grad mode is switched on for the read:
+    the op's autograd.Function (inputs that also require grad) runs its forward with it off,
+    which hides every tangent, and would then fail with torch's generic "You must implement
+    the jvp function" instead of this refusal."""
+    level = _forward_ad._current_level
+    fw_grad_mode = torch._C._is_fwd_grad_enabled()
+    torch._C._set_fwd_grad_enabled(True)
+    try:
+        for arg in args:
+            for t in arg if isinstance(arg, (list, tuple)) else (arg,):
+                if (isinstance(t, torch.Tensor) and t.is_floating_point()
+                        and _unpack_dual.redispatch(keyset | _autograd, t, level)[1] is not None):
+                    return True
+        return False
+    finally:
+        torch._C._set_fwd_grad_enabled(fw_grad_mode)
+
+
+def refuse_forward_ad(name: str) -> None:
+    """Make ``metamixer::<name>`` raise when an input carries a forward-AD tangent.
+
+    A kernel at the ADInplaceOrView key (torch.library registers none for a functional op):
+    every call through the dispatcher reaches it, after the op's Autograd kernel, with the
+    inputs as the caller gave them (a torch.func jvp transform's wrapped tensors included;
+    functorch unwraps them only further down). Without an open forward-AD level it costs one
+    attribute read and a redispatch, on the op route only: the eager C++ entries and the direct
+    routes never enter the dispatcher for the op, and ``eager_call`` / ``_tracing`` send every
+    call made under an open level here."""
+    op = getattr(torch.ops.metamixer, name).default
+    message = forward_ad_refusal(name)
+
+    def refuse_tangents(keyset: torch._C.DispatchKeySet, *args: object, **kwargs: object) -> object:
+        if _forward_ad._current_level >= 0 and _carries_tangent(keyset, args):
+            raise RuntimeError(message)
+        return op.redispatch(keyset & _after_ad_inplace_or_view, *args, **kwargs)
+
+    _refusals.impl(name, refuse_tangents, "ADInplaceOrView", with_keyset=True)

@@ -102,6 +102,7 @@ def _backward(ctx, grad):
 
 
 _mix2.register_autograd(_backward, setup_context=_setup_context)
+_backend.refuse_forward_ad("mix2")  # no forward-mode formula: refuse a tangent, not drop it
 
 
 class _Mix2(torch.autograd.Function):

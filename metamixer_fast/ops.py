@@ -8,12 +8,16 @@ kernel per device with ``metamixer_fast._backend`` (C++ on CPU, Triton on CUDA, 
 reference otherwise or when forced).
 
 Eager calls of the public functions skip the custom op where nothing must see it
-(``_backend.runs_direct``: no tracing, no mode, plain tensors): a C++ entry takes the call where
-one is registered and accepts it; otherwise a call that needs no gradient runs the op's body, and
-one that does links the body and the op's backward rule through a ``torch.autograd.Function``
-(``_MixedKDLoss``, ``_Mix``), whose backward calls the backward kernel directly. Same kernels,
-same bits as the op; a quarter less time for a small loss step on CPU
-(bench/bench_call_routes.py).
+(``_backend.runs_direct``: no tracing, jit trace, mode or forward-AD level, plain tensors): a C++
+entry takes the call where one is registered and accepts it; otherwise a call that needs no
+gradient runs the op's body, and one that does links the body and the op's backward rule
+through a ``torch.autograd.Function`` (``_MixedKDLoss``, ``_Mix``), whose backward calls the
+backward kernel directly. Same kernels, same bits as the op; a quarter less time for a small
+loss step on CPU (bench/bench_call_routes.py).
+
+Forward-mode AD (torch.func.jvp, jacfwd, torch.autograd.forward_ad) has no formula here: each op
+refuses an input that carries a tangent (``_backend.refuse_forward_ad``) instead of returning
+outputs without one.
 
 Logits travel as ``Tensor[]``: either one [K, B, C] tensor or K tensors [B, C], so neither
 form is ever copied into the other, and the backward returns gradients in the same form.
@@ -124,6 +128,10 @@ def _mixed_kd_loss_backward_rule(ctx, grad_ce, grad_kd, _grad_stats):
 
 _mixed_kd_loss.register_autograd(_mixed_kd_loss_backward_rule,
                                  setup_context=_mixed_kd_loss_setup_context)
+# No forward-mode formula: a tangent on the logits (or on the gradients, forward-over-reverse)
+# is refused rather than dropped (_backend.refuse_forward_ad).
+_backend.refuse_forward_ad("mixed_kd_loss")
+_backend.refuse_forward_ad("mixed_kd_loss_backward")
 
 
 class _MixedKDLoss(torch.autograd.Function):
@@ -295,6 +303,8 @@ def _mix_backward_rule(ctx, grad):
 
 
 _mix.register_autograd(_mix_backward_rule, setup_context=_mix_setup_context)
+_backend.refuse_forward_ad("mix")  # as for mixed_kd_loss above
+_backend.refuse_forward_ad("mix_backward")
 
 
 class _Mix(torch.autograd.Function):
