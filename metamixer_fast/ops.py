@@ -223,8 +223,10 @@ def mixed_kd_loss(logits: Tensor | Sequence[Tensor], labels: Tensor, weights: Te
     that form peer k's target (default: the mean of the other peers).
     See ``metamixer_fast.reference.mixed_kd_loss`` for the exact formulas.
     """
-    # what the C++ entry would read as a number or a truth value: True as 1.0, "no" as True
-    if type(temperature) is bool or type(label_smoothing) is bool or type(detach_targets) is not bool:
+    # what the C++ entry would read as a number or a truth value: True as 1.0, "no" as True,
+    # a tensor through float() (which would drop a gradient it requires, silently)
+    if (type(temperature) is bool or type(label_smoothing) is bool or type(detach_targets) is not bool
+            or isinstance(temperature, Tensor) or isinstance(label_smoothing, Tensor)):
         check_options(temperature, label_smoothing, detach_targets)
     if peer_matrix is not None and not _backend._is_compiling():
         check_peer_matrix_once(peer_matrix)  # the C++ entry checks its finiteness only

@@ -227,15 +227,11 @@ def test_peer_weights_errors_name_the_module_buffer():
 
 
 @pytest.mark.parametrize("name, value", [("temperature", 2.0), ("label_smoothing", 0.125)])
-def test_an_option_that_requires_grad_is_refused(loss_backend, name, value, request):
+def test_an_option_that_requires_grad_is_refused(loss_backend, name, value):
     """A temperature or label_smoothing tensor that requires grad (a learnable temperature) was
     read with float(), which cuts it from the graph: its gradient was silently None (torch only
     warned). It is refused like 'weights' that require grad; a plain one-element tensor is still
     a number, and under no_grad there is no gradient to miss."""
-    request.applymarker(pytest.mark.xfail(
-        loss_backend == "cpp", strict=True,
-        reason="the C++ eager entry (binding.cpp) reads a tensor option with PyFloat_AsDouble; "
-               "it needs ops.mixed_kd_loss to run check_options first for tensor options"))
     z = Z.clone().requires_grad_(True)
     learnable = torch.tensor(value, requires_grad=True)
     with pytest.raises(ValueError, match=rf"^mixed_kd_loss: '{name}' requires grad, but the op "
