@@ -312,6 +312,10 @@ class MixPlan:
             # error) and its contents would be guarded on, recompiling every step; each peer
             # blends its own input instead (the same values).
             return self.blend(x)
+        if torch.jit.is_tracing():
+            # torch.jit.trace records the ops it sees: a cached blend would enter the graph as
+            # a constant (this batch's mixture, replayed for every later input).
+            return self.blend(x)
         if x.is_inference():
             # An inference tensor has no version counter (``_version`` raises), so a change in
             # place could not be seen: each peer blends its own input (the same values).

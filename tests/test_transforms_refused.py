@@ -119,8 +119,8 @@ def test_jit_trace_of_a_peer_under_global_mixing_matches_eager(stage, rng):
     with torch.no_grad():
         unblended = peer(x2)
         with plan.global_mixing(peer):
-            # traced first: an eager call before it would leave the "input" stage's cached
-            # blend of x for the trace to read as a constant
+            peer(x)  # an eager call first: the "input" stage's cached blend of x must not be
+            # what the trace reads (it would enter the graph as a constant)
             traced = torch.jit.trace(Caller(peer), (x,), check_trace=False)
             assert traced_ops(traced) == {"metamixer::mix"}
             got = traced(x2)
