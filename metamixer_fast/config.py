@@ -220,6 +220,8 @@ def from_mapping(values: dict[str, Any], base: TrainConfig | None = None) -> Tra
 
 def load_toml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():  # not "does not exist": it does, as the wrong thing
+        raise ConfigError(f"config file {path} is a directory; pass a TOML file")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:

@@ -38,6 +38,11 @@ to resume) is reported (``error: ...`` naming the variant and seed, and the fix)
 status 2 at the end. A rerun tries a failed run again. Ctrl-C ends the study with status 130 and
 one line instead of a traceback: every run keeps its last checkpoint, and the same command goes on.
 
+OUT is created (or the study stops at once, naming ``[study] out``) and locked while the study
+runs: a second study into the same OUT is refused at once. A run whose directory another process
+is writing (a ``train --resume`` of it) is reported and left alone, not marked failed; a rerun
+continues it. ``--report-only`` takes no lock: it may report on a study that is running.
+
 At the end (and with ``--report-only`` at any time) the study writes ``results.md`` and
 ``results.csv`` (final per-peer mean and ensemble top-1: mean and standard deviation over the
 seeds whose runs finished, the mean alone, marked "(1 seed)", where one finished; failed and
@@ -50,6 +55,7 @@ so that an earlier grid's report in the same OUT cannot pass for this one's.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -90,6 +96,8 @@ class Study:
 
 def load_study(path: str | Path) -> Study:
     path = Path(path)
+    if path.is_dir():  # not "does not exist": it does, as the wrong thing
+        raise ConfigError(f"study file {path} is a directory; pass the study's TOML file")
     if not path.is_file():
         raise ConfigError(f"study file {path} does not exist")
     try:
@@ -310,6 +318,30 @@ def run_study(study: Study) -> list[str]:
 def _run_one(study: Study, name: str, overrides: dict[str, Any], seed: int, label: str) -> bool:
     """Train, continue or skip one run; False if it failed (reported on stderr and marked)."""
     run_dir = study.run_dir(name, seed)
+    where = f"study variant '{name}' seed {seed} failed"
+    # The run's directory is locked before it is judged, as a train run locks its own: a
+    # `train --resume` of it still running in another process must not have its epochs run twice.
+    # (fit locks it again: the same process, so that is no conflict.)
+    held = contextlib.ExitStack()
+    try:
+        held.enter_context(run_directory.hold(
+            run_dir, fix="rerun the study when it has ended (it continues the run then)"))
+    except run_directory.CannotCreateError as exc:  # a file in the way (OUT itself was created)
+        problem = f"{run_dir} cannot be created: {exc.reason}; move what is in its way aside"
+    except run_directory.InUseError as exc:
+        problem = str(exc)
+    else:
+        with held:
+            return _run_held(study, name, overrides, seed, label, where)
+    # not marked failed: there is no directory to mark, or it is another process's
+    print(f"error: {where}: {problem}. Carrying on with the other runs.", file=sys.stderr, flush=True)
+    return False
+
+
+def _run_held(study: Study, name: str, overrides: dict[str, Any], seed: int, label: str,
+              where: str) -> bool:
+    """``_run_one`` once the run's directory is locked."""
+    run_dir = study.run_dir(name, seed)
     disk = run_on_disk(study, name, overrides, seed)
     if disk.finished:
         note = ""
@@ -319,7 +351,6 @@ def _run_one(study: Study, name: str, overrides: dict[str, Any], seed: int, labe
         print(f"{label}: finished earlier, skipped{note}", flush=True)
         return True
     (run_dir / FAILED).unlink(missing_ok=True)  # an earlier failure; this attempt decides
-    where = f"study variant '{name}' seed {seed} failed"
     if disk.resume is None:
         try:  # checked here, not in fit: its advice (another --out) is no fix in a study
             run_directory.check_fresh(run_dir)
@@ -336,13 +367,23 @@ def _run_one(study: Study, name: str, overrides: dict[str, Any], seed: int, labe
     except checkpoint.DataMismatchError as exc:  # train's fix (--data-dir) is a setting here
         return _failed(run_dir, f"{where}: {exc.problem}; set data_dir in the study file to the "
                                 f"directory of the original files, and a rerun continues it")
-    except (NonFiniteLossError, DatasetError, ConfigError, checkpoint.CheckpointError) as exc:
+    except DatasetError as exc:  # missing or bad files: their fix names --data-dir too
+        return _failed(run_dir, f"{where}: {study_data_advice(str(exc))}. A rerun tries it again")
+    except (NonFiniteLossError, ConfigError, checkpoint.CheckpointError) as exc:
         # one variant's divergence, data or settings (a batch larger than its data, a device
         # this machine lacks) should not cost the other variants their runs
         aside = f"move {run_dir} aside, then " if (run_dir / checkpoint.NAME).exists() else ""
         return _failed(run_dir, f"{where}: {exc}. A rerun tries it again; to retry with other "
                                 f"settings, {aside}change them in the study file")
     return True
+
+
+def study_data_advice(message: str) -> str:
+    """A data error's message with train's advice (``--data-dir DIR``) said the study's way: a
+    study has no --data-dir option; its runs read the data from 'data_dir' in the study file."""
+    message = message.replace("pass --data-dir DIR", "set data_dir in the study file ([base] or "
+                                                     "the variant) to the directory holding them")
+    return message.replace("--data-dir", "data_dir")
 
 
 def _failed(run_dir: Path, message: str) -> bool:
@@ -354,7 +395,8 @@ def _failed(run_dir: Path, message: str) -> bool:
 
 
 def main(argv: list[str] | None = None, prog: str = "metamixer-fast study") -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=plain_text(__doc__),
+    # allow_abbrev=False: '--report' must not pass for '--report-only' (see train.build_parser)
+    parser = argparse.ArgumentParser(prog=prog, description=plain_text(__doc__), allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="study TOML file ([study], [base], [[variant]] tables)")
     parser.add_argument("--report-only", action="store_true",
@@ -365,10 +407,23 @@ def main(argv: list[str] | None = None, prog: str = "metamixer-fast study") -> i
     study: Study | None = None
     try:
         study = load_study(args.config)
-        if not args.report_only:  # the report checks the runs on disk against the study file too
-            failed = run_study(study)
-        results = outcomes(study)
-        paths = write_report(study.out, results)  # also when none finished: no stale report stays
+        with contextlib.ExitStack() as held:
+            if not args.report_only:
+                # OUT is created and locked before anything is trained: one that cannot be
+                # created is an error now, and a second study into it is refused at once (two
+                # would train the same runs and write the report over each other). A report
+                # alone may be written while a study runs (it reads checkpoints written atomically).
+                held.enter_context(run_directory.hold(
+                    study.out, setting=f"{args.config}: [study] out",
+                    what=f"{args.config}: [study] out", holder="another study",
+                    fix="wait for it to end, or set another [study] out"))
+                failed = run_study(study)  # the report checks the runs on disk against the file too
+            results = outcomes(study)
+            try:
+                paths = write_report(study.out, results)  # also when none finished: no stale report
+            except OSError as exc:
+                raise ConfigError(f"the report cannot be written into {study.out}: "
+                                  f"{run_directory.os_reason(exc)}") from None
         finished = any(o.finished for o in results.values())
         if not finished and args.report_only:
             listed = f" ({paths[0]} lists the runs left out)" if paths else ""

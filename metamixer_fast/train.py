@@ -8,7 +8,9 @@ CPU, nccl on CUDA). One optimizer steps all peers; the loss of a step is
 Each epoch writes ``RUN_DIR/checkpoint.pt`` atomically with the complete state and then appends a
 line to ``RUN_DIR/metrics.jsonl``, so ``--resume RUN_DIR`` continues bit for bit (on CPU), and a
 run stopped between the two still resumes (its metrics are rewritten from the checkpoint).
-Ctrl-C ends a run with status 130 and one line naming that command (no traceback).
+Ctrl-C ends a run with status 130 and one line naming that command (no traceback). A run creates
+its directory before it reads the data (one that cannot be created is an error then) and locks it
+for its whole life: a second run into it, fresh or ``--resume``, is refused at once.
 """
 
 from __future__ import annotations
@@ -447,15 +449,39 @@ class Run:
 def fit(cfg: TrainConfig, resume: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train (or continue) a run; returns the last epoch's metrics."""
     run_dir = Path(cfg.out)
-    if resume is None:
+    writer = run_directory.is_writer()
+    if resume is None and not (writer and run_dir.is_dir()):
         # before the data and the models are built; every rank checks before any rank can write
-        # (rank 0 writes only after the process group, started by Run, has gathered them all)
+        # (rank 0 writes only after the process group, started by Run, has gathered them all).
+        # The writer checks an existing directory under its lock instead (below): a directory
+        # that another run is writing is then refused as in use, not as holding that run's files.
         run_directory.check_fresh(run_dir)
+    with writer_lock(run_dir, fresh=resume is None):
+        if resume is None and writer:
+            run_directory.check_fresh(run_dir)
+        return _fit(cfg, run_dir, resume)
+
+
+def writer_lock(run_dir: Path, fresh: bool) -> contextlib.AbstractContextManager:
+    """The run directory's lock for the run's whole life, taken by the process that writes it
+    (rank 0 under torchrun; see ``run_directory.hold``): a second run into the same directory, fresh
+    or resumed, is refused at once instead of interleaving its files with this one's. A fresh
+    run's directory is created here, so that one that cannot be is an error before the data is
+    read."""
+    if not run_directory.is_writer():
+        return contextlib.nullcontext()
+    fix = ("wait for it to end, or choose another --out" if fresh
+           else "wait for it to end before resuming the run")
+    return run_directory.hold(run_dir, create_it=fresh, fix=fix)
+
+
+def _fit(cfg: TrainConfig, run_dir: Path, resume: dict[str, Any] | None) -> dict[str, Any]:
     run = Run(cfg)
     if resume is not None:
         run.load_state_dict(resume)
         if run.rank == 0:
             run_directory.rewrite_metrics(run_dir, run.history)
+            run_directory.write_config(run_dir, cfg.to_dict())  # its 'out' is where it is now
     elif run.rank == 0:
         run_directory.prepare(run_dir, cfg.to_dict())
     if run.epoch >= cfg.epochs:
@@ -532,9 +558,12 @@ def resume_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_parser(prog: str = "metamixer-fast train") -> argparse.ArgumentParser:
+    # allow_abbrev=False: '--epoch 1' would otherwise be taken for '--epochs 1' without a word,
+    # and a new option could silently change what an abbreviation means
     parser = argparse.ArgumentParser(
-        prog=prog, description="Train K peer networks together with online knowledge distillation "
-                               "and MetaMixer (or a baseline method).")
+        prog=prog, allow_abbrev=False,
+        description="Train K peer networks together with online knowledge distillation and "
+                    "MetaMixer (or a baseline method).")
     add_arguments(parser)
     return parser
 
@@ -547,9 +576,12 @@ def main(argv: list[str] | None = None, prog: str = "metamixer-fast train") -> i
     try:
         with process_group.ended_after():
             if args.resume:
-                state = checkpoint.load(args.resume)
-                cfg = resume_config(state, resume_overrides(args), run_dir=args.resume)
-                final = fit(cfg, resume=state)
+                # locked before the checkpoint is read: a run still writing it would otherwise
+                # be resumed from a checkpoint it replaces a moment later
+                with writer_lock(Path(args.resume), fresh=False):
+                    state = checkpoint.load(args.resume)
+                    cfg = resume_config(state, resume_overrides(args), run_dir=args.resume)
+                    final = fit(cfg, resume=state)
             else:
                 cfg = from_args(args)
                 run_dir = cfg.out
@@ -565,8 +597,17 @@ def main(argv: list[str] | None = None, prog: str = "metamixer-fast train") -> i
             print(interrupted_note(prog, run_dir), file=sys.stderr, flush=True)
         return 130
     if final and os.environ.get("RANK", "0") == "0":  # one line per run under torchrun
-        print(f"final: top-1 per peer {final['top1']}  ensemble {final['ensemble_top1']}")
+        print(f"{result_label(final, cfg.epochs)}: top-1 per peer {final['top1']}  "
+              f"ensemble {final['ensemble_top1']}")
     return 0
+
+
+def result_label(last: dict[str, Any], epochs: int) -> str:
+    """'final' for a run that trained every epoch; 'after epoch E/N' for one that stopped
+    early (--stop-after-epochs): its accuracy is not the run's result, and a script that takes
+    the 'final:' line as one must not find it."""
+    done = last.get("epoch", epochs)
+    return "final" if done >= epochs else f"after epoch {done}/{epochs}"
 
 
 def interrupted_note(prog: str, run_dir: str | None) -> str:

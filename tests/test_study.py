@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -377,3 +378,32 @@ def test_ctrl_c_ends_the_study_with_one_line_and_status_130(tmp_path, capsys, mo
     assert f"metamixer-fast study {path}" in line
     monkeypatch.undo()
     assert main([path]) == 0 and "resuming at epoch 2" in capsys.readouterr().out
+
+
+def test_missing_data_names_the_study_setting_not_a_train_option(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A study has no --data-dir option: the fix for missing data is 'data_dir' in the study file
+    (as for data that differs from a run's, test_a_run_resumed_on_other_data_names_the_study_setting)."""
+    path = tmp_path / "s.toml"
+    _one_run(path, tmp_path / "out")
+    path.write_text(path.read_text().replace('dataset = "synthetic"', 'dataset = "fashion-mnist"\n'
+                                             f'data_dir = "{tmp_path / "nowhere"}"'))
+    assert main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: study variant 'dml' seed 0 failed: fashion-mnist: directory {tmp_path / 'nowhere'}" in err
+    assert "set data_dir in the study file" in err and "--data-dir" not in err
+    assert "set data_dir in the study file" in (tmp_path / "out" / "dml" / "seed0" / FAILED).read_text()
+
+
+def test_a_study_file_that_is_a_directory_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (f"error: study file {tmp_path} is a directory; pass the "
+                                       f"study's TOML file\n")
+
+
+def test_abbreviated_study_options_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """'--report' must not pass for '--report-only' (it would train nothing without a word)."""
+    path = _one_run(tmp_path / "s.toml", tmp_path / "out")
+    with pytest.raises(SystemExit) as exc:
+        main([path, "--report"])
+    assert exc.value.code == 2 and "unrecognized arguments: --report" in capsys.readouterr().err

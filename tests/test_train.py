@@ -394,3 +394,46 @@ def test_ddp_resume_equals_uninterrupted_run(tmp_path):
     a, b = ([{k: v for k, v in r.items() if k not in timing} for r in _metrics(tmp_path / d)] for d in "ab")
     assert a == b and len(a) == 3
     assert _same_weights(tmp_path / "a", tmp_path / "b")
+
+
+def test_a_stopped_run_does_not_print_a_final_line(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--stop-after-epochs: the accuracy after the last epoch run is not the run's result, so
+    stdout must not say 'final:' (a script reading it would take it for one) until it is."""
+    out = tmp_path / "run"
+    base = ["--dataset", "synthetic", "--synthetic-size", "64", "--arch", "tiny", "--batch-size", "32",
+            "--epochs", "2", "--limit-train-batches", "1", "--limit-eval-batches", "1", "--no-progress"]
+    assert main([*base, "--stop-after-epochs", "1", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "final:" not in captured.out and "after epoch 1/2: top-1 per peer" in captured.out
+    assert f"continue with --resume {out}" in captured.err
+    assert main(["--resume", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "final: top-1 per peer" in captured.out and "after epoch" not in captured.out
+
+
+@pytest.mark.parametrize("argv", [["--epoch", "1"], ["--stop-after", "1"], ["--res", "x"]])
+def test_abbreviated_options_are_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
+    """'--epoch 1' was silently '--epochs 1': an abbreviation may also come to mean another option
+    once one is added. Only the full names are accepted."""
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--out", str(tmp_path / "run")])
+    assert exc.value.code == 2 and f"unrecognized arguments: {' '.join(argv)}" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_config_that_is_a_directory_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--config", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == f"error: config file {tmp_path} is a directory; pass a TOML file\n"
+
+
+def test_a_moved_run_resumed_says_where_it_is_in_its_config_json(tmp_path: Path) -> None:
+    """After `mv run1 run2; train --resume run2`, config.json said "out": "run1" (only the
+    checkpoint's copy of the config was updated): both now name the directory the run is in."""
+    fit(_cfg(tmp_path, stop_after_epochs=1))
+    moved = tmp_path / "moved"
+    shutil.move(tmp_path / "run", moved)
+    assert main(["--resume", str(moved), "--no-progress"]) == 0
+    saved = json.loads((moved / "config.json").read_text())
+    assert saved["out"] == str(moved) and saved == checkpoint.load(moved)["config"]
