@@ -24,8 +24,8 @@ def _rows(markdown: str) -> list[str]:
 
 
 @pytest.mark.parametrize("record, render", [
-    ("95719c8/mixed_kd_loss_off_4.json", report.loss_markdown),
-    ("95719c8/mixed_kd_loss_on_4.json", report.loss_markdown),
+    ("8c7dcdf/mixed_kd_loss_off_4.json", report.loss_markdown),
+    ("8c7dcdf/mixed_kd_loss_on_4.json", report.loss_markdown),
     ("f1f8a60/std2_usual_1.json", bench_mix.markdown),
 ])
 def test_readme_table_is_the_cited_record(record: str, render) -> None:
