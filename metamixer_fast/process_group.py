@@ -28,6 +28,15 @@ def init(device: torch.device) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def mean_over_ranks(t: torch.Tensor, world: int) -> torch.Tensor:
+    """``t`` averaged over the ranks (in place; returned): the epoch's training metrics are sums
+    over each rank's own shard of the data, and the record must describe all of them."""
+    if world > 1:
+        dist.all_reduce(t)
+        t /= world
+    return t
+
+
 @contextlib.contextmanager
 def ended_after() -> Iterator[None]:
     """Destroys, on the way out, a process group that the body starts (one that was already

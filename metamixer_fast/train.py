@@ -381,6 +381,7 @@ class Run:
             self.train_batches.end_epoch()
         seconds = time.perf_counter() - start
         n = self.steps_per_epoch
+        process_group.mean_over_ranks(sums, self.world)  # under DDP: every rank's shard, not rank 0's
         return {"train_loss": round(sums[0].item() / n, 5),
                 "train_ce": [round(v / n, 5) for v in sums[1:k + 1].tolist()],
                 "train_kd": [round(v / n, 5) for v in sums[k + 1:2 * k + 1].tolist()],
