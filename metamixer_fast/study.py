@@ -294,7 +294,10 @@ def outcomes(study: Study) -> dict[str, Outcome]:
     for name, overrides, seed in study.runs():
         disk = run_on_disk(study, name, overrides, seed)
         if disk.finished:
-            result[name].finished.append({"seed": seed, "history": disk.history})
+            cfg = study_config(study, name, overrides, seed)
+            result[name].finished.append({"seed": seed, "history": disk.history, "limits": {
+                "limit_train_batches": cfg.limit_train_batches,
+                "limit_eval_batches": cfg.limit_eval_batches, "eval_batch_size": cfg.eval_batch_size}})
         elif (study.run_dir(name, seed) / FAILED).is_file():
             result[name].failed.append(seed)
         else:

@@ -42,7 +42,7 @@ def summarise(results: dict[str, Outcome]) -> list[dict[str, Any]]:
             "epochs": "/".join(map(str, sorted({r["history"][-1]["epoch"] for r in o.finished}))),
             "peer_top1_mean": None, "peer_top1_std": None, "ensemble_top1_mean": None,
             "ensemble_top1_std": None, "failed_seeds": " ".join(map(str, o.failed)),
-            "unfinished_seeds": " ".join(map(str, o.unfinished))}
+            "unfinished_seeds": " ".join(map(str, o.unfinished)), "data": _data_used(o.finished)}
         if o.finished:
             peer = [statistics.fmean(r["history"][-1]["top1"]) for r in o.finished]
             ens = [r["history"][-1]["ensemble_top1"] for r in o.finished]
@@ -50,6 +50,20 @@ def summarise(results: dict[str, Outcome]) -> list[dict[str, Any]]:
             row.update(peer_top1_mean=pm, peer_top1_std=ps, ensemble_top1_mean=em, ensemble_top1_std=es)
         rows.append(row)
     return rows
+
+
+def _data_used(finished: list[dict[str, Any]]) -> str:
+    """'' when the finished runs trained and tested on all of the data; otherwise what they used
+    (limit_train_batches / limit_eval_batches), so that a top-1 on a few test batches does not
+    pass for one on the whole test set."""
+    described = set()
+    for run in finished:
+        limits = run.get("limits", {})
+        train, test = limits.get("limit_train_batches", 0), limits.get("limit_eval_batches", 0)
+        parts = [f"{train} train batches per epoch" if train else "",
+                 f"{test} test batches of {limits.get('eval_batch_size')} images" if test else ""]
+        described.add(", ".join(p for p in parts if p))
+    return " / ".join(sorted(d for d in described if d))
 
 
 def left_out(rows: list[dict[str, Any]]) -> str:
@@ -99,6 +113,10 @@ def _markdown(rows: list[dict[str, Any]]) -> str:
     lines += [f"| {r['variant']} | {r['seeds']} | {r['epochs'] or '—'} | "
               f"{cell(r['peer_top1_mean'], r['peer_top1_std'])} | "
               f"{cell(r['ensemble_top1_mean'], r['ensemble_top1_std'])} | {seeds_left(r)} |" for r in rows]
+    subsets = [f"{r['variant']}: {r['data']}" for r in rows if r["data"]]
+    if subsets:
+        lines += ["", "Not the whole data set (runs limited by limit_train_batches or "
+                      "limit_eval_batches): " + "; ".join(subsets) + "."]
     if not any(r["seeds"] for r in rows):
         lines += ["", f"No run has finished yet, so there are no means and no plots; left out: "
                       f"{left_out(rows)} run(s)."]

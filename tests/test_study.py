@@ -48,6 +48,11 @@ def test_study_runs_reports_and_skips_finished_runs(tmp_path, capsys):
     rows = list(csv.DictReader(open(tmp_path / "out" / "results.csv")))
     assert [r["variant"] for r in rows] == ["dml", "metamixer-random"]
     assert all(r["seeds"] == "2" and r["epochs"] == "2" for r in rows)
+    # limit_train_batches = 2: the report says the runs did not train on the whole data set
+    assert all(r["data"] == "2 train batches per epoch" for r in rows)
+    assert ("Not the whole data set (runs limited by limit_train_batches or limit_eval_batches): "
+            "dml: 2 train batches per epoch; metamixer-random: 2 train batches per epoch."
+            in (tmp_path / "out" / "results.md").read_text())
     for name in ("results.md", "final_accuracy.png", "accuracy_curves.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0
     capsys.readouterr()
