@@ -246,7 +246,7 @@ def _mixed_kd_loss_fwd_kernel(
                 term = (ms - zl) + tl.log(s1)
                 if HAS_EPS:
                     term = (1 - eps) * term + eps * ((ms - zsum / C) + tl.log(s1))
-                ce += w * term
+                ce += tl.where(w != 0, w * term, 0.0)  # 0 log 0 = 0: zero weight, masked class
             nbad += _weight_sum_bad(wsum, w_ptr, M).to(tl.int32)
             if nbad > 0:
                 tl.store(ok_ptr, 0)

@@ -108,7 +108,9 @@ def mixed_kd_loss(
     nll = -log_s.gather(-1, index)  # [K, B, M]
     per_label = nll if label_smoothing == 0 else (
         (1 - label_smoothing) * nll - label_smoothing * log_s.mean(-1, keepdim=True))
-    ce = (per_label * w).sum(-1).mean(-1)
+    # 0 log 0 = 0 for labels too: a zero-weight label on a masked class (-inf logit) adds 0,
+    # not 0 * inf = NaN (a mixed target's unused columns may name any class)
+    ce = torch.where(w != 0, per_label * w, 0).sum(-1).mean(-1)
 
     t = temperature
     log_p = torch.log_softmax(z / t, dim=-1)

@@ -55,7 +55,8 @@ def naive_mixed_kd_loss(z: torch.Tensor, labels: torch.Tensor, weights: torch.Te
                     for c in range(classes):
                         smooth += -ls[c]
                     term += eps * smooth / classes
-                ce[k] += wts[b][m] * term / batch
+                if wts[b][m] != 0:  # 0 log 0 = 0 (a masked class's term is inf)
+                    ce[k] += wts[b][m] * term / batch
             lp_k = _log_softmax(zl[k][b], 1.0 / temperature)
             if mode == "pairwise":
                 for j in range(k_peers):

@@ -231,6 +231,25 @@ def test_masked_classes(loss_backend, mode, detach, rng):
     assert torch.isinf(ce_eps).all()
 
 
+@pytest.mark.parametrize("mode", ["pairwise", "ensemble"])
+def test_a_zero_weight_label_on_a_masked_class_adds_nothing(loss_backend, mode, rng):
+    """0 log 0 = 0 for labels as for classes: a mixed target's column of weight 0 may name a
+    class the logits mask (-inf). It adds 0 to ce, as it would naming any other class, not
+    0 * inf = NaN."""
+    z = _logits(3, 4, 11, rng).float()
+    z[:, :, 7] = -INF
+    labels = torch.tensor([[0, 7], [1, 7], [7, 3], [10, 2]])
+    weights = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.6, 0.4]], dtype=torch.float64)
+    grads = tuple(torch.randn(2, 3, generator=rng, dtype=torch.float64))
+    kw = dict(temperature=2.0, mode=mode)
+    got = _ours(z, labels, weights, grads, **kw)
+    unmasked = labels.where(weights != 0, 0)  # the zero-weight columns name class 0 instead
+    want = _reference(z.double(), unmasked, weights, grads, **kw)
+    for mine, ref in zip(got, want):
+        assert torch.isfinite(mine).all()
+        assert_fp32_close(mine, ref)
+
+
 def test_nan_propagates(loss_backend, rng):
     z = _logits(3, 4, 20, rng).float()
     z[0, 1, 5] = float("nan")

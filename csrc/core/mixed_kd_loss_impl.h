@@ -411,7 +411,7 @@ void forward_rows(const LossArgs<T>& a, int64_t b_begin, int64_t b_end) {
       for (int64_t m = 0; m < a.M; ++m) {
         const double nll = lse1 - double(to_acc(a.z[k][b * a.z_stride[k] + lab[m]]));
         const double term = eps > 0 ? (1 - eps) * nll + eps * (lse1 - SZ[k] / double(C)) : nll;
-        ce += wts[m] * term;
+        if (wts[m] != 0) ce += wts[m] * term;  // 0 log 0 = 0: a zero weight on a masked class adds 0
       }
       a.ce_rows[k * B + b] = ce;
       double kd = 0;
