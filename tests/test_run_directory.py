@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from test_study import ONE_RUN
 
 from metamixer_fast import checkpoint, data, run_directory
 from metamixer_fast.study import FAILED
@@ -21,25 +22,9 @@ from metamixer_fast.train import main as train_main
 TRAIN = ["--dataset", "synthetic", "--synthetic-size", "64", "--arch", "tiny", "--batch-size", "32",
          "--epochs", "2", "--limit-train-batches", "1", "--limit-eval-batches", "1", "--no-progress"]
 
-STUDY = """
-[study]
-out = "{out}"
-seeds = [0]
-
-[base]
-dataset = "synthetic"
-synthetic_size = 64
-arch = "tiny"
-batch_size = 32
-epochs = 1
-limit_train_batches = 1
-limit_eval_batches = 1
-progress = false
-
-[[variant]]
-name = "dml"
-method = "dml"
-"""
+def _study(out: Path) -> str:
+    """A one-run study (test_study.py's), in ``out``."""
+    return ONE_RUN.format(out=out, seeds="[0]", lr=0.1, stop=0)
 
 # A process that holds the lock of a directory until it is killed (what a run in progress does).
 HOLDER = """
@@ -136,7 +121,7 @@ def test_a_study_out_that_cannot_be_created_names_the_study_setting(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], no_data: None, where: str) -> None:
     out, reason = _unwritable(tmp_path, where)
     path = tmp_path / "s.toml"
-    path.write_text(STUDY.format(out=out))
+    path.write_text(_study(out))
     assert study_main([str(path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {path}: [study] out {out} cannot be created: ") and reason in err, err
@@ -210,7 +195,7 @@ def test_a_study_refuses_a_study_directory_in_use(
         no_data: None) -> None:
     locked, proc = holder
     path = tmp_path / "s.toml"
-    path.write_text(STUDY.format(out=locked))
+    path.write_text(_study(locked))
     assert study_main([str(path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {path}: [study] out {locked} is in use by another study "
@@ -227,7 +212,7 @@ def test_a_study_skips_a_run_in_use_without_marking_it_failed(
     proc = _start(HOLDER, str(run_dir))
     try:
         path = tmp_path / "s.toml"
-        path.write_text(STUDY.format(out=out))
+        path.write_text(_study(out))
         assert study_main([str(path)]) == 2
         err = capsys.readouterr().err
         assert (f"error: study variant 'dml' seed 0 failed: run directory {run_dir} is in use by "
@@ -236,7 +221,7 @@ def test_a_study_skips_a_run_in_use_without_marking_it_failed(
     finally:
         _kill(proc)
     assert study_main([str(path)]) == 0  # the holder is gone: the rerun trains the run
-    assert checkpoint.load(run_dir)["epoch"] == 1
+    assert checkpoint.load(run_dir)["epoch"] == 2  # both epochs of the one-run study
 
 
 def test_the_lock_is_released_on_death_and_reentrant_in_one_process(
