@@ -451,8 +451,10 @@ def main(argv: list[str] | None = None, prog: str = "metamixer-fast study") -> i
         print("no run has finished yet, so the report has no means; rerun the study to go on",
               file=sys.stderr)
     if failed:
-        print(f"error: {len(failed)} run(s) failed: {', '.join(failed)}; the reasons are above and in "
-              f"{FAILED} in each run's directory, and the table leaves them out", file=sys.stderr)
+        # a run another process was writing is reported but not marked (its directory is not ours)
+        print(f"error: {len(failed)} run(s) failed: {', '.join(failed)}; the reasons are above (and "
+              f"in {FAILED} in the directory of each run marked failed), and the table leaves them "
+              f"out", file=sys.stderr)
         return 2
     return 0
 
