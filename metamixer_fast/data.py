@@ -22,6 +22,7 @@ The batched loader (augmentation as batched tensor ops, resumable, shardable) is
 from __future__ import annotations
 
 import gzip
+import math
 import pickle
 import zlib
 from dataclasses import dataclass
@@ -107,6 +108,9 @@ IDX_MAGIC = {3: 0x00000803, 1: 0x00000801}  # unsigned-byte images [N, H, W] and
 def read_idx(path: str | Path, ndim: int) -> Tensor:
     """Parse an IDX file of unsigned bytes (gzip-compressed if it ends in .gz) with ``ndim``
     dimensions; checks the magic number, the dimensions and that the size matches the header."""
+    if ndim not in IDX_MAGIC:
+        raise ValueError(f"read_idx: 'ndim' must be one of {sorted(IDX_MAGIC)} (labels, images), "
+                         f"got {ndim!r}")
     path = Path(path)
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
@@ -126,7 +130,7 @@ def read_idx(path: str | Path, ndim: int) -> Tensor:
     if 0 in dims[1:]:  # a count of 0 items is a (useless) file; an item of size 0 is damage
         raise DatasetError(f"IDX file {path} has an item of size 0 (header {dims}); the file is "
                            f"corrupt: fetch it again")
-    expected = header + int(np.prod(dims, dtype=np.int64))
+    expected = header + math.prod(dims)  # Python ints: a corrupt header's product must not wrap
     if len(raw) != expected:
         raise DatasetError(f"IDX file {path} holds {len(raw)} bytes but its header {dims} implies "
                            f"{expected}; the file is truncated or corrupt: fetch it again")

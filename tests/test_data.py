@@ -409,3 +409,19 @@ def test_loader_bad_arguments() -> None:
     for dtype in (torch.int64, torch.uint8, "float32"):
         with pytest.raises(TypeError, match=r"'dtype' must be a floating torch.dtype"):
             BatchLoader(ds, 4, dtype=dtype)
+
+
+def test_idx_header_whose_size_overflows_int64_is_refused(tmp_path) -> None:
+    """Dimensions whose product passes 2**64 (a corrupt header) wrapped to a small size in int64
+    arithmetic, passed the size check and failed in numpy without the path."""
+    path = tmp_path / "huge"
+    path.write_bytes(bytes([0, 0, 8, 3]) + struct.pack(">III", 2**31, 2**31, 4))
+    with pytest.raises(DatasetError, match=rf"IDX file {re.escape(str(path))} holds 16 bytes but "
+                                           r"its header \[2147483648, 2147483648, 4\] implies "
+                                           r"18446744073709551632"):
+        read_idx(path, 3)
+
+
+def test_read_idx_refuses_an_ndim_it_cannot_read(tmp_path) -> None:
+    with pytest.raises(ValueError, match=r"read_idx: 'ndim' must be one of \[1, 3\]"):
+        read_idx(tmp_path / "any", 2)
