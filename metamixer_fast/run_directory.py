@@ -77,17 +77,21 @@ def write_config(run_dir: Path, config: dict[str, Any]) -> None:
     """config.json, replaced atomically. A resume writes it again: the run may have been moved
     (its 'out' is the directory it is resumed from) or resumed with other --data-dir, --progress,
     ..., and config.json must say what the checkpoint says."""
-    tmp = run_dir / ".config.json.tmp"
-    tmp.write_text(json.dumps(config, indent=2) + "\n")
-    os.replace(tmp, run_dir / "config.json")
+    _replace_file(run_dir / "config.json", json.dumps(config, indent=2) + "\n")
 
 
 def rewrite_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
     """On resume, metrics.jsonl becomes exactly the checkpoint's history (a line written after
     the last checkpoint belongs to an epoch that will run again)."""
-    tmp = run_dir / ".metrics.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
-    os.replace(tmp, run_dir / "metrics.jsonl")
+    _replace_file(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+
+
+def _replace_file(path: Path, text: str) -> None:
+    """Write ``path`` through a hidden temporary file and a rename: a run stopped mid-write
+    leaves the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------ creating and locking

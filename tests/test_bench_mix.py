@@ -4,6 +4,7 @@ order with any mode switch outside their time."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -95,7 +96,7 @@ def test_pytest_benchmark_rows_run_in_their_store_mode(row: str, mode: str,
             self.extra_info: dict = {}
 
         def __call__(self, fn) -> None:
-            seen.append(bench_mix.os.environ.get("METAMIXER_STREAM_STORES"))
+            seen.append(os.environ.get("METAMIXER_STREAM_STORES"))
             fn()
 
     threads = torch.get_num_threads()
@@ -103,5 +104,5 @@ def test_pytest_benchmark_rows_run_in_their_store_mode(row: str, mode: str,
     shape, dtype = bench_mix.INPUT_CASES[case]
     bench_mix.test_mix_benchmark(Benchmark(), case, shape, dtype, "input", row)
     assert seen == [mode]
-    assert "METAMIXER_STREAM_STORES" not in bench_mix.os.environ
+    assert "METAMIXER_STREAM_STORES" not in os.environ
     assert torch.get_num_threads() == threads
