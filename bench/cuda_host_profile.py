@@ -61,6 +61,12 @@ def main() -> None:
         ce, kd = mf.mixed_kd_loss(z, y, temperature=3.0)
         (ce.sum() + kd.sum()).backward()
 
+    h = torch.randn(256, 128, 16, 16, device=DEV, requires_grad=True)
+
+    def mix_fwd_bwd() -> None:  # a feature-stage blend, as MetaMixer's hook runs it
+        h.grad = None
+        mf.mix(h, src, w2).sum().backward()
+
     def fwd_nograd() -> None:
         with torch.no_grad():
             mf.mixed_kd_loss(z, y, temperature=3.0)
@@ -76,6 +82,7 @@ def main() -> None:
         "triton launcher km.mix2": lambda: triton_mix.mix2(x, src, w, box, src2, w2),
         "mix_output": lambda: mix_output(x),
         "torch.empty_like": lambda: torch.empty_like(x),
+        "mix fwd+bwd (256x128x16x16)": mix_fwd_bwd,
         "loss fwd+bwd": fwd_bwd,
         "loss fwd (no grad)": fwd_nograd,
         "loss value checks": lambda: _checks.check_mixed_kd_loss_values(y[:, None], wts, c, None),

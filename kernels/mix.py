@@ -175,6 +175,8 @@ def _mix_bwd_kernel(g_ptr, x_ptr, src_ptr, w_ptr, box_ptr, inv_offsets_ptr, inv_
              mask=valid)
     if NEED_DW:
         s = tl.load(src_ptr + k).to(tl.int64)
+        # the forward checked src; a direct call of the backward op may not have: read x_k
+        s = tl.where((s >= 0) & (s < tl.num_programs(1)), s, k)
         a = tl.load(x_ptr + k * sample_size + offs, mask=inside, other=0).to(wk.dtype)
         b = tl.load(x_ptr + s * sample_size + offs, mask=inside, other=0).to(wk.dtype)
         part = tl.sum(tl.where(inside, g * (a - b), 0.0), axis=0)
@@ -267,13 +269,13 @@ mix2.checks_values = True  # type: ignore[attr-defined]
 
 
 def _invert_partners(src: Tensor) -> tuple[Tensor, Tensor]:
-    """CSR of {j : src_j = k}: offsets [N + 1] and the j's in increasing order."""
-    n = src.shape[0]
-    order = torch.argsort(src, stable=True)
-    counts = torch.bincount(src, minlength=n)
-    offsets = torch.zeros(n + 1, dtype=torch.int64, device=src.device)
-    offsets[1:] = torch.cumsum(counts, 0)
-    return offsets, order
+    """CSR of {j : src_j = k}: offsets [N + 1] and the j's in increasing order, by a stable sort
+    and a binary search, with no host synchronisation (``torch.bincount`` on CUDA reads the
+    largest index back to size its output, which stalled every backward until the GPU had
+    caught up). An index outside [0, N) lands in no row, so no j is ever out of range."""
+    sorted_src, order = torch.sort(src, stable=True)
+    bounds = torch.arange(src.shape[0] + 1, device=src.device, dtype=sorted_src.dtype)
+    return torch.searchsorted(sorted_src, bounds), order
 
 
 def mix_backward(grad: Tensor, x: Tensor, src: Tensor, w: Tensor, box: Tensor | None,

@@ -219,6 +219,25 @@ def runs_without_dispatcher(*tensors: torch.Tensor | None) -> bool:
                                              for t in tensors)
 
 
+def direct_function(name: str, forward: Callable, setup_context: Callable,
+                    backward: Callable) -> type[torch.autograd.Function]:
+    """The autograd.Function of a ``runs_direct`` call that needs a gradient: ``forward`` (the
+    op's body), then ``setup_context(ctx, inputs, output)`` and ``backward`` (the op's rules).
+
+    It takes ``ctx`` in its forward rather than defining ``setup_context``: with one defined,
+    every ``apply`` binds its arguments through ``inspect.signature`` (for torch.func), about
+    35 us a call on CPU, and these Functions never run under a transform (``_tracing``)."""
+
+    def forward_with_ctx(ctx, *inputs):
+        output = forward(*inputs)
+        setup_context(ctx, inputs, output)
+        return output
+
+    return type(name, (torch.autograd.Function,), {
+        "__doc__": f"{name}: see metamixer_fast._backend.direct_function.",
+        "forward": staticmethod(forward_with_ctx), "backward": staticmethod(backward)})
+
+
 def body_or_op(body: Callable, op: Callable, *tensors: torch.Tensor | None) -> Callable:
     """What a backward rule calls for a backward (or forward) op on ``tensors``: the op's body
     where ``runs_without_dispatcher`` allows it, else the op itself."""

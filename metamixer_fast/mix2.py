@@ -105,12 +105,8 @@ _mix2.register_autograd(_backward, setup_context=_setup_context)
 _backend.refuse_forward_ad("mix2")  # no forward-mode formula: refuse a tangent, not drop it
 
 
-class _Mix2(torch.autograd.Function):
-    """metamixer::mix2 for plain eager calls that need a gradient, as ops._Mix for mix."""
-
-    forward = staticmethod(_mix2_forward)
-    setup_context = staticmethod(_setup_context)
-    backward = staticmethod(_backward)
+# metamixer::mix2 for plain eager calls that need a gradient, as ops._Mix for mix.
+_Mix2 = _backend.direct_function("_Mix2", _mix2_forward, _setup_context, _backward)
 
 
 def _reference_mix2(x, src, w, box, src2, w2):

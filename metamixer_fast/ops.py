@@ -134,26 +134,27 @@ _backend.refuse_forward_ad("mixed_kd_loss")
 _backend.refuse_forward_ad("mixed_kd_loss_backward")
 
 
-class _MixedKDLoss(torch.autograd.Function):
-    """metamixer::mixed_kd_loss for plain eager calls (``_backend.runs_direct``): the op's body
-    forward and its backward rule, without the custom op's dispatch. The logits come last, one
-    argument each, so that autograd tracks them."""
+def _direct_loss_forward(labels, weights, temperature, label_smoothing, mode, peer_matrix,
+                         detach_targets, *logits):
+    return _mixed_kd_loss_forward(list(logits), labels, weights, temperature, label_smoothing,
+                                  mode, peer_matrix, detach_targets)
 
-    @staticmethod
-    def forward(labels, weights, temperature, label_smoothing, mode, peer_matrix, detach_targets,
-                *logits):
-        return _mixed_kd_loss_forward(list(logits), labels, weights, temperature, label_smoothing,
-                                      mode, peer_matrix, detach_targets)
 
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        ctx.mark_non_differentiable(output[2])
-        _mixed_kd_loss_setup_context(ctx, (list(inputs[7:]), *inputs[:7]), output)
+def _direct_loss_setup_context(ctx, inputs, output) -> None:
+    ctx.mark_non_differentiable(output[2])
+    _mixed_kd_loss_setup_context(ctx, (list(inputs[7:]), *inputs[:7]), output)
 
-    @staticmethod
-    def backward(ctx, grad_ce, grad_kd, _grad_stats):
-        grads, *_ = _mixed_kd_loss_backward_rule(ctx, grad_ce, grad_kd, None)
-        return (None,) * 7 + tuple(grads)
+
+def _direct_loss_backward(ctx, grad_ce, grad_kd, _grad_stats):
+    grads, *_ = _mixed_kd_loss_backward_rule(ctx, grad_ce, grad_kd, None)
+    return (None,) * 7 + tuple(grads)
+
+
+# metamixer::mixed_kd_loss for plain eager calls (_backend.runs_direct): the op's body forward
+# and its backward rule, without the custom op's dispatch. The logits come last, one argument
+# each, so that autograd tracks them.
+_MixedKDLoss = _backend.direct_function("_MixedKDLoss", _direct_loss_forward,
+                                        _direct_loss_setup_context, _direct_loss_backward)
 
 
 def _reference_forward(logits, labels, weights, temperature, label_smoothing, mode, peer_matrix,
@@ -309,13 +310,9 @@ _backend.refuse_forward_ad("mix")  # as for mixed_kd_loss above
 _backend.refuse_forward_ad("mix_backward")
 
 
-class _Mix(torch.autograd.Function):
-    """metamixer::mix for plain eager calls that need a gradient (``_backend.runs_direct``): the
-    op's body and backward rule, without the custom op's dispatch."""
-
-    forward = staticmethod(_mix_forward)
-    setup_context = staticmethod(_mix_setup_context)
-    backward = staticmethod(_mix_backward_rule)
+# metamixer::mix for plain eager calls that need a gradient (_backend.runs_direct): the op's
+# body and backward rule, without the custom op's dispatch.
+_Mix = _backend.direct_function("_Mix", _mix_forward, _mix_setup_context, _mix_backward_rule)
 
 
 def call_mix(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None) -> Tensor:

@@ -9,6 +9,9 @@ CUDA graphs and the training loop.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from test_mix_kernels import assert_blend_close, make_plan, make_x
@@ -203,3 +206,62 @@ def test_mix_beyond_two_to_the_31_elements():
                          torch.full((2,), 0.25), box[:2].cpu())[0]
     assert torch.equal(out[-1].cpu(), last)
     assert torch.equal(out[-2], x[-2])
+
+
+_BAD_CALLS = {  # each a fresh process: a device-side assertion ends the process's CUDA work
+    "mix src": ("mf.mix(x, torch.tensor([1, 2, 4, 0], device=d), w, box)", "mix: a partner index"),
+    "mix2 w2": ("mf.mix2(x, src, w, box, src, torch.tensor([0.5, 0.5, 1.5, 0.5], device=d))",
+                "mix2: a partner index"),
+    "loss label": ("mf.mixed_kd_loss(torch.randn(2, 4, 10, device=d), "
+                   "torch.tensor([1, 2, 10, 0], device=d))", "mixed_kd_loss: a label is outside"),
+}
+
+
+@pytest.mark.parametrize("case", list(_BAD_CALLS))
+def test_a_bad_value_on_cuda_fails_the_call_with_its_message(case):
+    """On CUDA the Triton kernels check values in the kernel and the launcher asserts the flag
+    asynchronously (kernels/_flag.py): a bad index or weight must end the process's CUDA work
+    with the op's message at the next synchronisation, never pass or read out of bounds
+    silently. A good call first shows the process is otherwise sound."""
+    call, message = _BAD_CALLS[case]
+    code = f"""if True:
+        import torch, metamixer_fast as mf
+        d = torch.device("cuda")
+        x = torch.randn(4, 3, 8, 8, device=d)
+        src, w = torch.tensor([1, 2, 3, 0], device=d), torch.full((4,), 0.5, device=d)
+        box = torch.tensor([[0, 4, 0, 4]] * 4, device=d)
+        mf.mix2(x, src, w, box, src, w); torch.cuda.synchronize(); print("good call ok")
+        out = {call}
+        torch.cuda.synchronize()
+        print("bad call passed")
+    """
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "good call ok" in proc.stdout, proc.stderr[-2000:]
+    assert proc.returncode != 0 and "bad call passed" not in proc.stdout, proc.stdout
+    assert message in proc.stderr, proc.stderr[-2000:]
+
+
+def test_no_call_waits_for_the_gpu(rng):
+    """mix, mix2 and mixed_kd_loss, forward and backward, never synchronise the host with the
+    GPU (a read-back such as torch.bincount's sizing on CUDA would stall the training loop's
+    host until the GPU caught up): torch's sync debug mode turns any such wait into an error."""
+    h = torch.randn(8, 4, 6, 6, device=CUDA, requires_grad=True)
+    src, w, box = (t.to(CUDA) for t in make_plan(rng, 8, 6, 6))
+    w = w.float().requires_grad_()
+    src2, w2 = torch.randperm(8, generator=rng).to(CUDA), torch.rand(8, generator=rng).to(CUDA)
+    z = torch.randn(3, 8, 10, device=CUDA, requires_grad=True)
+    y = torch.randint(0, 10, (8,), generator=rng).to(CUDA)
+
+    def step() -> None:
+        out = mf.mix(h, src, w, box) + mf.mix2(h, src, w, box, src2, w2)
+        ce, kd = mf.mixed_kd_loss(z, y, temperature=2.0)
+        (out.sum() + ce.sum() + kd.sum()).backward()
+
+    step()  # compiles the kernels and allocates the flags
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()

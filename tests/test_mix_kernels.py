@@ -357,3 +357,20 @@ def test_triton_kernels_check_values_in_the_kernel(mix_backend, rng):
         with pytest.raises(ValueError, match=message):
             triton_mix.mix2(x, src, w, box, s2, ww2)
     assert torch.equal(triton_mix.mix2(x, src, w, box, src2, w2), reference.mix2(x, src, w, box, src2, w2))
+
+
+def test_triton_backward_inverts_any_partner_list(rng):
+    """The Triton backward's partner inversion (a sort and a binary search, no host sync):
+    row k lists every j with src_j = k in increasing order; indices outside [0, N), which only
+    a direct call of the backward op can pass, land in no row."""
+    pytest.importorskip("triton")
+    from metamixer_fast.kernels.mix import _invert_partners
+
+    for src in (torch.randint(0, 7, (7,), generator=rng), torch.tensor([3, 3, 3, 0, 3]),
+                torch.tensor([2, -1, 5, 0, 2]), torch.arange(6).flip(0), torch.zeros(0, dtype=torch.long)):
+        offsets, order = _invert_partners(src)
+        n = src.shape[0]
+        assert offsets.shape == (n + 1,) and offsets.dtype == torch.int64
+        for k in range(n):
+            expected = [j for j in range(n) if src[j] == k]
+            assert order[offsets[k]:offsets[k + 1]].tolist() == expected, (src, k)
