@@ -1,6 +1,7 @@
 """What an eager call costs by the route it takes into the same kernels (CPU).
 
     python bench/bench_call_routes.py --report [--threads 2] [--rounds 400] [--out PATH]
+    python bench/bench_call_routes.py --render bench/results/<commit>/call_routes2_<n>.json
 
 A plain eager call of ``mixed_kd_loss``, ``mix`` or ``mix2`` that needs a gradient can reach
 the same kernel three ways, timed here forward + backward on small inputs, where the fixed
@@ -103,24 +104,30 @@ def cases() -> dict[str, dict[str, Callable[[], torch.Tensor]]]:
     }
 
 
+def markdown(result: dict) -> str:
+    """The report's table of a result (a JSON that ``report`` wrote)."""
+    lines = [f"CPU: {result['cpu']}; {result['threads']} threads; torch {result['torch']}; commit "
+             f"{result['commit']}; backend {result['backend']}; median of {result['rounds']} "
+             f"interleaved rounds.", "",
+             "| case | route | median us | min us | median / custom op median |",
+             "|---|---|---:|---:|---:|"]
+    for case, times in result["cases"].items():
+        base = statistics.median(times["torch.ops (custom op)"])
+        for name, t in times.items():
+            med = statistics.median(t)
+            lines.append(f"| {case} | {name} | {med * 1e6:.1f} | {min(t) * 1e6:.1f} | "
+                         f"{med / base:.2f} |")
+    return "\n".join(lines)
+
+
 def report(threads: int, rounds: int, out: Path) -> None:
     torch.set_num_threads(threads)
     result = {"commit": commit(), "cpu": cpu_name(), "threads": threads, "rounds": rounds,
               "torch": torch.__version__, "backend": _backend.forced_backend() or "automatic",
               "cases": {}}
-    print(f"CPU: {result['cpu']}; {threads} threads; torch {torch.__version__}; commit "
-          f"{result['commit']}; backend {result['backend']}; median of {rounds} interleaved "
-          f"rounds.\n")
-    print("| case | route | median us | min us | median / custom op median |")
-    print("|---|---|---:|---:|---:|")
     for case, rows in cases().items():
-        times = interleaved_times(rows, rounds, warmup=20)
-        base = statistics.median(times["torch.ops (custom op)"])
-        result["cases"][case] = {name: t for name, t in times.items()}
-        for name, t in times.items():
-            med = statistics.median(t)
-            print(f"| {case} | {name} | {med * 1e6:.1f} | {min(t) * 1e6:.1f} | "
-                  f"{med / base:.2f} |")
+        result["cases"][case] = interleaved_times(rows, rounds, warmup=20)
+    print(markdown(result))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(f"\nJSON: {out}")
@@ -132,9 +139,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=400)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--render", type=Path, default=None, metavar="JSON",
+                        help="print the table of a JSON written earlier, run nothing")
     args = parser.parse_args()
+    if args.render is not None:
+        print(markdown(json.loads(args.render.read_text())))
+        return
     if not args.report:
-        parser.error("nothing to do: pass --report")
+        parser.error("nothing to do: pass --report (or --render JSON)")
     if args.threads < 1 or args.rounds < 1:
         parser.error("--threads and --rounds must be at least 1")
     report(args.threads, args.rounds, args.out or Path(str(RESULTS).format(threads=args.threads)))

@@ -12,8 +12,8 @@ Eager calls of the public functions skip the custom op where nothing must see it
 entry takes the call where one is registered and accepts it; otherwise a call that needs no
 gradient runs the op's body, and one that does links the body and the op's backward rule
 through a ``torch.autograd.Function`` (``_MixedKDLoss``, ``_Mix``), whose backward calls the
-backward kernel directly. Same kernels, same bits as the op; a quarter less time for a small
-loss step on CPU (bench/bench_call_routes.py).
+backward kernel directly. Same kernels, same bits as the op; 44 % less time for a small
+loss step on CPU (bench/bench_call_routes.py, the README's table).
 
 Forward-mode AD (torch.func.jvp, jacfwd, torch.autograd.forward_ad) has no formula here: each op
 refuses an input that carries a tangent (``_backend.refuse_forward_ad``) instead of returning

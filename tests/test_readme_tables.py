@@ -11,7 +11,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-import bench_cuda  # noqa: E402  (bench/ is not a package)
+import bench_call_routes  # noqa: E402  (bench/ is not a package)
+import bench_cuda  # noqa: E402
 import bench_mix  # noqa: E402
 import report  # noqa: E402
 
@@ -29,6 +30,7 @@ def _rows(markdown: str) -> list[str]:
     ("8c7dcdf/mixed_kd_loss_on_4.json", report.loss_markdown),
     ("f1f8a60/std2_usual_1.json", bench_mix.markdown),
     ("889dd03/cuda.json", bench_cuda.markdown),
+    ("2d96dc0/call_routes2_2.json", bench_call_routes.markdown),
 ])
 def test_readme_table_is_the_cited_record(record: str, render) -> None:
     rows = _rows(render(json.loads((ROOT / "bench" / "results" / record).read_text())))
