@@ -234,6 +234,7 @@ def direct_function(name: str, forward: Callable, setup_context: Callable,
         return output
 
     return type(name, (torch.autograd.Function,), {
+        "__module__": forward.__module__, "__qualname__": name,
         "__doc__": f"{name}: see metamixer_fast._backend.direct_function.",
         "forward": staticmethod(forward_with_ctx), "backward": staticmethod(backward)})
 

@@ -242,20 +242,27 @@ def test_a_bad_value_on_cuda_fails_the_call_with_its_message(case):
 
 
 def test_no_call_waits_for_the_gpu(rng):
-    """mix, mix2 and mixed_kd_loss, forward and backward, never synchronise the host with the
-    GPU (a read-back such as torch.bincount's sizing on CUDA would stall the training loop's
-    host until the GPU caught up): torch's sync debug mode turns any such wait into an error."""
+    """mix, mix2 and mixed_kd_loss (both modes, a label mixture, a peer matrix), forward and
+    backward, never synchronise the host with the GPU (a read-back such as torch.bincount's
+    sizing on CUDA would stall the training loop's host until the GPU caught up): torch's sync
+    debug mode turns any such wait into an error. (Run on a GPU at 889dd03 without the ensemble
+    call, which was added after.)"""
     h = torch.randn(8, 4, 6, 6, device=CUDA, requires_grad=True)
     src, w, box = (t.to(CUDA) for t in make_plan(rng, 8, 6, 6))
     w = w.float().requires_grad_()
     src2, w2 = torch.randperm(8, generator=rng).to(CUDA), torch.rand(8, generator=rng).to(CUDA)
     z = torch.randn(3, 8, 10, device=CUDA, requires_grad=True)
     y = torch.randint(0, 10, (8,), generator=rng).to(CUDA)
+    mixture = torch.stack([y, y.roll(1)], 1)  # a label mixture [B, 2], as MetaMixer's target
+    weights = torch.tensor([[0.7, 0.3]], device=CUDA).expand(8, 2)
+    peers = torch.full((3, 3), 0.5, device=CUDA).fill_diagonal_(0)
 
     def step() -> None:
         out = mf.mix(h, src, w, box) + mf.mix2(h, src, w, box, src2, w2)
         ce, kd = mf.mixed_kd_loss(z, y, temperature=2.0)
-        (out.sum() + ce.sum() + kd.sum()).backward()
+        ce2, kd2 = mf.mixed_kd_loss(list(z.unbind(0)), mixture, weights, mode="ensemble",
+                                    peer_matrix=peers, detach_targets=False, label_smoothing=0.1)
+        (out.sum() + ce.sum() + kd.sum() + ce2.sum() + kd2.sum()).backward()
 
     step()  # compiles the kernels and allocates the flags
     torch.cuda.synchronize()

@@ -337,7 +337,8 @@ def test_triton_kernels_check_values_in_the_kernel(mix_backend, rng):
     and the next call is unaffected."""
     if mix_backend != "triton" or not _backend.triton_interpreted():
         pytest.skip("Triton kernels on CPU tensors (on a GPU a bad value stops the process's "
-                    "CUDA work: the flag is asserted asynchronously)")
+                    "CUDA work: test_cuda.py::test_a_bad_value_on_cuda_fails_the_call_with_its_message "
+                    "checks that in a fresh process)")
     from metamixer_fast.kernels import mix as triton_mix
 
     assert triton_mix.mix.checks_values and triton_mix.mix2.checks_values

@@ -250,7 +250,8 @@ def test_values_are_checked_in_the_kernel(rng):
     logit out of bounds), and the next call is unaffected."""
     if not _backend.triton_interpreted():
         pytest.skip("the kernel on CPU tensors (on a GPU a bad value stops the process's CUDA "
-                    "work: the flag is asserted asynchronously)")
+                    "work: test_cuda.py::test_a_bad_value_on_cuda_fails_the_call_with_its_message "
+                    "checks that in a fresh process)")
     assert tk.mixed_kd_loss_forward.checks_values
     z = torch.randn(3, 4, 10, generator=rng)
     labels = torch.tensor([[1, 2], [2, 3], [9, 0], [0, 5]])
