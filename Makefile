@@ -6,6 +6,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.metamixer-installed
 CMAKE_BUILD := build/cmake
+# pytest worker processes for `make test-python` (pytest-xdist); 0 runs the tests in this process
+PYTEST_WORKERS ?= 2
 
 .PHONY: install fashion-mnist demo quickstart test test-python test-cpp test-sanitize lint bench bench-check gpu-check clean
 
@@ -48,7 +50,7 @@ lint: install
 	$(PY) -m ruff check .
 
 test-python: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS)
 
 test-cpp:
 	cmake -S . -B $(CMAKE_BUILD) -DCMAKE_BUILD_TYPE=Release > /dev/null
