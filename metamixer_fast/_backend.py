@@ -225,8 +225,9 @@ def direct_function(name: str, forward: Callable, setup_context: Callable,
     op's body), then ``setup_context(ctx, inputs, output)`` and ``backward`` (the op's rules).
 
     It takes ``ctx`` in its forward rather than defining ``setup_context``: with one defined,
-    every ``apply`` binds its arguments through ``inspect.signature`` (for torch.func), about
-    35 us a call on CPU, and these Functions never run under a transform (``_tracing``)."""
+    every ``apply`` binds its arguments through ``inspect.signature`` (for torch.func), a
+    measurable share of a small call (bench/bench_call_routes.py, the README's A/B), and these
+    Functions never run under a transform (``_tracing``)."""
 
     def forward_with_ctx(ctx, *inputs):
         output = forward(*inputs)
