@@ -806,29 +806,24 @@ def test_cutmix_or_mixup_switches(rng):
 
 
 @pytest.mark.parametrize("switch_prob", [0.0, 0.5, 1.0])
-@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # interpreter: 0 * inf
-def test_elem_mode_applies_prob_per_sample(switch_prob, rng, mix_backend):
-    """As timm's elem mode: each sample is mixed with probability prob; one left unmixed keeps
-    its pixels bit for bit (even where its partner holds inf) and its own label (lam = 1)."""
-    n, h, w = 3000, 6, 7
+def test_elem_mode_applies_prob_per_sample(switch_prob, rng):
+    """As timm's elem mode: each sample is mixed with probability prob, and one left unmixed
+    has an empty box and its own label (lam = 1). The plan's statistics, with no kernel: how a
+    kernel copies the kept rows is the next test's."""
+    n = 3000
     y = torch.randint(0, 10, (n,), generator=rng)
     mixer = CutMixOrMixup(1.0, 0.8, switch_prob=switch_prob, prob=0.3, mode="elem",
                           generator=seeded(rng))
-    plan = mixer.sample(y)
+    plan = mixer.sample(y).resolve((6, 7))
     assert plan.mixed and mixer.stats["mixed_steps"] == 1
-    x = torch.randn(n, 2, h, w, generator=rng)
-    x[plan.local_src[:5]] = float("inf")  # partners of samples 0..4
-    u = plan.apply_local(x)
     unmixed = plan.lam_draw == 1  # (a drawn lam < 1 may still give an empty box on a 6x7 image)
     assert abs(float(unmixed.double().mean()) - 0.7) < 0.04
+    assert torch.equal(plan.keep, unmixed)
     assert mixer.stats["local_samples"] == n - int(unmixed.sum())
-    assert torch.equal(u[unmixed], x[unmixed])
     box = plan.box
     assert bool((box[unmixed, 1] == box[unmixed, 0]).all())  # empty boxes
     t = plan.target
     assert torch.equal(t.weights[unmixed], torch.tensor([1.0, 0, 0, 0]).expand(int(unmixed.sum()), 4))
-    torch.testing.assert_close(u[~unmixed], local_mixture(x, plan)[~unmixed], rtol=0, atol=1e-6,
-                               equal_nan=True)
     if 0 < switch_prob < 1:
         assert abs(float(plan.cut[~unmixed].double().mean()) - switch_prob) < 0.05
     none = CutMixOrMixup(prob=0.0, mode="elem", generator=seeded(rng))
@@ -837,6 +832,28 @@ def test_elem_mode_applies_prob_per_sample(switch_prob, rng, mix_backend):
     plans = [batch.sample(y[:8]) for _ in range(60)]
     assert {p.mixed for p in plans} == {True, False}  # batch mode: prob is per step
     assert all(bool((p.lam_draw < 1).all()) for p in plans if p.mixed)
+
+
+@pytest.mark.parametrize("switch_prob", [0.0, 0.5, 1.0])
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # interpreter: 0 * inf
+def test_elem_mode_copies_unmixed_samples_bit_for_bit(switch_prob, rng, mix_backend):
+    """A sample elem mode leaves unmixed keeps its pixels bit for bit, even where its partner
+    holds inf; the mixed ones are the local mixture."""
+    n = 40
+    y = torch.randint(0, 10, (n,), generator=rng)
+    mixer = CutMixOrMixup(1.0, 0.8, switch_prob=switch_prob, prob=0.5, mode="elem",
+                          generator=seeded(rng))
+    plan = mixer.sample(y)
+    unmixed = plan.keep
+    while unmixed is None or not 0 < int(unmixed.sum()) < n:  # both kinds of row, whatever the seed
+        plan = mixer.sample(y)
+        unmixed = plan.keep
+    x = torch.randn(n, 2, 6, 7, generator=rng)
+    x[plan.local_src[unmixed]] = float("inf")  # the partners of the kept samples
+    u = plan.apply_local(x)
+    assert torch.equal(u[unmixed], x[unmixed])
+    torch.testing.assert_close(u[~unmixed], local_mixture(x, plan)[~unmixed], rtol=0, atol=1e-6,
+                               equal_nan=True)
 
 
 @pytest.mark.parametrize("shape", ["features", "transposed features", "images"])
