@@ -428,9 +428,13 @@ class Run:
         return f"the last checkpoint in {self.cfg.out} (epoch {self.epoch}) is intact"
 
     def evaluate(self) -> dict[str, Any]:
-        limit = self.cfg.limit_eval_batches or None
-        batches = (b for i, b in enumerate(self.test_batches) if limit is None or i < limit)
-        return evaluate(self.group, batches, self.autocast())
+        """Top-1 on the test set, or on its first ``limit_eval_batches`` batches (only those are
+        made; the next evaluation starts again at the first batch)."""
+        try:
+            batches = itertools.islice(self.test_batches, self.cfg.limit_eval_batches or None)
+            return evaluate(self.group, batches, self.autocast())
+        finally:
+            self.test_batches.end_epoch()
 
     def sync_report(self) -> dict[str, Any]:
         """Under DDP: whether every rank holds the same parameters (they must)."""

@@ -31,6 +31,23 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def test_limit_eval_batches_makes_only_those_batches(tmp_path):
+    """Each evaluation makes the first limit_eval_batches test batches and no others."""
+    run = train.Run(_cfg(tmp_path, eval_batch_size=16, limit_eval_batches=2))
+    assert len(run.test_batches) > 2
+    made = []
+    make = run.test_batches._batch
+    run.test_batches._batch = lambda i: made.append(i) or make(i)
+    first, second = run.evaluate(), run.evaluate()
+    assert made == [0, 1, 0, 1] and first == second
+    unlimited = train.Run(_cfg(tmp_path / "all", eval_batch_size=16))
+    make = unlimited.test_batches._batch
+    made.clear()
+    unlimited.test_batches._batch = lambda i: made.append(i) or make(i)
+    unlimited.evaluate()
+    assert made == list(range(len(unlimited.test_batches)))
+
+
 def _same_weights(a: Path, b: Path) -> bool:
     pa, pb = checkpoint.load(a)["peers"], checkpoint.load(b)["peers"]
     return all(torch.equal(x[key], y[key]) for x, y in zip(pa, pb, strict=True) for key in x)
