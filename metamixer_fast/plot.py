@@ -100,10 +100,12 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     for p in range(k):
         ax[0].plot(epochs, [r["train_ce"][p] for r in records], "--", marker=".", label=f"CE peer {p}")
     ax[0].set(xlabel="epoch", ylabel="loss", title="training loss")
+    epoch_axis(ax[0])
     ax[0].legend()
     for p in range(k):
         ax[1].plot(epochs, [r["train_kd"][p] for r in records], marker=".", label=f"KD peer {p}")
     ax[1].set(xlabel="epoch", ylabel="KD", title="distillation term")
+    epoch_axis(ax[1])
     ax[1].legend()
     fig.tight_layout()
     loss_png = out / "loss.png"
@@ -114,12 +116,20 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
         ax.plot(epochs, [r["top1"][p] for r in records], marker="o", label=f"peer {p}")
     ax.plot(epochs, [r["ensemble_top1"] for r in records], marker="s", color="black", label="ensemble")
     ax.set(xlabel="epoch", ylabel="test top-1 (%)", title="accuracy")
+    epoch_axis(ax)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
     acc_png = out / "accuracy.png"
     _save(fig, acc_png)
     return [loss_png, acc_png]
+
+
+def epoch_axis(ax: Any) -> None:
+    """Ticks at whole epochs only (matplotlib would mark 1.25, 1.5, ... on a short run)."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def _save(fig: Any, path: Path) -> None:

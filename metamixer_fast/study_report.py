@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .plot import epoch_axis
+
 # What the report writes into [study] out, beside the variants' directories.
 REPORT_FILES = ("results.md", "results.csv", "final_accuracy.png", "accuracy_curves.png")
 
@@ -160,6 +162,7 @@ def _plots(out: Path, rows: list[dict[str, Any]], results: dict[str, Outcome]) -
         curve = [statistics.fmean(r["history"][e]["ensemble_top1"] for r in runs) for e in range(length)]
         ax.plot(range(1, length + 1), curve, marker=".", label=name)
     ax.set(xlabel="epoch", ylabel="ensemble test top-1 (%)", title="accuracy curves (mean over seeds)")
+    epoch_axis(ax)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -29,6 +29,18 @@ def test_plot_writes_the_pngs_of_good_records(tmp_path: Path, capsys: pytest.Cap
     assert (run_dir / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_epoch_axes_tick_whole_epochs_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    figures = []
+    save = plot._save
+    monkeypatch.setattr(plot, "_save", lambda fig, path: figures.append(fig) or save(fig, path))
+    plot.plot_run(_run(tmp_path, *({**RECORD, "epoch": e} for e in (1, 2, 3))))
+    axes = [ax for fig in figures for ax in fig.axes]
+    assert len(axes) == 3
+    for ax in axes:
+        ticks = [t for t in ax.get_xticks() if 1 <= t <= 3]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+
+
 def test_metrics_that_are_not_utf8_name_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run_dir = tmp_path / "run"
     run_dir.mkdir()
