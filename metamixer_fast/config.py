@@ -86,7 +86,9 @@ class TrainConfig:
     eval_batch_size: int = _opt(512, "images per evaluation step")
     limit_train_batches: int = _opt(0, "stop each epoch after this many steps (0: the whole epoch)")
     limit_eval_batches: int = _opt(0, "evaluate on this many batches only (0: the whole test set)")
-    progress: bool = _opt(True, "show a progress bar")
+    progress: bool = _opt(True, "show a progress bar (the running training loss, the peers' "
+                                "training top-1 against each sample's own label, on mixed images "
+                                "when mixing, and images/s)")
     stop_after_epochs: int = _opt(0, "end this invocation after this many epochs, checkpoint "
                                      "written (continue with --resume; 0: run to the end)")
 

@@ -375,7 +375,8 @@ class Run:
                 bar.update(i + 1 - bar.n)
                 rate = images * self.world / (time.perf_counter() - start)
                 bar.set_postfix(loss=f"{sums[0].item() / (i + 1):.3f}",
-                                acc=f"{100 * sums[-1].item() / images / k:.1f}", img_s=f"{rate:.0f}")
+                                train_top1=f"{100 * sums[-1].item() / images / k:.1f}",
+                                img_s=f"{rate:.0f}")
         bar.close()
         if self.train_batches.position:  # a limited epoch: the next one starts a fresh order
             self.train_batches.end_epoch()
