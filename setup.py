@@ -74,5 +74,6 @@ def cpp_build_setup() -> dict:
 setup(
     packages=["metamixer_fast", "metamixer_fast.kernels"],
     package_dir={"metamixer_fast": "metamixer_fast", "metamixer_fast.kernels": "kernels"},
+    package_data={"metamixer_fast": ["py.typed"]},  # PEP 561: type checkers read our annotations
     **cpp_build_setup(),
 )

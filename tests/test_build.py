@@ -88,6 +88,7 @@ def test_regular_install_ships_kernels_and_extension(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("metamixer_fast-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "metamixer_fast/kernels/__init__.py" in names
+    assert "metamixer_fast/py.typed" in names  # PEP 561: a type checker reads the annotations
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
     code = ("import metamixer_fast, metamixer_fast.kernels as k; "
