@@ -48,6 +48,7 @@ quickstart: install
 
 lint: install
 	$(PY) -m ruff check .
+	$(PY) -m mypy
 
 test-python: install
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS)

@@ -269,7 +269,7 @@ def check_peer_matrix_once(peer_matrix: object) -> None:
     once per CPU tensor and version: a MixedKDLoss's buffer, passed every step, costs a lookup.
     Other tensors are left to the op body (a device assert on CUDA)."""
     seen = _checked_peer_matrices.get(id(peer_matrix))
-    if seen is not None and seen[0]() is peer_matrix and seen[1] == peer_matrix._version:  # type: ignore[attr-defined]
+    if seen is not None and seen[0]() is peer_matrix and seen[1] == getattr(peer_matrix, "_version", None):
         return
     require_tensor("mixed_kd_loss", "peer_matrix", peer_matrix, optional=True)
     t: Tensor = peer_matrix  # type: ignore[assignment]

@@ -47,7 +47,8 @@ def _backward(grad_ce: Tensor, grad_kd: Tensor, logits: list[Tensor], labels: Te
                                                      peer_matrix, detach_targets)
 
 
-_forward.checks_values = True  # type: ignore[attr-defined]  (the C++ kernel checks labels, weights, peer matrix)
+# the C++ kernel checks labels, weights and the peer matrix itself
+_forward.checks_values = True  # type: ignore[attr-defined]
 _backend.register_kernel("mixed_kd_loss", "cpp", _forward)
 _backend.register_kernel("mixed_kd_loss_backward", "cpp", _backward)
 _backend.register_eager("mixed_kd_loss", _eager_mixed_kd_loss)

@@ -252,7 +252,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="continue the run in RUN_DIR from its last checkpoint")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         shown = ",".join(map(str, default)) if isinstance(default, list) else default
         help_text = f.metadata["help"] + (f" (default: {shown})" if shown != "" else "")
         if _field_types()[f.name] is bool:

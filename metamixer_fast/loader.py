@@ -173,7 +173,10 @@ class BatchLoader:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue with the same batches (and the settings that must match)."""
-        state = self._plan_state if self._plan is not None else self._gen.get_state()
+        # the generator's state before this epoch's draws once they are made (see _draw_plan)
+        state = self._plan_state if self._plan is not None else None
+        if state is None:
+            state = self._gen.get_state()
         return {"epoch": self._epoch, "position": self._position, "generator": state.clone(),
                 **self._config()}
 

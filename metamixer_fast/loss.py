@@ -101,6 +101,8 @@ class MixedKDLoss(nn.Module):
     ``ce_weight * ce[k] + kd_weight * kd[k]``, exactly as with one optimizer per peer.
     """
 
+    peer_weights: Tensor | None  # a buffer: moves with .to() and is saved in the state dict
+
     def __init__(self, temperature: float = 3.0, ce_weight: float = 1.0, kd_weight: float = 1.0,
                  mode: str = "pairwise", label_smoothing: float = 0.0,
                  detach_targets: bool = True, peer_weights: Tensor | None = None) -> None:
@@ -119,7 +121,8 @@ class MixedKDLoss(nn.Module):
             value = check(value)
         elif name == "peer_weights":
             value = self._checked_peer_weights(value)
-        super().__setattr__(name, value)
+        # (torch's stub types the value as Tensor | Module; every attribute passes through here)
+        super().__setattr__(name, value)  # type: ignore[arg-type]
 
     def _checked_peer_weights(self, peer_weights: object) -> Tensor | None:
         if peer_weights is None:

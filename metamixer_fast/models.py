@@ -239,10 +239,11 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, **kwargs: Any
     if ":" in name:
         factory = _import_factory(name)
     else:
-        factory = MODELS.get(name.lower())
-        if factory is None:
+        registered = MODELS.get(name.lower())
+        if registered is None:
             raise ValueError(f"unknown model {name!r}; known: {', '.join(MODELS)}, "
                              f"or 'package.module:factory' for a model of your own")
+        factory = registered
     try:
         inspect.signature(factory).bind(num_classes=num_classes, in_channels=in_channels, **kwargs)
     except TypeError as e:

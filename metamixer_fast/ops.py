@@ -25,7 +25,7 @@ form is ever copied into the other, and the backward returns gradients in the sa
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -176,7 +176,7 @@ _backend.register_kernel("mixed_kd_loss", "reference", _reference_forward)
 _backend.register_kernel("mixed_kd_loss_backward", "reference", _reference_backward)
 
 
-def _op_args(logits: Tensor | Sequence[Tensor], labels: Tensor, weights: Tensor | None,
+def _op_args(logits: Tensor | Iterable[Tensor], labels: Tensor, weights: Tensor | None,
              peer_matrix: Tensor | None) -> tuple[list[Tensor], Tensor, Tensor]:
     """(logits as a list, labels [B, M], weights [B, M]), as the custom op takes them."""
     op = "mixed_kd_loss"
@@ -212,13 +212,14 @@ def _explain_mixed_kd_loss(logits: Tensor | Sequence[Tensor], labels: Tensor,
                              peer_matrix, given_labels)
 
 
-def mixed_kd_loss(logits: Tensor | Sequence[Tensor], labels: Tensor, weights: Tensor | None = None,
+def mixed_kd_loss(logits: Tensor | Iterable[Tensor], labels: Tensor, weights: Tensor | None = None,
                   *, temperature: float = 1.0, label_smoothing: float = 0.0,
                   mode: str = "pairwise", peer_matrix: Tensor | None = None,
                   detach_targets: bool = True) -> tuple[Tensor, Tensor]:
     """Fused per-peer cross-entropy and distillation losses; returns (ce[K], kd[K]).
 
-    ``logits``: a [K, B, C] tensor or K tensors [B, C] (no stacking copy is made).
+    ``logits``: a [K, B, C] tensor or K tensors [B, C] (a list, a tuple or any iterable; no
+    stacking copy is made).
     ``labels``: class indices [B], or a label mixture [B, M] with ``weights`` [B, M].
     ``peer_matrix``: for ``mode="ensemble"``, [K, K] weights >= 0; row k weighs the peers' logits
     that form peer k's target (default: the mean of the other peers).

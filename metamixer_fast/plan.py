@@ -149,15 +149,18 @@ class MixPlan:
 
     def to(self, device: torch.device | str, labels: Tensor | None = None) -> MixPlan:
         """The plan with every tensor on ``device`` (``labels``: an already-moved copy to reuse)."""
-        def move(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t.to(device, non_blocking=True)
+        def move(t: Tensor) -> Tensor:
+            return t.to(device, non_blocking=True)
+
+        def move_opt(t: Tensor | None) -> Tensor | None:
+            return None if t is None else move(t)
 
         return replace(self, labels=labels if labels is not None else move(self.labels),
                        local_src=move(self.local_src), local_w=move(self.local_w),
-                       lam_draw=move(self.lam_draw), cut=move(self.cut), center=move(self.center),
-                       global_src=move(self.global_src), mu=move(self.mu), keep=move(self.keep),
-                       _box=move(self._box),
-                       _lam=move(self._lam), _input_cache=None,
+                       lam_draw=move(self.lam_draw), cut=move_opt(self.cut), center=move_opt(self.center),
+                       global_src=move_opt(self.global_src), mu=move_opt(self.mu), keep=move_opt(self.keep),
+                       _box=move_opt(self._box),
+                       _lam=move_opt(self._lam), _input_cache=None,
                        _host=self._on_host(),
                        _host_lam=self._lam if self.device.type == "cpu" else self._host_lam)
 
@@ -182,6 +185,7 @@ class MixPlan:
         if self.cut is not None or self.keep is not None:
             host = self._on_host() or self.to("cpu")  # a plan made on a device: copy it back
             if host.cut is not None:
+                assert host.center is not None  # drawn with the CutMix rows
                 lam_draw, cut = host.lam_draw.double().numpy(), host.cut.numpy()
                 box, lam_cut = _cutmix_boxes(lam_draw, host.center.double().numpy(), h, w)
                 box[~cut] = (0, h, 0, w)  # Mixup rows: the whole image
@@ -240,6 +244,7 @@ class MixPlan:
 
     def _mu_for(self, t: Tensor) -> Tensor:
         """mu as the blend weight for ``t``: float32, or float64 for float64 tensors."""
+        assert self.mu is not None, "called for plans with a global blend only"
         return self.mu.double() if t.dtype == torch.float64 else self.mu
 
     def apply_local(self, x: Tensor) -> Tensor:
@@ -266,8 +271,9 @@ class MixPlan:
         """
         n, d = x.shape
         host = self._on_host() or self.to("cpu")  # a plan made on a device: copy it back
-        box = np.where(host.keep.numpy()[:, None], 0, np.array([0, 1, 0, d], dtype=np.int64))
-        box = torch.from_numpy(box).to(self.device, non_blocking=True)
+        assert host.keep is not None, "called for plans with kept rows only"
+        rows = np.where(host.keep.numpy()[:, None], 0, np.array([0, 1, 0, d], dtype=np.int64))
+        box = torch.from_numpy(rows).to(self.device, non_blocking=True)
         return mix(x.view(n, 1, 1, d), self.local_src, self.local_w, box).view(n, d)
 
     def apply(self, x: Tensor) -> Tensor:
@@ -395,10 +401,11 @@ class MixPlan:
             raise _unresolved("the target's weights hold lam, which depends on the image size")
         host = self._on_host() or self.to("cpu")  # a plan made on a device: copy it back
         lam = host.lam_draw if self.cut is None else self._host_lam
-        blend = self.mixed and host.global_src is not None
+        assert lam is not None  # (checked above)
+        p = host.global_src if self.mixed else None
+        mu = None if p is None or host.mu is None else host.mu.double().numpy()
         labels, weights = _target(host.labels.numpy(), host.local_src.numpy(),
-                                  host.global_src.numpy() if blend else None,
-                                  host.mu.double().numpy() if blend else None, lam.double().numpy())
+                                  None if p is None else p.numpy(), mu, lam.double().numpy())
         return MixedTarget(torch.from_numpy(labels).to(self.device, non_blocking=True),
                            torch.from_numpy(weights).to(self.device, non_blocking=True))
 
@@ -411,7 +418,7 @@ def _target(y: np.ndarray, s: np.ndarray, p: np.ndarray | None, mu: np.ndarray |
             lam: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``MixPlan.target`` on host arrays: labels[N, 4] int64 and weights[N, 4] float32 (the
     products in float64, rounded once). No global mixing (p is None): pi = identity, mu = 1."""
-    if p is None:
+    if p is None or mu is None:
         p, mu = np.arange(y.size), np.ones_like(lam)
     ys = y[s]
     labels = np.stack([y, ys, y[p], ys[p]], axis=1)

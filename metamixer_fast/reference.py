@@ -179,7 +179,8 @@ def mixed_kd_loss_backward(
         return mixed_kd_loss(zz, labels, weights, temperature, label_smoothing, mode,
                              peer_matrix, detach_targets)
 
-    (ce, kd), pullback = torch.func.vjp(loss, z)
+    # (torch annotates vjp's result as a pair or, with has_aux, a triple)
+    (ce, kd), pullback = torch.func.vjp(loss, z)  # type: ignore[misc]
     (dz,) = pullback((grad_ce.to(ce.dtype), grad_kd.to(kd.dtype)))
     return dz
 
@@ -231,6 +232,7 @@ def mix_backward(grad: Tensor, x: Tensor, src: Tensor, w: Tensor,
                  box: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(dx, dw) of ``mix`` by autograd: dx scatter-adds (1 - w_j) grad_j into x[src_j] inside
     box_j; dw_i = sum over box_i of grad_i * (x_i - x[src_i])."""
-    (out, pullback) = torch.func.vjp(lambda xx, ww: mix(xx, src, ww, box), x.detach(), w.detach())
+    out, pullback = torch.func.vjp(  # type: ignore[misc]  # a pair without has_aux
+        lambda xx, ww: mix(xx, src, ww, box), x.detach(), w.detach())
     dx, dw = pullback(grad.to(out.dtype))
     return dx, dw

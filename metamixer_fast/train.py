@@ -206,7 +206,8 @@ class Run:
         train_set = self.load_data()
         peers = self.build_peers(train_set.num_classes, train_set.images.shape[1])
         memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-        self.group = PeerGroup(peers).to(self.device, memory_format=memory_format)
+        # (Module.to takes memory_format, which torch's type stubs leave out)
+        self.group = PeerGroup(peers).to(self.device, memory_format=memory_format)  # type: ignore[call-overload]
         self.model: nn.Module = self.group
         if self.world > 1:
             self.model = nn.parallel.DistributedDataParallel(
