@@ -418,8 +418,9 @@ def _target(y: np.ndarray, s: np.ndarray, p: np.ndarray | None, mu: np.ndarray |
             lam: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``MixPlan.target`` on host arrays: labels[N, 4] int64 and weights[N, 4] float32 (the
     products in float64, rounded once). No global mixing (p is None): pi = identity, mu = 1."""
-    if p is None or mu is None:
+    if p is None:
         p, mu = np.arange(y.size), np.ones_like(lam)
+    assert mu is not None, "a plan with global partners has their mu"
     ys = y[s]
     labels = np.stack([y, ys, y[p], ys[p]], axis=1)
     lp = lam[p]
