@@ -351,6 +351,25 @@ METAMIXER_AVX512 inline void mix_rows(const float* x, const float* xs, float* ou
   }
 }
 
+// metamixer::mix over n elements that are whole planes of a small NCHW map (core::mix_plane_run):
+// the box lanes of the 16-wide steps repeat with the plane, so step s takes masks[s % period],
+// computed once per sample, instead of a row call per box row of every plane.
+METAMIXER_AVX512 inline void mix_periodic(const float* x, const float* xs, float* out, int64_t n,
+                                          const uint16_t* masks, int64_t period, float w) {
+  const __m512 wv = _mm512_set1_ps(w), vv = _mm512_set1_ps(1.0f - w);
+  const bool cut = w == 0.0f;
+  int64_t c = 0, s = 0;
+  for (; c + 16 <= n; c += 16) {
+    const __mmask16 m = masks[s];
+    s = s + 1 == period ? 0 : s + 1;
+    _mm512_storeu_ps(out + c, local_mix(_mm512_loadu_ps(x + c), xs + c, m, cut, wv, vv));
+  }
+  if (c < n) {
+    const __mmask16 t = static_cast<__mmask16>((1u << (n - c)) - 1u);
+    store16(out + c, t, local_mix(load16(x + c, t), xs + c, masks[s] & t, cut, wv, vv));
+  }
+}
+
 // ------------------------------------------------------------------------------- uint8 mix2
 // The same fused local + global mix for uint8 images, 16 pixels per step in 32-bit lanes,
 // with every weight in [0, 1] (the caller checks; mix's binding enforces it). Pixels travel as
@@ -524,6 +543,30 @@ METAMIXER_AVX512 inline int64_t blend_streamed(const float* a, const float* b, f
 METAMIXER_AVX512 inline int64_t blend_streamed(const uint8_t* a, const uint8_t* b, uint8_t* out,
                                                int64_t len, float w) {
   return blend_u8(a, b, out, len, w, true);
+}
+
+// mix_periodic for uint8, w in [0, 1]: 16 pixels a step as biased floats (local_mix_u8).
+// Select: w = 0, where the box lanes take the partner's bytes.
+template <bool Select>
+METAMIXER_AVX512BW inline void mix_periodic_u8_steps(const uint8_t* x, const uint8_t* xs,
+                                                     uint8_t* out, int64_t n, const uint16_t* masks,
+                                                     int64_t period, const U8Blend& b) {
+  int64_t c = 0, s = 0;
+  for (; c + 16 <= n; c += 16) {
+    const __mmask16 m = masks[s];
+    s = s + 1 == period ? 0 : s + 1;
+    put16_u8(out + c, narrow(local_mix_u8<true, Select>(x + c, xs + c, 0xFFFF, m, b)), false);
+  }
+  if (c < n) {
+    const __mmask16 t = static_cast<__mmask16>((1u << (n - c)) - 1u);
+    _mm_mask_storeu_epi8(out + c, t, narrow(local_mix_u8<false, Select>(x + c, xs + c, t, masks[s] & t, b)));
+  }
+}
+METAMIXER_AVX512BW inline void mix_periodic(const uint8_t* x, const uint8_t* xs, uint8_t* out,
+                                            int64_t n, const uint16_t* masks, int64_t period,
+                                            float w) {
+  if (w == 0.0f) mix_periodic_u8_steps<true>(x, xs, out, n, masks, period, u8_blend(w));
+  else mix_periodic_u8_steps<false>(x, xs, out, n, masks, period, u8_blend(w));
 }
 
 #undef METAMIXER_AVX512BW

@@ -31,12 +31,13 @@ std::vector<T> forward(const std::vector<T>& x, const std::vector<int64_t>& src,
                        const std::vector<core::compute_t<T>>& w, const std::vector<int64_t>& boxes,
                        const core::MixLayout& L) {
   std::vector<T> out(x.size());
-  // two halves, as two threads would split the (sample, plane) units
-  const int64_t units = L.n * L.planes, mid = units / 2;
+  // three parts, as three threads would split the (sample, plane) units (the cuts fall inside a
+  // sample wherever the planes allow)
+  const int64_t units = L.n * L.planes;
   const std::vector<int64_t> order = core::partner_chain_order(src.data(), L.n);
-  const int64_t* o = order.data();
-  core::mix_forward_planes(x.data(), out.data(), src.data(), w.data(), boxes.data(), o, L, 0, mid);
-  core::mix_forward_planes(x.data(), out.data(), src.data(), w.data(), boxes.data(), o, L, mid, units);
+  for (int64_t part = 0; part < 3; ++part)
+    core::mix_forward_planes(x.data(), out.data(), src.data(), w.data(), boxes.data(), order.data(),
+                             L, units * part / 3, units * (part + 1) / 3);
   return out;
 }
 
@@ -367,36 +368,55 @@ void test_dot_diff_equals_scalar() {
   expect(same, "dot_diff == scalar loop, bit for bit");
 }
 
-// mix_forward_planes for float (AVX-512 lane masks for box rows where the CPU has it) equals
-// the formula element by element, bit for bit: widths around the 16-lane step and past a
-// 512-column chunk, boxes with edges anywhere, w in {0, -0, 1, other}, signed zeros, inf, NaN.
-void test_mix_forward_equals_formula() {
-  for (int64_t width : {1, 5, 16, 17, 33, 50, 600}) {
-    core::MixLayout L;
-    L.n = 4, L.planes = 2, L.rows = 5, L.row_len = width;
-    std::vector<float> x(L.n * L.sample_size());
-    uint32_t state = 777u + static_cast<uint32_t>(width);
-    auto next = [&state] { return state = state * 1664525u + 1013904223u; };
+// mix_forward_planes (AVX-512 lane masks for box rows, and for runs of small planes, where the
+// CPU has it) equals the formula element by element, bit for bit: widths around the 16-lane
+// step and past a 512-column chunk, planes of sizes with every gcd with 16, small ones (the
+// runs of mix_plane_run) and large ones, boxes with edges anywhere, w in {0, -0, 1, other}, and
+// for float signed zeros, inf, NaN.
+template <typename T>
+void check_mix_forward_equals_formula(int64_t width, int64_t rows) {
+  using C = core::Compute<T>;
+  core::MixLayout L;
+  L.n = 4, L.planes = 3, L.rows = rows, L.row_len = width;
+  std::vector<T> x(L.n * L.sample_size());
+  uint32_t state = 777u + static_cast<uint32_t>(width * 31 + rows);
+  auto next = [&state] { return state = state * 1664525u + 1013904223u; };
+  if constexpr (std::is_same_v<T, float>) {
     for (auto& v : x) v = next() % 4 == 0 ? (next() % 2 ? -0.0f : 0.0f) : 0.25f * (int(next() % 41) - 20);
     x[2] = INFINITY, x[width] = NAN;
-    const std::vector<int64_t> src = {1, 2, 3, 0};
-    const std::vector<float> w = {0.0f, -0.0f, 0.3f, 1.0f};
-    const int64_t c = width / 3, d = std::max<int64_t>(width - 2, c + 1);
-    const std::vector<int64_t> boxes = {1, 4, c, d, 0, 5, 1 % width, width, 2, 3, 0, 1, 0, 5, c, d};
-    const auto got = forward<float>(x, src, w, boxes, L);
-    bool exact = true;
-    const int64_t S = L.sample_size();
-    for (int64_t i = 0; i < L.n; ++i)
-      for (int64_t p = 0; p < S; ++p) {
-        const int64_t y = (p / width) % L.rows, col = p % width;
-        const int64_t* b = &boxes[4 * i];
-        const bool in = y >= b[0] && y < b[1] && col >= b[2] && col < b[3];
-        const float a = x[i * S + p], o = x[src[i] * S + p];
-        const float want = in ? w[i] * a + (1.0f - w[i]) * o : a;
-        const float have = got[i * S + p];
-        exact = exact && (std::memcmp(&have, &want, 4) == 0 || (std::isnan(have) && std::isnan(want)));
-      }
-    expect(exact, "mix forward == formula, bit for bit");
+  } else {
+    for (auto& v : x) v = static_cast<T>(next() % 256);
+  }
+  const std::vector<int64_t> src = {1, 2, 3, 0};
+  const std::vector<float> w = {0.0f, -0.0f, 0.3f, 1.0f};
+  const int64_t c = width / 3, d = std::max<int64_t>(width - 2, c + 1);
+  const int64_t r0 = std::min<int64_t>(1, rows - 1), r1 = std::min<int64_t>(4, rows);
+  const std::vector<int64_t> boxes = {r0, r1, c, d, 0, rows, 1 % width, width, r0, r0 + 1, 0, 1,
+                                      0, rows, c, d};
+  const auto got = forward<T>(x, src, w, boxes, L);
+  bool exact = true;
+  const int64_t S = L.sample_size();
+  for (int64_t i = 0; i < L.n; ++i)
+    for (int64_t p = 0; p < S; ++p) {
+      const int64_t y = (p / width) % L.rows, col = p % width;
+      const int64_t* b = &boxes[4 * i];
+      const bool in = y >= b[0] && y < b[1] && col >= b[2] && col < b[3];
+      const float a = C::load(x[i * S + p]), o = C::load(x[src[i] * S + p]);
+      const float lhs = w[i] * a, rhs = (1.0f - w[i]) * o;
+      const T want = in ? C::store(lhs + rhs) : x[i * S + p];
+      const T have = got[i * S + p];
+      const bool nan = std::isnan(C::load(have)) && std::isnan(C::load(want));
+      exact = exact && (std::memcmp(&have, &want, sizeof(T)) == 0 || nan);
+    }
+  expect(exact, "mix forward == formula, bit for bit");
+}
+
+void test_mix_forward_equals_formula() {
+  for (int64_t width : {1, 4, 5, 7, 16, 17, 33, 50, 600}) {
+    for (int64_t rows : {1, 4, 5}) {
+      check_mix_forward_equals_formula<float>(width, rows);
+      check_mix_forward_equals_formula<uint8_t>(width, rows);
+    }
   }
 }
 
