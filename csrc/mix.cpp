@@ -9,7 +9,8 @@
 // takes that format's standard strides. The value checks of
 // metamixer_fast/_checks.py::check_mix_values run here, with the same messages, because in
 // Python they cost several small torch ops per call. The forward splits (sample, plane) units,
-// the backward (sample, plane, row) rows across threads with at::parallel_for; every output
+// the backward (sample, plane, row) rows (or, for float boxes on small maps, whole samples:
+// core::backward_by_samples) across threads with at::parallel_for; every output
 // element is written by exactly one thread, and the backward gathers per destination, so
 // nothing races. mix_eager/mix2_eager (eager.h) are the same kernels for metamixer_fast._C's
 // eager entries, which call them without the dispatcher.
@@ -307,11 +308,24 @@ std::tuple<at::Tensor, at::Tensor> mix_backward_cpu(const at::Tensor& grad_in,
     const core_ns::MixLayout& L = plan.layout;
     std::vector<int64_t> offsets, list;
     core_ns::invert_partners(plan.src, L.n, offsets, list);
-    std::vector<A> dw_rows(need_dw ? L.total_rows() : 0);  // none: dx only
     const T* gp = reinterpret_cast<const T*>(grad.const_data_ptr<scalar_t>());
     const T* xp = reinterpret_cast<const T*>(x.const_data_ptr<scalar_t>());
     T* dxp = reinterpret_cast<T*>(dx.mutable_data_ptr<scalar_t>());
     const std::vector<int64_t> order = core_ns::partner_chain_order(plan.src, L.n);
+#if defined(METAMIXER_HAVE_AVX512_MIX2)
+    if (core_ns::backward_by_samples<T>(L)) {  // boxes on small maps: whole samples as units
+      at::Tensor dw_acc = at::zeros({L.n}, w.options().dtype(at::CppTypeToScalarType<A>::value));
+      A* dwp = need_dw ? dw_acc.mutable_data_ptr<A>() : nullptr;
+      at::parallel_for(0, L.n, grain(L.sample_size(), sizeof(T)), [&](int64_t b, int64_t e) {
+        core_ns::mix_backward_samples(gp, xp, plan.src, plan.w.data(), plan.boxes.data(),
+                                      order.data(), L, offsets.data(), list.data(), dxp, dwp, b,
+                                      e);
+      });
+      dw = dw_acc.to(w.scalar_type());
+      return;
+    }
+#endif
+    std::vector<A> dw_rows(need_dw ? L.total_rows() : 0);  // none: dx only
     at::parallel_for(0, L.total_rows(), grain_rows(L, sizeof(T)), [&](int64_t b, int64_t e) {
       CT* const buf = thread_scratch<CT>(core_ns::kWindow);
       core_ns::mix_backward_rows(gp, xp, plan.src, plan.w.data(), plan.boxes.data(), order.data(),

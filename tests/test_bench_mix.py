@@ -106,3 +106,27 @@ def test_pytest_benchmark_rows_run_in_their_store_mode(row: str, mode: str,
     assert seen == [mode]
     assert "METAMIXER_STREAM_STORES" not in os.environ
     assert torch.get_num_threads() == threads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_map_rows_compute_what_they_are_named(dtype: torch.dtype, channels_last: bool) -> None:
+    """bench_mix_maps: the blend and box rows give the reference's mix, and the forward +
+    backward rows its gradients."""
+    import bench_mix_maps
+
+    x, src, wt, box = bench_mix_maps.make_case((5, 6, 7, 7), dtype, channels_last)
+    assert bool((box[:, 1] > box[:, 0]).all() and (box[:, 3] > box[:, 2]).all())  # real boxes
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(x)
+    rows = bench_mix_maps.rows_of(x, src, wt, box, grad=g)
+    assert torch.equal(rows["clone"](), x)
+    assert torch.equal(rows["blend"](), reference.mix(x, src, wt))
+    assert torch.equal(rows["box"](), reference.mix(x, src, wt, box))
+    if not dtype.is_floating_point:
+        assert "box fwd+bwd" not in rows
+        return
+    for name, b in (("blend fwd+bwd", None), ("box fwd+bwd", box)):
+        dx, dw = rows[name]()
+        want_dx, want_dw = reference.mix_backward(g.double(), x.double(), src, wt.double(), b)
+        torch.testing.assert_close(dx.double(), want_dx, rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(dw.double(), want_dw, rtol=1e-4, atol=1e-3)

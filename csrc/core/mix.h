@@ -28,9 +28,12 @@
 //
 // Bytes moved. Forward: reads x_i once and x_src_i inside box_i, writes out once:
 // (S + |box|) reads + S writes per sample of S elements. The forward works on whole planes
-// (one memcpy for the rows above and below the box), which matters for 32-wide images. Backward (gather per destination,
-// so repeated partners never race): reads g_k, x_k and x_src_k once and g_j inside box_j for
-// every j with src_j = k, writes dx once.
+// (one memcpy for the rows above and below the box), which matters for 32-wide images, and
+// on maps of at most kSmallPlane elements on runs of planes with lane masks that repeat with
+// the plane (mix_plane_run). Backward (gather per destination, so repeated partners never
+// race): reads g_k, x_k and x_src_k once and g_j inside box_j for every j with src_j = k,
+// writes dx once; by rows, or for float boxes on small maps by whole samples
+// (mix_backward_samples).
 #pragma once
 
 #include <algorithm>
@@ -326,7 +329,8 @@ void mix_plane_run(const T* a, const T* b, T* out, int64_t np, const MixLayout& 
 #if defined(METAMIXER_HAVE_AVX512_MIX2)
   bool lanes = false;  // AVX-512 lane masks for this dtype, CPU and weight
   if constexpr (std::is_same_v<T, float>) lanes = cpu_has_avx512f();
-  if constexpr (std::is_same_v<T, uint8_t>) lanes = avx512::cpu_has_avx512bw() && w >= 0.0f && w <= 1.0f;
+  if constexpr (std::is_same_v<T, uint8_t>)
+    lanes = avx512::cpu_has_avx512bw() && w >= 0.0f && w <= 1.0f;
   if constexpr (std::is_same_v<T, float> || std::is_same_v<T, uint8_t>) {
     if (lanes && !empty) {
       uint16_t masks[kSmallPlane];
@@ -692,6 +696,63 @@ void mix_backward_rows(const T* g, const T* x, const int64_t* src, const compute
     if (dw_rows) dw_rows[k * per_sample + r % per_sample] = dw_share;
   }
 }
+
+#if defined(METAMIXER_HAVE_AVX512_MIX2)
+// Whether mix's backward takes mix_backward_samples: float on an AVX-512 CPU, boxes on maps of
+// at most kSmallPlane elements (rows > 1: not the whole-sample blend, which is one long row).
+template <typename T>
+bool backward_by_samples(const MixLayout& L) {
+  return std::is_same_v<T, float> && cpu_has_avx512f() && L.rows > 1 &&
+         L.rows * L.row_len <= kSmallPlane;
+}
+
+// The backward over samples [begin, end) of `order` when backward_by_samples: each sample's
+// planes are one run (avx512::gather_periodic_f32, the partners kMaxParts at a time, those
+// with empty boxes skipped). Writes dx and, if dw is not null, dw[k] = the sum over box k of
+// g_k (x_k - x_src_k), in an order fixed per sample (so whatever the threads' ranges).
+// (A template so that the binding's dtype dispatch compiles it for every T: it does nothing
+// but for float, the only T backward_by_samples accepts.)
+template <typename T>
+void mix_backward_samples(const T* g, const T* x, const int64_t* src, const compute_t<T>* w,
+                          const int64_t* boxes, const int64_t* order, const MixLayout& L,
+                          const int64_t* inv_offsets, const int64_t* inv_list, T* dx,
+                          acc_t<T>* dw, int64_t begin, int64_t end) {
+  if constexpr (std::is_same_v<T, float>) {
+    constexpr int64_t kMaxParts = 8;
+    const int64_t S = L.sample_size();
+    uint16_t mk[kSmallPlane], mj[kMaxParts][kSmallPlane];
+    avx512::PeriodicPart parts[kMaxParts];
+    for (int64_t pos = begin; pos < end; ++pos) {
+      const int64_t k = order[pos];
+      const int64_t period = periodic_box_masks(L, boxes + 4 * k, mk);
+      const float *gk = g + k * S, *xk = x + k * S, *xs = x + src[k] * S;
+      bool first = true;
+      for (int64_t t = inv_offsets[k]; t < inv_offsets[k + 1] || first;) {
+        int64_t n = 0;  // the next batch of partners with non-empty boxes
+        for (; t < inv_offsets[k + 1] && n < kMaxParts; ++t) {
+          const int64_t j = inv_list[t];
+          const int64_t* bj = boxes + 4 * j;
+          if (bj[0] >= bj[1] || bj[2] >= bj[3]) continue;
+          periodic_box_masks(L, bj, mj[n]);
+          parts[n] = {g + j * S, mj[n], 1.0f - w[j]};
+          ++n;
+        }
+        if (!first && n == 0) break;
+        if (first && dw)
+          dw[k] = avx512::gather_periodic_f32<true, true>(gk, xk, xs, dx + k * S, S, mk, period,
+                                                          w[k], parts, n);
+        else if (first)
+          avx512::gather_periodic_f32<true, false>(gk, xk, xs, dx + k * S, S, mk, period, w[k],
+                                                   parts, n);
+        else
+          avx512::gather_periodic_f32<false, false>(gk, xk, xs, dx + k * S, S, mk, period, w[k],
+                                                    parts, n);
+        first = false;
+      }
+    }
+  }
+}
+#endif
 
 // dw_i = sum of the row shares of sample i, in row order.
 template <typename A>

@@ -351,6 +351,74 @@ void test_backward_one_partner_path_exact() {
   }
 }
 
+#if defined(METAMIXER_HAVE_AVX512_MIX2)
+// mix_backward_samples (boxes on small maps, AVX-512 CPUs): dx equals the gather formula bit for
+// bit and dw the box sum within float rounding, on planes of every gcd with 16 (the periodic
+// masks), with 11 samples sharing one partner (two batches of partners, the second adding to
+// what the first stored), empty and full boxes, and the samples split across three ranges.
+void test_backward_samples_exact() {
+  if (!core::cpu_has_avx512f()) return;
+  for (auto [H, W] : {std::pair<int64_t, int64_t>{4, 4}, {7, 7}, {2, 3}, {8, 12}, {32, 32}}) {
+    core::MixLayout L;
+    const int64_t n = 14, P = 3, S = P * H * W;
+    L.n = n, L.planes = P, L.rows = H, L.row_len = W;
+    expect(core::backward_by_samples<float>(L), "small maps take mix_backward_samples");
+    std::vector<float> x(n * S), g(n * S);
+    uint32_t state = 99u + static_cast<uint32_t>(H * 100 + W);
+    auto next = [&state] { return state = state * 1664525u + 1013904223u; };
+    for (int64_t c = 0; c < n * S; ++c) {
+      x[c] = static_cast<float>(int(next() % 201) - 100) / 7.0f;
+      g[c] = static_cast<float>(int(next() % 179) - 89) / 3.0f;
+    }
+    g[3] = -0.0f, g[S + 1] = 1e-40f;
+    std::vector<int64_t> src(n, 0), boxes(4 * n);
+    std::vector<float> w(n);
+    for (int64_t i = 0; i < n; ++i) {
+      src[i] = i < 11 ? 0 : i - 10;  // samples 0-10 all take sample 0 as their partner
+      const int64_t y0 = next() % H, c0 = next() % W;
+      const int64_t y1 = y0 + 1 + next() % (H - y0), c1 = c0 + 1 + next() % (W - c0);
+      int64_t* b = &boxes[4 * i];
+      b[0] = y0, b[1] = y1, b[2] = c0, b[3] = c1;
+      w[i] = static_cast<float>(next() % 1000) / 999.0f;
+    }
+    boxes[4 * 2 + 1] = boxes[4 * 2];                   // sample 2: an empty box
+    boxes[4 * 3] = 0, boxes[4 * 3 + 1] = H;            // sample 3: the whole map
+    boxes[4 * 3 + 2] = 0, boxes[4 * 3 + 3] = W;
+    std::vector<int64_t> offsets, list;
+    core::invert_partners(src.data(), n, offsets, list);
+    const std::vector<int64_t> order = core::partner_chain_order(src.data(), n);
+    std::vector<float> dx(n * S), dw(n);
+    for (int64_t part = 0; part < 3; ++part)
+      core::mix_backward_samples(g.data(), x.data(), src.data(), w.data(), boxes.data(),
+                                 order.data(), L, offsets.data(), list.data(), dx.data(),
+                                 dw.data(), n * part / 3, n * (part + 1) / 3);
+    auto in_box = [&](int64_t i, int64_t at) {
+      const int64_t* b = boxes.data() + 4 * i;
+      const int64_t y = (at / W) % H, c = at % W;
+      return y >= b[0] && y < b[1] && c >= b[2] && c < b[3];
+    };
+    bool exact = true, close = true;
+    for (int64_t k = 0; k < n; ++k) {
+      double want_dw = 0.0, scale = 0.0;
+      for (int64_t at = 0; at < S; ++at) {
+        float want = g[k * S + at];
+        if (in_box(k, at)) {
+          const double term = double(want) * (double(x[k * S + at]) - double(x[src[k] * S + at]));
+          want_dw += term, scale += std::fabs(term);
+          want = want * w[k];
+        }
+        for (int64_t j = 0; j < n; ++j)
+          if (src[j] == k && in_box(j, at)) want = want + (1.0f - w[j]) * g[j * S + at];
+        exact = exact && std::memcmp(&dx[k * S + at], &want, sizeof(float)) == 0;
+      }
+      close = close && std::fabs(dw[k] - want_dw) <= 1e-5 * scale + 1e-6;
+    }
+    expect(exact, "backward by samples: dx == the gather formula, bit for bit");
+    expect(close, "backward by samples: dw == the box sum");
+  }
+}
+#endif
+
 // dot_diff (AVX-512 for float where the CPU has it) gives the scalar loop's bits at every length.
 void test_dot_diff_equals_scalar() {
   std::vector<float> g(5000), a(5000), b(5000);
@@ -530,6 +598,9 @@ int main() {
   test_dw_inside_box_only();
   test_backward_one_partner_path_exact();
   test_backward_box_rows_exact();
+#if defined(METAMIXER_HAVE_AVX512_MIX2)
+  test_backward_samples_exact();
+#endif
   test_dot_diff_equals_scalar();
   if (failures) {
     std::printf("%d failure(s)\n", failures);
