@@ -20,8 +20,9 @@
 // reference; no FMA instruction is ever enabled for this code, so nothing is contracted.
 // uint8 rounds half to even and clamps to [0, 255] (SSE2, AVX2 or AVX-512 does 16 pixels at a
 // time, AVX-512 for w in [0, 1], where no clamp is needed; w = 0 or 1 is a memcpy for uint8,
-// where it is exact); float blends take AVX2 or
-// AVX-512 where the CPU has it (picked at run time). Copies (outside the box) are memcpy.
+// where it is exact); float blends take AVX2 or AVX-512 where the CPU has it (picked at run
+// time), fp16 and bf16 blends (and the whole-sample backward) AVX-512, with the conversions of
+// half.h done 16 lanes at a time. Copies (outside the box) are memcpy.
 //
 // Fused op: mix2_forward_planes computes mix(mix(x, src, w, box), src2, w2, None) in one pass
 // (see there), bit for bit equal to the two calls.
@@ -94,6 +95,11 @@ struct Compute<BFloat16> {
 
 template <typename T>
 using compute_t = typename Compute<T>::type;
+
+// The storage types whose AVX-512 paths (mix_avx512.h) compute in 16 float lanes.
+template <typename T>
+constexpr bool kWideFloat =
+    std::is_same_v<T, float> || std::is_same_v<T, Half> || std::is_same_v<T, BFloat16>;
 
 // Accumulator of the backward: double for double, float otherwise.
 template <typename T>
@@ -210,6 +216,11 @@ void blend_span(const T* a, const T* b, T* out, int64_t len, compute_t<T> w) {
     for (; c + 16 <= len; c += 16) blend16_u8(a + c, b + c, out + c, wv, vv);
 #endif
   }
+#if defined(METAMIXER_HAVE_AVX512_MIX2)
+  if constexpr (std::is_same_v<T, Half> || std::is_same_v<T, BFloat16>) {
+    if (cpu_has_avx512f()) c = avx512::blend_16bit(a, b, out, len, w);
+  }
+#endif
 #if defined(METAMIXER_HAVE_AVX2_PATH)
   if constexpr (std::is_same_v<T, float>) {
     if (cpu_has_avx512f()) {
@@ -576,14 +587,14 @@ acc_t<T> dot_diff_finish(const T* g, const T* a, const T* b, int64_t len, acc_t<
 }
 
 // sum_c g[c] (a[c] - b[c]) over a span, in acc_t<T> with 8 independent partial sums (element c
-// into part[c % 8]); float takes AVX-512 where the CPU has it, with the same bits.
+// into part[c % 8]); float, fp16 and bf16 take AVX-512 where the CPU has it, with the same bits.
 template <typename T>
 acc_t<T> dot_diff(const T* g, const T* a, const T* b, int64_t len) {
   acc_t<T> part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t c = 0;
 #if defined(METAMIXER_HAVE_AVX512_MIX2)
-  if constexpr (std::is_same_v<T, float>) {
-    if (cpu_has_avx512f()) c = avx512::dot_diff_parts_f32(g, a, b, len, part);
+  if constexpr (kWideFloat<T>) {
+    if (cpu_has_avx512f()) c = avx512::dot_diff_parts(g, a, b, len, part);
   }
 #endif
   return dot_diff_finish(g, a, b, len, part, c);
@@ -654,13 +665,13 @@ void mix_backward_rows(const T* g, const T* x, const int64_t* src, const compute
           acc_t<T> part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
           int64_t done = 0;  // columns from cb on that the AVX-512 loop did (dx and dw's partials)
 #if defined(METAMIXER_HAVE_AVX512_MIX2)
-          if constexpr (std::is_same_v<T, float>) {
+          if constexpr (kWideFloat<T>) {
             if (cpu_has_avx512f() && dw_rows)
-              done = avx512::one_partner_backward_f32<true>(gk + cb, gj + cb, xk + cb, xs + cb,
-                                                            out + cb, ce - cb, wk, v, part);
+              done = avx512::one_partner_backward<T, true>(gk + cb, gj + cb, xk + cb, xs + cb,
+                                                           out + cb, ce - cb, wk, v, part);
             else if (cpu_has_avx512f())
-              done = avx512::one_partner_backward_f32<false>(gk + cb, gj + cb, xk + cb, xs + cb,
-                                                             out + cb, ce - cb, wk, v, part);
+              done = avx512::one_partner_backward<T, false>(gk + cb, gj + cb, xk + cb, xs + cb,
+                                                            out + cb, ce - cb, wk, v, part);
           }
 #endif
           for (int64_t c = cb + done; c < ce; ++c)

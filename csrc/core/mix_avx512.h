@@ -24,6 +24,8 @@
 
 #include <cstdint>
 
+#include "half.h"
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 
@@ -35,6 +37,36 @@ namespace metamixer::core::avx512 {
 constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
 
 METAMIXER_AVX512 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+
+// 16 values of a storage type as floats, and back: for fp16 and bf16 bit for bit the scalar
+// conversions of half.h (to_float, to_half, to_bfloat16), whose loops GCC does not vectorize
+// (an fp16 whole-sample blend took 20x a clone of the batch).
+METAMIXER_AVX512 inline __m512 widen16(const float* p) { return _mm512_loadu_ps(p); }
+METAMIXER_AVX512 inline __m512 widen16(const Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+METAMIXER_AVX512 inline __m512 widen16(const BFloat16* p) {
+  const __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
+}
+METAMIXER_AVX512 inline void narrow16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+// vcvtps2ph rounds to nearest even as to_half does, but keeps a NaN's payload where to_half
+// gives the quiet NaN of its sign (sign | 0x7E00): NaN lanes become that NaN's float first.
+METAMIXER_AVX512 inline void narrow16(Half* p, __m512 v) {
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  const __m512i sign = _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(INT32_MIN));
+  const __m512 quiet = _mm512_castsi512_ps(_mm512_or_si512(sign, _mm512_set1_epi32(0x7FC00000)));
+  const __m256i h = _mm512_cvtps_ph(_mm512_mask_mov_ps(v, nan, quiet), kRound);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
+}
+// to_bfloat16's integer rounding, 16 lanes: (u + 0x7FFF + ((u >> 16) & 1)) >> 16, NaN -> 0x7FC0.
+METAMIXER_AVX512 inline void narrow16(BFloat16* p, __m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+}
 
 // Stores 16 floats at p; with `stream`, past the cache (p must then be 64-byte aligned): the
 // store neither reads the line first nor leaves it dirty for a later operation to write back,
@@ -66,20 +98,32 @@ METAMIXER_AVX512 inline int64_t blend_f32(const float* a, const float* b, float*
   return c;
 }
 
-// dot_diff's partial sums for float: acc[c % 8] += g[c] (a[c] - b[c]) for the 16 elements at c.
-// The differences and products take 16 lanes and each is added to its partial in the scalar
-// loop's order (lanes 0-7, then 8-15), so the bits are dot_diff's.
-METAMIXER_AVX512 inline __m256 dot_diff_step(__m256 acc, const float* g, const float* a,
-                                             const float* b, int64_t c) {
-  const __m512 d = _mm512_sub_round_ps(_mm512_loadu_ps(a + c), _mm512_loadu_ps(b + c), kRound);
-  const __m512 t = _mm512_mul_round_ps(_mm512_loadu_ps(g + c), d, kRound);
+// blend_f32 for fp16 and bf16 storage (float arithmetic, the scalar path's roundings).
+template <typename T>
+METAMIXER_AVX512 inline int64_t blend_16bit(const T* a, const T* b, T* out, int64_t len, float w) {
+  const __m512 wv = _mm512_set1_ps(w), vv = _mm512_set1_ps(1.0f - w);
+  int64_t c = 0;
+  for (; c + 16 <= len; c += 16) narrow16(out + c, blend(wv, vv, widen16(a + c), widen16(b + c)));
+  return c;
+}
+
+// dot_diff's partial sums for float, fp16 and bf16 storage: acc[c % 8] += g[c] (a[c] - b[c])
+// for the 16 elements at c, in float. The differences and products take 16 lanes and each is
+// added to its partial in the scalar loop's order (lanes 0-7, then 8-15), so the bits are
+// dot_diff's.
+template <typename T>
+METAMIXER_AVX512 inline __m256 dot_diff_step(__m256 acc, const T* g, const T* a, const T* b,
+                                             int64_t c) {
+  const __m512 d = _mm512_sub_round_ps(widen16(a + c), widen16(b + c), kRound);
+  const __m512 t = _mm512_mul_round_ps(widen16(g + c), d, kRound);
   acc = _mm256_add_ps(acc, _mm512_castps512_ps256(t));
   return _mm256_add_ps(acc, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(t), 1)));
 }
 
 // dot_diff's partial sums part[8] over c < (len rounded down to 16); returns that count.
-METAMIXER_AVX512 inline int64_t dot_diff_parts_f32(const float* g, const float* a, const float* b,
-                                                   int64_t len, float* part) {
+template <typename T>
+METAMIXER_AVX512 inline int64_t dot_diff_parts(const T* g, const T* a, const T* b, int64_t len,
+                                               float* part) {
   __m256 acc = _mm256_loadu_ps(part);
   int64_t c = 0;
   for (; c + 16 <= len; c += 16) acc = dot_diff_step(acc, g, a, b, c);
@@ -89,19 +133,19 @@ METAMIXER_AVX512 inline int64_t dot_diff_parts_f32(const float* g, const float* 
 
 // The backward of a whole-sample blend with one partner j, over c < (len rounded down to 16)
 // (returned): dx[c] = wk gk[c] + v gj[c], and with Dw dot_diff's partials part[8] of
-// gk (xk - xs). One loop over the five streams instead of a blend pass and a dot_diff pass per
-// window: each of the two passes alone ran at memory speed, and together they took their sum
-// (C++ harness, 256x128x16x16 fp32, one thread: 4.3 ms against 1.9 + 2.5).
-template <bool Dw>
-METAMIXER_AVX512 inline int64_t one_partner_backward_f32(const float* gk, const float* gj,
-                                                         const float* xk, const float* xs,
-                                                         float* dx, int64_t len, float wk,
-                                                         float v, float* part) {
+// gk (xk - xs); float, fp16 or bf16 storage. One loop over the five streams instead of a blend
+// pass and a dot_diff pass per window: each of the two passes alone ran at memory speed, and
+// together they took their sum (C++ harness, 256x128x16x16 fp32, one thread: 4.3 ms against
+// 1.9 + 2.5).
+template <typename T, bool Dw>
+METAMIXER_AVX512 inline int64_t one_partner_backward(const T* gk, const T* gj, const T* xk,
+                                                     const T* xs, T* dx, int64_t len, float wk,
+                                                     float v, float* part) {
   const __m512 wv = _mm512_set1_ps(wk), vv = _mm512_set1_ps(v);
   __m256 acc = _mm256_loadu_ps(part);
   int64_t c = 0;
   for (; c + 16 <= len; c += 16) {
-    _mm512_storeu_ps(dx + c, blend(wv, vv, _mm512_loadu_ps(gk + c), _mm512_loadu_ps(gj + c)));
+    narrow16(dx + c, blend(wv, vv, widen16(gk + c), widen16(gj + c)));
     if (Dw) acc = dot_diff_step(acc, gk, xk, xs, c);
   }
   _mm256_storeu_ps(part, acc);

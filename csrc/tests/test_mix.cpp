@@ -156,6 +156,60 @@ void test_wide_blend_paths_equal_scalar() {
 }
 #endif
 
+#if defined(METAMIXER_HAVE_AVX512_MIX2)
+// The AVX-512 fp16 and bf16 paths equal the scalar formulas of half.h bit for bit: the blend
+// over every 16-bit pattern (NaNs of both signs and payloads, infinities, subnormals, values
+// that round to inf), and the whole-sample backward's dx and dw partial sums on finite values
+// (see `same` for two NaN operands).
+template <typename H>
+void check_16bit_paths_equal_scalar() {
+  if (!core::cpu_has_avx512f()) return;
+  using C = core::Compute<H>;
+  const int64_t len = 65536 + 7;
+  std::vector<H> a(len), b(len), got(len), want(len), fa(len), fb(len), fg(len);
+  // fa, fb, fg: values of magnitude below 2 (the exponent's top bit cleared), whose products
+  // and sums stay finite
+  auto small = [](uint32_t bits) { return H{static_cast<uint16_t>(bits & 0xBFFFu)}; };
+  for (int64_t i = 0; i < len; ++i) {
+    a[i].bits = static_cast<uint16_t>(i), b[i].bits = static_cast<uint16_t>(i * 40503u + 17u);
+    fa[i] = small(a[i].bits), fb[i] = small(b[i].bits), fg[i] = small((i * 2654435761u) >> 9);
+  }
+  const int64_t steps = len / 16 * 16;
+  // equal bits; where both operands are NaN, any NaN: which one's sign the sum keeps is the
+  // compiler's choice of operand order, in the scalar loop as in the vector one
+  auto same = [&](int64_t n) {
+    for (int64_t i = 0; i < n; ++i) {
+      const bool two_nans = std::isnan(C::load(a[i])) && std::isnan(C::load(b[i]));
+      if (got[i].bits != want[i].bits && !(two_nans && std::isnan(C::load(got[i]))))
+        return false;
+    }
+    return true;
+  };
+  for (float w : {0.0f, 1.0f, 0.3f, 0.999f, 0.5f}) {
+    for (int64_t i = 0; i < len; ++i) {
+      const float lhs = w * C::load(a[i]), rhs = (1.0f - w) * C::load(b[i]);
+      want[i] = C::store(lhs + rhs);
+    }
+    const int64_t n = core::avx512::blend_16bit(a.data(), b.data(), got.data(), len, w);
+    expect(n == steps && same(n), "16-bit avx512 blend == scalar");
+    const float v = 1.0f - w;
+    for (int64_t i = 0; i < len; ++i) want[i] = C::store(C::load(fg[i]) * w + v * C::load(fb[i]));
+    float part[8] = {0, 0, 0, 0, 0, 0, 0, 0}, scalar[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    const int64_t m = core::avx512::one_partner_backward<H, true>(fg.data(), fb.data(), fa.data(), fb.data(),
+                                                                   got.data(), len, w, v, part);
+    expect(m == steps && same(m), "16-bit avx512 one-partner dx == scalar");
+    const float dw = core::dot_diff_finish(fg.data(), fa.data(), fb.data(), m, part, m);
+    const float want_dw = core::dot_diff_finish(fg.data(), fa.data(), fb.data(), m, scalar, 0);
+    expect(std::memcmp(&dw, &want_dw, 4) == 0 && std::isfinite(dw), "16-bit avx512 dw partials == scalar");
+  }
+}
+
+void test_16bit_paths_equal_scalar() {
+  check_16bit_paths_equal_scalar<core::Half>();
+  check_16bit_paths_equal_scalar<core::BFloat16>();
+}
+#endif
+
 // channels_last view: rows = H, row_len = W*C, columns scaled by C.
 void test_channels_last_box() {
   const int C = 3, H = 2, W = 3;
@@ -587,6 +641,9 @@ int main() {
   test_mix_forward_equals_formula();
 #if defined(METAMIXER_HAVE_AVX2_PATH)
   test_wide_blend_paths_equal_scalar();
+#endif
+#if defined(METAMIXER_HAVE_AVX512_MIX2)
+  test_16bit_paths_equal_scalar();
 #endif
   test_cutmix_copies_exactly();
   test_uint8_rounds_half_to_even();
