@@ -1,13 +1,15 @@
-"""CPU cost of `mix` with a box on small feature maps, next to the box-free blend and a clone.
+"""CPU cost of `mix` on feature maps, with a box and without, next to a clone of the batch.
 
     python bench/bench_mix_maps.py [--threads 2] [--rounds 100] [--retain-memory on|off] [--out PATH]
 
 MetaMixer pastes boxes on the input images only, but `mix` takes a box at any stage (CutMix on
-a feature map). For each map - NCHW and channels_last, fp32 and uint8 - it times, in one run
-with the rows in a new random order every round: one `clone` of the batch (the floor), the
+a feature map), and the global blend runs at a feature stage, in bf16 or fp16 under autocast.
+For each map - NCHW and channels_last; fp32, bf16, fp16 and uint8 - it times, in one run with
+the rows in a new random order every round: one `clone` of the batch (the floor), the
 whole-sample blend `mix(x, src, w)`, and `mix(x, src, w, box)` with a random box per sample
-(about a quarter of the map), each forward only and (fp32) forward + backward. The ratio that
-matters is box / blend: a box moves no more data than the blend. Every mixing row is checked
+(about a quarter of the map), each forward only and (floating dtypes) forward + backward. The
+ratios that matter are blend / clone and box / blend: a box moves no more data than the blend,
+and the blend reads about twice what a clone does. Every mixing row is checked
 against `metamixer_fast.reference.mix` before it is timed. Writes bench/results/
 mix_maps-<commit>.json (or ``--out``).
 """
@@ -32,6 +34,7 @@ from metamixer_fast import reference
 from metamixer_fast.memory import retain_freed_memory
 
 MAPS = ((128, 128, 4, 4), (64, 64, 7, 7), (256, 64, 8, 8), (128, 64, 16, 16), (256, 3, 32, 32))
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.uint8)
 
 
 def make_case(shape: tuple[int, int, int, int], dtype: torch.dtype, channels_last: bool,
@@ -83,7 +86,7 @@ def measure(rounds: int) -> dict[str, dict[str, float]]:
     """case -> row -> median microseconds."""
     results = {}
     for shape in MAPS:
-        for dtype in (torch.float32, torch.uint8):
+        for dtype in DTYPES:
             for channels_last in (False, True):
                 case = make_case(shape, dtype, channels_last)
                 check(*case)
@@ -95,12 +98,14 @@ def measure(rounds: int) -> dict[str, dict[str, float]]:
 
 
 def print_table(results: dict[str, dict[str, float]]) -> None:
-    print("| map | clone us | blend us | box us | box / blend | box fwd+bwd / blend fwd+bwd |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| map | clone us | blend us | box us | blend / clone | box / blend | "
+          "blend fwd+bwd / clone | box fwd+bwd / blend fwd+bwd |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for key, us in results.items():
-        bwd = (f"{us['box fwd+bwd'] / us['blend fwd+bwd']:.2f}" if "box fwd+bwd" in us else "")
+        bwd = (f"{us['blend fwd+bwd'] / us['clone']:.2f} | "
+               f"{us['box fwd+bwd'] / us['blend fwd+bwd']:.2f}" if "box fwd+bwd" in us else " | ")
         print(f"| {key} | {us['clone']:.0f} | {us['blend']:.0f} | {us['box']:.0f} | "
-              f"{us['box'] / us['blend']:.2f} | {bwd} |")
+              f"{us['blend'] / us['clone']:.2f} | {us['box'] / us['blend']:.2f} | {bwd} |")
 
 
 def main() -> None:
@@ -118,7 +123,7 @@ def main() -> None:
           f"interleaved rounds\n")
     results = measure(args.rounds)
     print_table(results)
-    report = {"benchmark": "mix with a box on small maps (CPU)", "commit": commit(),
+    report = {"benchmark": "mix on feature maps (CPU)", "commit": commit(),
               "cpu": cpu_name(), "backend": backend, "torch": torch.__version__, "threads": args.threads,
               "rounds": args.rounds, "retain_memory": retained, "median_us": results}
     out = args.out or ROOT / "bench" / "results" / f"mix_maps-{report['commit']}.json"

@@ -325,9 +325,9 @@ inline int64_t periodic_box_masks(const MixLayout& L, const int64_t* box, uint16
 }
 
 // np whole planes of one sample (a, b, out at the first), each plane of at most kSmallPlane
-// elements: out = a outside the box, the blend of a and b inside. Float with AVX-512, and uint8
-// with AVX-512BW, take lane masks that repeat with the plane; otherwise one memcpy of the run,
-// then a blend per box row of each plane.
+// elements: out = a outside the box, the blend of a and b inside. Float with AVX-512, and
+// uint8, fp16 and bf16 with AVX-512BW, take lane masks that repeat with the plane; otherwise
+// (double, or an older CPU) one memcpy of the run, then a blend per box row of each plane.
 template <typename T>
 void mix_plane_run(const T* a, const T* b, T* out, int64_t np, const MixLayout& L,
                    const int64_t* box, compute_t<T> w) {
@@ -342,7 +342,9 @@ void mix_plane_run(const T* a, const T* b, T* out, int64_t np, const MixLayout& 
   if constexpr (std::is_same_v<T, float>) lanes = cpu_has_avx512f();
   if constexpr (std::is_same_v<T, uint8_t>)
     lanes = avx512::cpu_has_avx512bw() && w >= 0.0f && w <= 1.0f;
-  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, uint8_t>) {
+  if constexpr (std::is_same_v<T, Half> || std::is_same_v<T, BFloat16>)
+    lanes = avx512::cpu_has_avx512bw();
+  if constexpr (!std::is_same_v<T, double>) {
     if (lanes && !empty) {
       uint16_t masks[kSmallPlane];
       const int64_t period = periodic_box_masks(L, box, masks);

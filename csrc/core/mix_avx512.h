@@ -41,31 +41,36 @@ METAMIXER_AVX512 inline __m512 load16(const float* p, __mmask16 m) { return _mm5
 // 16 values of a storage type as floats, and back: for fp16 and bf16 bit for bit the scalar
 // conversions of half.h (to_float, to_half, to_bfloat16), whose loops GCC does not vectorize
 // (an fp16 whole-sample blend took 20x a clone of the batch).
-METAMIXER_AVX512 inline __m512 widen16(const float* p) { return _mm512_loadu_ps(p); }
-METAMIXER_AVX512 inline __m512 widen16(const Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+METAMIXER_AVX512 inline __m512 widen_bits(__m256i h, Half) { return _mm512_cvtph_ps(h); }
+METAMIXER_AVX512 inline __m512 widen_bits(__m256i h, BFloat16) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
-METAMIXER_AVX512 inline __m512 widen16(const BFloat16* p) {
-  const __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
-}
-METAMIXER_AVX512 inline void narrow16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
 // vcvtps2ph rounds to nearest even as to_half does, but keeps a NaN's payload where to_half
 // gives the quiet NaN of its sign (sign | 0x7E00): NaN lanes become that NaN's float first.
-METAMIXER_AVX512 inline void narrow16(Half* p, __m512 v) {
+METAMIXER_AVX512 inline __m256i narrow_bits(__m512 v, Half) {
   const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
   const __m512i sign = _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(INT32_MIN));
   const __m512 quiet = _mm512_castsi512_ps(_mm512_or_si512(sign, _mm512_set1_epi32(0x7FC00000)));
-  const __m256i h = _mm512_cvtps_ph(_mm512_mask_mov_ps(v, nan, quiet), kRound);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
+  return _mm512_cvtps_ph(_mm512_mask_mov_ps(v, nan, quiet), kRound);
 }
 // to_bfloat16's integer rounding, 16 lanes: (u + 0x7FFF + ((u >> 16) & 1)) >> 16, NaN -> 0x7FC0.
-METAMIXER_AVX512 inline void narrow16(BFloat16* p, __m512 v) {
+METAMIXER_AVX512 inline __m256i narrow_bits(__m512 v, BFloat16) {
   const __m512i u = _mm512_castps_si512(v);
   const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+  const __m512i bias = _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
   r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+  return _mm512_cvtepi32_epi16(r);
+}
+METAMIXER_AVX512 inline __m512 widen16(const float* p) { return _mm512_loadu_ps(p); }
+template <typename T>
+METAMIXER_AVX512 inline __m512 widen16(const T* p) {
+  return widen_bits(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), T{});
+}
+METAMIXER_AVX512 inline void narrow16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+template <typename T>
+METAMIXER_AVX512 inline void narrow16(T* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), narrow_bits(v, T{}));
 }
 
 // Stores 16 floats at p; with `stream`, past the cache (p must then be 64-byte aligned): the
@@ -660,6 +665,36 @@ METAMIXER_AVX512BW inline void mix_periodic(const uint8_t* x, const uint8_t* xs,
                                             float w) {
   if (w == 0.0f) mix_periodic_u8_steps<true>(x, xs, out, n, masks, period, u8_blend(w));
   else mix_periodic_u8_steps<false>(x, xs, out, n, masks, period, u8_blend(w));
+}
+
+// mix_periodic for fp16 and bf16 storage (the float blend between widen_bits and narrow_bits).
+// Lanes outside the box keep x's 16 bits by a merge after the narrowing, so a NaN there is
+// copied as it is, not re-encoded.
+template <typename T>
+METAMIXER_AVX512BW inline void mix_periodic_16bit(const T* x, const T* xs, T* out, int64_t n,
+                                                  const uint16_t* masks, int64_t period, float w) {
+  const __m512 wv = _mm512_set1_ps(w), vv = _mm512_set1_ps(1.0f - w);
+  for (int64_t c = 0, s = 0; c < n; c += 16, s = s + 1 == period ? 0 : s + 1) {
+    const __mmask16 t = n - c >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - c)) - 1u);
+    const __mmask16 m = masks[s] & t;
+    const __m256i a = _mm256_maskz_loadu_epi16(t, x + c);
+    __m256i u = a;
+    if (m) {
+      const __m256i b = _mm256_maskz_loadu_epi16(m, xs + c);
+      const __m512 mixed = blend(wv, vv, widen_bits(a, T{}), widen_bits(b, T{}));
+      u = _mm256_mask_blend_epi16(m, a, narrow_bits(mixed, T{}));
+    }
+    _mm256_mask_storeu_epi16(out + c, t, u);
+  }
+}
+METAMIXER_AVX512BW inline void mix_periodic(const Half* x, const Half* xs, Half* out, int64_t n,
+                                            const uint16_t* masks, int64_t period, float w) {
+  mix_periodic_16bit(x, xs, out, n, masks, period, w);
+}
+METAMIXER_AVX512BW inline void mix_periodic(const BFloat16* x, const BFloat16* xs, BFloat16* out,
+                                            int64_t n, const uint16_t* masks, int64_t period,
+                                            float w) {
+  mix_periodic_16bit(x, xs, out, n, masks, period, w);
 }
 
 #undef METAMIXER_AVX512BW

@@ -494,7 +494,8 @@ void test_dot_diff_equals_scalar() {
 // CPU has it) equals the formula element by element, bit for bit: widths around the 16-lane
 // step and past a 512-column chunk, planes of sizes with every gcd with 16, small ones (the
 // runs of mix_plane_run) and large ones, boxes with edges anywhere, w in {0, -0, 1, other}, and
-// for float signed zeros, inf, NaN.
+// special values (signed zeros for float, inf, NaN; for fp16 and bf16 a NaN with a payload,
+// which a copy must keep).
 template <typename T>
 void check_mix_forward_equals_formula(int64_t width, int64_t rows) {
   using C = core::Compute<T>;
@@ -506,8 +507,11 @@ void check_mix_forward_equals_formula(int64_t width, int64_t rows) {
   if constexpr (std::is_same_v<T, float>) {
     for (auto& v : x) v = next() % 4 == 0 ? (next() % 2 ? -0.0f : 0.0f) : 0.25f * (int(next() % 41) - 20);
     x[2] = INFINITY, x[width] = NAN;
-  } else {
+  } else if constexpr (std::is_same_v<T, uint8_t>) {
     for (auto& v : x) v = static_cast<T>(next() % 256);
+  } else {  // fp16, bf16: values with fractions, an infinity, and a NaN with a payload
+    for (auto& v : x) v = C::store(0.37f * static_cast<float>(int(next() % 201) - 100));
+    x[2].bits = 0x7C00, x[width].bits = 0xFF81;
   }
   const std::vector<int64_t> src = {1, 2, 3, 0};
   const std::vector<float> w = {0.0f, -0.0f, 0.3f, 1.0f};
@@ -527,7 +531,8 @@ void check_mix_forward_equals_formula(int64_t width, int64_t rows) {
       const float lhs = w[i] * a, rhs = (1.0f - w[i]) * o;
       const T want = in ? C::store(lhs + rhs) : x[i * S + p];
       const T have = got[i * S + p];
-      const bool nan = std::isnan(C::load(have)) && std::isnan(C::load(want));
+      // a copy keeps its bits, NaN payloads included; a blend of NaNs may give any NaN
+      const bool nan = in && std::isnan(C::load(have)) && std::isnan(C::load(want));
       exact = exact && (std::memcmp(&have, &want, sizeof(T)) == 0 || nan);
     }
   expect(exact, "mix forward == formula, bit for bit");
@@ -538,6 +543,8 @@ void test_mix_forward_equals_formula() {
     for (int64_t rows : {1, 4, 5}) {
       check_mix_forward_equals_formula<float>(width, rows);
       check_mix_forward_equals_formula<uint8_t>(width, rows);
+      check_mix_forward_equals_formula<core::Half>(width, rows);
+      check_mix_forward_equals_formula<core::BFloat16>(width, rows);
     }
   }
 }
