@@ -112,6 +112,21 @@ METAMIXER_AVX512 inline int64_t blend_16bit(const T* a, const T* b, T* out, int6
   return c;
 }
 
+// The widening copy of n storage values to floats, and the narrowing one back, over whole
+// 16-lane steps; they return the count done (core::widen_span, narrow_span).
+template <typename T>
+METAMIXER_AVX512 inline int64_t widen_span(const T* src, float* dst, int64_t n) {
+  int64_t c = 0;
+  for (; c + 16 <= n; c += 16) _mm512_storeu_ps(dst + c, widen16(src + c));
+  return c;
+}
+template <typename T>
+METAMIXER_AVX512 inline int64_t narrow_span(const float* src, T* dst, int64_t n) {
+  int64_t c = 0;
+  for (; c + 16 <= n; c += 16) narrow16(dst + c, _mm512_loadu_ps(src + c));
+  return c;
+}
+
 // dot_diff's partial sums for float, fp16 and bf16 storage: acc[c % 8] += g[c] (a[c] - b[c])
 // for the 16 elements at c, in float. The differences and products take 16 lanes and each is
 // added to its partial in the scalar loop's order (lanes 0-7, then 8-15), so the bits are

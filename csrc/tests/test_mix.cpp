@@ -307,32 +307,33 @@ void test_dw_inside_box_only() {
   expect(dx[19 + 5] == 0.5f && dx[38 + 19 + 5] == 1.5f && dx[0] == 1.0f, "dx box");
 }
 
-// The backward's one-partner path (a window inside both boxes with exactly one j, src_j = k,
-// the whole-sample blend of a permutation) writes dx_k = (w_k g_k) + ((1 - w_j) g_j) in one
-// pass, bit for bit what the general path's gather gives; rows over two windows (D > kWindow),
-// one sample with a partial box (general path in the same call), and an inf in g.
 // The gather over rows that cross boxes (repeated partners, several row widths, boxes cut
 // anywhere, special values in the gradient) equals the scalar formula bit for bit: on an AVX-512
-// CPU this is the masked 16-lane path, elsewhere the scalar one.
-void test_backward_box_rows_exact() {
+// CPU this is the masked 16-lane path for float, elsewhere (and for fp16 and bf16, whose windows
+// convert 16 lanes at a time on AVX-512) the scalar one.
+template <typename T>
+void check_backward_box_rows_exact() {
+  using C = core::Compute<T>;
   for (int64_t W : {5, 13, 16, 21, 37}) {
     core::MixLayout L;
     const int64_t n = 5, P = 2, H = 6;
     L.n = n, L.planes = P, L.rows = H, L.row_len = W;
     const int64_t S = P * H * W;
-    std::vector<float> x(n * S), g(n * S);
+    std::vector<T> x(n * S), g(n * S);
     for (int64_t c = 0; c < n * S; ++c) {
-      x[c] = static_cast<float>((c * 37) % 101) / 7.0f;
-      g[c] = static_cast<float>((c * 53) % 89) / 3.0f - 13.0f;
+      x[c] = C::store(static_cast<float>((c * 37) % 101) / 7.0f);
+      g[c] = C::store(static_cast<float>((c * 53) % 89) / 3.0f - 13.0f);
     }
-    g[3] = INFINITY, g[S + 7] = NAN, g[2 * S + 1] = -0.0f, g[3 * S + 2] = 1e-40f;
+    g[3] = C::store(INFINITY), g[S + 7] = C::store(NAN), g[2 * S + 1] = C::store(-0.0f);
+    g[3 * S + 2] = C::store(1e-40f);
     const std::vector<int64_t> src = {1, 1, 3, 0, 1};  // sample 1 is the partner of 0, 1 and 4
     const std::vector<int64_t> boxes = {0, 4, 1, W - 1, 2, 6, 0, W, 1, 3, W / 2, W,
                                         0, 6, 0, 2, 3, 5, 1, W / 3 + 1};
     const std::vector<float> w = {0.3f, 0.0f, 0.8f, 1.0f, 0.45f};
     std::vector<int64_t> offsets, list;
     core::invert_partners(src.data(), n, offsets, list);
-    std::vector<float> dx(n * S), buf(core::kWindow);
+    std::vector<T> dx(n * S);
+    std::vector<float> buf(core::kWindow);
     const std::vector<int64_t> order = core::partner_chain_order(src.data(), n);
     core::mix_backward_rows(g.data(), x.data(), src.data(), w.data(), boxes.data(), order.data(),
                             L, offsets.data(), list.data(), dx.data(), nullptr, buf.data(), 0,
@@ -346,16 +347,27 @@ void test_backward_box_rows_exact() {
       for (int64_t p = 0; p < P * H; ++p)
         for (int64_t c = 0; c < W; ++c) {
           const int64_t y = p % H, at = p * W + c;
-          float want = g[k * S + at];
-          if (in_box(k, y, c)) want = want * w[k];
+          float sum = C::load(g[k * S + at]);
+          if (in_box(k, y, c)) sum = sum * w[k];
           for (int64_t j = 0; j < n; ++j)
-            if (src[j] == k && in_box(j, y, c)) want = want + (1.0f - w[j]) * g[j * S + at];
-          exact = exact && std::memcmp(&dx[k * S + at], &want, sizeof(float)) == 0;
+            if (src[j] == k && in_box(j, y, c)) sum = sum + (1.0f - w[j]) * C::load(g[j * S + at]);
+          const T want = C::store(sum);
+          exact = exact && std::memcmp(&dx[k * S + at], &want, sizeof(T)) == 0;
         }
     expect(exact, "backward over box rows == the gather formula, bit for bit");
   }
 }
 
+void test_backward_box_rows_exact() {
+  check_backward_box_rows_exact<float>();
+  check_backward_box_rows_exact<core::Half>();
+  check_backward_box_rows_exact<core::BFloat16>();
+}
+
+// The backward's one-partner path (a window inside both boxes with exactly one j, src_j = k,
+// the whole-sample blend of a permutation) writes dx_k = (w_k g_k) + ((1 - w_j) g_j) in one
+// pass, bit for bit what the general path's gather gives; rows over two windows (D > kWindow),
+// one sample with a partial box (general path in the same call), and an inf in g.
 void test_backward_one_partner_path_exact() {
   core::MixLayout L;
   const int64_t D = core::kWindow + 904;
