@@ -9,8 +9,8 @@
 // takes that format's standard strides. The value checks of
 // metamixer_fast/_checks.py::check_mix_values run here, with the same messages, because in
 // Python they cost several small torch ops per call. The forward splits (sample, plane) units,
-// the backward (sample, plane, row) rows (or, for float boxes on small maps, whole samples:
-// core::backward_by_samples) across threads with at::parallel_for; every output
+// the backward (sample, plane, row) rows (or, for boxes on small float, fp16 or bf16 maps,
+// whole samples: core::backward_by_samples) across threads with at::parallel_for; every output
 // element is written by exactly one thread, and the backward gathers per destination, so
 // nothing races. mix_eager/mix2_eager (eager.h) are the same kernels for metamixer_fast._C's
 // eager entries, which call them without the dispatcher.

@@ -736,56 +736,62 @@ void mix_backward_rows(const T* g, const T* x, const int64_t* src, const compute
 }
 
 #if defined(METAMIXER_HAVE_AVX512_MIX2)
-// Whether mix's backward takes mix_backward_samples: float on an AVX-512 CPU, boxes on maps of
-// at most kSmallPlane elements (rows > 1: not the whole-sample blend, which is one long row).
+// Whether mix's backward takes mix_backward_samples: float, fp16 or bf16 on an AVX-512BW CPU,
+// boxes on maps of at most kSmallPlane elements (rows > 1: not the whole-sample blend, which
+// is one long row).
 template <typename T>
 bool backward_by_samples(const MixLayout& L) {
-  return std::is_same_v<T, float> && cpu_has_avx512f() && L.rows > 1 &&
+  return kWideFloat<T> && avx512::cpu_has_avx512bw() && L.rows > 1 &&
          L.rows * L.row_len <= kSmallPlane;
 }
 
+// Partners per pass of mix_backward_samples (their masks live on the stack).
+constexpr int64_t kMaxParts = 8;
+
 // The backward over samples [begin, end) of `order` when backward_by_samples: each sample's
-// planes are one run (avx512::gather_periodic_f32, the partners kMaxParts at a time, those
-// with empty boxes skipped). Writes dx and, if dw is not null, dw[k] = the sum over box k of
-// g_k (x_k - x_src_k), in an order fixed per sample (so whatever the threads' ranges).
-// (A template so that the binding's dtype dispatch compiles it for every T: it does nothing
-// but for float, the only T backward_by_samples accepts.)
+// planes are one run (avx512::gather_periodic), its partners with non-empty boxes kMaxParts a
+// pass; between passes the float sums wait in dx (float) or in a scratch run (fp16, bf16), so
+// dx is rounded once, as the scalar gather rounds it. Writes dx and, if dw is not null,
+// dw[k] = the sum over box k of g_k (x_k - x_src_k), in an order fixed per sample (so
+// whatever the threads' ranges). (A template so that the binding's dtype dispatch compiles it
+// for every T: it does nothing for uint8 and double, which backward_by_samples refuses.)
 template <typename T>
 void mix_backward_samples(const T* g, const T* x, const int64_t* src, const compute_t<T>* w,
                           const int64_t* boxes, const int64_t* order, const MixLayout& L,
                           const int64_t* inv_offsets, const int64_t* inv_list, T* dx,
                           acc_t<T>* dw, int64_t begin, int64_t end) {
-  if constexpr (std::is_same_v<T, float>) {
-    constexpr int64_t kMaxParts = 8;
+  if constexpr (kWideFloat<T>) {
     const int64_t S = L.sample_size();
     uint16_t mk[kSmallPlane], mj[kMaxParts][kSmallPlane];
-    avx512::PeriodicPart parts[kMaxParts];
+    avx512::PeriodicPart<T> parts[kMaxParts];
+    std::vector<float> scratch;  // fp16/bf16 sums between passes (more than kMaxParts partners)
+    auto has_box = [boxes](int64_t j) {
+      const int64_t* b = boxes + 4 * j;
+      return b[0] < b[1] && b[2] < b[3];
+    };
     for (int64_t pos = begin; pos < end; ++pos) {
       const int64_t k = order[pos];
       const int64_t period = periodic_box_masks(L, boxes + 4 * k, mk);
-      const float *gk = g + k * S, *xk = x + k * S, *xs = x + src[k] * S;
-      bool first = true;
-      for (int64_t t = inv_offsets[k]; t < inv_offsets[k + 1] || first;) {
-        int64_t n = 0;  // the next batch of partners with non-empty boxes
+      int64_t todo = 0;  // partners with a box
+      for (int64_t t = inv_offsets[k]; t < inv_offsets[k + 1]; ++t) todo += has_box(inv_list[t]);
+      float* sums = nullptr;
+      if constexpr (std::is_same_v<T, float>) sums = dx + k * S;
+      else if (todo > kMaxParts) scratch.resize(S), sums = scratch.data();
+      int64_t t = inv_offsets[k];
+      for (bool first = true; first || todo > 0; first = false) {
+        int64_t n = 0;  // the next pass's partners
         for (; t < inv_offsets[k + 1] && n < kMaxParts; ++t) {
           const int64_t j = inv_list[t];
-          const int64_t* bj = boxes + 4 * j;
-          if (bj[0] >= bj[1] || bj[2] >= bj[3]) continue;
-          periodic_box_masks(L, bj, mj[n]);
+          if (!has_box(j)) continue;
+          periodic_box_masks(L, boxes + 4 * j, mj[n]);
           parts[n] = {g + j * S, mj[n], 1.0f - w[j]};
           ++n;
         }
-        if (!first && n == 0) break;
-        if (first && dw)
-          dw[k] = avx512::gather_periodic_f32<true, true>(gk, xk, xs, dx + k * S, S, mk, period,
-                                                          w[k], parts, n);
-        else if (first)
-          avx512::gather_periodic_f32<true, false>(gk, xk, xs, dx + k * S, S, mk, period, w[k],
-                                                   parts, n);
-        else
-          avx512::gather_periodic_f32<false, false>(gk, xk, xs, dx + k * S, S, mk, period, w[k],
-                                                    parts, n);
-        first = false;
+        todo -= n;
+        const float share =
+            avx512::gather_periodic(first, todo == 0, first && dw, g + k * S, x + k * S,
+                                    x + src[k] * S, sums, dx + k * S, S, mk, period, w[k], parts, n);
+        if (first && dw) dw[k] = share;
       }
     }
   }

@@ -225,54 +225,6 @@ METAMIXER_AVX512 inline void gather_window_f32(const float* g, float* out, int64
   }
 }
 
-// The same gather over the whole run of small planes of one sample (core::
-// mix_backward_samples): box k's lanes and each partner's repeat with the plane, so a step
-// takes its masks from periodic tables (core::periodic_box_masks) instead of comparing columns
-// row by row (at 4x4 maps the row calls cost 4x the box-free backward).
-
-// One partner j: its gradient at the run's first element, its box lanes, and 1 - w_j.
-struct PeriodicPart {
-  const float* g;
-  const uint16_t* masks;
-  float v;
-};
-
-// dx[c] = (First ? g[c], times w on box k's lanes : dx[c]) + the sum over parts, in order, of
-// v g_j[c] on partner j's lanes: partners come kMaxParts at a time, and a later batch adds to
-// what the first stored, so the sums keep the scalar gather's order and bits. With Dw, returns
-// the sum over box k's lanes of g (x - xs) (16 lane partials, then the fixed reduction tree).
-template <bool First, bool Dw>
-METAMIXER_AVX512 inline float gather_periodic_f32(const float* g, const float* x, const float* xs,
-                                                  float* dx, int64_t n, const uint16_t* mk,
-                                                  int64_t period, float w,
-                                                  const PeriodicPart* parts, int64_t n_parts) {
-  const __m512 wv = _mm512_set1_ps(w);
-  __m512 dw = _mm512_setzero_ps();
-  for (int64_t c = 0, s = 0; c < n; c += 16, s = s + 1 == period ? 0 : s + 1) {
-    const __mmask16 mt = n - c >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - c)) - 1);
-    const bool full = mt == 0xFFFF;  // (full accesses unmasked: masked stores cost more)
-    const __mmask16 box = mt & mk[s];
-    __m512 acc = full ? _mm512_loadu_ps((First ? g : dx) + c) : load16((First ? g : dx) + c, mt);
-    if (First) {
-      if (Dw && box) {
-        const __m512 d = _mm512_sub_round_ps(load16(x + c, box), load16(xs + c, box), kRound);
-        dw = _mm512_mask_add_round_ps(dw, box, dw, _mm512_mul_round_ps(acc, d, kRound), kRound);
-      }
-      acc = _mm512_mask_mul_round_ps(acc, box, acc, wv, kRound);
-    }
-    for (int64_t t = 0; t < n_parts; ++t) {
-      const __mmask16 m = mt & parts[t].masks[s];
-      if (!m) continue;
-      const __m512 term = _mm512_mul_round_ps(_mm512_set1_ps(parts[t].v), load16(parts[t].g + c, m),
-                                              kRound);
-      acc = _mm512_mask_add_round_ps(acc, m, acc, term, kRound);
-    }
-    if (full) _mm512_storeu_ps(dx + c, acc);
-    else _mm512_mask_storeu_ps(dx + c, mt, acc);
-  }
-  return Dw ? _mm512_reduce_add_ps(dw) : 0.0f;
-}
-
 // Box k's partner is a random sample that the chain order has not brought into cache (box i's
 // partner is the previous output's box k), and its box is short rows strided across a plane,
 // which the hardware prefetchers pick up late. mix2_steps prefetches its columns
@@ -710,6 +662,81 @@ METAMIXER_AVX512BW inline void mix_periodic(const BFloat16* x, const BFloat16* x
                                             int64_t n, const uint16_t* masks, int64_t period,
                                             float w) {
   mix_periodic_16bit(x, xs, out, n, masks, period, w);
+}
+
+// --------------------------------------------------- gather backward, small planes
+// The gather of mix_backward_rows over the whole run of small planes of one sample (core::
+// mix_backward_samples), for float, fp16 and bf16 storage: box k's lanes and each partner's
+// repeat with the plane, so a step takes its masks from periodic tables (core::
+// periodic_box_masks) instead of comparing columns row by row (at 4x4 maps the row calls cost
+// 4x the box-free backward). AVX-512BW for the masked 16-bit loads and stores.
+
+// 16 values at p as floats, zeros outside m; and the stores of the lanes in m.
+METAMIXER_AVX512BW inline __m512 widen_masked(const float* p, __mmask16 m) { return load16(p, m); }
+template <typename T>
+METAMIXER_AVX512BW inline __m512 widen_masked(const T* p, __mmask16 m) {
+  return widen_bits(_mm256_maskz_loadu_epi16(m, p), T{});
+}
+METAMIXER_AVX512BW inline void narrow_masked(float* p, __mmask16 m, __m512 v) {
+  _mm512_mask_storeu_ps(p, m, v);
+}
+template <typename T>
+METAMIXER_AVX512BW inline void narrow_masked(T* p, __mmask16 m, __m512 v) {
+  _mm256_mask_storeu_epi16(p, m, narrow_bits(v, T{}));
+}
+
+// One partner j: its gradient at the run's first element, its box lanes, and 1 - w_j.
+template <typename T>
+struct PeriodicPart {
+  const T* g;
+  const uint16_t* masks;
+  float v;
+};
+
+// One pass of partners over n elements: the float sums start (first) from g, times w on box
+// k's lanes, or else from sums[]; they add v g_j on partner j's lanes for each part in order,
+// and end (last) in dx, rounded to T, or else in sums[] (for float, sums may be dx itself).
+// Partners come core::kMaxParts a pass and a later pass adds to what the first left, so the
+// sums keep the scalar gather's order and bits. With with_dw (first only), returns the sum over
+// box k's lanes of g (x - xs) (16 lane partials, then the fixed reduction tree).
+// (The flags are plain arguments: their branches go the same way in every step.)
+template <typename T>
+METAMIXER_AVX512BW inline float gather_periodic(bool first, bool last, bool with_dw, const T* g,
+                                                const T* x, const T* xs, float* sums, T* dx,
+                                                int64_t n, const uint16_t* mk, int64_t period,
+                                                float w, const PeriodicPart<T>* parts,
+                                                int64_t n_parts) {
+  const __m512 wv = _mm512_set1_ps(w);
+  __m512 dw = _mm512_setzero_ps();
+  for (int64_t c = 0, s = 0; c < n; c += 16, s = s + 1 == period ? 0 : s + 1) {
+    const __mmask16 mt = n - c >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - c)) - 1);
+    const bool full = mt == 0xFFFF;  // (full accesses unmasked: masked stores cost more)
+    const __mmask16 box = mt & mk[s];
+    __m512 acc;
+    if (first) {
+      acc = full ? widen16(g + c) : widen_masked(g + c, mt);
+      if (with_dw && box) {
+        const __m512 d =
+            _mm512_sub_round_ps(widen_masked(x + c, box), widen_masked(xs + c, box), kRound);
+        dw = _mm512_mask_add_round_ps(dw, box, dw, _mm512_mul_round_ps(acc, d, kRound), kRound);
+      }
+      acc = _mm512_mask_mul_round_ps(acc, box, acc, wv, kRound);
+    } else {
+      acc = full ? _mm512_loadu_ps(sums + c) : load16(sums + c, mt);
+    }
+    for (int64_t t = 0; t < n_parts; ++t) {
+      const __mmask16 m = mt & parts[t].masks[s];
+      if (!m) continue;
+      const __m512 term =
+          _mm512_mul_round_ps(_mm512_set1_ps(parts[t].v), widen_masked(parts[t].g + c, m), kRound);
+      acc = _mm512_mask_add_round_ps(acc, m, acc, term, kRound);
+    }
+    if (last && full) narrow16(dx + c, acc);
+    else if (last) narrow_masked(dx + c, mt, acc);
+    else if (full) _mm512_storeu_ps(sums + c, acc);
+    else _mm512_mask_storeu_ps(sums + c, mt, acc);
+  }
+  return with_dw ? _mm512_reduce_add_ps(dw) : 0.0f;
 }
 
 #undef METAMIXER_AVX512BW

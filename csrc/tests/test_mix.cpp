@@ -418,25 +418,28 @@ void test_backward_one_partner_path_exact() {
 }
 
 #if defined(METAMIXER_HAVE_AVX512_MIX2)
-// mix_backward_samples (boxes on small maps, AVX-512 CPUs): dx equals the gather formula bit for
-// bit and dw the box sum within float rounding, on planes of every gcd with 16 (the periodic
+// mix_backward_samples (boxes on small maps, AVX-512BW CPUs; float, fp16, bf16): dx equals the
+// gather formula bit for bit (one rounding to T at the end) and dw the box sum within float
+// rounding, on planes of every gcd with 16 (the periodic
 // masks), with 11 samples sharing one partner (two batches of partners, the second adding to
 // what the first stored), empty and full boxes, and the samples split across three ranges.
-void test_backward_samples_exact() {
-  if (!core::cpu_has_avx512f()) return;
+template <typename T>
+void check_backward_samples_exact() {
+  using C = core::Compute<T>;
+  if (!core::avx512::cpu_has_avx512bw()) return;
   for (auto [H, W] : {std::pair<int64_t, int64_t>{4, 4}, {7, 7}, {2, 3}, {8, 12}, {32, 32}}) {
     core::MixLayout L;
     const int64_t n = 14, P = 3, S = P * H * W;
     L.n = n, L.planes = P, L.rows = H, L.row_len = W;
-    expect(core::backward_by_samples<float>(L), "small maps take mix_backward_samples");
-    std::vector<float> x(n * S), g(n * S);
+    expect(core::backward_by_samples<T>(L), "small maps take mix_backward_samples");
+    std::vector<T> x(n * S), g(n * S);
     uint32_t state = 99u + static_cast<uint32_t>(H * 100 + W);
     auto next = [&state] { return state = state * 1664525u + 1013904223u; };
     for (int64_t c = 0; c < n * S; ++c) {
-      x[c] = static_cast<float>(int(next() % 201) - 100) / 7.0f;
-      g[c] = static_cast<float>(int(next() % 179) - 89) / 3.0f;
+      x[c] = C::store(static_cast<float>(int(next() % 201) - 100) / 7.0f);
+      g[c] = C::store(static_cast<float>(int(next() % 179) - 89) / 3.0f);
     }
-    g[3] = -0.0f, g[S + 1] = 1e-40f;
+    g[3] = C::store(-0.0f), g[S + 1] = C::store(1e-40f);
     std::vector<int64_t> src(n, 0), boxes(4 * n);
     std::vector<float> w(n);
     for (int64_t i = 0; i < n; ++i) {
@@ -453,7 +456,8 @@ void test_backward_samples_exact() {
     std::vector<int64_t> offsets, list;
     core::invert_partners(src.data(), n, offsets, list);
     const std::vector<int64_t> order = core::partner_chain_order(src.data(), n);
-    std::vector<float> dx(n * S), dw(n);
+    std::vector<T> dx(n * S);
+    std::vector<float> dw(n);
     for (int64_t part = 0; part < 3; ++part)
       core::mix_backward_samples(g.data(), x.data(), src.data(), w.data(), boxes.data(),
                                  order.data(), L, offsets.data(), list.data(), dx.data(),
@@ -467,21 +471,29 @@ void test_backward_samples_exact() {
     for (int64_t k = 0; k < n; ++k) {
       double want_dw = 0.0, scale = 0.0;
       for (int64_t at = 0; at < S; ++at) {
-        float want = g[k * S + at];
+        float sum = C::load(g[k * S + at]);
         if (in_box(k, at)) {
-          const double term = double(want) * (double(x[k * S + at]) - double(x[src[k] * S + at]));
+          const double xk = C::load(x[k * S + at]), xs = C::load(x[src[k] * S + at]);
+          const double term = double(sum) * (xk - xs);
           want_dw += term, scale += std::fabs(term);
-          want = want * w[k];
+          sum = sum * w[k];
         }
         for (int64_t j = 0; j < n; ++j)
-          if (src[j] == k && in_box(j, at)) want = want + (1.0f - w[j]) * g[j * S + at];
-        exact = exact && std::memcmp(&dx[k * S + at], &want, sizeof(float)) == 0;
+          if (src[j] == k && in_box(j, at)) sum = sum + (1.0f - w[j]) * C::load(g[j * S + at]);
+        const T want = C::store(sum);
+        exact = exact && std::memcmp(&dx[k * S + at], &want, sizeof(T)) == 0;
       }
       close = close && std::fabs(dw[k] - want_dw) <= 1e-5 * scale + 1e-6;
     }
     expect(exact, "backward by samples: dx == the gather formula, bit for bit");
     expect(close, "backward by samples: dw == the box sum");
   }
+}
+
+void test_backward_samples_exact() {
+  check_backward_samples_exact<float>();
+  check_backward_samples_exact<core::Half>();
+  check_backward_samples_exact<core::BFloat16>();
 }
 #endif
 
