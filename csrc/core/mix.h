@@ -33,7 +33,7 @@
 // on maps of at most kSmallPlane elements on runs of planes with lane masks that repeat with
 // the plane (mix_plane_run). Backward (gather per destination, so repeated partners never
 // race): reads g_k, x_k and x_src_k once and g_j inside box_j for every j with src_j = k,
-// writes dx once; by rows, or for float boxes on small maps by whole samples
+// writes dx once; by rows, or for float, fp16 and bf16 boxes on small maps by whole samples
 // (mix_backward_samples).
 #pragma once
 
@@ -96,10 +96,12 @@ struct Compute<BFloat16> {
 template <typename T>
 using compute_t = typename Compute<T>::type;
 
-// The storage types whose AVX-512 paths (mix_avx512.h) compute in 16 float lanes.
+// The 16-bit float storage types, and those whose AVX-512 paths (mix_avx512.h) compute in 16
+// float lanes.
 template <typename T>
-constexpr bool kWideFloat =
-    std::is_same_v<T, float> || std::is_same_v<T, Half> || std::is_same_v<T, BFloat16>;
+constexpr bool kHalfWidth = std::is_same_v<T, Half> || std::is_same_v<T, BFloat16>;
+template <typename T>
+constexpr bool kWideFloat = std::is_same_v<T, float> || kHalfWidth<T>;
 
 // Accumulator of the backward: double for double, float otherwise.
 template <typename T>
@@ -217,7 +219,7 @@ void blend_span(const T* a, const T* b, T* out, int64_t len, compute_t<T> w) {
 #endif
   }
 #if defined(METAMIXER_HAVE_AVX512_MIX2)
-  if constexpr (std::is_same_v<T, Half> || std::is_same_v<T, BFloat16>) {
+  if constexpr (kHalfWidth<T>) {
     if (cpu_has_avx512f()) c = avx512::blend_16bit(a, b, out, len, w);
   }
 #endif
@@ -342,7 +344,7 @@ void mix_plane_run(const T* a, const T* b, T* out, int64_t np, const MixLayout& 
   if constexpr (std::is_same_v<T, float>) lanes = cpu_has_avx512f();
   if constexpr (std::is_same_v<T, uint8_t>)
     lanes = avx512::cpu_has_avx512bw() && w >= 0.0f && w <= 1.0f;
-  if constexpr (std::is_same_v<T, Half> || std::is_same_v<T, BFloat16>)
+  if constexpr (kHalfWidth<T>)
     lanes = avx512::cpu_has_avx512bw();
   if constexpr (!std::is_same_v<T, double>) {
     if (lanes && !empty) {
@@ -570,7 +572,7 @@ void mix2_forward_planes(const T* x, T* out, const int64_t* src, const compute_t
 template <typename T>
 int64_t widen_span(const T* src, compute_t<T>* dst, int64_t n) {
 #if defined(METAMIXER_HAVE_AVX512_MIX2)
-  if constexpr (std::is_same_v<T, Half> || std::is_same_v<T, BFloat16>)
+  if constexpr (kHalfWidth<T>)
     if (cpu_has_avx512f()) return avx512::widen_span(src, dst, n);
 #endif
   (void)src, (void)dst, (void)n;
@@ -579,7 +581,7 @@ int64_t widen_span(const T* src, compute_t<T>* dst, int64_t n) {
 template <typename T>
 int64_t narrow_span(const compute_t<T>* src, T* dst, int64_t n) {
 #if defined(METAMIXER_HAVE_AVX512_MIX2)
-  if constexpr (std::is_same_v<T, Half> || std::is_same_v<T, BFloat16>)
+  if constexpr (kHalfWidth<T>)
     if (cpu_has_avx512f()) return avx512::narrow_span(src, dst, n);
 #endif
   (void)src, (void)dst, (void)n;

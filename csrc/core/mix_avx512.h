@@ -677,9 +677,7 @@ template <typename T>
 METAMIXER_AVX512BW inline __m512 widen_masked(const T* p, __mmask16 m) {
   return widen_bits(_mm256_maskz_loadu_epi16(m, p), T{});
 }
-METAMIXER_AVX512BW inline void narrow_masked(float* p, __mmask16 m, __m512 v) {
-  _mm512_mask_storeu_ps(p, m, v);
-}
+METAMIXER_AVX512BW inline void narrow_masked(float* p, __mmask16 m, __m512 v) { store16(p, m, v); }
 template <typename T>
 METAMIXER_AVX512BW inline void narrow_masked(T* p, __mmask16 m, __m512 v) {
   _mm256_mask_storeu_epi16(p, m, narrow_bits(v, T{}));
@@ -733,8 +731,7 @@ METAMIXER_AVX512BW inline float gather_periodic(bool first, bool last, bool with
     }
     if (last && full) narrow16(dx + c, acc);
     else if (last) narrow_masked(dx + c, mt, acc);
-    else if (full) _mm512_storeu_ps(sums + c, acc);
-    else _mm512_mask_storeu_ps(sums + c, mt, acc);
+    else store16(sums + c, mt, acc);
   }
   return with_dw ? _mm512_reduce_add_ps(dw) : 0.0f;
 }
