@@ -11,6 +11,12 @@ the JSON of 455a162+gpu-check3, records its start event right behind its own flu
 waiting for it, so up to the flush's duration of a call's host work fell outside that time.) A row's
 figure is the median over its calls in about 200 ms; the table gives the median of the passes.
 
+Rows ending in ", CUDA graph" time the same call captured once in a CUDA graph (after a
+warm-up on a side stream) and replayed: one launch of the graph replaces the call's Python,
+dispatch and launches, so the row shows what the GPU work costs once the host is out of the
+way (as ``torch.compile(mode="reduce-overhead")`` or a captured training step gets it). A row
+that cannot be captured is listed under the table with the capture's error.
+
 The GB/s column divides the fewest bytes the row's job must move by its time, in passes over
 the batch (or the logits):
 
@@ -62,6 +68,11 @@ LOSS_CASES = {
 }
 COMPILED = {"input 64x3x224x224 fp32", "features 256x128x16x16 fp32 fwd+bwd",
             "loss K=4,B=1024,C=1000 fp32"}  # compiling costs tens of seconds per case
+
+
+GRAPH = ", CUDA graph"
+GRAPHED = ("clone", "mix2 fused", "mix x2", "reference x2", "mix fwd+bwd", "reference fwd+bwd",
+           "softmax fwd+bwd", "fused", "reference")  # host sampling and compiled rows are not
 
 
 def nbytes(t: Tensor) -> int:
@@ -158,6 +169,39 @@ PASSES = {"input": (2, {}), "features": (4, {"clone": 2}), "loss": (3, {"softmax
 OLD_PASSES = {"input": 2, "features": 5, "loss": 3}
 
 
+def captured(fn: Callable[[], object]) -> Callable[[], object] | str:
+    """The replay of a CUDA graph of one call of ``fn`` (warmed up on a side stream first, as
+    torch.cuda.graph asks), or the capture's error."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except RuntimeError as err:
+        torch.cuda.synchronize()
+        return f"{type(err).__name__}: {str(err).strip().splitlines()[0]}"
+    return graph.replay
+
+
+def with_graphs(rows: dict[str, Callable[[], object]]
+                ) -> tuple[dict[str, Callable[[], object]], dict[str, str]]:
+    """``rows`` and the CUDA-graph replay of each of them in GRAPHED; the errors of those that
+    could not be captured."""
+    out, failed = dict(rows), {}
+    for name in (r for r in rows if r in GRAPHED):
+        replay = captured(rows[name])
+        if isinstance(replay, str):
+            failed[name + GRAPH] = replay
+        else:
+            out[name + GRAPH] = replay
+    return out, failed
+
+
 def time_call(fn: Callable[[], object], flush: Tensor) -> float:
     """ms of one call from a cold L2 cache, its host work included (see the module docstring)."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -185,7 +229,7 @@ def time_rows(rows: dict[str, Callable[[], object]], budget_ms: float = 200.0) -
     return out
 
 
-def run(compile_: bool, repeats: int) -> dict:
+def run(compile_: bool, repeats: int, graphs: bool) -> dict:
     props = torch.cuda.get_device_properties(CUDA)
     result = {"commit": commit(), "device": props.name, "torch": torch.__version__,
               "triton": mf._backend.triton_version(), "repeats": repeats,
@@ -198,10 +242,13 @@ def run(compile_: bool, repeats: int) -> dict:
               for name, s in LOSS_CASES.items()]
     for name, build in cases:
         rows, moved = build()
+        rows, failed = with_graphs(rows) if graphs else (rows, {})
         runs = [time_rows(rows) for _ in range(repeats)]  # the spread between whole passes
         result["cases"][name] = {"pass_bytes": moved, "rows": {
             row: {"median_ms": statistics.median(r[row] for r in runs),
                   "all_ms": [r[row] for r in runs]} for row in rows}}
+        if failed:
+            result["cases"][name]["not_captured"] = failed
         print(f"{name}: " + ", ".join(f"{row} {v['median_ms']:.3f} ms" for row, v in
                                       result["cases"][name]["rows"].items()), file=sys.stderr)
         del rows
@@ -214,7 +261,7 @@ def row_bytes(case: str, entry: dict, row: str) -> float:
     kind = case.split()[0]
     one_pass = entry.get("pass_bytes") or entry["bytes"] / OLD_PASSES[kind]
     passes, other = PASSES[kind]
-    return other.get(row, passes) * one_pass
+    return other.get(row.removesuffix(GRAPH), passes) * one_pass
 
 
 def markdown(result: dict) -> str:
@@ -224,14 +271,20 @@ def markdown(result: dict) -> str:
              "| case | implementation | median ms | GB/s (fewest bytes) | ours is x faster |",
              "|---|---|---:|---:|---:|"]
     ours_rows = ("mix2 fused", "mix fwd+bwd", "fused")
+    floors = ("clone", "softmax fwd+bwd")
+    not_captured = []
     for case, entry in result["cases"].items():
         rows = entry["rows"]
-        ours = next(rows[r]["median_ms"] for r in ours_rows if r in rows)
         for row, v in rows.items():
+            plain, suffix = row.removesuffix(GRAPH), row[len(row.removesuffix(GRAPH)):]
+            ours = next((rows[r + suffix]["median_ms"] for r in ours_rows if r + suffix in rows), None)
             t = v["median_ms"]
-            faster = "" if row in ours_rows or row in ("clone", "softmax fwd+bwd") else f"{t / ours:.1f}"
+            faster = "" if ours is None or plain in ours_rows or plain in floors else f"{t / ours:.1f}"
             gbs = row_bytes(case, entry, row) / t / 1e6
             lines.append(f"| {case} | {row} | {t:.3f} | {gbs:.0f} | {faster} |")
+        not_captured += [f"- {case} | {row}: {why}" for row, why in entry.get("not_captured", {}).items()]
+    if not_captured:
+        lines += ["", "Not captured in a CUDA graph:", *not_captured]
     return "\n".join(lines)
 
 
@@ -242,6 +295,7 @@ def main() -> None:
     parser.add_argument("--render", type=Path, default=None, metavar="JSON",
                         help="print the table of a JSON written earlier, run nothing")
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile rows")
+    parser.add_argument("--no-graphs", action="store_true", help="leave out the CUDA graph rows")
     parser.add_argument("--repeats", type=int, default=3, help="whole passes over the rows (default 3)")
     args = parser.parse_args()
     if args.render is not None:
@@ -251,7 +305,7 @@ def main() -> None:
         sys.exit("bench_cuda: --repeats must be odd (the median of an even count is a mean)")
     if not torch.cuda.is_available():
         sys.exit("bench_cuda: torch sees no CUDA device; this benchmark runs on a GPU only")
-    result = run(not args.no_compile, args.repeats)
+    result = run(not args.no_compile, args.repeats, not args.no_graphs)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")

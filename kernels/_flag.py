@@ -7,6 +7,10 @@ then asserts the flag once. On a GPU that is ``torch._assert_async``: the call n
 the GPU, and a bad value ends the process's CUDA work with a device-side assertion (so the flag
 never needs resetting). On CPU tensors (the interpreter) the flag is read at once, reset, and
 the Python checks run to raise the error that names the argument.
+
+The flag is made on a device's first call, so that call cannot be inside a CUDA graph capture
+(the flag would live in the graph's memory pool and die with it): capture after a warm-up call,
+as ``torch.cuda.graphs`` asks anyway (the kernels compile on the first call too).
 """
 
 from __future__ import annotations
@@ -22,6 +26,11 @@ _FLAGS: dict[torch.device, Tensor] = {}
 def ok_flag(device: torch.device) -> Tensor:
     flag = _FLAGS.get(device)
     if flag is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "metamixer_fast: the first Triton call on this device is inside a CUDA graph "
+                "capture; run the step once before capturing it (a warm-up, as torch.cuda.graph "
+                "asks), so the kernels compile and their check flag is made outside the graph")
         flag = _FLAGS[device] = torch.ones(1, dtype=torch.int32, device=device)
     return flag
 

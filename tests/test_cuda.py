@@ -159,9 +159,18 @@ def test_autocast_bf16_step_on_cuda(rng):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in peers.parameters())
 
 
-def test_compiled_step_on_cuda_equals_eager(rng):
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compiled_step_on_cuda_equals_eager(mode, rng):
+    """torch.compile of mix2 + peers + loss equals eager; with mode="reduce-overhead" Inductor
+    also runs the step as a CUDA graph (no cudagraph skip: the ops never sync, build no device
+    tensor from host data, and launch on the capturing stream): four calls warm up, record and
+    replay the graph twice, and the second replay overwrites the first one's output."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
     peers = _tiny_peers()
-    x, y = torch.randn(32, 3, 16, 16, generator=rng).to(CUDA), torch.randint(0, 10, (32,)).to(CUDA)
+    y = torch.randint(0, 10, (32,)).to(CUDA)
     src, w = torch.randperm(32).to(CUDA), torch.rand(32).to(CUDA)
     box = torch.tensor([[2, 10, 3, 12]] * 32).to(CUDA)
 
@@ -171,9 +180,18 @@ def test_compiled_step_on_cuda_equals_eager(rng):
         ce, kd = mf.mixed_kd_loss(logits, y, temperature=3.0)
         return ce.sum() + kd.sum()
 
-    eager = step(x)
-    compiled = torch.compile(step, fullgraph=True)(x)
-    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
+    compiled = torch.compile(step, fullgraph=True, mode=mode)
+    graphs = mode == "reduce-overhead"
+    outs = []
+    for _ in range(4 if graphs else 1):
+        x = torch.randn(32, 3, 16, 16, generator=rng).to(CUDA)
+        outs.append(compiled(x))
+        torch.testing.assert_close(outs[-1].clone(), step(x), rtol=1e-4, atol=1e-5)
+    if graphs:
+        inductor = dict(counters["inductor"])
+        assert not inductor.get("cudagraph_skips"), f"Inductor left CUDA graphs out: {inductor}"
+        with pytest.raises(RuntimeError, match="overwritten"):  # a replay's output is the graph's
+            outs[-2].clone()
 
 
 def test_training_runs_on_cuda(tmp_path):
@@ -187,6 +205,57 @@ def test_training_runs_on_cuda(tmp_path):
                         "amp": "bf16", "out": str(tmp_path / "run")}).validate()
     final = fit(cfg)
     assert all(torch.isfinite(torch.tensor(final["train_ce"] + final["train_kd"])))
+
+
+def test_a_captured_step_replays_like_eager(rng):
+    """One training step's forward and backward (mix2 at the input, a feature-stage blend, the
+    ensemble loss on a label mixture) captured in a CUDA graph after a warm-up, then replayed
+    on new batches and plans copied into its inputs: each replay equals the eager step on the
+    same values, loss and every gradient. A call that synchronised, built a device tensor from
+    host data or launched off the capturing stream would fail the capture or go stale."""
+    n = 16
+    body = torch.nn.Linear(3 * 8 * 8, 32).to(CUDA)
+    heads = torch.nn.ModuleList(torch.nn.Linear(32, 10) for _ in range(3)).to(CUDA)
+    params = [*body.parameters(), *heads.parameters()]
+
+    def new_inputs() -> list[torch.Tensor]:
+        src, w, box = make_plan(rng, n, 8, 8)
+        lam = torch.rand(n, 1, generator=rng)
+        return [t.to(CUDA) for t in (
+            torch.randn(n, 3, 8, 8, generator=rng), src, w.float(), box,
+            torch.randperm(n, generator=rng), torch.rand(n, generator=rng),  # global partners
+            torch.randperm(n, generator=rng), torch.rand(n, generator=rng),  # feature blend
+            torch.randint(0, 10, (n, 2), generator=rng), torch.cat([lam, 1 - lam], 1))]
+
+    def step(x, src, w, box, src2, w2, pi, mu, y, weights):
+        for p in params:
+            p.grad = None
+        h = mf.mix(body(mf.mix2(x, src, w, box, src2, w2).flatten(1)), pi, mu)
+        ce, kd = mf.mixed_kd_loss(torch.stack([head(h) for head in heads]), y, weights,
+                                  temperature=3.0, mode="ensemble", detach_targets=False)
+        loss = ce.sum() + kd.sum()
+        loss.backward()
+        return loss.detach(), [p.grad for p in params]
+
+    static = new_inputs()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # the warm-up torch.cuda.graph asks for
+        for _ in range(3):
+            step(*static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_loss, graph_grads = step(*static)
+    for _ in range(3):
+        fresh = new_inputs()
+        for buf, value in zip(static, fresh):
+            buf.copy_(value)
+        graph.replay()
+        loss, grads = step(*fresh)
+        torch.testing.assert_close(graph_loss, loss, rtol=1e-5, atol=1e-6)
+        for got, want in zip(graph_grads, grads):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_mix_beyond_two_to_the_31_elements():
