@@ -8,9 +8,12 @@ the GPU, and a bad value ends the process's CUDA work with a device-side asserti
 never needs resetting). On CPU tensors (the interpreter) the flag is read at once, reset, and
 the Python checks run to raise the error that names the argument.
 
-The flag is made on a device's first call, so that call cannot be inside a CUDA graph capture
-(the flag would live in the graph's memory pool and die with it): capture after a warm-up call,
-as ``torch.cuda.graphs`` asks anyway (the kernels compile on the first call too).
+The flag lives as long as the process, so it must never come from a CUDA graph's memory pool,
+which is freed with the graph. It is made on a device's first call, on a stream of its own:
+``torch.compile(mode="reduce-overhead")`` runs its warm-up with the current stream's allocations
+routed to its graph pool, and a flag made there is a live allocation the graph trees refuse.
+Inside a capture (``torch.cuda.graph``) it cannot be made at all: capture after a warm-up call,
+as torch.cuda.graph asks anyway (the kernels compile on the first call too).
 """
 
 from __future__ import annotations
@@ -31,7 +34,18 @@ def ok_flag(device: torch.device) -> Tensor:
                 "metamixer_fast: the first Triton call on this device is inside a CUDA graph "
                 "capture; run the step once before capturing it (a warm-up, as torch.cuda.graph "
                 "asks), so the kernels compile and their check flag is made outside the graph")
-        flag = _FLAGS[device] = torch.ones(1, dtype=torch.int32, device=device)
+        flag = _FLAGS[device] = _new_flag(device)
+    return flag
+
+
+def _new_flag(device: torch.device) -> Tensor:
+    if device.type != "cuda":
+        return torch.ones(1, dtype=torch.int32, device=device)
+    own = torch.cuda.Stream(device)  # out of any pool routed to the current stream
+    own.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(own):
+        flag = torch.ones(1, dtype=torch.int32, device=device)
+    torch.cuda.current_stream(device).wait_stream(own)  # filled before a kernel reads it
     return flag
 
 
