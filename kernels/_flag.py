@@ -9,15 +9,17 @@ never needs resetting). On CPU tensors (the interpreter) the flag is read at onc
 the Python checks run to raise the error that names the argument.
 
 The flag lives as long as the process, so it must never come from a CUDA graph's memory pool,
-which is freed with the graph. It is made on a device's first call, on a stream of its own:
-``torch.compile(mode="reduce-overhead")`` runs its warm-up with the current stream's allocations
-routed to its graph pool, and a flag made there is a live allocation the graph trees refuse.
-Inside a capture (``torch.cuda.graph``) it cannot be made at all: capture after a warm-up call,
-as torch.cuda.graph asks anyway (the kernels compile on the first call too).
+which is freed with the graph. It is made on a device's first call, in a thread of its own:
+``torch.compile(mode="reduce-overhead")`` warms a graph up with the warming thread's
+allocations routed to the graph's pool (torch 2.8 and later route by thread), and a flag made
+there is a live allocation that the graph trees refuse ("not tracked as outputs"). Inside a
+capture (``torch.cuda.graph``) it cannot be made at all: capture after a warm-up call, as
+torch.cuda.graph asks anyway (the kernels compile on the first call too).
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import torch
@@ -41,12 +43,21 @@ def ok_flag(device: torch.device) -> Tensor:
 def _new_flag(device: torch.device) -> Tensor:
     if device.type != "cuda":
         return torch.ones(1, dtype=torch.int32, device=device)
-    own = torch.cuda.Stream(device)  # out of any pool routed to the current stream
-    own.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(own):
-        flag = torch.ones(1, dtype=torch.int32, device=device)
-    torch.cuda.current_stream(device).wait_stream(own)  # filled before a kernel reads it
-    return flag
+    made: list[Tensor | Exception] = []
+
+    def make() -> None:  # on this thread's default stream, outside any pool routed to ours
+        try:
+            made.append(torch.ones(1, dtype=torch.int32, device=device))
+        except Exception as err:  # re-raised on the calling thread
+            made.append(err)
+
+    maker = threading.Thread(target=make, name="metamixer-check-flag")
+    maker.start()
+    maker.join()
+    if isinstance(made[0], Exception):
+        raise made[0]
+    torch.cuda.current_stream(device).wait_stream(torch.cuda.default_stream(device))  # filled first
+    return made[0]
 
 
 def assert_ok(flag: Tensor, message: str, explain: Callable[[], None]) -> None:
