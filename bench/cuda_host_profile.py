@@ -6,7 +6,7 @@ Each row runs 300 calls back to back and reports the host's time per call, then 
 the GPU has finished too ("with sync"): when the two agree, the call is bound by the host (the
 Python, the op's checks and the kernel launches), not by the GPU. A torch.profiler table of 20
 ``mix2`` calls and 20 loss forward + backward steps follows. (Results on an H200:
-bench/results/889dd03/host_profile.txt; bench/results/gpu-h200/host_profile.txt is the first,
+bench/results/a3819e1/host_profile.txt and 889dd03/; bench/results/gpu-h200/host_profile.txt is the first,
 before the value checks moved into the kernels.)
 """
 

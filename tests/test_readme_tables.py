@@ -29,7 +29,7 @@ def _rows(markdown: str) -> list[str]:
     ("8c7dcdf/mixed_kd_loss_off_4.json", report.loss_markdown),
     ("8c7dcdf/mixed_kd_loss_on_4.json", report.loss_markdown),
     ("f1f8a60/std2_usual_1.json", bench_mix.markdown),
-    ("889dd03/cuda.json", bench_cuda.markdown),
+    ("a3819e1/cuda.json", bench_cuda.markdown),
     ("2d96dc0/call_routes2_2.json", bench_call_routes.markdown),
 ])
 def test_readme_table_is_the_cited_record(record: str, render) -> None:
