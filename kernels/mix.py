@@ -15,7 +15,11 @@ q % row_len, and a box covering rows [r0, r1) and columns [c0, c1) of every plan
 NCHW [N, C, H, W] -> rows H, row_len W, columns (x0, x1); channels_last -> rows H,
 row_len W*C, columns (x0*C, x1*C); [N, D] -> one row of D. So x is read in place when it is
 contiguous or channels_last (otherwise copied once into its ``mix_memory_format``), and the output
-has that format (metamixer_fast/_layout.py).
+has that format (metamixer_fast/_layout.py). The row and column of an offset take two divisions
+by runtime divisors; they are multiplications by magic numbers the host computes once per
+shape (``divider``), a few instructions instead of a division's twenty, and each of a box's two
+ranges is one unsigned comparison. Together that took 15 to 34 % of the kernels' machine
+instructions away (bench/triton_mix_sass.py counts them; not yet timed on a GPU).
 
 Arithmetic: float32 for uint8/fp16/bf16 inputs, the input dtype for fp32/fp64, as three
 separately rounded operations (w*a, (1-w)*b, their sum) like the eager reference; launches
@@ -29,6 +33,8 @@ one partial dw per block.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -49,19 +55,40 @@ LAUNCH_OPTIONS = {"num_warps": NUM_WARPS, "enable_fp_fusion": False}
 
 
 @triton.jit
-def _in_box(box_ptr, i, offs, rows, row_len, col_scale, HAS_BOX: tl.constexpr):
-    """Mask of the flat offsets of sample i that lie inside its box (y0, y1, x0, x1), whose
-    columns are scaled by col_scale (C for channels_last rows); all of them without a box."""
+def _divide(n, divider):
+    """n // d for int32 0 <= n < 2**31, with ``divider = dividers(d)``: the high half of 2n times
+    a 32-bit magic number, shifted (three instructions instead of a division's twenty)."""
+    magic = (divider & 0xFFFFFFFF).to(tl.uint32)
+    shift = ((divider >> 32) - 1).to(tl.uint32)
+    return (tl.umulhi(n.to(tl.uint32) << 1, magic) >> shift).to(tl.int32)
+
+
+@triton.jit
+def _plane_coords(offs, rows, row_len, rows_div, row_len_div, HAS_BOX: tl.constexpr):
+    """(row, column) of the flat offsets offs of a sample: row (offs // row_len) % rows of its
+    plane, column offs % row_len (unused without a box: offs twice)."""
     if HAS_BOX:
-        r = (offs // row_len) % rows
-        c = offs % row_len
+        line = _divide(offs, row_len_div)
+        return line - _divide(line, rows_div) * rows, offs - line * row_len
+    else:
+        return offs, offs
+
+
+@triton.jit
+def _in_box(box_ptr, i, r, c, col_scale, HAS_BOX: tl.constexpr):
+    """Mask of the (row, column) positions r, c that lie inside box (y0, y1, x0, x1) of sample
+    i, whose columns are scaled by col_scale (C for channels_last rows); all of them without a
+    box. Each range is one unsigned comparison (r - y0 < y1 - y0)."""
+    if HAS_BOX:
         r0 = tl.load(box_ptr + 4 * i).to(tl.int32)
         r1 = tl.load(box_ptr + 4 * i + 1).to(tl.int32)
         c0 = tl.load(box_ptr + 4 * i + 2).to(tl.int32) * col_scale
         c1 = tl.load(box_ptr + 4 * i + 3).to(tl.int32) * col_scale
-        return (r >= r0) & (r < r1) & (c >= c0) & (c < c1)
+        height = tl.maximum(r1 - r0, 0).to(tl.uint32)  # a bad box (flagged) covers nothing
+        width = tl.maximum(c1 - c0, 0).to(tl.uint32)
+        return ((r - r0).to(tl.uint32) < height) & ((c - c0).to(tl.uint32) < width)
     else:
-        return offs >= 0
+        return r >= 0
 
 
 @triton.jit
@@ -77,11 +104,12 @@ def _blend(a, b, w, IS_UINT8: tl.constexpr, SOFT_BF16: tl.constexpr):
 
 
 @triton.jit
-def _mix_at(x_ptr, src_ptr, w_ptr, box_ptr, i, offs, valid, sample_size, rows, row_len, col_scale,
+def _mix_at(x_ptr, src_ptr, w_ptr, box_ptr, i, offs, r, c, valid, sample_size, col_scale,
             HAS_BOX: tl.constexpr, IS_UINT8: tl.constexpr, SOFT_BF16: tl.constexpr):
-    """mix(x, src, w, box)[i] at the flat offsets offs of sample i, in x's dtype. A partner
-    out of range reads the sample itself (never out of bounds); _check_sample flags it."""
-    inside = valid & _in_box(box_ptr, i, offs, rows, row_len, col_scale, HAS_BOX)
+    """mix(x, src, w, box)[i] at the flat offsets offs (plane row r, column c) of sample i, in
+    x's dtype. A partner out of range reads the sample itself (never out of bounds);
+    _check_sample flags it."""
+    inside = valid & _in_box(box_ptr, i, r, c, col_scale, HAS_BOX)
     s = tl.load(src_ptr + i)
     s = tl.where((s >= 0) & (s < tl.num_programs(1)), s, i)
     w = tl.load(w_ptr + i)  # already in the compute dtype
@@ -112,23 +140,25 @@ def _check_sample(ok_ptr, src_ptr, w_ptr, box_ptr, i, rows, row_len, col_scale,
 
 @triton.jit
 def _mix_fwd_kernel(x_ptr, out_ptr, src_ptr, w_ptr, box_ptr, ok_ptr, sample_size, rows, row_len,
-                    col_scale, HAS_BOX: tl.constexpr, IS_UINT8: tl.constexpr,
-                    SOFT_BF16: tl.constexpr, BLOCK: tl.constexpr):
+                    col_scale, rows_div, row_len_div, HAS_BOX: tl.constexpr,
+                    IS_UINT8: tl.constexpr, SOFT_BF16: tl.constexpr, BLOCK: tl.constexpr):
     """Grid (cdiv(S, BLOCK), N): one block of one sample per program."""
     i = tl.program_id(1).to(tl.int64)
     if tl.program_id(0) == 0:
         _check_sample(ok_ptr, src_ptr, w_ptr, box_ptr, i, rows, row_len, col_scale, HAS_BOX)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # int32: a sample is < 2**31 elements
     valid = offs < sample_size
-    out = _mix_at(x_ptr, src_ptr, w_ptr, box_ptr, i, offs, valid, sample_size, rows, row_len,
-                  col_scale, HAS_BOX, IS_UINT8, SOFT_BF16)
+    r, c = _plane_coords(offs, rows, row_len, rows_div, row_len_div, HAS_BOX)
+    out = _mix_at(x_ptr, src_ptr, w_ptr, box_ptr, i, offs, r, c, valid, sample_size, col_scale,
+                  HAS_BOX, IS_UINT8, SOFT_BF16)
     tl.store(out_ptr + i * sample_size + offs, out, mask=valid)
 
 
 @triton.jit
 def _mix2_fwd_kernel(x_ptr, out_ptr, src_ptr, w_ptr, box_ptr, src2_ptr, w2_ptr, ok_ptr,
-                     sample_size, rows, row_len, col_scale, HAS_BOX: tl.constexpr,
-                     IS_UINT8: tl.constexpr, SOFT_BF16: tl.constexpr, BLOCK: tl.constexpr):
+                     sample_size, rows, row_len, col_scale, rows_div, row_len_div,
+                     HAS_BOX: tl.constexpr, IS_UINT8: tl.constexpr, SOFT_BF16: tl.constexpr,
+                     BLOCK: tl.constexpr):
     """mix(mix(x, src, w, box), src2, w2) for one block of sample i: u_i and u_src2_i are
     formed in registers (rounded as a first call would store them), then blended with w2_i.
     Reads x_i, x_src2_i and their local partners inside the boxes; writes out once."""
@@ -140,18 +170,19 @@ def _mix2_fwd_kernel(x_ptr, out_ptr, src_ptr, w_ptr, box_ptr, src2_ptr, w2_ptr, 
     valid = offs < sample_size
     k = tl.load(src2_ptr + i).to(tl.int64)
     k = tl.where((k >= 0) & (k < tl.num_programs(1)), k, i)
-    ua = _mix_at(x_ptr, src_ptr, w_ptr, box_ptr, i, offs, valid, sample_size, rows, row_len,
-                 col_scale, HAS_BOX, IS_UINT8, SOFT_BF16)
-    ub = _mix_at(x_ptr, src_ptr, w_ptr, box_ptr, k, offs, valid, sample_size, rows, row_len,
-                 col_scale, HAS_BOX, IS_UINT8, SOFT_BF16)
+    r, c = _plane_coords(offs, rows, row_len, rows_div, row_len_div, HAS_BOX)
+    ua = _mix_at(x_ptr, src_ptr, w_ptr, box_ptr, i, offs, r, c, valid, sample_size, col_scale,
+                 HAS_BOX, IS_UINT8, SOFT_BF16)
+    ub = _mix_at(x_ptr, src_ptr, w_ptr, box_ptr, k, offs, r, c, valid, sample_size, col_scale,
+                 HAS_BOX, IS_UINT8, SOFT_BF16)
     out = _blend(ua, ub, tl.load(w2_ptr + i), IS_UINT8, SOFT_BF16)
     tl.store(out_ptr + i * sample_size + offs, out, mask=valid)
 
 
 @triton.jit
 def _mix_bwd_kernel(g_ptr, x_ptr, src_ptr, w_ptr, box_ptr, inv_offsets_ptr, inv_list_ptr,
-                    dx_ptr, dw_part_ptr, sample_size, rows, row_len, col_scale,
-                    HAS_BOX: tl.constexpr, SOFT_BF16: tl.constexpr, NEED_DW: tl.constexpr,
+                    dx_ptr, dw_part_ptr, sample_size, rows, row_len, col_scale, rows_div,
+                    row_len_div, HAS_BOX: tl.constexpr, SOFT_BF16: tl.constexpr, NEED_DW: tl.constexpr,
                     BLOCK: tl.constexpr):
     """Grid (cdiv(S, BLOCK), N): dx for one block of destination sample k, plus with NEED_DW
     that block's share of dw_k (written to dw_part[k, block]); without it x is never read."""
@@ -159,7 +190,8 @@ def _mix_bwd_kernel(g_ptr, x_ptr, src_ptr, w_ptr, box_ptr, inv_offsets_ptr, inv_
     blk = tl.program_id(0)
     offs = blk * BLOCK + tl.arange(0, BLOCK)
     valid = offs < sample_size
-    inside = valid & _in_box(box_ptr, k, offs, rows, row_len, col_scale, HAS_BOX)
+    r, c = _plane_coords(offs, rows, row_len, rows_div, row_len_div, HAS_BOX)
+    inside = valid & _in_box(box_ptr, k, r, c, col_scale, HAS_BOX)
     wk = tl.load(w_ptr + k)
     g = tl.load(g_ptr + k * sample_size + offs, mask=valid, other=0).to(wk.dtype)
     acc = tl.where(inside, g * wk, g)
@@ -167,7 +199,7 @@ def _mix_bwd_kernel(g_ptr, x_ptr, src_ptr, w_ptr, box_ptr, inv_offsets_ptr, inv_
     end = tl.load(inv_offsets_ptr + k + 1)
     for t in range(start, end):
         j = tl.load(inv_list_ptr + t).to(tl.int64)
-        in_j = valid & _in_box(box_ptr, j, offs, rows, row_len, col_scale, HAS_BOX)
+        in_j = valid & _in_box(box_ptr, j, r, c, col_scale, HAS_BOX)
         wj = tl.load(w_ptr + j)
         gj = tl.load(g_ptr + j * sample_size + offs, mask=in_j, other=0).to(wk.dtype)
         acc += tl.where(in_j, (1 - wj) * gj, 0.0)
@@ -185,23 +217,38 @@ def _mix_bwd_kernel(g_ptr, x_ptr, src_ptr, w_ptr, box_ptr, inv_offsets_ptr, inv_
 
 # ------------------------------------------------------------------------------------ launchers
 
-def _geometry(x: Tensor, box: Tensor | None) -> tuple[Tensor, Tensor | None, int, int, int]:
-    """(x as read, box or None, rows, row_len, col_scale): box rows are (y0, y1, x0, x1) in
-    pixels, the kernels scale the columns by col_scale (C in a channels_last row), so no box
-    arithmetic (and no host-to-device copy) happens here. Offsets inside a sample are 32-bit in
-    the kernels (64-bit ones cost registers and slow 64-bit division), the samples' bases
-    64-bit: a batch may pass 2**31 elements, one sample may not."""
+@functools.cache
+def divider(d: int) -> int:
+    """``_divide``'s (magic, shift) for a divisor 1 <= d < 2**31, packed as magic + (shift + 1)
+    * 2**32 (always a 64-bit integer, also for d = 1). n // d equals umulhi(2n, magic) >> shift
+    for every 0 <= n < 2**31, with shift = ceil(log2 d) and magic = ceil(2**(31 + shift) / d),
+    which is below 2**32 (Granlund and Montgomery's bound: magic * d exceeds 2**(31 + shift) by
+    less than d <= 2**shift)."""
+    if not 1 <= d < 2**31:
+        raise ValueError(f"mix: a divisor of {d} is outside [1, 2**31)")
+    shift = (d - 1).bit_length()
+    return -(-(1 << (31 + shift)) // d) | (shift + 1) << 32
+
+
+def _geometry(x: Tensor, box: Tensor | None) -> tuple[Tensor, Tensor | None, tuple[int, ...]]:
+    """(x as read, box or None, plane): ``plane`` is the kernels' (rows, row_len, col_scale,
+    divider(rows), divider(row_len)). Box rows are (y0, y1, x0, x1) in pixels, the kernels scale
+    the columns by col_scale (C in a channels_last row), so no box arithmetic (and no
+    host-to-device copy) happens here. Offsets inside a sample are 32-bit in the kernels (64-bit
+    ones cost registers), the samples' bases 64-bit: a batch may pass 2**31 elements, one sample
+    may not."""
     if x[0].numel() >= 2**31:
         raise ValueError(f"mix: one sample of x has {x[0].numel()} elements; the Triton kernels "
                          f"take samples of fewer than 2**31 elements (split the sample dimension)")
     x = mix_readable(x)
     if x.dim() == 2:
-        return x, None, 1, x.shape[1], 1
-    if mix_memory_format(x) == torch.channels_last:
+        rows, row_len, scale = 1, max(x.shape[1], 1), 1
+    elif mix_memory_format(x) == torch.channels_last:
         rows, row_len, scale = x.shape[2], x.shape[3] * x.shape[1], x.shape[1]
     else:
         rows, row_len, scale = x.shape[2], x.shape[3], 1
-    return x, None if box is None else box.contiguous(), rows, row_len, scale
+    plane = (rows, row_len, scale, divider(max(rows, 1)), divider(max(row_len, 1)))
+    return x, None if box is None else box.contiguous(), plane
 
 
 def _box_arg(box: Tensor | None, src: Tensor) -> Tensor:
@@ -228,7 +275,7 @@ def _values_checked_in_kernel(x: Tensor, *weights: Tensor) -> bool:
 def mix(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None) -> Tensor:
     if x[0].numel() == 0 or not _values_checked_in_kernel(x, w):  # no launch, or no fit
         check_mix_values(x, src, w, box)
-    xr, boxes, rows, row_len, scale = _geometry(x, box)
+    xr, boxes, plane = _geometry(x, box)
     out = mix_output(x)
     n, size = xr.shape[0], xr[0].numel()
     if size == 0:
@@ -236,7 +283,7 @@ def mix(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None) -> Tensor:
     ok = ok_flag(xr.device)
     grid = (triton.cdiv(size, BLOCK), n)
     _mix_fwd_kernel[grid](xr, out, src.contiguous(), _compute_w(xr, w), _box_arg(boxes, src), ok,
-                          size, rows, row_len, scale, HAS_BOX=boxes is not None,
+                          size, *plane, HAS_BOX=boxes is not None,
                           IS_UINT8=xr.dtype == torch.uint8, SOFT_BF16=soft_bf16(xr.dtype), BLOCK=BLOCK,
                           **LAUNCH_OPTIONS)
     assert_ok(ok, _BAD_VALUES.format(op="mix"), lambda: check_mix_values(x, src, w, box))
@@ -249,7 +296,7 @@ def mix2(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None, src2: Tensor, w2
 
     if x[0].numel() == 0 or not _values_checked_in_kernel(x, w, w2):
         explain()
-    xr, boxes, rows, row_len, scale = _geometry(x, box)
+    xr, boxes, plane = _geometry(x, box)
     out = mix_output(x)
     n, size = xr.shape[0], xr[0].numel()
     if size == 0:
@@ -257,7 +304,7 @@ def mix2(x: Tensor, src: Tensor, w: Tensor, box: Tensor | None, src2: Tensor, w2
     ok = ok_flag(xr.device)
     grid = (triton.cdiv(size, BLOCK), n)
     _mix2_fwd_kernel[grid](xr, out, src.contiguous(), _compute_w(xr, w), _box_arg(boxes, src),
-                           src2.contiguous(), _compute_w(xr, w2), ok, size, rows, row_len, scale,
+                           src2.contiguous(), _compute_w(xr, w2), ok, size, *plane,
                            HAS_BOX=boxes is not None, IS_UINT8=xr.dtype == torch.uint8,
                            SOFT_BF16=soft_bf16(xr.dtype), BLOCK=BLOCK, **LAUNCH_OPTIONS)
     assert_ok(ok, _BAD_VALUES.format(op="mix2"), explain)
@@ -285,7 +332,7 @@ def mix_backward(grad: Tensor, x: Tensor, src: Tensor, w: Tensor, box: Tensor | 
     if not x.is_floating_point():
         raise ValueError(f"mix_backward: 'x' must be a floating tensor ({x.dtype} is not "
                          f"differentiable)")
-    xr, boxes, rows, row_len, scale = _geometry(x, box)
+    xr, boxes, plane = _geometry(x, box)
     g = grad.to(xr.dtype).contiguous(memory_format=mix_memory_format(x))
     dx = mix_output(x)
     n, size = xr.shape[0], xr[0].numel()
@@ -297,7 +344,7 @@ def mix_backward(grad: Tensor, x: Tensor, src: Tensor, w: Tensor, box: Tensor | 
     dw_part = torch.empty(n, blocks if need_dw else 1, dtype=wc.dtype, device=xr.device)
     offsets, order = _invert_partners(src)
     _mix_bwd_kernel[(blocks, n)](g, xr, src.contiguous(), wc, _box_arg(boxes, src), offsets, order,
-                                 dx, dw_part, size, rows, row_len, scale,
+                                 dx, dw_part, size, *plane,
                                  HAS_BOX=boxes is not None, SOFT_BF16=soft_bf16(xr.dtype),
                                  NEED_DW=need_dw, BLOCK=BLOCK, **LAUNCH_OPTIONS)
     return dx, dw_part.sum(1).to(w.dtype) if need_dw else torch.zeros_like(w)

@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -33,7 +34,7 @@ results = []
 for dtype, ptr in PTR.items():
     wty = "*fp64" if dtype == "float64" else "*fp32"
     common = {"sample_size": "i32", "rows": "i32", "row_len": "i32", "col_scale": "i32",
-              "HAS_BOX": "constexpr"}
+              "rows_div": "i64", "row_len_div": "i64", "HAS_BOX": "constexpr"}
     variants = [("_mix_fwd_kernel", {"x_ptr": ptr, "out_ptr": ptr, "src_ptr": "*i64", "w_ptr": wty,
                  "box_ptr": "*i64", "ok_ptr": "*i32", **common, "IS_UINT8": "constexpr",
                  "SOFT_BF16": "constexpr", "BLOCK": "constexpr"},
@@ -96,3 +97,20 @@ def test_triton_mix_compiles_without_spills(arch):
         assert r["ptxas_reports"] > 0, ("ptxas -v printed no spill line", r["log"])
         assert r["n_spills"] == 0, r
         assert r["fma"] == 0, (r["kernel"], r["dtype"], "the blend must not be contracted into an FMA")
+
+
+def test_sass_report_compiles_every_mix_kernel(tmp_path):
+    """bench/triton_mix_sass.py, which gives the README's static instruction counts: every mix
+    kernel and dtype compiles with no spills, and the table renders against an older run."""
+    out = tmp_path / "sass.json"
+    script = Path(__file__).resolve().parents[1] / "bench" / "triton_mix_sass.py"
+    proc = subprocess.run([sys.executable, str(script), "--out", str(out)], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 11  # fwd and mix2 for 4 dtypes, the backward for 3
+    assert all(r["sass"] > 100 and r["regs"] > 0 and r["spills"] == 0 for r in rows), rows
+    table = subprocess.run([sys.executable, str(script), "--render", str(out), "--before", str(out)],
+                           capture_output=True, text=True, check=True).stdout
+    first = rows[0]
+    assert f"| {first['kernel']} | {first['dtype']} | {first['sass']} -> {first['sass']} |" in table
