@@ -61,7 +61,7 @@ def _divide_kernel(n_ptr, out_ptr, packed, size, BLOCK: tl.constexpr):
     tl.store(out_ptr + offs, _divide(tl.load(n_ptr + offs, mask=mask), packed), mask=mask)
 
 
-def test_divide_in_a_kernel_equals_integer_division():
+def test_triton_divide_in_a_kernel_equals_integer_division():
     """The kernel's own arithmetic (32-bit lanes, the 64-bit packed argument), under the
     interpreter here and compiled on a GPU with METAMIXER_TEST_DEVICE=cuda."""
     device = "cuda" if ON_CUDA else "cpu"
