@@ -1,6 +1,6 @@
 """GPU benchmark of the Triton kernels: mixing and the multi-peer loss, on CUDA tensors.
 
-    python bench/bench_cuda.py --out bench/results/<commit>/cuda.json [--no-compile]
+    python bench/bench_cuda.py --out bench/results/<commit>/cuda.json [--no-compile] [--no-graphs]
     python bench/bench_cuda.py --render bench/results/gpu-h200/cuda.json   # a JSON's table again
 
 Every call is timed alone: the L2 cache is flushed (a 256 MB write), the GPU is synchronised,
