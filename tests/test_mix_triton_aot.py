@@ -108,9 +108,13 @@ def test_sass_report_compiles_every_mix_kernel(tmp_path):
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
-    assert len(rows) == 11  # fwd and mix2 for 4 dtypes, the backward for 3
+    assert len(rows) == 33  # fwd and mix2 for 4 dtypes, the backward for 3; 3 specializations
     assert all(r["sass"] > 100 and r["regs"] > 0 and r["spills"] == 0 for r in rows), rows
     table = subprocess.run([sys.executable, str(script), "--render", str(out), "--before", str(out)],
                            capture_output=True, text=True, check=True).stdout
     first = rows[0]
-    assert f"| {first['kernel']} | {first['dtype']} | {first['sass']} -> {first['sass']} |" in table
+    assert (f"| {first['shape']} | {first['kernel']} | {first['dtype']} | {first['sass']} -> "
+            f"{first['sass']} |") in table
+    hinted = {(r["kernel"], r["dtype"]): r["sass"] for r in rows if r["shape"] == "3x224x224 NCHW"}
+    generic = {(r["kernel"], r["dtype"]): r["sass"] for r in rows if r["shape"] == "any shape"}
+    assert hinted != generic  # the hints reach the compiler
