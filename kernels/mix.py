@@ -18,8 +18,10 @@ contiguous or channels_last (otherwise copied once into its ``mix_memory_format`
 has that format (metamixer_fast/_layout.py). The row and column of an offset take two divisions
 by runtime divisors; they are multiplications by magic numbers the host computes once per
 shape (``divider``), a few instructions instead of a division's twenty, and each of a box's two
-ranges is one unsigned comparison. Together that took 15 to 34 % of the kernels' machine
-instructions away (bench/triton_mix_sass.py counts them; not yet timed on a GPU).
+ranges is one unsigned comparison. For sm_90 that took 19 to 45 % of the box kernels' machine
+instructions away where the row length is not a multiple of 16, and 5 to 24 % where it is (the
+compiler then shared one division among 16 elements already): bench/triton_mix_sass.py counts
+them. Not yet timed on a GPU.
 
 Arithmetic: float32 for uint8/fp16/bf16 inputs, the input dtype for fp32/fp64, as three
 separately rounded operations (w*a, (1-w)*b, their sum) like the eager reference; launches
