@@ -58,7 +58,7 @@ LAUNCH_OPTIONS = {"num_warps": NUM_WARPS, "enable_fp_fusion": False}
 
 @triton.jit
 def _divide(n, divider):
-    """n // d for int32 0 <= n < 2**31, with ``divider = dividers(d)``: the high half of 2n times
+    """n // d for int32 0 <= n < 2**31, with ``divider`` = divider(d): the high half of 2n times
     a 32-bit magic number, shifted (three instructions instead of a division's twenty)."""
     magic = (divider & 0xFFFFFFFF).to(tl.uint32)
     shift = ((divider >> 32) - 1).to(tl.uint32)
