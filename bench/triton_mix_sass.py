@@ -23,9 +23,7 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from _meta import commit  # bench/ is on sys.path
@@ -73,16 +71,9 @@ def compile_kernel(name: str, dtype: str, arch: int, plane: tuple[int, int, int]
 
 
 def sass_instructions(compiled) -> int:
-    from metamixer_fast.kernels.aot import _cuobjdump
-    from triton.backends.nvidia.compiler import get_ptxas
+    from metamixer_fast.kernels.aot import cuobjdump_text
 
-    cuobjdump = _cuobjdump(Path(get_ptxas(compiled.metadata.target.arch).path))
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = Path(tmp) / "kernel.cubin"
-        cubin.write_bytes(compiled.asm["cubin"])
-        sass = subprocess.run([str(cuobjdump), "--dump-sass", str(cubin)], check=True,
-                              capture_output=True, text=True).stdout
-    return len(INSTRUCTION.findall(sass))
+    return len(INSTRUCTION.findall(cuobjdump_text(compiled, "--dump-sass")))
 
 
 def run(arch: int) -> dict:

@@ -23,7 +23,7 @@ from .mixed_kd_loss import (
 )
 
 __all__ = ["AOT_ARCHS", "AOT_CLASSES", "aot_cases", "aot_compile", "aot_report", "aot_results",
-           "resource_usage"]
+           "cuobjdump_text", "resource_usage"]
 _TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
                   torch.float64: "fp64"}
 
@@ -84,15 +84,11 @@ def _cuobjdump(ptxas: Path) -> Path:
                             f"install triton's NVIDIA backend or the CUDA toolkit")
 
 
-def resource_usage(compiled) -> dict[str, int]:
-    """Registers and per-thread local memory of a compiled kernel, read from its cubin with the
-    cuobjdump that ships with triton (no GPU or driver needed). Spilled registers live in the
-    stack frame (STACK), which is part of the local memory the driver reports, so ``spills`` is
-    (STACK + LOCAL) / 4: the number CompiledKernel.n_spills gives once loaded on a GPU."""
-    import re
+def cuobjdump_text(compiled, option: str) -> str:
+    """What cuobjdump ``option`` (``-res-usage``, ``--dump-sass``) prints for a compiled
+    kernel's cubin, with the cuobjdump that ships with triton (no GPU or driver needed)."""
     import subprocess
     import tempfile
-    from pathlib import Path
 
     from triton.backends.nvidia.compiler import get_ptxas
 
@@ -100,8 +96,18 @@ def resource_usage(compiled) -> dict[str, int]:
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "kernel.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
-        text = subprocess.run([str(cuobjdump), "-res-usage", str(cubin)], check=True,
+        return subprocess.run([str(cuobjdump), option, str(cubin)], check=True,
                               capture_output=True, text=True).stdout
+
+
+def resource_usage(compiled) -> dict[str, int]:
+    """Registers and per-thread local memory of a compiled kernel, read from its cubin.
+    Spilled registers live in the stack frame (STACK), which is part of the local memory the
+    driver reports, so ``spills`` is (STACK + LOCAL) / 4: the number CompiledKernel.n_spills
+    gives once loaded on a GPU."""
+    import re
+
+    text = cuobjdump_text(compiled, "-res-usage")
     fields = dict(re.findall(r"\b(REG|STACK|LOCAL|SHARED):(\d+)", text))
     local, stack = int(fields["LOCAL"]), int(fields["STACK"])
     return {"regs": int(fields["REG"]), "spills": (local + stack) // 4, "local_bytes": local,
