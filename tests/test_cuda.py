@@ -208,6 +208,19 @@ def test_compiled_step_on_cuda_equals_eager(mode, rng, monkeypatch):
         assert any("GraphLaunch" in name for name in names), sorted(names)[:60]
 
 
+def test_training_runs_on_cuda(tmp_path):
+    from metamixer_fast.config import from_mapping
+    from metamixer_fast.train import fit
+
+    cfg = from_mapping({"dataset": "synthetic", "synthetic_size": 256, "arch": "tiny",
+                        "batch_size": 32, "eval_batch_size": 128, "epochs": 1,
+                        "limit_train_batches": 4, "progress": False, "device": "cuda",
+                        "method": "metamixer", "stages": "input,stage1,stage2",
+                        "amp": "bf16", "out": str(tmp_path / "run")}).validate()
+    final = fit(cfg)
+    assert all(torch.isfinite(torch.tensor(final["train_ce"] + final["train_kd"])))
+
+
 def test_a_captured_step_replays_like_eager(rng):
     """One training step's forward and backward (mix2 at the input, a feature-stage blend, the
     ensemble loss on a label mixture) captured in a CUDA graph after a warm-up, then replayed
