@@ -276,7 +276,8 @@ def markdown(result: dict) -> str:
     for case, entry in result["cases"].items():
         rows = entry["rows"]
         for row, v in rows.items():
-            plain, suffix = row.removesuffix(GRAPH), row[len(row.removesuffix(GRAPH)):]
+            plain = row.removesuffix(GRAPH)
+            suffix = row[len(plain):]  # ours as the same kind of row, graph or not
             ours = next((rows[r + suffix]["median_ms"] for r in ours_rows if r + suffix in rows), None)
             t = v["median_ms"]
             faster = "" if ours is None or plain in ours_rows or plain in floors else f"{t / ours:.1f}"
