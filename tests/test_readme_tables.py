@@ -1,5 +1,6 @@
-"""The README's benchmark tables are the stored runs they cite, rendered by the benchmark's own
-formatter (a figure edited by hand, or rounded from the rounded milliseconds, fails here)."""
+"""The benchmark tables of the README and docs/ are the stored runs they cite, rendered by the
+benchmark's own formatter (a figure edited by hand, or rounded from the rounded milliseconds,
+fails here)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import report  # noqa: E402
 import triton_mix_sass  # noqa: E402
 
 README = (ROOT / "README.md").read_text()
+MIXING_DOC = (ROOT / "docs" / "mixing-performance.md").read_text()
 
 
 def _rows(markdown: str) -> list[str]:
@@ -40,3 +42,16 @@ def test_readme_table_is_the_cited_record(record: str, render) -> None:
     assert rows
     missing = [row for row in rows if row not in README]
     assert not missing, f"README rows differ from {record}: {missing}"
+
+
+@pytest.mark.parametrize("record", [
+    "f1f8a60/std2_usual_1.json",
+    "b6926bd/std1_usual_2.json",
+    "b6926bd/alone2_usual_1.json",
+    "72bf4bd/alone2_xeon_1.json",
+])
+def test_mixing_doc_table_is_the_cited_record(record: str) -> None:
+    rows = _rows(bench_mix.markdown(json.loads((ROOT / "bench" / "results" / record).read_text())))
+    assert rows
+    missing = [row for row in rows if row not in MIXING_DOC]
+    assert not missing, f"docs/mixing-performance.md rows differ from {record}: {missing}"
