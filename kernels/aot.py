@@ -3,7 +3,7 @@
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` runs the whole pipeline
 (TTIR -> TTGIR -> LLVM -> PTX -> cubin with the ptxas that ships with triton) for each launch
 configuration ``launch_config`` picks; ``resource_usage`` reads registers and spills from the
-cubin. ``python -m metamixer_fast.kernels.aot --report`` prints the table in the README
+cubin. ``python -m metamixer_fast.kernels.aot --report`` prints the table in docs/gpu.md
 (``--json``: the same as JSON). Needs a process without TRITON_INTERPRET=1.
 """
 

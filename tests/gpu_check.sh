@@ -23,7 +23,7 @@ else
   mkdir "$RUN_DIR/metamixer_fast"
   cp "$ROOT"/metamixer_fast/*.py "$RUN_DIR/metamixer_fast/"
   cp -r "$ROOT/kernels" "$RUN_DIR/metamixer_fast/kernels"
-  cp -r "$ROOT/tests" "$ROOT/bench" "$ROOT/pyproject.toml" "$ROOT/README.md" "$RUN_DIR/"
+  cp -r "$ROOT/tests" "$ROOT/bench" "$ROOT/docs" "$ROOT/pyproject.toml" "$ROOT/README.md" "$RUN_DIR/"
   export PYTHONPATH="$RUN_DIR${PYTHONPATH:+:$PYTHONPATH}"
   echo "gpu-check: metamixer_fast is not installed; staged the pure-Python package in $RUN_DIR"
 fi

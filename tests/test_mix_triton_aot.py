@@ -100,7 +100,7 @@ def test_triton_mix_compiles_without_spills(arch):
 
 
 def test_sass_report_compiles_every_mix_kernel(tmp_path):
-    """bench/triton_mix_sass.py, which gives the README's static instruction counts: every mix
+    """bench/triton_mix_sass.py, which gives docs/gpu.md's static instruction counts: every mix
     kernel and dtype compiles with no spills, and the table renders against an older run."""
     out = tmp_path / "sass.json"
     script = Path(__file__).resolve().parents[1] / "bench" / "triton_mix_sass.py"

@@ -18,8 +18,8 @@ import bench_mix  # noqa: E402
 import report  # noqa: E402
 import triton_mix_sass  # noqa: E402
 
-README = (ROOT / "README.md").read_text()
-MIXING_DOC = (ROOT / "docs" / "mixing-performance.md").read_text()
+DOCS = {name: (ROOT / name).read_text() for name in
+        ("README.md", "docs/mixing-performance.md", "docs/gpu.md")}
 
 
 def _rows(markdown: str) -> list[str]:
@@ -28,30 +28,25 @@ def _rows(markdown: str) -> list[str]:
     return [line for line in lines[1:] if not line.startswith("|---")]
 
 
-@pytest.mark.parametrize("record, render", [
-    ("8c7dcdf/mixed_kd_loss_off_4.json", report.loss_markdown),
-    ("8c7dcdf/mixed_kd_loss_on_4.json", report.loss_markdown),
-    ("f1f8a60/std2_usual_1.json", bench_mix.markdown),
-    ("a3819e1/cuda.json", bench_cuda.markdown),
-    ("2d96dc0/call_routes2_2.json", bench_call_routes.markdown),
-    ("52450f1/mix_sass.json", lambda result: triton_mix_sass.markdown(result, json.loads(
-        (ROOT / "bench" / "results" / "52450f1" / "mix_sass_a3819e1.json").read_text()))),
+def _mix_sass(result: dict) -> str:
+    before = (ROOT / "bench" / "results" / "52450f1" / "mix_sass_a3819e1.json").read_text()
+    return triton_mix_sass.markdown(result, json.loads(before))
+
+
+@pytest.mark.parametrize("doc, record, render", [
+    ("README.md", "8c7dcdf/mixed_kd_loss_off_4.json", report.loss_markdown),
+    ("README.md", "8c7dcdf/mixed_kd_loss_on_4.json", report.loss_markdown),
+    ("README.md", "f1f8a60/std2_usual_1.json", bench_mix.markdown),
+    ("README.md", "2d96dc0/call_routes2_2.json", bench_call_routes.markdown),
+    ("docs/mixing-performance.md", "f1f8a60/std2_usual_1.json", bench_mix.markdown),
+    ("docs/mixing-performance.md", "b6926bd/std1_usual_2.json", bench_mix.markdown),
+    ("docs/mixing-performance.md", "b6926bd/alone2_usual_1.json", bench_mix.markdown),
+    ("docs/mixing-performance.md", "72bf4bd/alone2_xeon_1.json", bench_mix.markdown),
+    ("docs/gpu.md", "a3819e1/cuda.json", bench_cuda.markdown),
+    ("docs/gpu.md", "52450f1/mix_sass.json", _mix_sass),
 ])
-def test_readme_table_is_the_cited_record(record: str, render) -> None:
+def test_table_is_the_cited_record(doc: str, record: str, render) -> None:
     rows = _rows(render(json.loads((ROOT / "bench" / "results" / record).read_text())))
     assert rows
-    missing = [row for row in rows if row not in README]
-    assert not missing, f"README rows differ from {record}: {missing}"
-
-
-@pytest.mark.parametrize("record", [
-    "f1f8a60/std2_usual_1.json",
-    "b6926bd/std1_usual_2.json",
-    "b6926bd/alone2_usual_1.json",
-    "72bf4bd/alone2_xeon_1.json",
-])
-def test_mixing_doc_table_is_the_cited_record(record: str) -> None:
-    rows = _rows(bench_mix.markdown(json.loads((ROOT / "bench" / "results" / record).read_text())))
-    assert rows
-    missing = [row for row in rows if row not in MIXING_DOC]
-    assert not missing, f"docs/mixing-performance.md rows differ from {record}: {missing}"
+    missing = [row for row in rows if row not in DOCS[doc]]
+    assert not missing, f"{doc} rows differ from {record}: {missing}"
